@@ -1,0 +1,23 @@
+# The Gutenberg benchmark (see README): a ~25M non-embedding model, 8 layers x 512, one epoch over the
+# 93 training books (about 13.5M tokens) in epoch mode, on one GPU:
+#   python prepare.py --input=../shared/data/gutenberg --name=gutenberg --strip_gutenberg=True \
+#       --val_files=11-0.txt,pg1661.txt,pg1342.txt
+#   python train.py config/gutenberg_small.py
+out_dir = "out/gutenberg_small"
+data_dir = "data/gutenberg"
+compile = True
+
+n_layer = 8
+n_head = 8
+n_embd = 512
+block_size = 1024
+
+sampler = "epoch"
+epochs = 1.0
+batch_size = 32                # 32 x 1024 = 32,768 tokens per step, about 410 steps
+learning_rate = 2e-3
+warmup_iters = 40
+min_lr_frac = 0.0
+weight_decay = 0.1
+eval_interval = 100
+eval_iters = 20

@@ -1,0 +1,155 @@
+"""
+Plumbing shared by every stage: configuration, device and precision, checkpoints.
+
+Configuration works like nanoGPT's: each stage keeps its defaults as plain module-level
+assignments, then calls
+
+    config = parse_config(defaults, sys.argv[1:])
+
+Positional arguments are config files (plain Python files of assignments, e.g. config/quickstart.py),
+applied in order; `--key=value` arguments override them. A key the stage does not know, or a value
+whose type does not match the default's, stops the program with a one-line error naming the key.
+"""
+import ast
+import os
+from contextlib import nullcontext
+
+import torch
+
+
+def fail(message):
+    """Stop with a one-line error (SystemExit prints it to stderr and exits with status 1)."""
+    raise SystemExit(f"error: {message}")
+
+
+def _check_type(key, value, default):
+    """Return value converted to the default's type, or stop naming the key."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(value, type(default)):
+        return value
+    fail(f"config key '{key}' expects {type(default).__name__}, got {type(value).__name__} {value!r}")
+
+
+def _parse_value(raw, default):
+    """A command-line string becomes a Python value: strings stay raw, everything else is a literal."""
+    if isinstance(default, str):
+        return raw
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw  # a bare word: the type check reports it
+
+
+def parse_config(defaults, argv, other_stage_keys_in_files=False):
+    """
+    Apply config files and --key=value overrides to a dict of defaults; returns the new dict.
+    other_stage_keys_in_files: a stage that reads another stage's config files (bench.py reads train.py's)
+    skips the keys it does not know in those files; on its command line they still stop it.
+    """
+    config = dict(defaults)
+
+    def update(key, value, source):
+        if key not in defaults:
+            if other_stage_keys_in_files and source != "the command line":
+                return
+            fail(f"unknown config key '{key}' (from {source})")
+        config[key] = _check_type(key, value, defaults[key])
+
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, raw = arg[2:].partition("=")
+            if not eq:  # a bare --flag switches a boolean on
+                if not isinstance(defaults.get(key), bool):
+                    fail(f"config key '{key}' needs a value: --{key}=...")
+                raw = "True"
+            update(key, _parse_value(raw, defaults.get(key)), "the command line")
+        else:
+            if not os.path.isfile(arg):
+                fail(f"config file {arg} not found")
+            namespace = {}
+            with open(arg) as f:
+                exec(compile(f.read(), arg, "exec"), namespace)
+            for key, value in namespace.items():
+                if not key.startswith("_") and not callable(value) and type(value).__name__ != "module":
+                    update(key, value, arg)
+    return config
+
+
+# -----------------------------------------------------------------------------
+# device and precision
+
+def pick_device(device="auto"):
+    """'auto' picks CUDA, then Apple MPS, then the CPU."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    return device
+
+
+def pick_dtype(device, dtype="auto"):
+    """bf16 where the GPU has it, fp16 on older GPUs (train.py then adds a GradScaler), fp32 elsewhere."""
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+def autocast(device, dtype):
+    """The autocast context for a device and dtype name; a no-op in fp32."""
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: only tensors and plain Python values, so they load with weights_only=True
+
+CHECKPOINT_FORMAT = "nanollm-1"
+
+
+def save_checkpoint(path, checkpoint):
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save({"format": CHECKPOINT_FORMAT, **checkpoint}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint or stop with one line saying what is wrong with it."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.isfile(path):
+        fail(f"no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, pickle of foreign objects, ...
+        fail(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        fail(f"{path} is not a nanollm checkpoint")
+    return checkpoint
+
+
+def is_master():
+    """True on the process that logs and saves (rank 0, or the only process)."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def print0(*args, **kwargs):
+    if is_master():
+        print(*args, **kwargs, flush=True)

@@ -1,0 +1,158 @@
+"""The dense baseline: shapes, causality, KV-cache decoding, weight tying, gradients, learning, accounting."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import sample_next
+
+ATTENTION = {"mha": dict(n_kv_head=4), "gqa": dict(n_kv_head=2), "mqa": dict(n_kv_head=1),
+             "qk_norm": dict(n_kv_head=2, qk_norm=True), "untied": dict(tie_embeddings=False)}
+
+
+@pytest.mark.parametrize("variant", ATTENTION)
+def test_shapes(tiny_model, variant):
+    model = tiny_model(**ATTENTION[variant])
+    idx = torch.randint(0, 64, (3, 20))
+    logits, loss, aux = model(idx, idx)
+    assert logits.shape == (3, 20, 64) and loss.shape == () and isinstance(aux, dict)
+    logits, loss, _ = model(idx)
+    assert logits.shape == (3, 1, 64) and loss is None  # inference returns the last position only
+    assert model.blocks[0].attn.qkv.weight.shape[0] == (4 + 2 * model.config.n_kv_head) * 8
+
+
+@pytest.mark.parametrize("variant", ATTENTION)
+def test_causality(tiny_model, variant):
+    model = tiny_model(**ATTENTION[variant]).eval()
+    idx = torch.randint(0, 64, (2, 24))
+    for j in (0, 7, 23):
+        changed = idx.clone()
+        changed[:, j] = (changed[:, j] + 1) % 64
+        before, after = model(idx, idx)[0], model(changed, changed)[0]
+        assert torch.allclose(before[:, :j], after[:, :j], atol=1e-6, rtol=0)
+        assert not torch.allclose(before[:, j:], after[:, j:])
+
+
+@pytest.mark.parametrize("variant", ATTENTION)
+def test_kv_cache_decode_equals_full_forward(tiny_model, variant):
+    model = tiny_model(**ATTENTION[variant]).eval()
+    idx = torch.randint(0, 64, (2, 20))
+    full = model(idx, idx)[0]
+    cache = model.new_cache(2, 32)
+    prefill = model(idx[:, :12], cache=cache, cache_pos=torch.arange(12))[0]
+    assert torch.allclose(prefill[:, -1], full[:, 11], atol=1e-5)
+    for t in range(12, 20):
+        step = model(idx[:, t:t + 1], cache=cache, cache_pos=torch.tensor([t]))[0]
+        assert torch.allclose(step[:, 0], full[:, t], atol=1e-5)
+
+
+def test_batched_left_padded_generation_equals_one_by_one(tiny_model):
+    model = tiny_model(n_kv_head=2).eval()
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    batched = torch.stack(list(model.generate(prompts, 10, temperature=0)), dim=1)
+    for row, prompt in enumerate(prompts):
+        alone = torch.stack(list(model.generate([prompt], 10, temperature=0)), dim=1)
+        assert torch.equal(batched[row], alone[0])
+
+
+def test_greedy_generation_equals_argmax_of_full_forward_past_the_cache(tiny_model):
+    model = tiny_model().eval()
+    prompt = list(range(1, 21))
+    tokens = list(prompt)
+    for token in model.generate([prompt], 30, temperature=0):  # 20 + 30 > block_size 32: the cache restarts
+        tokens.append(token.item())
+    assert len(tokens) == 50
+    # before the cache fills, every token is the argmax of a full forward over the context so far
+    for t in range(20, 31):
+        assert model(torch.tensor([tokens[:t]]))[0][0, -1].argmax().item() == tokens[t]
+
+
+def test_generation_stops_each_row_at_end_of_document(tiny_model):
+    model = tiny_model().eval()
+    first = [t.item() for t in model.generate([[1, 2, 3]], 1, temperature=0)][0]
+    steps = list(model.generate([[1, 2, 3], [4, 5, 6, 7]], 20, temperature=0, eos_id=first))
+    rows = torch.stack(steps, dim=1)
+    assert (rows[0] == first).all()  # row 0 hit eos at once and keeps yielding it
+    assert len(steps) <= 20
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.5]])
+    generator = torch.Generator().manual_seed(0)
+    assert sample_next(logits, temperature=0).item() == 1
+    assert all(sample_next(logits, 1.0, top_k=1, generator=generator).item() == 1 for _ in range(20))
+    assert all(sample_next(logits, 1.0, top_p=0.01, generator=generator).item() == 1 for _ in range(20))
+    two = {sample_next(logits, 1.0, top_k=2, generator=generator).item() for _ in range(200)}
+    assert two == {1, 2}
+    # top_p = 0.8: softmax is [.08, .63, .23, .05], so tokens 1 and 2 (cumulative .86) are kept
+    kept = {sample_next(logits, 1.0, top_p=0.8, generator=generator).item() for _ in range(300)}
+    assert kept == {1, 2}
+
+
+def test_tied_and_untied_embeddings(tiny_model):
+    tied, untied = tiny_model(), tiny_model(tie_embeddings=False)
+    assert tied.lm_head.weight is tied.wte.weight
+    assert untied.lm_head.weight is not untied.wte.weight
+    assert untied.num_params() - tied.num_params() == 64 * 32
+    assert tied.num_params(embedding=False) == untied.num_params(embedding=False)
+
+
+def test_gqa_equals_mha_with_duplicated_kv_heads(tiny_model):
+    gqa, mha = tiny_model(n_kv_head=2).eval(), tiny_model(n_kv_head=4).eval()
+    state = gqa.state_dict()
+    for name, w in list(state.items()):
+        if name.endswith("attn.qkv.weight"):
+            q, k, v = w.split([32, 16, 16])
+            # query head h reads kv head h // 2 (contiguous groups): repeat each kv head's 8 rows twice
+            dup = lambda m: m.view(2, 1, 8, 32).expand(2, 2, 8, 32).reshape(32, 32)  # noqa: E731
+            state[name] = torch.cat([q, dup(k), dup(v)])
+    mha.load_state_dict(state)
+    idx = torch.randint(0, 64, (2, 16))
+    assert torch.allclose(gqa(idx, idx)[0], mha(idx, idx)[0], atol=1e-5)
+
+
+def test_gradients_reach_every_parameter(tiny_model):
+    model = tiny_model(n_kv_head=2, qk_norm=True, tie_embeddings=False)
+    idx = torch.randint(0, 64, (2, 16))
+    model(idx, idx)[1].backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_loss_falls_on_a_tiny_corpus(tiny_model):
+    torch.manual_seed(0)
+    model = tiny_model(n_kv_head=2)
+    corpus = torch.tensor([i % 13 for i in range(400)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(60):
+        starts = torch.randint(0, len(corpus) - 33, (8,))
+        batch = torch.stack([corpus[s:s + 33] for s in starts])
+        loss = model(batch[:, :-1], batch[:, 1:])[1]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[0] > 3.5 and losses[-1] < 0.5 * losses[0]
+
+
+def test_loss_ignores_minus_one_targets(tiny_model):
+    model = tiny_model()
+    idx = torch.randint(0, 64, (2, 10))
+    targets = idx.clone()
+    targets[:, :5] = -1
+    logits, loss, _ = model(idx, targets)
+    manual = F.cross_entropy(logits[:, 5:].reshape(-1, 64), idx[:, 5:].reshape(-1))
+    assert torch.allclose(loss, manual, atol=1e-6)
+
+
+def test_flops_per_token_equals_a_hand_count(tiny_model):
+    model = tiny_model(n_kv_head=2, mlp_hidden=96)
+    d, L, V, T, head_dim = 32, 2, 64, 32, 8
+    attention_weights = d * (4 + 2 * 2) * head_dim + 4 * head_dim * d  # fused qkv + output projection
+    mlp_weights = 3 * d * 96
+    forward = 2 * (L * (attention_weights + mlp_weights) + d * V) + L * 4 * 4 * head_dim * (T + 1) / 2
+    assert model.flops_per_token(T) == 3 * forward
+    assert math.isclose(model.flops_per_token(T), 6 * (L * (attention_weights + mlp_weights) + d * V)
+                        + 6 * L * d * (T + 1), rel_tol=1e-12)  # nanoGPT's 6N + 12·L·d·T/2 form

@@ -1,0 +1,443 @@
+"""
+Train a model on token shards written by prepare.py. One process:
+
+    python train.py config/quickstart.py --max_iters=200
+
+Several GPUs (or CPU processes) on one machine, through torchrun and DDP:
+
+    torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py
+
+Every setting below can be changed by a config file (config/*.py, plain assignments) and then by
+--key=value on the command line; so can every field of GPTConfig in model.py.
+"""
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from configurator import autocast, fail, load_checkpoint, parse_config, pick_device, pick_dtype, print0, save_checkpoint
+from model import GPT, GPTConfig, config_fields
+from optim import configure_optimizers
+from tokenizer import Tokenizer
+
+# -----------------------------------------------------------------------------
+# defaults
+# I/O
+out_dir = "out"               # checkpoints, log.jsonl and plots go here
+data_dir = "data/pystdlib"    # a folder written by prepare.py (meta.json + .bin shards)
+init_from = "scratch"         # 'scratch' or 'resume' (continue the run saved in out_dir/ckpt.pt)
+eval_interval = 250           # evaluate and save a checkpoint every this many steps
+eval_iters = 20               # batches per split in each periodic evaluation
+log_interval = 10             # print the training loss every this many steps
+eval_only = False             # evaluate the checkpoint in out_dir and exit
+eval_file = ""                # with eval_only: also exact bits per byte of this UTF-8 text file
+plot = False                  # only draw out_dir/loss.png from out_dir/log.jsonl, then exit
+wandb_log = False             # also log to Weights & Biases (pip install wandb)
+wandb_project = "nanollm"
+wandb_run_name = ""
+# data
+batch_size = 16               # sequences per micro-step per process
+sampler = "random"            # 'random': windows at random offsets (nanoGPT); 'epoch': every window once per epoch
+epochs = 0.0                  # > 0 sets max_iters to this many passes over the training windows
+gradient_accumulation_steps = 1  # micro-steps per optimizer step, summed over all processes
+# optimizer
+optimizer = "adamw"
+learning_rate = 6e-4
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0               # clip the global gradient norm to this (0 = off)
+# schedule
+max_iters = 5000              # optimizer steps
+lr_schedule = "cosine"        # 'cosine', or 'wsd' (warmup-stable-decay: constant, then a linear decay)
+warmup_iters = 100
+decay_frac = 0.2              # wsd: the final fraction of steps that decays the learning rate
+min_lr_frac = 0.1             # the learning rate at the end, as a fraction of learning_rate
+# system
+device = "auto"               # 'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = "auto"                # 'auto' (bf16 on GPUs that have it, else fp16; fp32 on CPU), or a torch dtype name
+compile = False               # torch.compile the model
+seed = 1337
+peak_flops = 0.0              # per-device peak for MFU; 0 = a known figure for the GPU, none on CPU
+# -----------------------------------------------------------------------------
+defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+defaults.update(config_fields())
+defaults["vocab_size"] = 0    # 0 = the dataset's vocabulary, rounded up to a multiple of 64
+config = parse_config(defaults, sys.argv[1:])
+globals().update(config)
+# -----------------------------------------------------------------------------
+# processes, device, precision
+
+ddp = "RANK" in os.environ
+device = pick_device(device)
+device_type = device.split(":")[0]
+if ddp:
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if device_type == "cuda":
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    if gradient_accumulation_steps % world_size:
+        fail(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world_size} processes")
+    gradient_accumulation_steps //= world_size
+else:
+    rank, world_size = 0, 1
+master = rank == 0
+dtype = pick_dtype(device, dtype)
+amp = autocast(device, dtype)
+torch.manual_seed(seed + rank)
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+
+# -----------------------------------------------------------------------------
+# data: windows of block_size + 1 tokens from memory-mapped shards
+
+meta_path = os.path.join(data_dir, "meta.json")
+if not os.path.isfile(meta_path):
+    fail(f"no dataset in {data_dir} (meta.json missing): run prepare.py first, or set --data_dir")
+with open(meta_path) as f:
+    meta = json.load(f)
+if vocab_size == 0:
+    vocab_size = 64 * math.ceil(meta["vocab_size"] / 64)
+if vocab_size < meta["vocab_size"]:
+    fail(f"vocab_size={vocab_size} is smaller than the dataset's vocabulary of {meta['vocab_size']}")
+model_args = {k: config[k] for k in config_fields()}
+model_args["vocab_size"] = vocab_size
+checkpoint_path = os.path.join(out_dir, "ckpt.pt")
+checkpoint = None
+if init_from == "resume" or eval_only:
+    checkpoint = load_checkpoint(checkpoint_path)
+    if not eval_only:  # resuming needs the same model; evaluating takes whatever the checkpoint holds
+        for key, value in checkpoint["model_config"].items():
+            if model_args.get(key, value) != value:
+                fail(f"checkpoint {checkpoint_path} was trained with {key}={value!r}, but the config says {model_args[key]!r}")
+    model_args = checkpoint["model_config"]
+elif init_from != "scratch":
+    fail(f"unknown init_from '{init_from}' (choose scratch or resume)")
+T = model_args["block_size"]
+
+
+def open_split(split):
+    shards = [np.memmap(os.path.join(data_dir, name), dtype=meta["dtype"], mode="r")
+              for name in meta["splits"][split]["shards"]]
+    shards = [s for s in shards if len(s) > T]
+    if not shards:
+        fail(f"the {split} split of {data_dir} holds no window of block_size + 1 = {T + 1} tokens")
+    return shards
+
+
+splits = {split: open_split(split) for split in ("train", "val")}
+# the 'epoch' sampler numbers the non-overlapping windows of the training split: window i of a shard is
+# tokens [i*T, i*T + T], so that every token but the first of each shard is a target exactly once
+windows_per_shard = np.array([(len(s) - 1) // T for s in splits["train"]])
+window_starts = np.concatenate([[0], np.cumsum(windows_per_shard)])
+n_windows = int(window_starts[-1])
+windows_per_step = batch_size * gradient_accumulation_steps * world_size
+tokens_per_step = windows_per_step * T
+if epochs > 0:
+    max_iters = int(epochs * n_windows // windows_per_step)
+_epoch_orders = {}
+
+
+def training_windows(step):
+    """(shard, offset) of all windows_per_step windows of one optimizer step, the same whatever the world size."""
+    if sampler == "epoch":
+        first = step * windows_per_step
+        ids = []
+        for g in range(first, first + windows_per_step):
+            epoch = g // n_windows
+            if epoch not in _epoch_orders:
+                _epoch_orders.clear()
+                _epoch_orders[epoch] = np.random.default_rng([seed, epoch]).permutation(n_windows)
+            ids.append(_epoch_orders[epoch][g % n_windows])
+        shard = np.searchsorted(window_starts, ids, side="right") - 1
+        return shard, (np.array(ids) - window_starts[shard]) * T
+    if sampler == "random":
+        return random_windows(splits["train"], np.random.default_rng([seed, step]), windows_per_step)
+    fail(f"unknown sampler '{sampler}' (choose random or epoch)")
+
+
+def random_windows(shards, rng, n):
+    """n windows at uniformly random offsets over all shards."""
+    sizes = np.array([len(s) - T for s in shards])
+    flat = rng.integers(0, sizes.sum(), size=n)
+    shard = np.searchsorted(np.cumsum(sizes), flat, side="right")
+    return shard, flat - np.concatenate([[0], np.cumsum(sizes)])[shard]
+
+
+def load_batch(shards, shard_ids, offsets):
+    """Stack windows into (x, y) on the device: pinned memory and a non-blocking copy on CUDA."""
+    data = torch.from_numpy(np.stack([shards[s][o:o + T + 1].astype(np.int64) for s, o in zip(shard_ids, offsets)]))
+    if device_type == "cuda":
+        data = data.pin_memory().to(device, non_blocking=True)
+    else:
+        data = data.to(device)
+    return data[:, :-1], data[:, 1:]
+
+
+def get_batch(step, micro):
+    """This process's share of micro-step `micro` of optimizer step `step`."""
+    shard, offset = training_windows(step)
+    first = (micro * world_size + rank) * batch_size
+    return load_batch(splits["train"], shard[first:first + batch_size], offset[first:first + batch_size])
+
+
+# -----------------------------------------------------------------------------
+# model and optimizer
+
+model = GPT(GPTConfig(**model_args)).to(device)
+iter_num = 0
+if checkpoint:
+    model.load_state_dict(checkpoint["model"])
+    iter_num = checkpoint["step"]
+optim = configure_optimizers(model, optimizer, learning_rate, weight_decay, (beta1, beta2), device_type)
+scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+if checkpoint and not eval_only:
+    optim.load_state_dict(checkpoint["optimizer"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    rng = checkpoint["rng"][rank] if len(checkpoint["rng"]) == world_size else None
+    if rng is not None:  # the same world size continues each process's random stream (dropout)
+        torch.set_rng_state(rng["cpu"])
+        if device_type == "cuda" and rng["cuda"] is not None:
+            torch.cuda.set_rng_state(rng["cuda"])
+raw_model = model
+if compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None)
+flops_per_token = raw_model.flops_per_token(T)
+if peak_flops == 0 and device_type == "cuda":  # dense bf16 tensor-core peaks from the data sheets
+    name = torch.cuda.get_device_name()
+    peak_flops = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12}.items() if k in name), 0.0)
+
+
+def get_lr(step):
+    min_lr = learning_rate * min_lr_frac
+    if step < warmup_iters:
+        return learning_rate * (step + 1) / (warmup_iters + 1)
+    if lr_schedule == "wsd":
+        decay_start = max(warmup_iters, int(max_iters * (1 - decay_frac)))
+        if step < decay_start:
+            return learning_rate
+        return learning_rate - (learning_rate - min_lr) * (step - decay_start) / max(1, max_iters - decay_start)
+    if lr_schedule == "cosine":
+        progress = min(1.0, (step - warmup_iters) / max(1, max_iters - warmup_iters))
+        return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+    fail(f"unknown lr_schedule '{lr_schedule}' (choose cosine or wsd)")
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+
+def all_reduce_sum(*values):
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if ddp:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss over eval_iters random batches per split; the same batches at every evaluation."""
+    model.eval()
+    out = {}
+    for split, shards in splits.items():
+        shard, offset = random_windows(shards, np.random.default_rng([seed, 1]), eval_iters * batch_size)
+        total = 0.0
+        for k in range(rank, eval_iters, world_size):
+            x, y = load_batch(shards, shard[k * batch_size:(k + 1) * batch_size], offset[k * batch_size:(k + 1) * batch_size])
+            with amp:
+                total += raw_model(x, y)[1].item()
+        out[split] = all_reduce_sum(total)[0] / eval_iters
+    model.train()
+    return out
+
+
+@torch.no_grad()
+def exact_bits_per_byte(streams, n_bytes):
+    """
+    Total nats over every token of the streams (each starting after an end-of-document token, so that its
+    first token is predicted too), in non-overlapping block_size windows, over the UTF-8 bytes they encode,
+    divided by ln 2.
+    """
+    model.eval()
+    nats = 0.0
+    for tokens in streams:
+        tokens = np.concatenate([[meta["eos_id"]], tokens]).astype(np.int64)
+        starts = list(range(0, len(tokens) - 1, T))
+        for b in range(rank * batch_size, len(starts), world_size * batch_size):
+            x = torch.zeros(len(starts[b:b + batch_size]), T, dtype=torch.long)
+            y = torch.full_like(x, -1)  # -1: no target (the padding of the last, shorter window)
+            for row, s in enumerate(starts[b:b + batch_size]):
+                window = torch.from_numpy(tokens[s:s + T + 1])
+                x[row, :len(window) - 1], y[row, :len(window) - 1] = window[:-1], window[1:]
+            with amp:
+                loss = raw_model(x.to(device), y.to(device))[1]
+            nats += loss.item() * (y >= 0).sum().item()
+    model.train()
+    return all_reduce_sum(nats)[0] / n_bytes / math.log(2)
+
+
+def plot_log():
+    """out_dir/loss.png: train and val loss against steps and against tokens (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print0("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, x_key in zip(axes, ("step", "tokens")):
+        for key in ("train_loss", "val_loss"):
+            points = [(r[x_key], r[key]) for r in rows if key in r]
+            if points:
+                ax.plot(*zip(*points), label=key.replace("_", " "))
+        ax.set_xlabel(x_key)
+        ax.set_ylabel("loss (nats/token)")
+        ax.legend()
+    fig.suptitle(out_dir)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=120)
+    print0(f"wrote {os.path.join(out_dir, 'loss.png')}")
+
+
+if plot:
+    plot_log()
+    raise SystemExit
+if eval_only:
+    val = exact_bits_per_byte(splits["val"], meta["splits"]["val"]["bytes"])
+    print0(f"exact val bits per byte: {val:.4f}")
+    if eval_file:
+        if not os.path.isfile(eval_file):
+            fail(f"eval_file {eval_file} not found")
+        with open(eval_file, encoding="utf-8") as f:
+            text = f.read()
+        tokenizer = Tokenizer.load(os.path.join(data_dir, meta["tokenizer_path"]) if meta["tokenizer"] != "gpt2" else "gpt2")
+        bpb = exact_bits_per_byte([np.array(tokenizer.encode(text))], len(text.encode("utf-8")))
+        print0(f"exact bits per byte of {eval_file}: {bpb:.4f}")
+    raise SystemExit
+
+# -----------------------------------------------------------------------------
+# logging and checkpoints
+
+log_path = os.path.join(out_dir, "log.jsonl")
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    if meta["tokenizer"] != "gpt2":  # sample.py finds the tokenizer beside the checkpoint
+        shutil.copy(os.path.join(data_dir, meta["tokenizer_path"]), os.path.join(out_dir, "tokenizer.model"))
+    if iter_num > 0 and os.path.exists(log_path):  # a resumed run forgets what the interrupted one logged after its checkpoint
+        with open(log_path) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= iter_num]
+        with open(log_path, "w") as f:
+            f.writelines(kept)
+    elif os.path.exists(log_path):
+        os.remove(log_path)
+    if wandb_log:
+        import wandb
+        wandb.init(project=wandb_project, name=wandb_run_name or None, config=config)
+
+
+def log(row):
+    if master:
+        with open(log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if wandb_log:
+            wandb.log(row, step=row["step"])
+
+
+def save():
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
+    rngs = [None] * world_size
+    if ddp:
+        dist.all_gather_object(rngs, rng)
+    else:
+        rngs = [rng]
+    if master:
+        save_checkpoint(checkpoint_path, {
+            "model": raw_model.state_dict(), "optimizer": optim.state_dict(), "scaler": scaler.state_dict(),
+            "model_config": asdict(raw_model.config), "config": config, "step": iter_num, "rng": rngs,
+            "tokenizer": "gpt2" if meta["tokenizer"] == "gpt2" else "tokenizer.model", "eos_id": meta["eos_id"]})
+
+
+def evaluate_and_save():
+    losses = estimate_loss()
+    val_bpb = losses["val"] * meta["splits"]["val"]["tokens"] / meta["splits"]["val"]["bytes"] / math.log(2)
+    peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device_type == "cuda" else 0.0
+    print0(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, val bpb {val_bpb:.4f}"
+           + (f", peak memory {peak_mem:.1f} GiB" if peak_mem else ""))
+    log({"step": iter_num, "tokens": iter_num * tokens_per_step, "train_loss": losses["train"],
+         "val_loss": losses["val"], "val_bpb": val_bpb, "peak_mem_gib": peak_mem})
+    if iter_num > 0:
+        save()
+
+
+# -----------------------------------------------------------------------------
+# training loop
+
+print0(f"{raw_model.num_params() / 1e6:.2f}M parameters ({raw_model.num_params(embedding=False) / 1e6:.2f}M non-embedding), "
+       f"{n_windows} training windows of {T} tokens, {tokens_per_step} tokens per step, {max_iters} steps, "
+       f"{world_size} process(es) on {device} in {dtype}")
+x, y = get_batch(iter_num, 0)
+t0, t_last, steps_since_log = time.time(), time.time(), 0
+try:
+    while True:
+        lr = get_lr(iter_num)
+        for group in optim.param_groups:
+            group["lr"] = lr
+        if iter_num % eval_interval == 0 or iter_num == max_iters:
+            evaluate_and_save()
+        if iter_num >= max_iters:
+            break
+        for micro in range(gradient_accumulation_steps):
+            if ddp:  # all-reduce gradients only once, after the last micro-step
+                model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
+            with amp:
+                _, loss, _ = model(x, y)
+            loss = loss / gradient_accumulation_steps
+            # fetch the next batch while the GPU works on this one
+            x, y = get_batch(*((iter_num, micro + 1) if micro + 1 < gradient_accumulation_steps else (iter_num + 1, 0)))
+            scaler.scale(loss).backward()
+        if grad_clip > 0:
+            scaler.unscale_(optim)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optim)
+        scaler.update()
+        optim.zero_grad(set_to_none=True)
+        iter_num += 1
+        steps_since_log += 1
+        if iter_num % log_interval == 0 or iter_num == max_iters:
+            train_loss = loss.item() * gradient_accumulation_steps  # the last micro-batch's loss; .item() waits for the GPU
+            if not math.isfinite(train_loss):
+                fail(f"the training loss became {train_loss} at step {iter_num} (checked every {log_interval} steps): "
+                     "lower learning_rate, or raise warmup_iters")
+            dt = time.time() - t_last
+            tokens_per_s = steps_since_log * tokens_per_step / dt
+            mfu = flops_per_token * tokens_per_s / world_size / peak_flops if peak_flops else 0.0
+            print0(f"step {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, {dt / steps_since_log * 1000:.0f} ms/step, "
+                   f"{tokens_per_s:,.0f} tokens/s" + (f", MFU {mfu:.1%}" if mfu else ""))
+            log({"step": iter_num, "tokens": iter_num * tokens_per_step, "loss": train_loss, "lr": lr,
+                 "tokens_per_s": tokens_per_s, "mfu": mfu})
+            t_last, steps_since_log = time.time(), 0
+except torch.OutOfMemoryError:
+    fail(f"out of memory at step {iter_num}: lower batch_size and raise gradient_accumulation_steps to keep the tokens per step")
+
+val_bpb = exact_bits_per_byte(splits["val"], meta["splits"]["val"]["bytes"])
+log({"step": iter_num, "tokens": iter_num * tokens_per_step, "exact_val_bpb": val_bpb})
+print0(f"done: {iter_num} steps, {iter_num * tokens_per_step:,} tokens in {time.time() - t0:.0f} s; "
+       f"exact val bits per byte {val_bpb:.4f}; checkpoint {checkpoint_path}")
+if master:
+    plot_log()
+if ddp:
+    dist.destroy_process_group()
