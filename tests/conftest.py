@@ -19,3 +19,47 @@ def tiny_model():
         args.update(overrides)
         return GPT(GPTConfig(**args))
     return build
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_stage(*args, check=True, timeout=300, env=None):
+    """Run a stage (e.g. 'train.py', '--max_iters=5') in a fresh Python process from the repository root."""
+    import subprocess
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def tiny_corpus_text(n_docs=60, seed=0):
+    """Documents of simple, learnable English-like text and code."""
+    import random
+    rng = random.Random(seed)
+    names = ["alice", "bob", "carol", "dave", "erin", "frank"]
+    verbs = ["reads", "writes", "sorts", "counts", "finds", "keeps"]
+    things = ["books", "lists", "numbers", "words", "files", "lines"]
+    docs = []
+    for d in range(n_docs):
+        lines = []
+        for _ in range(rng.randint(8, 20)):
+            a, v, t = rng.choice(names), rng.choice(verbs), rng.choice(things)
+            lines.append(f"{a} {v} {rng.randint(1, 9)} {t}.")
+            lines.append(f"def {v}_{t}(n):\n    return n * {rng.randint(2, 5)}\n")
+        docs.append("\n".join(lines))
+    return docs
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A dataset prepared by prepare.py from a tiny generated corpus: returns its folder."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i, doc in enumerate(tiny_corpus_text()):
+        (corpus / f"doc{i:02d}.txt").write_text(doc)
+    run_stage("prepare.py", f"--input={corpus}", "--name=tiny", f"--out_root={root}", "--vocab_size=400",
+              "--val_fraction=0.1")
+    return root / "tiny"

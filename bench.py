@@ -1,0 +1,217 @@
+"""
+Benchmark a model configuration: training throughput and MFU, the GPU's bf16 matmul ceiling, decode speed,
+and optionally a transformers reference model of the same shape, timed in the same run.
+
+    python bench.py                                                    # default GPTConfig, auto device
+    python bench.py config/gpt2_124m.py --batch_size=16 --compile=True # a train.py config (training keys skipped)
+    python bench.py config/gpt2_124m.py --reference=hf_llama           # + LlamaForCausalLM of the same shape
+    python bench.py --n_layer=4 --device=cpu --decode=False
+
+Training steps run on random tokens (no dataset needed) exactly as in train.py: autocast, AdamW from optim.py
+(fused on CUDA), gradient clipping at 1.0. Decoding is greedy through model.generate, uncompiled, timed end to
+end (prefill included). A table is printed at the end and every figure is written to json_out.
+"""
+import gc
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+
+from configurator import autocast, fail, parse_config, pick_device, pick_dtype, print0
+from model import GPT, GPTConfig, config_fields
+from optim import configure_optimizers
+
+# -----------------------------------------------------------------------------
+# defaults
+batch_size = 16               # sequences of block_size random tokens per training step
+device = "auto"               # 'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = "auto"                # 'auto' (bf16 on GPUs that have it, else fp16; fp32 on CPU), or a torch dtype name
+compile = False               # torch.compile the model (and the reference)
+warmup = 3                    # untimed steps first; at least 10 with compile (compilation happens there)
+steps = 10                    # training steps per timed repeat
+repeats = 3                   # timed repeats; the median is reported
+decode = True                 # also time decoding with model.generate
+decode_batch = 1              # prompts decoded together
+prompt_len = 16               # tokens per random prompt
+decode_tokens = 256           # new tokens per prompt
+reference = ""                # '' or a reference model of the same shape: 'hf_llama' (needs transformers)
+peak_flops = 0.0              # nominal per-device peak for the second MFU; 0 = a known datasheet figure for the GPU
+json_out = "out/bench/bench.json"  # every figure, the resolved config, device and torch version
+seed = 1337
+# -----------------------------------------------------------------------------
+defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+defaults.update(config_fields())
+config = parse_config(defaults, sys.argv[1:], other_stage_keys_in_files=True)
+globals().update(config)
+# -----------------------------------------------------------------------------
+
+
+def hf_llama(cfg):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    if cfg.qk_norm or cfg.dropout:
+        fail("hf_llama has no qk_norm and no residual dropout: set --qk_norm=False --dropout=0.0")
+    hf = LlamaConfig(hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden, num_hidden_layers=cfg.n_layer,
+                     num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, vocab_size=cfg.vocab_size,
+                     max_position_embeddings=cfg.block_size, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps,
+                     tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False,
+                     attn_implementation="sdpa", use_cache=False)  # no KV cache to build while training
+    # HF shifts the labels inside, so labels = the inputs is the same work as our shifted targets
+    return LlamaForCausalLM(hf), lambda model, x: model(input_ids=x, labels=x).loss
+
+
+# a reference: name -> builder(GPTConfig) returning (model, loss_of(model, tokens)); all need transformers
+references = {"hf_llama": hf_llama}
+if reference and reference not in references:
+    fail(f"unknown reference '{reference}' (choose {', '.join(references)})")
+if reference and importlib.util.find_spec("transformers") is None:
+    fail(f"--reference={reference} needs transformers: pip install transformers")
+
+device = pick_device(device)
+device_type = device.split(":")[0]
+dtype = pick_dtype(device, dtype)
+amp = autocast(device, dtype)
+torch.backends.cuda.matmul.allow_tf32 = True  # as train.py does
+if compile:
+    warmup = max(warmup, 10)
+cuda = device_type == "cuda"
+device_name = torch.cuda.get_device_name(device) if cuda else device_type
+model_config = GPTConfig(**{k: config[k] for k in config_fields()})
+T = model_config.block_size
+torch.manual_seed(seed)
+
+
+def timed(fn, n):
+    """Seconds for n calls of fn: CUDA events on the GPU (no host sync in between), perf_counter elsewhere."""
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    if torch.accelerator.is_available():  # MPS runs asynchronously too
+        torch.accelerator.synchronize()
+    return time.perf_counter() - t0
+
+
+def median_time(fn, n):
+    """Median over `repeats` timed runs of n calls, per call."""
+    return statistics.median(timed(fn, n) for _ in range(repeats)) / n
+
+
+def measure(name, model, loss_of, with_decode):
+    """One row of the table: train the model on random tokens, then (with_decode) decode with it."""
+    model.to(device)
+    optim = configure_optimizers(model, device_type=device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # fp16 needs loss scaling, as in train.py
+    train_model = torch.compile(model) if compile else model
+    x = torch.randint(model_config.vocab_size, (batch_size, T), device=device)
+
+    def step():
+        with amp:
+            loss = loss_of(train_model, x)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optim)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optim)
+        scaler.update()
+        optim.zero_grad(set_to_none=True)
+
+    print0(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {warmup} warm-up steps"
+           + (" (compiling)" if compile else ""))
+    timed(step, warmup)
+    print0(f"{name}: timing {repeats} x {steps} training steps of {batch_size} x {T} tokens")
+    seconds = median_time(step, steps)
+    row = {"tokens_per_s": batch_size * T / seconds, "ms_per_step": 1000 * seconds,
+           "tflops": flops_per_token * batch_size * T / seconds / 1e12,
+           "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+           "decode_tokens_per_s": None}
+    print0(f"{name}: {row['tokens_per_s']:,.0f} tokens/s, {row['ms_per_step']:.1f} ms/step")
+    if with_decode:
+        del optim, train_model  # decoding needs neither optimizer state nor the compiled graph
+        model.eval()
+        prompts = torch.randint(model_config.vocab_size, (decode_batch, prompt_len)).tolist()
+
+        def generate(n):
+            with amp:
+                for _ in model.generate(prompts, n, temperature=0.0):  # greedy
+                    pass
+
+        print0(f"{name}: decoding {decode_batch} x {decode_tokens} tokens after {prompt_len}-token prompts")
+        generate(8)  # warm-up: first kernel launches and allocations
+        row["decode_tokens_per_s"] = decode_batch * decode_tokens / median_time(lambda: generate(decode_tokens), 1)
+        print0(f"{name}: {row['decode_tokens_per_s']:,.1f} decode tokens/s")
+    return row
+
+
+def free_memory():
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# -----------------------------------------------------------------------------
+# measurements: the ceiling first, then our model, then the reference, one at a time in this process
+
+ceiling = None
+if cuda:  # what this GPU's bf16 tensor cores sustain: the honest denominator for MFU
+    n = 8192
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    matmuls = 50  # ~0.1 s on an H100: enough for the clocks to settle during warm-up and for event timing
+    print0(f"ceiling: timing {repeats} x {matmuls} bf16 matmuls of {n} x {n} x {n}")
+    timed(lambda: a @ b, matmuls)
+    ceiling = 2 * n**3 / median_time(lambda: a @ b, matmuls)
+    del a, b
+    free_memory()
+if peak_flops == 0 and cuda:  # dense bf16 tensor-core peaks from the data sheets (as train.py)
+    peak_flops = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12}.items() if k in device_name), 0.0)
+
+model = GPT(model_config)
+flops_per_token = model.flops_per_token(T)  # the reference has the same shape, so the same FLOPs
+# targets = inputs: random tokens either way, the same work as shifted targets
+rows = {"ours": measure("ours", model, lambda model, x: model(x, x)[1], decode)}
+del model
+free_memory()
+if reference:
+    rows[reference] = measure(reference, *references[reference](model_config), with_decode=False)
+    free_memory()
+if ceiling:
+    rows["ceiling"] = {"tflops": ceiling / 1e12}
+for row in rows.values():
+    row["mfu"] = row["tflops"] * 1e12 / ceiling if ceiling else None
+    row["mfu_nominal"] = row["tflops"] * 1e12 / peak_flops if peak_flops else None
+
+# -----------------------------------------------------------------------------
+# report
+
+columns = [("tokens/s", "tokens_per_s", "{:,.0f}"), ("ms/step", "ms_per_step", "{:.2f}"), ("TFLOP/s", "tflops", "{:.3g}"),
+           ("MFU", "mfu", "{:.1%}"), ("MFU nominal", "mfu_nominal", "{:.1%}"),
+           ("peak GiB", "peak_mem_gib", "{:.2f}"), ("decode tok/s", "decode_tokens_per_s", "{:,.1f}")]
+print0(f"\n{device_name}, {dtype}, compile={compile}, torch {torch.__version__}"
+       + ("; MFU against the measured ceiling" if ceiling else "")
+       + (f", MFU nominal against {peak_flops / 1e12:.0f} TFLOP/s" if peak_flops else ""))
+print0(f"{'':<10}" + "".join(f"{title:>14}" for title, _, _ in columns))
+for name, row in rows.items():
+    print0(f"{name:<10}" + "".join(f"{fmt.format(row[key]) if row.get(key) is not None else '-':>14}"
+                                   for _, key, fmt in columns))
+ratio = rows["ours"]["tokens_per_s"] / rows[reference]["tokens_per_s"] if reference else None
+if reference:
+    print0(f"ours / {reference}: {ratio:.3f}x training tokens/s")
+os.makedirs(os.path.dirname(json_out) or ".", exist_ok=True)
+with open(json_out, "w") as f:
+    json.dump({"device_name": device_name, "torch_version": torch.__version__,
+               "config": {**config, "device": device, "dtype": dtype, "warmup": warmup},
+               "model_config": asdict(model_config), "flops_per_token": flops_per_token,
+               "ceiling_flops": ceiling, "nominal_peak_flops": peak_flops or None, "rows": rows,
+               "ratio_ours_to_reference": ratio}, f, indent=2)
+print0(f"wrote {json_out}")

@@ -1,0 +1,392 @@
+"""
+Turn raw text into token shards for training: read documents, hold some out for validation, train a tokenizer
+on the rest, tokenize everything on all cores and write data/<name>/ (see data/README.md for the layout).
+
+    python prepare.py                                    # offline: this Python's own standard library, ~30 MB
+    python prepare.py --dataset=tinyshakespeare          # also tinystories, fineweb_edu (downloaded once)
+    python prepare.py --input=books/ --strip_gutenberg=True --val_files=pg1342.txt
+    python prepare.py --input=chats.jsonl --tokenizer=gpt2
+
+--input takes .txt files (one file is one document, unless --doc_separator splits it), .jsonl files (one row's
+"text" is one document) and .parquet files (a "text" column; needs pyarrow), folders of them, and globs.
+Every document is followed by the end-of-document token in the shards.
+"""
+import glob
+import hashlib
+import http.client
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from datetime import datetime, timezone
+from multiprocessing import Pool
+
+import numpy as np
+from tqdm import tqdm
+
+from configurator import fail, parse_config
+from tokenizer import Tokenizer
+
+defaults = dict(
+    dataset="pystdlib",        # pystdlib (offline) or a name in SOURCES (downloaded); ignored when --input is given
+    input="",                  # your own text instead: comma-separated files, folders (recursive) or globs
+    name="",                   # output folder under out_root; default: the dataset name or the input's basename
+    doc_separator="",          # split .txt files into documents at this string, e.g. '<|endoftext|>'
+    strip_gutenberg=False,     # drop Project Gutenberg's header and license from each .txt file
+    val_files="",              # comma-separated file basenames held out whole as the val split
+    val_fraction=0.02,         # otherwise this fraction of documents (at least one), chosen at random
+    seed=1337,                 # for the val choice and the document order
+    tokenizer="bpe",           # 'bpe' (trained here on the train split), 'gpt2', or a tokenizer.model to reuse
+    vocab_size=8192,           # of the trained bpe
+    shard_size=100_000_000,    # tokens per .bin file
+    out_root="data",
+    num_workers=0,             # tokenizing processes; 0 = one per core
+)
+
+HF = "https://huggingface.co/datasets"
+SOURCES = {
+    # a speech is a document: the play is one file, and the val split needs more than one document
+    "tinyshakespeare": dict(url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+                            doc_separator="\n\n"),
+    # the 19 MB validation file of TinyStories (22k stories) is plenty for small models; the train file is 1.9 GB
+    "tinystories": dict(url=f"{HF}/roneneldan/TinyStories/resolve/main/TinyStories-valid.txt",
+                        doc_separator="<|endoftext|>"),
+    # the first of the 10B-token sample's parquet files: ~2 GB, ~700k web pages
+    "fineweb_edu": dict(url=f"{HF}/HuggingFaceFW/fineweb-edu/resolve/main/sample/10BT/000_00000.parquet"),
+}
+DOCS_PER_TASK = 16  # documents a worker tokenizes per task: IPC stays cheap, the work spreads evenly
+
+
+# -----------------------------------------------------------------------------
+# reading documents: lists of (file basename, text)
+
+def read_text(path):
+    """A file's text exactly as stored (no newline translation, BOM dropped), or None if it is not UTF-8."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return f.read()
+    except UnicodeDecodeError:
+        return None
+
+
+def read_pystdlib():
+    """The running Python's standard library: one document per .py file, plus pydoc's topic texts."""
+    from pydoc_data.topics import topics
+    stdlib = sysconfig.get_paths()["stdlib"]
+    docs, files, skipped = [], 0, 0
+    for root, dirs, names in os.walk(stdlib):
+        dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "dist-packages"))  # third-party code
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            # topics.py holds the topic texts as string literals: they come in below as plain text instead
+            if not name.endswith(".py") or path == os.path.join(stdlib, "pydoc_data", "topics.py"):
+                continue
+            files += 1
+            text = read_text(path)
+            if text is None:
+                skipped += 1  # a few test files are deliberately in other encodings
+            elif text.strip():
+                docs.append((name, text))
+    docs += [(f"pydoc_topic_{key}", text) for key, text in sorted(topics.items())]
+    source = {"dataset": "pystdlib", "python": platform.python_version(), "stdlib": stdlib, "files": files,
+              "skipped_non_utf8": skipped, "pydoc_topics": len(topics)}
+    return docs, source
+
+
+def find_input_files(spec):
+    """The files named by --input: comma-separated files, folders (searched for .txt/.jsonl/.parquet) and globs."""
+    files = []
+    for item in spec.split(","):
+        matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
+        if not matches:
+            fail(f"--input {item} not found")
+        for match in matches:
+            if os.path.isdir(match):
+                files += sorted(os.path.join(root, name) for root, _, names in os.walk(match)
+                                for name in names if name.endswith((".txt", ".jsonl", ".parquet")))
+            else:
+                files.append(match)
+    return files
+
+
+GUTENBERG_START = re.compile(r"^\*\*\* ?START OF.*$", re.MULTILINE)
+GUTENBERG_END = re.compile(r"^\*\*\* ?END OF.*$", re.MULTILINE)
+
+
+def strip_gutenberg(text):
+    """The book between Project Gutenberg's '*** START OF ...' and '*** END OF ...' lines, with LF line ends.
+    A file without the markers is kept whole: it is not a Gutenberg book, or it was stripped already."""
+    text = text.replace("\r\n", "\n")
+    start = GUTENBERG_START.search(text)
+    if start:
+        text = text[start.end():]
+    end = GUTENBERG_END.search(text)
+    if end:
+        text = text[:end.start()]
+    return text.strip("\n")
+
+
+def jsonl_text(path, number, line):
+    try:
+        text = json.loads(line)["text"]
+    except (ValueError, KeyError, TypeError):
+        text = None
+    if not isinstance(text, str):
+        fail(f"{path} line {number} is not a JSON object with a 'text' string")
+    return text
+
+
+def parquet_texts(path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        fail(f"reading {path} needs pyarrow: pip install pyarrow")
+    # batch by batch, so the whole file is never in memory twice (as Arrow data and as Python strings)
+    batches = pq.ParquetFile(path).iter_batches(columns=["text"])
+    return [text for batch in batches for text in batch.column(0).to_pylist()]
+
+
+def read_documents(paths, doc_separator, gutenberg):
+    """Documents of .txt, .jsonl and .parquet files, and how many files were skipped for not being UTF-8."""
+    docs, skipped = [], 0
+    for path in paths:
+        if path.endswith(".parquet"):
+            texts = parquet_texts(path)
+        else:
+            text = read_text(path)
+            if text is None:
+                skipped += 1
+                continue
+            if path.endswith(".jsonl"):
+                # split on '\n' only: str.splitlines() would also cut at U+2028 inside a JSON string
+                texts = [jsonl_text(path, number, line) for number, line in enumerate(text.split("\n"), 1)
+                         if line.strip()]
+            else:
+                if gutenberg:
+                    text = strip_gutenberg(text)
+                # a separator usually sits on a line of its own: the line breaks around it are not the documents'
+                texts = [t.strip("\r\n") for t in text.split(doc_separator)] if doc_separator else [text]
+        docs += [(os.path.basename(path), t) for t in texts if t.strip()]
+    return docs, skipped
+
+
+# -----------------------------------------------------------------------------
+# downloading
+
+class KeepLinkedEtag(urllib.request.HTTPRedirectHandler):
+    """Follows redirects like urllib's own handler, but keeps the X-Linked-ETag header (Hugging Face's sha256
+    of an LFS file), which only the redirecting response carries and the file's final response lacks."""
+
+    def http_error_302(self, req, fp, code, msg, headers):
+        response = super().http_error_302(req, fp, code, msg, headers)
+        if "X-Linked-ETag" in headers and "X-Linked-ETag" not in response.headers:
+            response.headers["X-Linked-ETag"] = headers["X-Linked-ETag"]
+        return response
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
+def published_sha256(headers):
+    """The sha256 Hugging Face states for an LFS file, if these headers have one. A plain ETag is not trusted:
+    other servers (GitHub, CDNs) put other hashes there."""
+    etag = (headers.get("X-Linked-ETag") or "").removeprefix("W/").strip('"')
+    return etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(url, path, sha256=None):
+    """Fetch url to path, once (path is the cache), and return the file's sha256.
+
+    Bytes go to path + '.part'. When the connection breaks, the next attempt (or the next run) asks only for
+    the missing bytes with an HTTP Range request; a server that ignores Range sends everything again. The file
+    is checked against sha256 when given, else against the sha256 the server publishes, if it does."""
+    if os.path.exists(path):
+        return file_sha256(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    part = path + ".part"
+    opener = urllib.request.build_opener(KeepLinkedEtag)
+    for _ in range(5):
+        have = os.path.getsize(part) if os.path.exists(part) else 0
+        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        try:
+            response = opener.open(request, timeout=30)
+        except urllib.error.HTTPError as e:
+            if e.code == 416:  # .part already holds the whole file (a run stopped before renaming it): start over
+                os.remove(part)
+                continue
+            fail(f"downloading {url} failed: HTTP {e.code} {e.reason}")
+        except OSError as e:  # URLError, refused, timed out
+            fail(f"cannot download {url} ({getattr(e, 'reason', e)}): offline? "
+                 "Prepare your own text files instead with --input=PATH")
+        with response:
+            if response.status != 206:  # the server ignored Range: it sends the whole file
+                have = 0
+            length = response.headers.get("Content-Length")
+            total = have + int(length) if length else None
+            sha256 = sha256 or published_sha256(response.headers)
+            with open(part, "ab" if have else "wb") as f, \
+                    tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
+                try:
+                    while block := response.read(1 << 20):
+                        f.write(block)
+                        bar.update(len(block))
+                except (OSError, http.client.HTTPException):
+                    pass  # broken off: the size check below asks for the rest
+        if total is None or os.path.getsize(part) >= total:
+            break
+    else:
+        fail(f"downloading {url} keeps breaking off; run again to resume from {part}")
+    actual = file_sha256(part)
+    if sha256 and actual != sha256:
+        os.remove(part)
+        fail(f"{url} arrived corrupt (sha256 {actual}, expected {sha256}); deleted it, run again to retry")
+    os.replace(part, path)
+    return actual
+
+
+def read_dataset(name, config):
+    source = SOURCES[name]
+    path = os.path.join(config["out_root"], "downloads", name, os.path.basename(source["url"]))
+    sha256 = download(source["url"], path)
+    docs, skipped = read_documents([path], config["doc_separator"] or source.get("doc_separator", ""),
+                                   config["strip_gutenberg"])
+    return docs, {"dataset": name, "url": source["url"], "sha256": sha256, "files": 1, "skipped_non_utf8": skipped}
+
+
+# -----------------------------------------------------------------------------
+# tokenizing on all cores into shards
+
+def start_worker(tokenizer_path, dtype):
+    global worker_tokenizer, worker_dtype
+    worker_tokenizer, worker_dtype = Tokenizer.load(tokenizer_path), dtype
+
+
+def tokenize(texts):
+    """Worker: the ids of a few documents, each followed by the end-of-document id, and their size in bytes."""
+    ids = []
+    for doc_ids in worker_tokenizer.encode_batch(texts):
+        ids += doc_ids
+        ids.append(worker_tokenizer.eos_id)
+    return np.array(ids, dtype=worker_dtype), sum(len(text.encode("utf-8")) for text in texts)
+
+
+def write_split(pool, split, texts, out_dir, shard_size):
+    """Tokenize one split and stream its ids into split_000.bin, split_001.bin, ...: no shard sits in memory."""
+    tasks = [texts[i:i + DOCS_PER_TASK] for i in range(0, len(texts), DOCS_PER_TASK)]
+    shards, shard, room, tokens, size = [], None, 0, 0, 0
+    with tqdm(total=len(texts), desc=f"tokenizing {split}", unit="doc") as bar:
+        for task, (ids, task_bytes) in zip(tasks, pool.imap(tokenize, tasks)):
+            tokens += len(ids)
+            size += task_bytes
+            while len(ids):
+                if room == 0:
+                    if shard:
+                        shard.close()
+                    shards.append(f"{split}_{len(shards):03d}.bin")
+                    shard = open(os.path.join(out_dir, shards[-1]), "wb")
+                    room = shard_size
+                head, ids = ids[:room], ids[room:]
+                head.tofile(shard)
+                room -= len(head)
+            bar.update(len(task))
+    shard.close()
+    return {"tokens": tokens, "bytes": size, "documents": len(texts), "shards": shards}
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv):
+    config = parse_config(defaults, argv)
+    started = time.time()
+
+    if config["input"]:
+        files = find_input_files(config["input"])
+        docs, skipped = read_documents(files, config["doc_separator"], config["strip_gutenberg"])
+        source = {"input": config["input"], "files": len(files), "skipped_non_utf8": skipped}
+        first = re.split(r"[*?[]", config["input"].split(",")[0])[0]  # the first path, up to any glob pattern
+        name = os.path.splitext(os.path.basename(os.path.abspath(first)))[0]
+    elif config["dataset"] == "pystdlib":
+        docs, source = read_pystdlib()
+        name = "pystdlib"
+    elif config["dataset"] in SOURCES:
+        docs, source = read_dataset(config["dataset"], config)
+        name = config["dataset"]
+    else:
+        fail(f"unknown --dataset={config['dataset']}: choose pystdlib, {', '.join(SOURCES)}, or use --input=PATH")
+    if not docs:
+        fail(f"no documents in {config['input'] or config['dataset']}: its files are empty or not UTF-8")
+    print(f"read {len(docs):,} documents from {source['files']:,} files ({source['skipped_non_utf8']} not UTF-8)")
+    out_dir = os.path.join(config["out_root"], config["name"] or name)
+
+    # shuffled so that val is a random sample and any stretch of train looks like the whole corpus
+    random.Random(config["seed"]).shuffle(docs)
+    if config["val_files"]:
+        held_out = set(filter(None, config["val_files"].split(",")))
+        missing = held_out - {file for file, _ in docs}
+        if missing:
+            fail(f"--val_files: {', '.join(sorted(missing))} is not among the input's documents")
+        splits = {"train": [text for file, text in docs if file not in held_out],
+                  "val": [text for file, text in docs if file in held_out]}
+    else:
+        n_val = max(1, round(config["val_fraction"] * len(docs)))
+        splits = {"train": [text for _, text in docs[n_val:]], "val": [text for _, text in docs[:n_val]]}
+    if not splits["train"]:
+        fail(f"no documents left to train on after the val split ({len(docs)} in all): "
+             "add files, or cut them into documents with --doc_separator")
+
+    os.makedirs(out_dir, exist_ok=True)
+    # an earlier run's files here would pass for this run's; meta.json comes last, so it marks a finished run
+    for stale in glob.glob(os.path.join(out_dir, "*.bin")) + glob.glob(os.path.join(out_dir, "meta.json")):
+        os.remove(stale)
+    model_path = os.path.join(out_dir, "tokenizer.model")
+    if config["tokenizer"] == "bpe":
+        print(f"training a {config['vocab_size']}-token BPE on {len(splits['train']):,} train documents")
+        tokenizer = Tokenizer.train(splits["train"], config["vocab_size"], model_path)
+    else:
+        tokenizer = Tokenizer.load(config["tokenizer"])
+        if tokenizer.kind == "bpe" and os.path.abspath(tokenizer.path) != os.path.abspath(model_path):
+            shutil.copyfile(tokenizer.path, model_path)
+    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+
+    with Pool(config["num_workers"] or os.cpu_count(), start_worker, (tokenizer.path, dtype)) as pool:
+        stats = {split: write_split(pool, split, texts, out_dir, config["shard_size"])
+                 for split, texts in splits.items()}
+
+    meta = {
+        "tokenizer": tokenizer.kind,
+        "tokenizer_path": "gpt2" if tokenizer.kind == "gpt2" else "tokenizer.model",
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": np.dtype(dtype).name,
+        "bos_id": tokenizer.bos_id,
+        "eos_id": tokenizer.eos_id,
+        "pad_id": tokenizer.pad_id,
+        "special": tokenizer.special,
+        "splits": stats,
+        "source": source,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+
+    print(f"{'split':<6}{'documents':>12}{'tokens':>15}{'bytes':>15}{'bytes/token':>13}")
+    for split, s in stats.items():
+        print(f"{split:<6}{s['documents']:>12,}{s['tokens']:>15,}{s['bytes']:>15,}{s['bytes'] / s['tokens']:>13.2f}")
+    print(f"wrote {out_dir} ({tokenizer.kind} tokenizer, {tokenizer.vocab_size:,} ids) in {time.time() - started:.1f}s")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

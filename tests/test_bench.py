@@ -1,0 +1,50 @@
+"""bench.py end to end on the CPU with a tiny model, as a subprocess (it is a script)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--n_embd=32", "--n_head=2", "--block_size=32", "--vocab_size=64", "--batch_size=2", "--steps=2",
+        "--repeats=2", "--warmup=1", "--decode_tokens=8", "--device=cpu"]
+
+
+def bench(*args):
+    # one thread: for a model this tiny, waking a thread pool costs more than the math (and is noisy on 2 cores)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_bench_reads_a_train_config_and_writes_table_and_json(tmp_path):
+    train_config = tmp_path / "train_config.py"
+    train_config.write_text("learning_rate = 1e-3\nmax_iters = 10\nn_layer = 2\n")  # training-only keys are skipped
+    out = tmp_path / "out" / "bench.json"
+    run = bench(str(train_config), *TINY, f"--json_out={out}")
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())
+    assert result["model_config"]["n_layer"] == 2  # the file's model key was applied
+    assert result["device_name"] == "cpu" and result["torch_version"]
+    ours = result["rows"]["ours"]
+    assert ours["tokens_per_s"] > 0 and ours["ms_per_step"] > 0 and ours["decode_tokens_per_s"] > 0
+    assert "tokens/s" in run.stdout and "decode tok/s" in run.stdout
+    assert any(line.startswith("ours ") for line in run.stdout.splitlines())
+
+
+def test_unknown_command_line_key_fails_in_one_line():
+    run = bench("--learning_rate=1e-3")  # a train.py key: fine in a file, an error on bench's command line
+    assert run.returncode == 1
+    assert run.stderr.strip() == "error: unknown config key 'learning_rate' (from the command line)"
+
+
+def test_hf_llama_reference(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "bench.json"
+    run = bench(*TINY, "--n_layer=1", "--n_kv_head=1", "--decode=False", "--reference=hf_llama", f"--json_out={out}")
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert rows["ours"]["tokens_per_s"] > 0 and rows["hf_llama"]["tokens_per_s"] > 0
+    assert "ours / hf_llama:" in run.stdout
+    assert any(line.startswith("hf_llama ") for line in run.stdout.splitlines())

@@ -1,0 +1,58 @@
+"""Config parsing and checkpoint loading: every bad input stops with one line naming what is wrong."""
+import pytest
+import torch
+
+from configurator import load_checkpoint, parse_config, save_checkpoint
+
+DEFAULTS = {"n_layer": 12, "learning_rate": 6e-4, "compile": False, "out_dir": "out", "note": None}
+
+
+def error_of(call):
+    with pytest.raises(SystemExit) as stop:
+        call()
+    message = str(stop.value.code)
+    assert message.startswith("error:") and "\n" not in message
+    return message
+
+
+def test_files_then_command_line(tmp_path):
+    first, second = tmp_path / "a.py", tmp_path / "b.py"
+    first.write_text("import math\nn_layer = 4\nlearning_rate = math.sqrt(1e-6)\n_private = 3\n")
+    second.write_text("n_layer = 6\nout_dir = 'out/b'\n")
+    config = parse_config(DEFAULTS, [str(first), str(second), "--learning_rate=3", "--compile", "--out_dir=x y"])
+    assert config == {"n_layer": 6, "learning_rate": 3.0, "compile": True, "out_dir": "x y", "note": None}
+    assert isinstance(config["learning_rate"], float)
+
+
+def test_unknown_keys_and_wrong_types(tmp_path):
+    assert "'n_layers'" in error_of(lambda: parse_config(DEFAULTS, ["--n_layers=3"]))
+    assert "'n_layer'" in error_of(lambda: parse_config(DEFAULTS, ["--n_layer=two"]))
+    assert "'n_layer'" in error_of(lambda: parse_config(DEFAULTS, ["--n_layer=2.5"]))
+    assert "'compile'" in error_of(lambda: parse_config(DEFAULTS, ["--compile=1"]))
+    assert "'learning_rate'" in error_of(lambda: parse_config(DEFAULTS, ["--learning_rate"]))
+    typo = tmp_path / "typo.py"
+    typo.write_text("learning_rte = 1e-3\n")
+    message = error_of(lambda: parse_config(DEFAULTS, [str(typo)]))
+    assert "'learning_rte'" in message and "typo.py" in message
+    assert "not found" in error_of(lambda: parse_config(DEFAULTS, [str(tmp_path / "missing.py")]))
+    # another stage's keys in a config file are skipped when asked, but never on the command line
+    assert parse_config(DEFAULTS, [str(typo)], other_stage_keys_in_files=True) == DEFAULTS
+    assert "'learning_rte'" in error_of(lambda: parse_config(DEFAULTS, ["--learning_rte=1"], other_stage_keys_in_files=True))
+
+
+def test_checkpoints_round_trip_and_bad_files_stop_cleanly(tmp_path):
+    path = tmp_path / "run" / "ckpt.pt"
+    save_checkpoint(str(path), {"model": {"w": torch.ones(3)}, "step": 7, "config": {"lr": 1e-3}})
+    loaded = load_checkpoint(str(path.parent))  # a folder means its ckpt.pt
+    assert loaded["step"] == 7 and torch.equal(loaded["model"]["w"], torch.ones(3))
+    assert not (tmp_path / "run" / "ckpt.pt.tmp").exists()
+    assert "no checkpoint" in error_of(lambda: load_checkpoint(str(tmp_path / "nowhere.pt")))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[:200])
+    assert "corrupt or truncated" in error_of(lambda: load_checkpoint(str(truncated)))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    assert "corrupt or truncated" in error_of(lambda: load_checkpoint(str(garbage)))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    assert "not a nanollm checkpoint" in error_of(lambda: load_checkpoint(str(foreign)))

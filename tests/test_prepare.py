@@ -1,0 +1,262 @@
+"""prepare.py on tiny corpora: shards agree with meta.json, splits, input formats, downloads, one-line errors."""
+import hashlib
+import http.server
+import json
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import prepare
+from tokenizer import Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = ("the a cat dog sat ran on under mat log quickly slowly red blue def return if else for in print "
+         "value index count (x) [i] = + - : , .").split()
+
+
+def make_doc(seed, lines=12):
+    rng = random.Random(seed)
+    return "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(lines)) + "\n"
+
+
+def write_corpus(folder, n=12):
+    """doc00.txt ... : n small documents; returns {basename: text}."""
+    folder.mkdir(exist_ok=True)
+    docs = {f"doc{i:02d}.txt": make_doc(i) for i in range(n)}
+    for name, text in docs.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    return docs
+
+
+def run(tmp_path, *args):
+    """prepare.main with a tiny vocab into tmp_path/out; returns (meta, {split: decoded documents})."""
+    prepare.main([f"--out_root={tmp_path / 'out'}", "--name=t", "--vocab_size=300", "--num_workers=2", *args])
+    out = tmp_path / "out" / "t"
+    meta = json.loads((out / "meta.json").read_text())
+    tokenizer = Tokenizer.load("gpt2" if meta["tokenizer"] == "gpt2" else str(out / meta["tokenizer_path"]))
+    docs = {}
+    for split, info in meta["splits"].items():
+        tokens = np.concatenate([np.fromfile(out / shard, dtype=meta["dtype"]) for shard in info["shards"]])
+        assert len(tokens) == info["tokens"]
+        assert tokens[-1] == meta["eos_id"] and (tokens == meta["eos_id"]).sum() == info["documents"]
+        ends = np.flatnonzero(tokens == meta["eos_id"])
+        docs[split] = [tokenizer.decode(doc) for doc in np.split(tokens, ends[:-1] + 1)]
+        docs[split] = [doc.removesuffix("<|endoftext|>") for doc in docs[split]]
+        assert info["bytes"] == sum(len(doc.encode("utf-8")) for doc in docs[split])
+    return meta, docs
+
+
+def test_shards_and_meta_agree(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", n=30)
+    meta, docs = run(tmp_path, f"--input={tmp_path / 'corpus'}", "--shard_size=500", "--val_fraction=0.1")
+    assert set(meta) == {"tokenizer", "tokenizer_path", "vocab_size", "dtype", "bos_id", "eos_id", "pad_id",
+                         "special", "splits", "source", "created"}
+    assert (meta["tokenizer"], meta["tokenizer_path"], meta["vocab_size"], meta["dtype"]) == \
+        ("bpe", "tokenizer.model", 300, "uint16")
+    assert meta["special"]["eos"] == meta["eos_id"] and meta["source"]["files"] == 30
+    train, val = meta["splits"]["train"], meta["splits"]["val"]
+    assert (train["documents"], val["documents"]) == (27, 3)
+    assert len(train["shards"]) > 1 and train["shards"][0] == "train_000.bin"
+    assert all(os.path.getsize(tmp_path / "out" / "t" / s) == 500 * 2 for s in train["shards"][:-1])
+    # every document comes back exactly, once
+    assert sorted(docs["train"] + docs["val"]) == sorted(corpus.values())
+
+
+def test_val_files_and_tokenizer_reuse(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    # a word only val has: trained on all documents, this tokenizer would make it one piece; on train alone, 7
+    corpus["doc03.txt"] = "zyxwvut\n" * 500
+    (tmp_path / "corpus" / "doc03.txt").write_text(corpus["doc03.txt"])
+    args = [f"--input={tmp_path / 'corpus'}", "--val_files=doc03.txt,doc07.txt", "--vocab_size=400"]
+    meta, docs = run(tmp_path, *args)
+    assert sorted(docs["val"]) == sorted([corpus["doc03.txt"], corpus["doc07.txt"]])
+    assert len(docs["train"]) == len(corpus) - 2 and corpus["doc07.txt"] not in docs["train"]
+    tokenizer_path = tmp_path / "out" / "t" / "tokenizer.model"
+    assert len(Tokenizer.load(str(tokenizer_path)).encode("zyxwvut")) == 7
+    # the same tokenizer again, from a copy elsewhere: identical shards
+    (tmp_path / "kept.model").write_bytes(tokenizer_path.read_bytes())
+    train_ids = (tmp_path / "out" / "t" / "train_000.bin").read_bytes()
+    again, _ = run(tmp_path, *args, f"--tokenizer={tmp_path / 'kept.model'}")
+    assert (tmp_path / "out" / "t" / "train_000.bin").read_bytes() == train_ids
+
+
+def test_strip_gutenberg(tmp_path):
+    (tmp_path / "books").mkdir()
+    body = "Chapter 1\r\n\r\nIt was a dark and stormy night; the rain fell.\r\nThe end of chapter one.\r\n" * 5
+    book = ("The Project Gutenberg eBook of Stuff\r\n\r\nThis eBook is for the use of anyone anywhere\r\n"
+            "*** START OF THE PROJECT GUTENBERG EBOOK STUFF ***\r\n\r\n" + body +
+            "\r\n*** END OF THE PROJECT GUTENBERG EBOOK STUFF ***\r\nSection 1. General Terms of Use and license\r\n")
+    (tmp_path / "books" / "pg1.txt").write_bytes(book.encode("utf-8-sig"))  # a BOM, like many Gutenberg files
+    plain = "No markers here, so this file is kept whole.\r\n" * 5
+    (tmp_path / "books" / "plain.txt").write_text(plain, newline="")
+    _, docs = run(tmp_path, f"--input={tmp_path / 'books'}", "--strip_gutenberg=True", "--val_files=plain.txt")
+    assert docs["train"] == [body.replace("\r\n", "\n").strip("\n")]
+    assert docs["val"] == [plain.replace("\r\n", "\n").strip("\n")]
+
+
+def test_jsonl_glob_and_doc_separator(tmp_path):
+    rows = [make_doc(i) for i in range(6)] + ["unicode row: \u2028 line separator, naïve, 日本語"]
+    with open(tmp_path / "rows.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": row, "id": i}, ensure_ascii=False) + "\n\n" for i, row in enumerate(rows))
+    stories = [make_doc(10 + i, lines=3) for i in range(5)]
+    (tmp_path / "stories.txt").write_text("\n<|endoftext|>\n".join(stories) + "\n<|endoftext|>\n")
+    meta, docs = run(tmp_path, f"--input={tmp_path}/*.jsonl,{tmp_path / 'stories.txt'}", "--doc_separator=<|endoftext|>")
+    assert meta["source"]["files"] == 2
+    assert sorted(docs["train"] + docs["val"]) == sorted(rows + [s.strip("\n") for s in stories])
+
+
+def test_pystdlib_reads_only_the_standard_library():
+    import tqdm.std
+    from pydoc_data.topics import topics
+    docs, source = prepare.read_pystdlib()
+    texts = {text for _, text in docs}
+    assert source["files"] > 500 and source["pydoc_topics"] == len(topics) and source["skipped_non_utf8"] >= 0
+    assert open(os.__file__, encoding="utf-8").read() in texts
+    assert topics["assert"] in texts
+    assert open(tqdm.std.__file__, encoding="utf-8").read() not in texts  # site-packages is not the stdlib
+
+
+def one_line_error(argv):
+    with pytest.raises(SystemExit) as excinfo:
+        prepare.main(argv)
+    message = str(excinfo.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    return message
+
+
+def test_errors(tmp_path, monkeypatch):
+    write_corpus(tmp_path / "corpus", n=3)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "blank.txt").write_text("")
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"title": "no text"}\n')
+    out = f"--out_root={tmp_path / 'out'}"
+    corpus = f"--input={tmp_path / 'corpus'}"
+    assert "nowhere.txt" in one_line_error([out, f"--input={tmp_path / 'nowhere.txt'}"])
+    assert "no documents" in one_line_error([out, f"--input={tmp_path / 'empty'}"])
+    message = one_line_error([out, "--dataset=imaginary"])
+    assert "imaginary" in message and "tinyshakespeare" in message and "--input" in message
+    assert "missing.txt" in one_line_error([out, corpus, "--val_files=doc00.txt,missing.txt"])
+    assert "vocab_size=200" in one_line_error([out, corpus, "--vocab_size=200"])
+    assert "bad.jsonl line 2" in one_line_error([out, f"--input={tmp_path / 'bad.jsonl'}"])
+    assert "no documents left to train" in one_line_error([out, corpus, "--val_files=doc00.txt,doc01.txt,doc02.txt"])
+    assert "shard_sise" in one_line_error([out, corpus, "--shard_sise=10"])
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if pyarrow were not installed
+    (tmp_path / "pages.parquet").write_bytes(b"PAR1")
+    assert "pip install pyarrow" in one_line_error([out, f"--input={tmp_path / 'pages.parquet'}"])
+
+
+def test_command_line_error_is_one_line():
+    result = subprocess.run([sys.executable, "prepare.py", "--dataset=imaginary"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith("error: unknown --dataset=imaginary") and result.stderr.count("\n") == 1
+
+
+# -----------------------------------------------------------------------------
+# downloads, against a local server
+
+PAYLOAD = bytes(random.Random(0).randrange(256) for _ in range(300_000))
+PAYLOAD_SHA256 = hashlib.sha256(PAYLOAD).hexdigest()
+SHAKESPEARE = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 40
+
+
+@pytest.fixture
+def server():
+    """A local server: /file honours Range, /flaky breaks off its first response halfway, /norange ignores Range,
+    /badsha publishes a wrong sha256, /redirect-good and /redirect-bad redirect to /file as Hugging Face does."""
+    requests, calls = [], {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append((self.path, self.headers.get("Range")))
+            calls[self.path] = calls.get(self.path, 0) + 1
+            if self.path.startswith("/redirect"):
+                self.send_response(302)
+                self.send_header("Location", "/file")
+                sha = PAYLOAD_SHA256 if self.path == "/redirect-good" else "0" * 64
+                self.send_header("X-Linked-ETag", f'"{sha}"')
+                self.end_headers()
+                return
+            body = SHAKESPEARE.encode() if self.path == "/shakespeare.txt" else PAYLOAD
+            start = int(re.match(r"bytes=(\d+)-", self.headers.get("Range") or "bytes=0-")[1])
+            if self.path == "/norange":
+                start = 0
+            if start:
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            else:
+                self.send_response(200)
+            if self.path == "/badsha":
+                self.send_header("X-Linked-ETag", '"' + "f" * 64 + '"')
+            self.send_header("Content-Length", str(len(body) - start))
+            self.end_headers()
+            if self.path == "/flaky" and calls[self.path] == 1:
+                self.wfile.write(body[:len(body) // 2])  # then the connection closes, short of Content-Length
+                return
+            self.wfile.write(body[start:])
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", requests
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_download_resumes_a_broken_transfer(tmp_path, server):
+    url, requests = server
+    path = tmp_path / "dl" / "file.bin"
+    assert prepare.download(f"{url}/flaky", str(path), sha256=PAYLOAD_SHA256) == PAYLOAD_SHA256
+    assert path.read_bytes() == PAYLOAD and not os.path.exists(f"{path}.part")
+    assert requests == [("/flaky", None), ("/flaky", f"bytes={len(PAYLOAD) // 2}-")]
+    prepare.download(f"{url}/flaky", str(path))  # cached: no request
+    assert len(requests) == 2
+
+
+def test_download_continues_a_part_file_or_restarts(tmp_path, server):
+    url, requests = server
+    for route, part in [("/file", PAYLOAD[:1000]), ("/norange", b"junk from an old server" * 100)]:
+        path = tmp_path / route.strip("/")
+        (tmp_path / f"{route.strip('/')}.part").write_bytes(part)
+        assert prepare.download(url + route, str(path)) == PAYLOAD_SHA256 and path.read_bytes() == PAYLOAD
+    assert requests == [("/file", "bytes=1000-"), ("/norange", "bytes=2300-")]
+
+
+def test_download_checks_sha256(tmp_path, server):
+    url, _ = server
+    for route, sha256 in [("/badsha", None), ("/file", "e" * 64), ("/redirect-bad", None)]:
+        path = tmp_path / route.strip("/")
+        with pytest.raises(SystemExit) as excinfo:
+            prepare.download(url + route, str(path), sha256=sha256)
+        assert "sha256" in str(excinfo.value) and "\n" not in str(excinfo.value)
+        assert not os.path.exists(path) and not os.path.exists(f"{path}.part")
+    assert prepare.download(f"{url}/redirect-good", str(tmp_path / "good")) == PAYLOAD_SHA256
+
+
+def test_download_offline_points_to_input(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    with pytest.raises(SystemExit) as excinfo:
+        prepare.download(f"http://127.0.0.1:{closed_port}/input.txt", str(tmp_path / "input.txt"))
+    assert "--input=PATH" in str(excinfo.value) and "\n" not in str(excinfo.value)
+
+
+def test_dataset_download_is_cached(tmp_path, server, monkeypatch):
+    url, requests = server
+    monkeypatch.setitem(prepare.SOURCES, "tinyshakespeare", dict(url=f"{url}/shakespeare.txt", doc_separator="\n\n"))
+    for _ in range(2):
+        meta, docs = run(tmp_path, "--dataset=tinyshakespeare")
+    assert requests == [("/shakespeare.txt", None)]
+    assert meta["source"]["sha256"] == hashlib.sha256(SHAKESPEARE.encode()).hexdigest()
+    assert len(docs["train"]) + len(docs["val"]) == 80
+    assert os.path.exists(tmp_path / "out" / "downloads" / "tinyshakespeare" / "shakespeare.txt")

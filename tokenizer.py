@@ -1,0 +1,167 @@
+"""
+Text <-> token ids: one Tokenizer class over two backends.
+
+- 'bpe': a BPE with byte fallback that prepare.py trains with sentencepiece on your corpus (tokenizer.model)
+- 'gpt2': OpenAI's GPT-2 BPE through tiktoken, with pad and chat markers added after id 50256
+
+    from tokenizer import Tokenizer
+    tok = Tokenizer.load("data/pystdlib/tokenizer.model")   # or Tokenizer.load("gpt2")
+    ids = tok.encode("def f(x):\n    return x\n")
+    assert tok.decode(ids) == "def f(x):\n    return x\n"
+
+Both backends give back exactly the text they were given, whitespace and all. encode() adds no special tokens
+and never makes one from text: "<|user|>" typed in a document is ordinary characters. decode() writes a
+special id as its marker text ("<|user|>", "<|endoftext|>", ...), so a decoded chat transcript shows its turns.
+"""
+import os
+import re
+
+import sentencepiece as spm
+import tiktoken
+
+from configurator import fail
+
+CHAT_MARKERS = {"user": "<|user|>", "assistant": "<|assistant|>", "end": "<|end|>"}
+BPE_MARKERS = {"bos": "<|bos|>", "eos": "<|endoftext|>", "pad": "<|pad|>"}
+GPT2_PAD = "<|pad|>"
+
+# sentencepiece writes a space as U+2581 ('▁') and decodes every U+2581 back to a space, so a '▁' in the text
+# would come back as ' '. We hide it before sentencepiece sees it: ESCAPE + '_' stands for '▁', and ESCAPE + ESCAPE
+# for a literal ESCAPE. ESCAPE is a private-use character, so real text almost never pays for this. Decoding reads
+# the pairs left to right, so the mapping is exactly reversible.
+SPACE_MARK = "\u2581"
+ESCAPE = "\ue000"
+ESCAPED_PAIR = re.compile(ESCAPE + "(.)", re.DOTALL)
+
+# The tokenizer learns from the documents' first TRAIN_CHARS characters (prepare.py shuffles the documents, so this
+# is a random sample of them). Sampling lines with sentencepiece's input_sentence_size would differ from run to run.
+TRAIN_CHARS = 10_000_000
+
+
+def escape(text):
+    return text.replace(ESCAPE, ESCAPE + ESCAPE).replace(SPACE_MARK, ESCAPE + "_")
+
+
+def unescape(text):
+    if ESCAPE not in text:
+        return text
+    return ESCAPED_PAIR.sub(lambda m: {"_": SPACE_MARK, ESCAPE: ESCAPE}.get(m[1], m[0]), text)
+
+
+def training_lines(texts):
+    """Lines of the first TRAIN_CHARS characters of texts. Sentencepiece trains on lines, so no piece ever holds
+    a '\n': encode() writes each newline as its byte piece."""
+    budget = TRAIN_CHARS
+    for text in texts:
+        yield from escape(text[:budget]).split("\n")
+        budget -= len(text)
+        if budget <= 0:
+            return
+
+
+class Tokenizer:
+    """Build one with Tokenizer.load(...) or Tokenizer.train(...)."""
+
+    def __init__(self, kind, path, backend, special):
+        self.kind = kind                # 'bpe' or 'gpt2'
+        self.path = path                # what Tokenizer.load needs to load it again
+        self.backend = backend          # a SentencePieceProcessor or a tiktoken Encoding
+        self.special = special          # name -> id for bos, eos, pad, user, assistant, end
+        self.bos_id, self.eos_id, self.pad_id = special["bos"], special["eos"], special["pad"]
+        if kind == "gpt2":
+            self.vocab_size = backend.n_vocab
+        else:
+            self.vocab_size = backend.get_piece_size()
+            self.marker_of = {i: backend.id_to_piece(i) for i in special.values()}
+            self.newline_id = backend.piece_to_id("<0x0A>")
+
+    @classmethod
+    def train(cls, texts, vocab_size, path):
+        """Train a BPE of vocab_size ids on an iterable of documents (their first TRAIN_CHARS characters),
+        write it to path and load it."""
+        reserved = 1 + len(BPE_MARKERS) + len(CHAT_MARKERS) + 256  # unk, specials, one piece per byte
+        if vocab_size <= reserved:
+            fail(f"vocab_size={vocab_size} is too small: {reserved} ids go to special tokens and the 256 byte pieces,"
+                 " and the rest to characters and merges (try 4096 or more)")
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        try:
+            with open(path, "wb") as model_writer:
+                spm.SentencePieceTrainer.train(
+                    sentence_iterator=training_lines(texts), model_writer=model_writer,
+                    model_type="bpe", vocab_size=vocab_size, num_threads=os.cpu_count(),
+                    # sentencepiece's defaults normalize Unicode and collapse runs of spaces: text would not come back
+                    normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+                    allow_whitespace_only_pieces=True,  # runs of spaces (indentation) become single pieces
+                    byte_fallback=True,  # characters outside the vocabulary are spelled as UTF-8 bytes, never <unk>
+                    split_digits=True, max_sentence_length=1 << 20,
+                    unk_id=0, bos_id=1, eos_id=2, pad_id=3, bos_piece=BPE_MARKERS["bos"],
+                    eos_piece=BPE_MARKERS["eos"], pad_piece=BPE_MARKERS["pad"],
+                    # control symbols are never matched in text, so typing a marker cannot produce its id
+                    control_symbols=list(CHAT_MARKERS.values()), minloglevel=2)
+        except RuntimeError as e:  # the corpus needs more ids for its characters, or has too little text to merge
+            os.remove(path)
+            fail(f"cannot train a tokenizer with vocab_size={vocab_size}: {str(e).split('] ')[-1].strip()}")
+        return cls.load(path)
+
+    @classmethod
+    def load(cls, name_or_path):
+        """'gpt2', or the path of a tokenizer.model written by Tokenizer.train."""
+        if name_or_path == "gpt2":
+            try:
+                gpt2 = tiktoken.get_encoding("gpt2")  # fetches two files once, then reads them from its cache
+            except (OSError, ValueError, ImportError):  # no connection, a bad download, tiktoken without requests
+                fail("cannot load the gpt2 tokenizer files (offline?): set TIKTOKEN_CACHE_DIR to a folder holding"
+                     " tiktoken's cached gpt2 files, or connect to the internet once")
+            added = [GPT2_PAD, *CHAT_MARKERS.values()]
+            encoding = tiktoken.Encoding(
+                name="gpt2_chat", pat_str=gpt2._pat_str, mergeable_ranks=gpt2._mergeable_ranks,
+                special_tokens={**gpt2._special_tokens, **{marker: gpt2.n_vocab + i for i, marker in enumerate(added)}})
+            eot = gpt2.eot_token  # <|endoftext|> ends every document and also starts one: bos and eos are one id
+            special = {"bos": eot, "eos": eot, "pad": encoding.encode_single_token(GPT2_PAD),
+                       **{name: encoding.encode_single_token(marker) for name, marker in CHAT_MARKERS.items()}}
+            return cls("gpt2", "gpt2", encoding, special)
+        if not os.path.isfile(name_or_path):
+            fail(f"tokenizer {name_or_path} not found (give 'gpt2' or a tokenizer.model written by prepare.py)")
+        try:
+            sp = spm.SentencePieceProcessor(model_file=name_or_path)
+        except (OSError, RuntimeError):
+            fail(f"{name_or_path} is not a sentencepiece model")
+        special = {"bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id(),
+                   **{name: sp.piece_to_id(marker) for name, marker in CHAT_MARKERS.items()}}
+        if min(special.values()) <= sp.unk_id():
+            fail(f"{name_or_path} lacks nanollm's special tokens: train it with prepare.py")
+        return cls("bpe", name_or_path, sp, special)
+
+    def encode(self, text):
+        """Token ids of text, without any special tokens."""
+        if self.kind == "gpt2":
+            return self.backend.encode_ordinary(text)
+        # no piece holds a '\n' (see training_lines), so line by line gives the same ids, several times faster
+        ids = []
+        for line in self.backend.encode(escape(text).split("\n")):
+            ids += line
+            ids.append(self.newline_id)
+        ids.pop()
+        return ids
+
+    def encode_batch(self, texts):
+        """encode() of each text; tiktoken spreads a batch over threads."""
+        if self.kind == "gpt2":
+            return self.backend.encode_ordinary_batch(texts)
+        return [self.encode(text) for text in texts]
+
+    def decode(self, ids):
+        """Text of a sequence of ids (list, numpy array or tensor); special ids become their marker text."""
+        ids = [int(i) for i in ids]
+        if self.kind == "gpt2":
+            return self.backend.decode(ids)
+        # sentencepiece decodes control symbols to '' and escaped text must be unescaped: decode between markers
+        parts, run = [], []
+        for i in ids:
+            if i in self.marker_of:
+                parts += [unescape(self.backend.decode(run)), self.marker_of[i]]
+                run = []
+            else:
+                run.append(i)
+        parts.append(unescape(self.backend.decode(run)))
+        return "".join(parts)
