@@ -22,7 +22,7 @@ from dataclasses import asdict
 
 import torch
 
-from configurator import autocast, fail, parse_config, pick_device, pick_dtype, print0
+from configurator import autocast, fail, nominal_peak_flops, parse_config, pick_device, pick_dtype, print0
 from model import GPT, GPTConfig, config_fields
 from optim import configure_optimizers
 
@@ -42,34 +42,14 @@ decode_tokens = 256           # new tokens per prompt
 reference = ""                # '' or a reference model of the same shape: 'hf_llama' (needs transformers)
 peak_flops = 0.0              # nominal per-device peak for the second MFU; 0 = a known datasheet figure for the GPU
 json_out = "out/bench/bench.json"  # every figure, the resolved config, device and torch version
-seed = 1337
+seed = 1337                   # model init, random tokens and prompts
 # -----------------------------------------------------------------------------
 defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 defaults.update(config_fields())
 config = parse_config(defaults, sys.argv[1:], other_stage_keys_in_files=True)
 globals().update(config)
 # -----------------------------------------------------------------------------
-
-
-def hf_llama(cfg):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    if cfg.qk_norm or cfg.dropout:
-        fail("hf_llama has no qk_norm and no residual dropout: set --qk_norm=False --dropout=0.0")
-    hf = LlamaConfig(hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden, num_hidden_layers=cfg.n_layer,
-                     num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, vocab_size=cfg.vocab_size,
-                     max_position_embeddings=cfg.block_size, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps,
-                     tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False,
-                     attn_implementation="sdpa", use_cache=False)  # no KV cache to build while training
-    # HF shifts the labels inside, so labels = the inputs is the same work as our shifted targets
-    return LlamaForCausalLM(hf), lambda model, x: model(input_ids=x, labels=x).loss
-
-
-# a reference: name -> builder(GPTConfig) returning (model, loss_of(model, tokens)); all need transformers
-references = {"hf_llama": hf_llama}
-if reference and reference not in references:
-    fail(f"unknown reference '{reference}' (choose {', '.join(references)})")
-if reference and importlib.util.find_spec("transformers") is None:
-    fail(f"--reference={reference} needs transformers: pip install transformers")
+# device, precision, model shape, reference
 
 device = pick_device(device)
 device_type = device.split(":")[0]
@@ -83,6 +63,30 @@ device_name = torch.cuda.get_device_name(device) if cuda else device_type
 model_config = GPTConfig(**{k: config[k] for k in config_fields()})
 T = model_config.block_size
 torch.manual_seed(seed)
+
+
+def hf_llama(cfg):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    if cfg.qk_norm or cfg.dropout:
+        fail("hf_llama has no qk_norm and no residual dropout: set --qk_norm=False --dropout=0.0")
+    hf = LlamaConfig(hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden, num_hidden_layers=cfg.n_layer,
+                     num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, vocab_size=cfg.vocab_size,
+                     max_position_embeddings=cfg.block_size, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps,
+                     tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False,
+                     attn_implementation="sdpa", use_cache=False)  # no KV cache to build while training
+    # HF shifts the labels inside, so labels = the inputs is the same work as our shifted targets
+    return lambda: LlamaForCausalLM(hf), lambda model, x: model(input_ids=x, labels=x).loss
+
+
+# a reference: name -> function(GPTConfig) returning (build(), loss_of(model, tokens)); all need transformers.
+# It is called before anything is timed, so that a shape it cannot match stops the run at once.
+references = {"hf_llama": hf_llama}
+if reference:
+    if reference not in references:
+        fail(f"unknown reference '{reference}' (choose {', '.join(references)})")
+    if importlib.util.find_spec("transformers") is None:
+        fail(f"--reference={reference} needs transformers: pip install transformers")
+    build_reference, reference_loss = references[reference](model_config)
 
 
 def timed(fn, n):
@@ -173,8 +177,7 @@ if cuda:  # what this GPU's bf16 tensor cores sustain: the honest denominator fo
     ceiling = 2 * n**3 / median_time(lambda: a @ b, matmuls)
     del a, b
     free_memory()
-if peak_flops == 0 and cuda:  # dense bf16 tensor-core peaks from the data sheets (as train.py)
-    peak_flops = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12}.items() if k in device_name), 0.0)
+peak_flops = peak_flops or nominal_peak_flops(device)
 
 model = GPT(model_config)
 flops_per_token = model.flops_per_token(T)  # the reference has the same shape, so the same FLOPs
@@ -183,7 +186,7 @@ rows = {"ours": measure("ours", model, lambda model, x: model(x, x)[1], decode)}
 del model
 free_memory()
 if reference:
-    rows[reference] = measure(reference, *references[reference](model_config), with_decode=False)
+    rows[reference] = measure(reference, build_reference(), reference_loss, with_decode=False)
     free_memory()
 if ceiling:
     rows["ceiling"] = {"tflops": ceiling / 1e12}

@@ -109,6 +109,14 @@ def pick_dtype(device, dtype="auto"):
     return "float32"
 
 
+def nominal_peak_flops(device):
+    """Dense bf16 tensor-core peak from the data sheets, for MFU; 0 where unknown (CPUs, other GPUs)."""
+    if not device.startswith("cuda"):
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((flops for gpu, flops in {"H100": 989e12, "H200": 989e12, "A100": 312e12}.items() if gpu in name), 0.0)
+
+
 def autocast(device, dtype):
     """The autocast context for a device and dtype name; a no-op in fp32."""
     if dtype == "float32":

@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import autocast, fail, load_checkpoint, parse_config, pick_device, pick_dtype, print0, save_checkpoint
+from configurator import (autocast, fail, load_checkpoint, nominal_peak_flops, parse_config, pick_device, pick_dtype,
+                          print0, save_checkpoint)
 from model import GPT, GPTConfig, config_fields
 from optim import configure_optimizers
 from tokenizer import Tokenizer
@@ -213,9 +214,7 @@ if compile:
 if ddp:
     model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None)
 flops_per_token = raw_model.flops_per_token(T)
-if peak_flops == 0 and device_type == "cuda":  # dense bf16 tensor-core peaks from the data sheets
-    name = torch.cuda.get_device_name()
-    peak_flops = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12}.items() if k in name), 0.0)
+peak_flops = peak_flops or nominal_peak_flops(device)
 
 
 def get_lr(step):

@@ -40,15 +40,14 @@ def run(tmp_path, *args):
     prepare.main([f"--out_root={tmp_path / 'out'}", "--name=t", "--vocab_size=300", "--num_workers=2", *args])
     out = tmp_path / "out" / "t"
     meta = json.loads((out / "meta.json").read_text())
-    tokenizer = Tokenizer.load("gpt2" if meta["tokenizer"] == "gpt2" else str(out / meta["tokenizer_path"]))
+    tokenizer = Tokenizer.load(str(out / meta["tokenizer_path"]))
     docs = {}
     for split, info in meta["splits"].items():
         tokens = np.concatenate([np.fromfile(out / shard, dtype=meta["dtype"]) for shard in info["shards"]])
         assert len(tokens) == info["tokens"]
         assert tokens[-1] == meta["eos_id"] and (tokens == meta["eos_id"]).sum() == info["documents"]
         ends = np.flatnonzero(tokens == meta["eos_id"])
-        docs[split] = [tokenizer.decode(doc) for doc in np.split(tokens, ends[:-1] + 1)]
-        docs[split] = [doc.removesuffix("<|endoftext|>") for doc in docs[split]]
+        docs[split] = [tokenizer.decode(doc[:-1]) for doc in np.split(tokens, ends[:-1] + 1)]
         assert info["bytes"] == sum(len(doc.encode("utf-8")) for doc in docs[split])
     return meta, docs
 
