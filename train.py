@@ -298,10 +298,10 @@ def plot_log():
         rows = [json.loads(line) for line in f]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, x_key in zip(axes, ("step", "tokens")):
-        for key in ("train_loss", "val_loss"):
+        for key, label in (("loss", "train (each logged step)"), ("val_loss", "val")):
             points = [(r[x_key], r[key]) for r in rows if key in r]
             if points:
-                ax.plot(*zip(*points), label=key.replace("_", " "))
+                ax.plot(*zip(*points), label=label, marker="o" if key == "val_loss" else None)
         ax.set_xlabel(x_key)
         ax.set_ylabel("loss (nats/token)")
         ax.legend()
