@@ -335,9 +335,11 @@ if master:
     os.makedirs(out_dir, exist_ok=True)
     if meta["tokenizer"] != "gpt2":  # sample.py finds the tokenizer beside the checkpoint
         shutil.copy(os.path.join(data_dir, meta["tokenizer_path"]), os.path.join(out_dir, "tokenizer.model"))
-    if iter_num > 0 and os.path.exists(log_path):  # a resumed run forgets what the interrupted one logged after its checkpoint
+    if iter_num > 0 and os.path.exists(log_path):
+        # a resumed run forgets what the interrupted one logged after its checkpoint (and re-evaluates its step)
         with open(log_path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= iter_num]
+            rows = [json.loads(line) for line in f]
+        kept = [json.dumps(r) + "\n" for r in rows if r["step"] < iter_num or (r["step"] == iter_num and "loss" in r)]
         with open(log_path, "w") as f:
             f.writelines(kept)
     elif os.path.exists(log_path):
