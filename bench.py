@@ -24,11 +24,14 @@ import torch
 
 from configurator import autocast, fail, nominal_peak_flops, parse_config, pick_device, pick_dtype, print0
 from model import GPT, GPTConfig, config_fields
-from optim import configure_optimizers
+from optim import QKClip, configure_optimizers
 
 # -----------------------------------------------------------------------------
 # defaults
-batch_size = 16               # sequences of block_size random tokens per training step
+batch_size = 16               # sequences of block_size random tokens per micro-step
+gradient_accumulation_steps = 1  # micro-steps per optimizer step (as in train.py, on one process)
+optimizer = "adamw"           # 'adamw', 'muon' or 'muonclip' (QK-Clip's logit pass included), as in train.py
+learning_rate = 6e-4          # only passed to configure_optimizers (Muon's rule may derive its lr from it)
 device = "auto"               # 'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"                # 'auto' (bf16 on GPUs that have it, else fp16; fp32 on CPU), or a torch dtype name
 compile = False               # torch.compile the model (and the reference)
@@ -39,7 +42,8 @@ decode = True                 # also time decoding with model.generate
 decode_batch = 1              # prompts decoded together
 prompt_len = 16               # tokens per random prompt
 decode_tokens = 256           # new tokens per prompt
-reference = ""                # '' or a reference model of the same shape: 'hf_llama' (needs transformers)
+reference = ""                # '' or a reference model of the same shape: 'hf_llama', 'hf_qwen3_moe' (needs transformers)
+reference_compile = True      # with compile=True, compile the reference too (False: time it eager)
 peak_flops = 0.0              # nominal per-device peak for the second MFU; 0 = a known datasheet figure for the GPU
 json_out = "out/bench/bench.json"  # every figure, the resolved config, device and torch version
 seed = 1337                   # model init, random tokens and prompts
@@ -78,9 +82,24 @@ def hf_llama(cfg):
     return lambda: LlamaForCausalLM(hf), lambda model, x: model(input_ids=x, labels=x).loss
 
 
+def hf_qwen3_moe(cfg):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    if not cfg.n_experts or cfg.n_shared_experts or cfg.moe_every != 1 or cfg.moe_first_dense or cfg.attention != "mha":
+        fail("hf_qwen3_moe is MHA/GQA attention with routed experts on every layer: set --n_experts, "
+             "--n_shared_experts=0, --moe_every=1, --moe_first_dense=0")
+    hf = Qwen3MoeConfig(hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden, moe_intermediate_size=cfg.moe_hidden,
+                        num_experts=cfg.n_experts, num_experts_per_tok=cfg.moe_topk, norm_topk_prob=cfg.router_renorm,
+                        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+                        head_dim=cfg.head_dim, vocab_size=cfg.vocab_size, max_position_embeddings=cfg.block_size,
+                        rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
+                        decoder_sparse_step=1, mlp_only_layers=[], output_router_logits=False,
+                        attn_implementation="sdpa", use_cache=False)  # Qwen3 always has QK-norm: compare with --qk_norm
+    return lambda: Qwen3MoeForCausalLM(hf), lambda model, x: model(input_ids=x, labels=x).loss
+
+
 # a reference: name -> function(GPTConfig) returning (build(), loss_of(model, tokens)); all need transformers.
 # It is called before anything is timed, so that a shape it cannot match stops the run at once.
-references = {"hf_llama": hf_llama}
+references = {"hf_llama": hf_llama, "hf_qwen3_moe": hf_qwen3_moe}
 if reference:
     if reference not in references:
         fail(f"unknown reference '{reference}' (choose {', '.join(references)})")
@@ -115,28 +134,42 @@ def median_time(fn, n):
 def measure(name, model, loss_of, with_decode):
     """One row of the table: train the model on random tokens, then (with_decode) decode with it."""
     model.to(device)
-    optim = configure_optimizers(model, device_type=device_type)
+    optim = configure_optimizers(model, "adamw" if name != "ours" else optimizer.replace("muonclip", "muon"),
+                                 learning_rate, device_type=device_type)
+    qk_clip = QKClip(model, tau=100.0) if optimizer == "muonclip" and name == "ours" else None
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # fp16 needs loss scaling, as in train.py
-    train_model = torch.compile(model) if compile else model
+    train_model = torch.compile(model) if compile and (name == "ours" or reference_compile) else model
     x = torch.randint(model_config.vocab_size, (batch_size, T), device=device)
 
     def step():
-        with amp:
-            loss = loss_of(train_model, x)
-        scaler.scale(loss).backward()
+        if qk_clip:
+            qk_clip.track(True)
+        for _ in range(gradient_accumulation_steps):
+            with amp:
+                if qk_clip:  # QK-Clip reads each head's largest logit from the forward's aux
+                    _, loss, aux = train_model(x, x)
+                    qk_clip.observe(aux)
+                else:
+                    loss = loss_of(train_model, x)
+            scaler.scale(loss / gradient_accumulation_steps).backward()
+        if qk_clip:
+            qk_clip.track(False)
         scaler.unscale_(optim)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         scaler.step(optim)
         scaler.update()
         optim.zero_grad(set_to_none=True)
+        if qk_clip:
+            qk_clip.clip()
 
     print0(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {warmup} warm-up steps"
            + (" (compiling)" if compile else ""))
     timed(step, warmup)
-    print0(f"{name}: timing {repeats} x {steps} training steps of {batch_size} x {T} tokens")
+    tokens = batch_size * T * gradient_accumulation_steps
+    print0(f"{name}: timing {repeats} x {steps} training steps of {gradient_accumulation_steps} x {batch_size} x {T} tokens")
     seconds = median_time(step, steps)
-    row = {"tokens_per_s": batch_size * T / seconds, "ms_per_step": 1000 * seconds,
-           "tflops": flops_per_token * batch_size * T / seconds / 1e12,
+    row = {"tokens_per_s": tokens / seconds, "ms_per_step": 1000 * seconds,
+           "tflops": flops_per_token * tokens / seconds / 1e12,
            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
            "decode_tokens_per_s": None}
     print0(f"{name}: {row['tokens_per_s']:,.0f} tokens/s, {row['ms_per_step']:.1f} ms/step")
@@ -181,6 +214,7 @@ peak_flops = peak_flops or nominal_peak_flops(device)
 
 model = GPT(model_config)
 flops_per_token = model.flops_per_token(T)  # the reference has the same shape, so the same FLOPs
+kv_cache_bytes = model.kv_cache_bytes_per_token(getattr(torch, dtype).itemsize)  # what decoding keeps per token
 # targets = inputs: random tokens either way, the same work as shifted targets
 rows = {"ours": measure("ours", model, lambda model, x: model(x, x)[1], decode)}
 del model
@@ -210,11 +244,13 @@ for name, row in rows.items():
 ratio = rows["ours"]["tokens_per_s"] / rows[reference]["tokens_per_s"] if reference else None
 if reference:
     print0(f"ours / {reference}: {ratio:.3f}x training tokens/s")
+print0(f"KV cache: {kv_cache_bytes:,} bytes per token in {dtype}, all {model_config.n_layer} layers together")
 os.makedirs(os.path.dirname(json_out) or ".", exist_ok=True)
 with open(json_out, "w") as f:
     json.dump({"device_name": device_name, "torch_version": torch.__version__,
                "config": {**config, "device": device, "dtype": dtype, "warmup": warmup},
                "model_config": asdict(model_config), "flops_per_token": flops_per_token,
+               "kv_cache_bytes_per_token": kv_cache_bytes,
                "ceiling_flops": ceiling, "nominal_peak_flops": peak_flops or None, "rows": rows,
                "ratio_ours_to_reference": ratio}, f, indent=2)
 print0(f"wrote {json_out}")

@@ -2,17 +2,208 @@
 Optimizers shared by train.py and grpo.py.
 
 configure_optimizers builds the parameter groups once, so that every stage trains the same way:
-AdamW (Loshchilov & Hutter 2019) with weight decay on matrices (every >= 2-D weight: linear layers and
-embeddings) and none on vectors (norm gains), fused into one kernel on CUDA.
+- 'adamw': AdamW (Loshchilov & Hutter 2019) on everything, with weight decay on matrices (every >= 2-D weight:
+  linear layers and embeddings) and none on vectors (norm gains), fused into one kernel on CUDA.
+- 'muon': Muon (Keller Jordan, "Muon: An optimizer for hidden layers in neural networks", 2024) on the hidden
+  matrices, AdamW as above on the rest: embeddings, output head, routers, norms and every other vector.
+- 'muonclip': Muon plus QK-Clip (Kimi K2, arXiv 2507.20534 §2.1), which the stage applies after each optimizer
+  step through QKClip below, because it needs the attention logits of the step's forward passes.
+
+Every parameter group may carry 'lr_ratio', its peak learning rate over the stage's `learning_rate`: the stage's
+schedule sets group['lr'] = lr * group.get('lr_ratio', 1), so that Muon and AdamW warm up and decay together.
 """
+import math
+
 import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+# -----------------------------------------------------------------------------
+# Muon
+
+def orthogonalize(G, steps=5):
+    """
+    U V^T of G = U S V^T, approximately, by the Newton-Schulz quintic iteration of Keller Jordan's Muon: its
+    coefficients (3.4445, -4.7750, 2.0315) trade exactness for speed, leaving singular values between about 0.7
+    and 1.2 instead of exactly 1, which training does not notice. In bf16; batched over leading dimensions.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.bfloat16()
+    tall = G.size(-2) > G.size(-1)
+    if tall:  # iterate on the wide orientation, so that X X^T is the smaller Gram matrix
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm = 1: inside the basin
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if tall else X
+
+
+# An A x B matrix whose singular values are all 1 has RMS 1/sqrt(max(A, B)); each rule rescales that.
+MUON_LR_SCALES = {
+    # Moonlight (arXiv 2502.16982 §2): RMS 0.2, AdamW's typical update RMS, so AdamW's lr and weight decay carry over
+    "moonshot": lambda rows, cols: 0.2 * math.sqrt(max(rows, cols)),
+    # modded-nanogpt: RMS 1/sqrt(cols) = 1/sqrt(fan_in) for tall and wide alike, with Muon's own lr of about 0.02
+    "shape": lambda rows, cols: math.sqrt(max(1.0, rows / cols)),
+}
+
+
+class Muon(torch.optim.Optimizer):
+    """
+    MomentUm Orthogonalized by Newton-Schulz (Keller Jordan 2024) for weight matrices (out, in), or stacks of them
+    (experts, out, in): Nesterov momentum, then each matrix's update replaced by its nearest semi-orthogonal matrix,
+    scaled by the lr_scale rule, with decoupled weight decay p <- p (1 - lr wd).
+
+    A fused matrix says how its rows split into logical matrices with a `logical_rows` attribute (q | k | v,
+    gate | up); each part is orthogonalized and scaled on its own, while the momentum covers the whole parameter.
+
+    Under torch.distributed (DDP has already averaged the gradients), every rank keeps every momentum buffer,
+    which is cheap and makes rank 0's state_dict complete for any world size; the Newton-Schulz work is shared
+    out: of the matrices of each shape, rank r updates numbers r, r + world, ..., and all_gather hands the
+    updated matrices to every rank (the scheme of modded-nanogpt), in the background of the next shape's work.
+    """
+
+    def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0, lr_scale="shape"):
+        if lr_scale not in MUON_LR_SCALES:
+            raise ValueError(f"unknown muon_lr_scale '{lr_scale}' (choose {', '.join(MUON_LR_SCALES)})")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, lr_scale=lr_scale))
+
+    @torch.no_grad()
+    def step(self):
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        gathers = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]  # the same on every rank under DDP
+            for p in params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                state["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"])  # M <- beta M + (1 - beta) G
+            layouts = {}  # matrices of one shape and split are orthogonalized in one batch: fewer, larger kernels
+            for p in params:
+                layouts.setdefault((p.shape, getattr(p, "logical_rows", None)), []).append(p)
+            for same in layouts.values():
+                if same[rank::world]:
+                    self.update(same[rank::world], group)
+                if world > 1:  # world matrices at a time, each goes from the rank that updated it to all
+                    for base in range(0, len(same), world):
+                        chunk = same[base:base + world]
+                        chunk += [torch.empty_like(chunk[0]) for _ in range(world - len(chunk))]  # every rank sends
+                        gathers.append(dist.all_gather(chunk, chunk[rank], async_op=True))
+        for gather in gathers:
+            gather.wait()
+
+    def update(self, params, group):
+        """The step of matrices of one shape and split, from their gradients and updated momentum buffers."""
+        g = torch.stack([p.grad.lerp(self.state[p]["momentum_buffer"], group["momentum"]) for p in params])  # Nesterov
+        scale = MUON_LR_SCALES[group["lr_scale"]]
+        parts = g.split(getattr(params[0], "logical_rows", g.size(-2)), dim=-2)
+        update = torch.cat([orthogonalize(part) * scale(*part.shape[-2:]) for part in parts], dim=-2)
+        for p, u in zip(params, update):
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(u.type_as(p), alpha=-group["lr"])
+
+
+class MuonWithAdamW:
+    """Muon for the hidden matrices and AdamW for the rest, behind the interface of a single torch optimizer."""
+
+    def __init__(self, muon, adamw):
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self):  # read afresh: load_state_dict replaces the group dicts
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self):
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none=True):
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self):
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state_dict):
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adamw.load_state_dict(state_dict["adamw"])
+
+
+# -----------------------------------------------------------------------------
+# QK-Clip
+
+class QKClip:
+    """
+    The clip of MuonClip (Kimi K2, arXiv 2507.20534 §2.1): Muon lets attention logits grow until training
+    spikes, so after each optimizer step every head whose largest pre-softmax logit exceeded tau has its query
+    and key weights scaled down until that logit is tau. The rescaling does not touch the step's own update.
+
+    Works on every module with a `qk_clip(max_logits, tau)` method and a `track_max_logits` switch (see
+    CausalSelfAttention in model.py): while the switch is on, the module's forward appends its per-head maximum
+    logit, a (n_head,) tensor, to aux["max_logits"], in forward order. Per step:
+
+        qk_clip.track(True)
+        for each micro-step: _, loss, aux = model(x, y); qk_clip.observe(aux); ...
+        qk_clip.track(False); optimizer.step(); max_logit_per_layer = qk_clip.clip()
+    """
+
+    def __init__(self, model, tau):
+        self.layers = [m for m in model.modules() if hasattr(m, "qk_clip")]
+        self.tau = tau
+        self.max_logits = None  # (layers, n_head): the maximum over the observed forward passes
+
+    def track(self, on):
+        for layer in self.layers:
+            layer.track_max_logits = on
+
+    def observe(self, aux):
+        max_logits = torch.stack(aux["max_logits"])
+        assert len(max_logits) == len(self.layers), "one maximum per attention layer and forward pass"
+        self.max_logits = max_logits if self.max_logits is None else torch.maximum(self.max_logits, max_logits)
+
+    def clip(self):
+        """Clip the heads above tau; returns each layer's largest logit over the observed passes (floats)."""
+        if dist.is_initialized():  # the largest logit over every rank's data: all replicas must clip alike
+            dist.all_reduce(self.max_logits, op=dist.ReduceOp.MAX)
+        for layer, max_logits in zip(self.layers, self.max_logits):
+            layer.qk_clip(max_logits, self.tau)
+        per_layer, self.max_logits = self.max_logits.amax(dim=1).tolist(), None
+        return per_layer
+
+
+# -----------------------------------------------------------------------------
+# one optimizer for a stage
+
+OPTIMIZERS = ("adamw", "muon", "muonclip")
+ADAMW_MATRICES = ("router",)  # >= 2-D weights that stay with AdamW when their name holds one of these: tiny, skinny maps
 
 
 def configure_optimizers(model, optimizer="adamw", learning_rate=6e-4, weight_decay=0.1, betas=(0.9, 0.95),
-                         device_type="cpu"):
-    if optimizer != "adamw":
-        raise ValueError(f"unknown optimizer '{optimizer}' (choose adamw)")
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+                         device_type="cpu", muon_lr=0.0, muon_momentum=0.95, muon_lr_scale="moonshot"):
+    """
+    One optimizer object for a stage, used like any torch optimizer (step, zero_grad, param_groups, state_dict).
+    muon_lr is Muon's peak learning rate; 0 picks the one its muon_lr_scale rule is calibrated for: learning_rate
+    itself under 'moonshot' (the update's RMS matches AdamW's), 0.02 under 'shape' (modded-nanogpt's Muon lr).
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer '{optimizer}' (choose {', '.join(OPTIMIZERS)})")
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    # Muon is for the hidden matrices. An embedding is a lookup table whose rows train only when their token
+    # shows up, and the output head (tied or not) a classifier over the vocabulary: both stay with AdamW, as in
+    # the Muon reference.
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} | {id(model.lm_head.weight)}
+    matrices = [p for name, p in named if optimizer != "adamw" and p.dim() >= 2 and id(p) not in lookups
+                and not any(word in name for word in ADAMW_MATRICES)]
+    in_muon = {id(p) for p in matrices}
+    rest = [p for _, p in named if id(p) not in in_muon]
+    adamw = torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+                               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
+                              lr=learning_rate, betas=betas, fused=device_type == "cuda")
+    if optimizer == "adamw":
+        return adamw
+    muon_lr = muon_lr or (learning_rate if muon_lr_scale == "moonshot" else 0.02)
+    muon = Muon(matrices, lr=muon_lr, momentum=muon_momentum, weight_decay=weight_decay, lr_scale=muon_lr_scale)
+    muon.param_groups[0]["lr_ratio"] = muon_lr / learning_rate
+    return MuonWithAdamW(muon, adamw)

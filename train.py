@@ -25,8 +25,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import (autocast, fail, load_checkpoint, nominal_peak_flops, parse_config, pick_device, pick_dtype,
                           print0, save_checkpoint)
-from model import GPT, GPTConfig, config_fields
-from optim import configure_optimizers
+from model import GPT, GPTConfig, aux_metrics, config_fields
+from optim import QKClip, configure_optimizers
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -50,12 +50,17 @@ sampler = "random"            # 'random': windows at random offsets (nanoGPT); '
 epochs = 0.0                  # > 0 sets max_iters to this many passes over the training windows
 gradient_accumulation_steps = 1  # micro-steps per optimizer step, summed over all processes
 # optimizer
-optimizer = "adamw"
-learning_rate = 6e-4
+optimizer = "adamw"           # 'adamw'; 'muon': Muon on the hidden matrices, AdamW on the rest; 'muonclip': muon + QK-Clip
+learning_rate = 6e-4          # peak lr of AdamW, and of Muon too under muon_lr_scale='moonshot'
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0               # clip the global gradient norm to this (0 = off)
+muon_lr = 0.0                 # Muon's peak lr; 0 = learning_rate under 'moonshot', 0.02 under 'shape'
+muon_momentum = 0.95          # Muon's Nesterov momentum
+muon_lr_scale = "moonshot"    # Muon's update scale: 'moonshot' (AdamW's update RMS, Moonlight) or 'shape' (modded-nanogpt)
+qk_clip_tau = 100.0           # muonclip: a head whose largest attention logit exceeds this is scaled back to it
+qk_clip_interval = 1          # muonclip: measure the logits and clip every this many steps
 # schedule
 max_iters = 5000              # optimizer steps
 lr_schedule = "cosine"        # 'cosine', or 'wsd' (warmup-stable-decay: constant, then a linear decay)
@@ -198,9 +203,20 @@ iter_num = 0
 if checkpoint:
     model.load_state_dict(checkpoint["model"])
     iter_num = checkpoint["step"]
-optim = configure_optimizers(model, optimizer, learning_rate, weight_decay, (beta1, beta2), device_type)
+try:
+    optim = configure_optimizers(model, optimizer, learning_rate, weight_decay, (beta1, beta2), device_type,
+                                 muon_lr, muon_momentum, muon_lr_scale)
+except ValueError as e:
+    fail(str(e))
+if optimizer == "muonclip" and model.config.qk_norm:
+    fail("optimizer='muonclip' scales q and k weights, which qk_norm normalizes away (QK-norm bounds the logits "
+         "itself): use optimizer='muon'")
+qk_clip = QKClip(model, qk_clip_tau) if optimizer == "muonclip" else None
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
 if checkpoint and not eval_only:
+    if (checkpoint["config"]["optimizer"] == "adamw") != (optimizer == "adamw"):
+        fail(f"checkpoint {checkpoint_path} holds the state of optimizer='{checkpoint['config']['optimizer']}', "
+             f"which optimizer='{optimizer}' cannot continue")
     optim.load_state_dict(checkpoint["optimizer"])
     scaler.load_state_dict(checkpoint["scaler"])
     rng = checkpoint["rng"][rank] if len(checkpoint["rng"]) == world_size else None
@@ -212,7 +228,10 @@ raw_model = model
 if compile:
     model = torch.compile(model)
 if ddp:
-    model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None)
+    # broadcast_buffers=False: MoE routers count their experts' load in buffers, per process, until
+    # update_router_biases sums them over processes; rank 0's counts must not overwrite the others'
+    model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None,
+                broadcast_buffers=False)
 flops_per_token = raw_model.flops_per_token(T)
 peak_flops = peak_flops or nominal_peak_flops(device)
 
@@ -386,25 +405,33 @@ def evaluate_and_save():
 # -----------------------------------------------------------------------------
 # training loop
 
-print0(f"{raw_model.num_params() / 1e6:.2f}M parameters ({raw_model.num_params(embedding=False) / 1e6:.2f}M non-embedding), "
+n_active = raw_model.num_params(active=True)  # MoE: the parameters one token goes through
+active = f", {n_active / 1e6:.2f}M active per token" if n_active < raw_model.num_params() else ""
+print0(f"{raw_model.num_params() / 1e6:.2f}M parameters ({raw_model.num_params(embedding=False) / 1e6:.2f}M non-embedding{active}), "
        f"{n_windows} training windows of {T} tokens, {tokens_per_step} tokens per step, {max_iters} steps, "
        f"{world_size} process(es) on {device} in {dtype}")
 x, y = get_batch(iter_num, 0)
 t0, t_last, steps_since_log = time.time(), time.time(), 0
+max_logit = None  # muonclip: each layer's largest attention logit at the last measured step
 try:
     while True:
         lr = get_lr(iter_num)
-        for group in optim.param_groups:
-            group["lr"] = lr
+        for group in optim.param_groups:  # Muon's peak lr may differ from AdamW's: lr_ratio keeps their ratio
+            group["lr"] = lr * group.get("lr_ratio", 1.0)
         if iter_num % eval_interval == 0 or iter_num == max_iters:
             evaluate_and_save()
         if iter_num >= max_iters:
             break
+        clip_step = qk_clip is not None and iter_num % qk_clip_interval == 0
+        if clip_step:  # QK-Clip measures the logits of this step's own forward passes
+            qk_clip.track(True)
         for micro in range(gradient_accumulation_steps):
             if ddp:  # all-reduce gradients only once, after the last micro-step
                 model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
             with amp:
-                _, loss, _ = model(x, y)
+                _, loss, aux = model(x, y)
+            if clip_step:
+                qk_clip.observe(aux)
             loss = loss / gradient_accumulation_steps
             # fetch the next batch while the GPU works on this one
             x, y = get_batch(*((iter_num, micro + 1) if micro + 1 < gradient_accumulation_steps else (iter_num + 1, 0)))
@@ -415,6 +442,10 @@ try:
         scaler.step(optim)
         scaler.update()
         optim.zero_grad(set_to_none=True)
+        raw_model.update_router_biases()  # MoE aux-loss-free balancing, from this step's loads (else nothing)
+        if clip_step:
+            qk_clip.track(False)
+            max_logit = qk_clip.clip()
         iter_num += 1
         steps_since_log += 1
         if iter_num % log_interval == 0 or iter_num == max_iters:
@@ -425,10 +456,15 @@ try:
             dt = time.time() - t_last
             tokens_per_s = steps_since_log * tokens_per_step / dt
             mfu = flops_per_token * tokens_per_s / world_size / peak_flops if peak_flops else 0.0
+            metrics, summary = aux_metrics(aux)  # the last micro-batch's router metrics and losses, MTP losses
             print0(f"step {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, {dt / steps_since_log * 1000:.0f} ms/step, "
-                   f"{tokens_per_s:,.0f} tokens/s" + (f", MFU {mfu:.1%}" if mfu else ""))
+                   f"{tokens_per_s:,.0f} tokens/s" + (f", MFU {mfu:.1%}" if mfu else "")
+                   + (f", max logit {max(max_logit):.1f}" if max_logit else ""))
             log({"step": iter_num, "tokens": iter_num * tokens_per_step, "loss": train_loss, "lr": lr,
-                 "tokens_per_s": tokens_per_s, "mfu": mfu})
+                 "tokens_per_s": tokens_per_s, "mfu": mfu, **({"max_logit": max_logit} if max_logit else {}),
+                 **metrics})
+            if summary:
+                print0(f"    {summary}")
             t_last, steps_since_log = time.time(), 0
 except torch.OutOfMemoryError:
     fail(f"out of memory at step {iter_num}: lower batch_size and raise gradient_accumulation_steps to keep the tokens per step")

@@ -15,9 +15,15 @@ block_size = 1024
 sampler = "epoch"
 epochs = 1.0
 batch_size = 32                # 32 x 1024 = 32,768 tokens per step, about 410 steps
-learning_rate = 2e-3
+learning_rate = 1e-3              # the best of 5e-4, 1e-3, 2e-3, 4e-3 for AdamW (README)
 warmup_iters = 40
 min_lr_frac = 0.0
 weight_decay = 0.1
 eval_interval = 100
 eval_iters = 20
+
+# --optimizer=muon or muonclip: Muon's peak lr in Moonlight's units (muon_lr_scale='moonshot': an update RMS of
+# 0.2 x lr, as AdamW's). The Muon reference's 0.02-0.05 under modded-nanogpt's scale comes to 0.02-0.05 / (0.2 x
+# sqrt(512)) = 4.4e-3 to 1.1e-2 on these 512-wide matrices; on config/quickstart.py 3x AdamW's lr beat 1x (CPU).
+# With --muon_lr_scale=shape, set --muon_lr too (e.g. 0.02).
+muon_lr = 6e-3

@@ -21,6 +21,24 @@ def tiny_model():
     return build
 
 
+# Tiny configs of the variant families, each with its own tests in tests/test_<family>.py; test_model.py also runs
+# every one through the generic checks (causality, decoding equals the full forward, gradients, learning).
+FAMILY_VARIANTS = {
+    # DeepSeek family (test_deepseek.py): MLA, MoE, MTP, and DeepSeek-V3 and Llama 4 in miniature
+    "mla": dict(attention="mla", kv_lora_rank=16, qk_rope_head_dim=4),
+    "mla_low_rank_q": dict(attention="mla", q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=6, qk_rope_head_dim=2,
+                           v_head_dim=4),
+    "moe": dict(n_experts=4, moe_topk=2, moe_hidden=32, aux_loss_coef=0.01, router_z_loss_coef=1e-3),
+    "moe_sigmoid": dict(n_experts=4, moe_topk=2, moe_hidden=32, n_shared_experts=1, router_scoring="sigmoid",
+                        routed_scaling=2.5, seq_aux_loss_coef=1e-4, bias_update_rate=1e-3),
+    "mtp": dict(mtp_depth=2, mtp_blocks=2),
+    "deepseek": dict(attention="mla", q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, n_experts=4, moe_topk=2,
+                     moe_hidden=16, n_shared_experts=1, moe_first_dense=1, router_scoring="sigmoid",
+                     bias_update_rate=1e-3, seq_aux_loss_coef=1e-4, mtp_depth=1),
+    "llama4": dict(n_kv_head=2, n_experts=4, moe_topk=1, moe_hidden=32, n_shared_experts=1, moe_every=2,
+                   router_scoring="sigmoid", router_renorm=False),
+}
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -29,6 +29,7 @@ def test_bench_reads_a_train_config_and_writes_table_and_json(tmp_path):
     assert result["device_name"] == "cpu" and result["torch_version"]
     ours = result["rows"]["ours"]
     assert ours["tokens_per_s"] > 0 and ours["ms_per_step"] > 0 and ours["decode_tokens_per_s"] > 0
+    assert result["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 16 * 4  # layers x (k, v) x heads x head_dim x fp32
     assert "tokens/s" in run.stdout and "decode tok/s" in run.stdout
     assert any(line.startswith("ours ") for line in run.stdout.splitlines())
 

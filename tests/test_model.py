@@ -5,10 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import FAMILY_VARIANTS
 from model import sample_next
 
 ATTENTION = {"mha": dict(n_kv_head=4), "gqa": dict(n_kv_head=2), "mqa": dict(n_kv_head=1),
              "qk_norm": dict(n_kv_head=2, qk_norm=True), "untied": dict(tie_embeddings=False)}
+VARIANTS = {**ATTENTION, **FAMILY_VARIANTS}  # the generic checks below run on every variant family's tiny configs
 
 
 @pytest.mark.parametrize("variant", ATTENTION)
@@ -22,9 +24,9 @@ def test_shapes(tiny_model, variant):
     assert model.blocks[0].attn.qkv.weight.shape[0] == (4 + 2 * model.config.n_kv_head) * 8
 
 
-@pytest.mark.parametrize("variant", ATTENTION)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_causality(tiny_model, variant):
-    model = tiny_model(**ATTENTION[variant]).eval()
+    model = tiny_model(**VARIANTS[variant]).eval()
     idx = torch.randint(0, 64, (2, 24))
     for j in (0, 7, 23):
         changed = idx.clone()
@@ -34,9 +36,9 @@ def test_causality(tiny_model, variant):
         assert not torch.allclose(before[:, j:], after[:, j:])
 
 
-@pytest.mark.parametrize("variant", ATTENTION)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_kv_cache_decode_equals_full_forward(tiny_model, variant):
-    model = tiny_model(**ATTENTION[variant]).eval()
+    model = tiny_model(**VARIANTS[variant]).eval()
     idx = torch.randint(0, 64, (2, 20))
     full = model(idx, idx)[0]
     cache = model.new_cache(2, 32)
@@ -112,17 +114,19 @@ def test_gqa_equals_mha_with_duplicated_kv_heads(tiny_model):
     assert torch.allclose(gqa(idx, idx)[0], mha(idx, idx)[0], atol=1e-5)
 
 
-def test_gradients_reach_every_parameter(tiny_model):
-    model = tiny_model(n_kv_head=2, qk_norm=True, tie_embeddings=False)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradients_reach_every_parameter(tiny_model, variant):
+    model = tiny_model(**VARIANTS[variant])
     idx = torch.randint(0, 64, (2, 16))
     model(idx, idx)[1].backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_loss_falls_on_a_tiny_corpus(tiny_model):
+@pytest.mark.parametrize("variant", ["gqa", *FAMILY_VARIANTS])
+def test_loss_falls_on_a_tiny_corpus(tiny_model, variant):
     torch.manual_seed(0)
-    model = tiny_model(n_kv_head=2)
+    model = tiny_model(**VARIANTS[variant])
     corpus = torch.tensor([i % 13 for i in range(400)])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []

@@ -1,0 +1,305 @@
+"""Optimizers: Newton-Schulz, one Muon step by hand, parameter routing, QK-Clip, distributed Muon, resume."""
+import io
+import json
+import math
+import os
+import runpy
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import optim
+from conftest import FAMILY_VARIANTS, ROOT
+from model import GPT, GPTConfig, max_attention_logits
+from optim import QKClip, configure_optimizers, orthogonalize
+
+TINY = dict(block_size=32, vocab_size=64, n_layer=2, n_head=4, n_embd=32)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tensors this small run fastest on one thread; a second one mostly waits, the more so on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def newton_schulz_float64(G):
+    """The quintic iteration written out by hand, in float64."""
+    X = G.double().mT if G.size(-2) > G.size(-1) else G.double()
+    X = X / X.norm(dim=(-2, -1), keepdim=True)
+    for _ in range(5):
+        X = 3.4445 * X - 4.7750 * (X @ X.mT) @ X + 2.0315 * (X @ X.mT) @ (X @ X.mT) @ X
+    return X.mT if G.size(-2) > G.size(-1) else X
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (256, 64), (96, 384), (3, 64, 128)])
+def test_newton_schulz_singular_values_lie_near_one(shape):
+    torch.manual_seed(0)
+    G = torch.randn(shape)
+    X = orthogonalize(G)
+    assert X.shape == G.shape and X.dtype == torch.bfloat16
+    s = torch.linalg.svdvals(X.float())
+    assert 0.6 < s.min() and s.max() < 1.2, (s.min(), s.max())  # the quintic's band, not exactly 1
+    exact = newton_schulz_float64(G)
+    assert (X.double() - exact).norm() < 0.05 * exact.norm()  # bf16 rounding: about 3%
+    if G.dim() == 3:  # batched over experts equals one matrix at a time
+        assert all(torch.equal(X[i], orthogonalize(G[i])) for i in range(len(G)))
+
+
+def reference_muon(p, grads, lr, momentum, weight_decay, rule, rows):
+    """Muon written out by hand in float64, for one parameter whose logical matrices are `rows` rows each."""
+    p, m = p.double(), torch.zeros_like(p, dtype=torch.float64)
+    for g in grads:
+        g = g.double()
+        m = momentum * m + (1 - momentum) * g
+        u = (1 - momentum) * g + momentum * m  # Nesterov
+        updates = []
+        for block in u.split(rows):
+            A, B = block.shape
+            updates.append(newton_schulz_float64(block) * (0.2 * math.sqrt(max(A, B)) if rule == "moonshot"
+                                                          else math.sqrt(max(1, A / B))))
+        p = p * (1 - lr * weight_decay) - lr * torch.cat(updates)
+    return p, m
+
+
+@pytest.mark.parametrize("rule", ["moonshot", "shape"])
+def test_muon_steps_equal_a_hand_written_reference(rule, monkeypatch):
+    # Newton-Schulz in float64 on both sides, so that everything around it is checked to fp32 precision;
+    # its bf16 version is checked against the same float64 iteration above
+    monkeypatch.setattr(optim, "orthogonalize", newton_schulz_float64)
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8, 4))
+    p.logical_rows = (6, 2)  # a tall and a wide matrix fused into one parameter
+    grads = [torch.randn(8, 4) for _ in range(2)]  # two steps: the second one tells Nesterov from plain momentum
+    expected, buffer = reference_muon(p.detach(), grads, 0.1, 0.9, 0.5, rule, p.logical_rows)
+    muon = optim.Muon([p], lr=0.1, momentum=0.9, weight_decay=0.5, lr_scale=rule)
+    for g in grads:
+        p.grad = g.clone()
+        muon.step()
+    assert torch.allclose(muon.state[p]["momentum_buffer"].double(), buffer, atol=1e-6)
+    assert torch.allclose(p.detach().double(), expected, atol=1e-6)
+
+
+ROUTING_VARIANTS = {"dense": dict(), "gqa_untied": dict(n_kv_head=2, tie_embeddings=False), **FAMILY_VARIANTS}
+
+
+@pytest.mark.parametrize("variant", ROUTING_VARIANTS)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_every_parameter_sits_in_exactly_one_group_of_the_right_optimizer(tiny_model, optimizer, variant):
+    model = tiny_model(**ROUTING_VARIANTS[variant])
+    opt = configure_optimizers(model, optimizer, learning_rate=1e-3)
+    placed = [id(p) for group in opt.param_groups for p in group["params"]]
+    assert sorted(placed) == sorted(id(p) for p in model.parameters())  # none twice, none forgotten
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    model(torch.randint(0, 64, (2, 32)), torch.randint(0, 64, (2, 32)))[1].backward()
+    opt.step()
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())  # every parameter trains
+    if optimizer == "adamw":
+        return
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed, vectors = opt.adamw.param_groups
+    # AdamW: the embedding, an untied head, the routers (tiny skinny maps) and every vector; Muon: the other matrices
+    adamw_matrices = {"wte.weight"} | ({"lm_head.weight"} if "untied" in variant else set())
+    adamw_matrices |= {n for n in names.values() if ".router." in n}
+    assert {names[id(p)] for p in decayed["params"]} == adamw_matrices
+    assert all(p.dim() == 1 for p in vectors["params"]) and vectors["weight_decay"] == 0
+    muon = {names[id(p)] for p in opt.muon.param_groups[0]["params"]}
+    assert muon == {n for n, p in model.named_parameters() if p.dim() >= 2} - adamw_matrices
+    if variant in ("dense", "gqa_untied"):
+        hidden = ("attn.qkv.weight", "attn.proj.weight", "mlp.gate_up.weight", "mlp.down.weight")
+        assert muon == {n for n in names.values() if n.endswith(hidden)}
+        attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
+        assert attn.qkv.weight.logical_rows == ((32, 16, 16) if variant == "gqa_untied" else (32, 32, 32))
+        assert mlp.gate_up.weight.logical_rows == (mlp.hidden, mlp.hidden)
+
+
+def test_muon_lr_follows_the_chosen_rule(tiny_model):
+    model = tiny_model()
+    assert configure_optimizers(model, "muon", 2e-3).param_groups[0]["lr_ratio"] == 1  # moonshot: AdamW's lr
+    assert configure_optimizers(model, "muon", 2e-3, muon_lr_scale="shape").param_groups[0]["lr_ratio"] == 10
+    assert configure_optimizers(model, "muon", 2e-3, muon_lr=4e-3).param_groups[0]["lr_ratio"] == 2
+    with pytest.raises(ValueError, match="muon_lr_scale"):
+        configure_optimizers(model, "muon", muon_lr_scale="sqrt")
+
+
+def test_max_attention_logits_equal_the_full_causal_logits():
+    torch.manual_seed(0)
+    for n_kv_head in (4, 2, 1):
+        q, k = torch.randn(2, 4, 40, 8), torch.randn(2, n_kv_head, 40, 8)
+        logits = q @ k.repeat_interleave(4 // n_kv_head, dim=1).mT / math.sqrt(8)
+        logits = logits.masked_fill(torch.ones(40, 40, dtype=torch.bool).triu(1), float("-inf"))
+        assert torch.allclose(max_attention_logits(q, k, chunk=16), logits.amax(dim=(0, 2, 3)), rtol=1e-6)
+
+
+# every sequence mixer with a qk_clip method, in the shapes where keys are shared and where they are not
+QK_CLIP_VARIANTS = {"mha": dict(n_kv_head=4), "gqa": dict(n_kv_head=2), "mqa": dict(n_kv_head=1),
+                    "mla": FAMILY_VARIANTS["mla"], "mla_low_rank_q": FAMILY_VARIANTS["mla_low_rank_q"]}
+
+
+@pytest.mark.parametrize("variant", QK_CLIP_VARIANTS)
+def test_qk_clip_brings_large_logits_down_to_tau_and_leaves_the_rest(tiny_model, variant):
+    model = tiny_model(n_layer=1, **QK_CLIP_VARIANTS[variant])
+    with torch.no_grad():  # plant large logits: every matrix of the attention times 30, so q and k too
+        for p in model.blocks[0].attn.parameters():
+            if p.dim() >= 2:
+                p.mul_(30)
+    idx = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(0))
+
+    def measure(tau):
+        clip = QKClip(model, tau)
+        clip.track(True)
+        clip.observe(model(idx, idx)[2])
+        clip.track(False)
+        return clip
+
+    before = measure(0.0).max_logits[0]
+    tau = before.sort().values[1:3].mean().item()  # two heads above tau, two below
+    assert before.max() > 10 and (before > tau).sum() == 2
+    weights = {n: p.clone() for n, p in model.named_parameters()}
+    assert measure(tau).clip() == [before.max().item()]
+    after = measure(0.0).max_logits[0]
+    assert torch.allclose(after[before > tau], torch.full((2,), tau), rtol=1e-5)
+    assert torch.equal(after[before <= tau], before[before <= tau])  # bit for bit
+    # only attention weights move; a shared key (GQA group, MLA's rotary key) stays, or the neighbours' logits would
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters() if not n.startswith("blocks.0.attn."))
+    weights = {n: p.clone() for n, p in model.named_parameters()}
+    measure(before.max().item() + 1).clip()  # nothing above tau: nothing changes
+    model.blocks[0].attn.qk_clip(-before, tau)  # not even for heads whose every logit is negative
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+
+
+# -----------------------------------------------------------------------------
+# distributed Muon and resuming
+
+def batch(step):
+    g = torch.Generator().manual_seed(step)
+    return torch.randint(0, 64, (4, 32), generator=g)
+
+
+def muon_run(model, opt, clip, steps):
+    """
+    Train the given steps with MuonClip. Under DDP every rank takes the whole batch, so that the averaged gradient
+    is bit for bit the single process's: Newton-Schulz in bf16 turns last-bit differences of the gradients (another
+    summation order) into differences of about 1e-3 within a few steps, so only identical gradients compare at 1e-5.
+    """
+    for step in steps:
+        for group in opt.param_groups:  # a schedule, as in train.py, so that resuming must restore lr_ratio
+            group["lr"] = 1e-2 * (1 - step / 10) * group.get("lr_ratio", 1.0)
+        clip.track(True)
+        _, loss, aux = model(batch(step), batch(step))
+        clip.observe(aux)
+        clip.track(False)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        clip.clip()
+
+
+def new_run():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY, n_kv_head=2))
+    # tau below the tiny model's largest logits (about 0.05), so that every step clips
+    return model, configure_optimizers(model, "muonclip", 1e-2, muon_lr_scale="shape"), QKClip(model, tau=0.04)
+
+
+def counting(calls):
+    """optim.orthogonalize, appending to `calls` how many matrices each call orthogonalizes."""
+    orthogonalize = optim.orthogonalize
+    return lambda G: calls.append(G[..., 0, 0].numel()) or orthogonalize(G)
+
+
+def ddp_worker(rank, world, folder):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world)
+    calls = []
+    optim.orthogonalize = counting(calls)
+    model, opt, clip = new_run()
+    ddp = DDP(model)
+    muon_run(ddp, opt, clip, range(0, 2))
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, f"{folder}/step2.pt")
+    muon_run(ddp, opt, clip, range(2, 4))
+    if rank == 0:
+        torch.save(model.state_dict(), f"{folder}/step4.pt")
+    torch.save(sum(calls), f"{folder}/calls{rank}.pt")
+    dist.destroy_process_group()
+
+
+def resumed_run(checkpoint):
+    model, opt, clip = new_run()
+    model.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["optimizer"])
+    return model, opt, clip
+
+
+def test_two_process_muonclip_equals_one_process_and_resumes_on_one(tmp_path, monkeypatch):
+    mp.start_processes(ddp_worker, args=(2, str(tmp_path)), nprocs=2, start_method="fork")  # fork: no second torch import
+    calls = []
+    monkeypatch.setattr(optim, "orthogonalize", counting(calls))
+    model, opt, clip = new_run()
+    muon_run(model, opt, clip, range(0, 4))
+    two = torch.load(tmp_path / "step4.pt", weights_only=True)
+    for name, p in model.state_dict().items():
+        assert torch.allclose(p, two[name], atol=1e-5, rtol=0), name
+    # each rank orthogonalized its share of the matrices, not all of them
+    shares = [torch.load(tmp_path / f"calls{rank}.pt") for rank in range(2)]
+    assert sum(shares) == sum(calls) and max(shares) <= 0.6 * sum(calls), (shares, sum(calls))
+    # rank 0's checkpoint holds the whole optimizer state: one process continues it
+    resumed, opt, clip = resumed_run(torch.load(tmp_path / "step2.pt", weights_only=True))
+    muon_run(resumed, opt, clip, range(2, 4))
+    for name, p in model.state_dict().items():
+        assert torch.allclose(p, resumed.state_dict()[name], atol=1e-5, rtol=0), name
+
+
+def test_resume_equals_uninterrupted():
+    whole, opt, clip = new_run()
+    muon_run(whole, opt, clip, range(0, 4))
+    first, opt, clip = new_run()
+    muon_run(first, opt, clip, range(0, 2))
+    saved = io.BytesIO()
+    torch.save({"model": first.state_dict(), "optimizer": opt.state_dict()}, saved)
+    saved.seek(0)
+    resumed, opt, clip = resumed_run(torch.load(saved, weights_only=True))
+    muon_run(resumed, opt, clip, range(2, 4))
+    for name, p in whole.state_dict().items():
+        assert torch.equal(p, resumed.state_dict()[name]), name
+
+
+# -----------------------------------------------------------------------------
+# train.py, in this process (a fresh one costs seconds of imports)
+
+def run_train(monkeypatch, *args):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["train.py", "--device=cpu", "--n_layer=2", "--n_embd=32", "--n_head=4",
+                                      "--block_size=32", *args])
+    return runpy.run_path(os.path.join(ROOT, "train.py"))
+
+
+def test_train_py_muonclip_logs_max_logits_and_resumes_exactly(tiny_data, tmp_path, monkeypatch):
+    args = [f"--data_dir={tiny_data}", "--batch_size=8", "--gradient_accumulation_steps=2", "--eval_iters=1",
+            "--log_interval=1", "--eval_interval=3", "--warmup_iters=1", "--learning_rate=1e-2", "--lr_schedule=wsd",
+            "--decay_frac=0.0", "--optimizer=muonclip", "--qk_clip_tau=0.05"]  # wsd without decay: max_iters changes no lr
+    run_train(monkeypatch, *args, f"--out_dir={tmp_path / 'whole'}", "--max_iters=6")
+    run_train(monkeypatch, *args, f"--out_dir={tmp_path / 'part'}", "--max_iters=3")
+    run_train(monkeypatch, *args, f"--out_dir={tmp_path / 'part'}", "--max_iters=6", "--init_from=resume")
+    logs = {}
+    for run in ("whole", "part"):
+        with open(tmp_path / run / "log.jsonl") as f:
+            logs[run] = {r["step"]: r for r in map(json.loads, f) if "loss" in r}
+    assert sorted(logs["part"]) == list(range(1, 7))
+    for step in range(1, 7):
+        assert logs["whole"][step]["loss"] == logs["part"][step]["loss"], step
+        assert logs["whole"][step]["max_logit"] == logs["part"][step]["max_logit"], step
+        assert len(logs["whole"][step]["max_logit"]) == 2  # one per layer
+
+
+@pytest.mark.parametrize("bad, words", [("--optimizer=sgd", "unknown optimizer"), ("--qk_norm=True", "qk_norm")])
+def test_bad_optimizer_settings_give_one_line_errors(tiny_data, tmp_path, monkeypatch, bad, words):
+    with pytest.raises(SystemExit, match=f"^error: .*{words}"):
+        run_train(monkeypatch, f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", "--optimizer=muonclip", bad)
