@@ -31,7 +31,6 @@ from optim import QKClip, configure_optimizers
 batch_size = 16               # sequences of block_size random tokens per micro-step
 gradient_accumulation_steps = 1  # micro-steps per optimizer step (as in train.py, on one process)
 optimizer = "adamw"           # 'adamw', 'muon' or 'muonclip' (QK-Clip's logit pass included), as in train.py
-learning_rate = 6e-4          # only passed to configure_optimizers (Muon's rule may derive its lr from it)
 device = "auto"               # 'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"                # 'auto' (bf16 on GPUs that have it, else fp16; fp32 on CPU), or a torch dtype name
 compile = False               # torch.compile the model (and the reference)
@@ -64,7 +63,10 @@ if compile:
     warmup = max(warmup, 10)
 cuda = device_type == "cuda"
 device_name = torch.cuda.get_device_name(device) if cuda else device_type
-model_config = GPTConfig(**{k: config[k] for k in config_fields()})
+try:
+    model_config = GPTConfig(**{k: config[k] for k in config_fields()})
+except ValueError as e:
+    fail(f"model config: {e}")
 T = model_config.block_size
 torch.manual_seed(seed)
 
@@ -135,7 +137,7 @@ def measure(name, model, loss_of, with_decode):
     """One row of the table: train the model on random tokens, then (with_decode) decode with it."""
     model.to(device)
     optim = configure_optimizers(model, "adamw" if name != "ours" else optimizer.replace("muonclip", "muon"),
-                                 learning_rate, device_type=device_type)
+                                 device_type=device_type)  # the step's cost does not depend on the learning rate
     qk_clip = QKClip(model, tau=100.0) if optimizer == "muonclip" and name == "ours" else None
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # fp16 needs loss scaling, as in train.py
     train_model = torch.compile(model) if compile and (name == "ours" or reference_compile) else model

@@ -94,13 +94,18 @@ class GPTConfig:
         self.qk_rope_head_dim = self.qk_rope_head_dim or self.head_dim // 2
         self.v_head_dim = self.v_head_dim or self.head_dim
         self.moe_hidden = self.moe_hidden or self.mlp_hidden
-        assert self.n_embd % self.n_head == 0, "n_embd must be a multiple of n_head"
-        assert self.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
-        assert self.attention in ("mha", "mla"), f"unknown attention '{self.attention}' (choose mha or mla)"
-        assert not (self.attention == "mla" and self.qk_norm), "MLA's absorbed decoding has no per-head keys to normalize"
-        assert self.rope_dim % 2 == 0, "RoPE needs an even number of rotary dimensions"
-        assert self.router_scoring in ("softmax", "sigmoid"), f"unknown router_scoring '{self.router_scoring}'"
-        assert self.n_experts == 0 or 1 <= self.moe_topk <= self.n_experts, "moe_topk must be within 1..n_experts"
+        checks = [
+            (self.n_embd % self.n_head == 0, "n_embd must be a multiple of n_head"),
+            (self.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"),
+            (self.attention in ("mha", "mla"), f"unknown attention '{self.attention}' (choose mha or mla)"),
+            (not (self.attention == "mla" and self.qk_norm), "MLA's absorbed decoding has no per-head keys to normalize"),
+            (self.rope_dim % 2 == 0, "RoPE needs an even number of rotary dimensions"),
+            (self.router_scoring in ("softmax", "sigmoid"), f"unknown router_scoring '{self.router_scoring}'"),
+            (self.n_experts == 0 or 1 <= self.moe_topk <= self.n_experts, "moe_topk must be within 1..n_experts"),
+        ]
+        for ok, message in checks:  # a ValueError, so that a stage can turn it into a one-line error
+            if not ok:
+                raise ValueError(message)
 
     @property
     def head_dim(self):

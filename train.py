@@ -115,7 +115,10 @@ if vocab_size == 0:
     vocab_size = 64 * math.ceil(meta["vocab_size"] / 64)
 if vocab_size < meta["vocab_size"]:
     fail(f"vocab_size={vocab_size} is smaller than the dataset's vocabulary of {meta['vocab_size']}")
-model_args = asdict(GPTConfig(**{**{k: config[k] for k in config_fields()}, "vocab_size": vocab_size}))
+try:
+    model_args = asdict(GPTConfig(**{**{k: config[k] for k in config_fields()}, "vocab_size": vocab_size}))
+except ValueError as e:
+    fail(f"model config: {e}")
 checkpoint_path = os.path.join(out_dir, "ckpt.pt")
 checkpoint = None
 if init_from == "resume" or eval_only:

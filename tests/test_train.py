@@ -157,6 +157,7 @@ def test_bad_inputs_give_one_line_errors(trained, tiny_data, tmp_path):
     out, _ = trained
     one_line_error(train(tiny_data, tmp_path, "--no_such_key=3", check=False), "no_such_key")
     one_line_error(train(tmp_path / "missing", tmp_path, check=False), "prepare.py")
+    one_line_error(train(tiny_data, tmp_path, "--n_head=5", check=False), "n_embd must be a multiple of n_head")
     one_line_error(train(tiny_data, out, "--init_from=resume", "--n_layer=3", check=False), "n_layer")
     diverged = train(tiny_data, tmp_path / "nan", "--learning_rate=1e30", "--warmup_iters=0", "--max_iters=20",
                      "--grad_clip=0", "--eval_interval=100", check=False)
