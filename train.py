@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import (autocast, fail, load_checkpoint, nominal_peak_flops, parse_config, pick_device, pick_dtype,
                           print0, save_checkpoint)
+from hf import hf_config, load_hf_weights
 from model import GPT, GPTConfig, aux_metrics, config_fields
 from optim import QKClip, configure_optimizers
 from tokenizer import Tokenizer
@@ -34,7 +35,7 @@ from tokenizer import Tokenizer
 # I/O
 out_dir = "out"               # checkpoints, log.jsonl and plots go here
 data_dir = "data/pystdlib"    # a folder written by prepare.py (meta.json + .bin shards)
-init_from = "scratch"         # 'scratch' or 'resume' (continue the run saved in out_dir/ckpt.pt)
+init_from = "scratch"         # 'scratch', 'resume' (continue the run saved in out_dir/ckpt.pt) or 'hf:FOLDER'
 eval_interval = 250           # evaluate and save a checkpoint every this many steps
 eval_iters = 20               # batches per split in each periodic evaluation
 log_interval = 10             # print the training loss every this many steps
@@ -128,8 +129,12 @@ if init_from == "resume" or eval_only:
             if model_args.get(key, value) != value:
                 fail(f"checkpoint {checkpoint_path} was trained with {key}={value!r}, but the config says {model_args[key]!r}")
     model_args = checkpoint["model_config"]
+elif init_from.startswith("hf:"):  # a Llama/Qwen3 folder's model; block_size and dropout stay this run's
+    model_args = {**asdict(hf_config(init_from[3:], block_size)), "dropout": dropout}
+    if model_args["vocab_size"] < meta["vocab_size"]:
+        fail(f"{init_from[3:]} has {model_args['vocab_size']} tokens, fewer than the dataset's {meta['vocab_size']}")
 elif init_from != "scratch":
-    fail(f"unknown init_from '{init_from}' (choose scratch or resume)")
+    fail(f"unknown init_from '{init_from}' (choose scratch, resume or hf:FOLDER)")
 T = model_args["block_size"]
 
 
@@ -206,6 +211,8 @@ iter_num = 0
 if checkpoint:
     model.load_state_dict(checkpoint["model"])
     iter_num = checkpoint["step"]
+elif init_from.startswith("hf:"):
+    load_hf_weights(model, init_from[3:])
 try:
     optim = configure_optimizers(model, optimizer, learning_rate, weight_decay, (beta1, beta2), device_type,
                                  muon_lr, muon_momentum, muon_lr_scale)
