@@ -124,10 +124,12 @@ checkpoint_path = os.path.join(out_dir, "ckpt.pt")
 checkpoint = None
 if init_from == "resume" or eval_only:
     checkpoint = load_checkpoint(checkpoint_path)
-    if not eval_only:  # resuming needs the same model; evaluating takes whatever the checkpoint holds
-        for key, value in checkpoint["model_config"].items():
-            if model_args.get(key, value) != value:
-                fail(f"checkpoint {checkpoint_path} was trained with {key}={value!r}, but the config says {model_args[key]!r}")
+    # the run continues the checkpoint's model (from scratch or from hf:); a model setting the config gives
+    # explicitly must agree with it. Evaluating takes whatever the checkpoint holds.
+    explicit = {key for key in config_fields() if config[key] != defaults[key]}
+    for key, value in checkpoint["model_config"].items():
+        if not eval_only and key in explicit and model_args[key] != value:
+            fail(f"checkpoint {checkpoint_path} was trained with {key}={value!r}, but the config says {model_args[key]!r}")
     model_args = checkpoint["model_config"]
 elif init_from.startswith("hf:"):  # a Llama/Qwen3 folder's model; block_size and dropout stay this run's
     model_args = {**asdict(hf_config(init_from[3:], block_size)), "dropout": dropout}

@@ -115,3 +115,7 @@ def test_train_from_hf_then_export(tmp_path, tiny_data):
     back = hf.from_hf(exported)
     assert all(torch.equal(back.state_dict()[k], v) for k, v in trained["model"].items())
     assert back.config.block_size == 32
+    # a run started from a folder resumes from its checkpoint without repeating the folder's model settings
+    run_stage("train.py", f"--data_dir={tiny_data}", f"--out_dir={out}", "--init_from=resume", "--block_size=32",
+              "--batch_size=4", "--max_iters=3", "--eval_interval=3", "--eval_iters=1", "--device=cpu")
+    assert load_checkpoint(str(out))["step"] == 3
