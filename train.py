@@ -105,7 +105,7 @@ torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 
 # -----------------------------------------------------------------------------
-# data: windows of block_size + 1 tokens from memory-mapped shards
+# the dataset written by prepare.py
 
 meta_path = os.path.join(data_dir, "meta.json")
 if not os.path.isfile(meta_path):
@@ -116,6 +116,10 @@ if vocab_size == 0:
     vocab_size = 64 * math.ceil(meta["vocab_size"] / 64)
 if vocab_size < meta["vocab_size"]:
     fail(f"vocab_size={vocab_size} is smaller than the dataset's vocabulary of {meta['vocab_size']}")
+
+# -----------------------------------------------------------------------------
+# the model's configuration: from the config, from the checkpoint being resumed, or from a Hugging Face folder
+
 try:
     model_args = asdict(GPTConfig(**{**{k: config[k] for k in config_fields()}, "vocab_size": vocab_size}))
 except ValueError as e:
@@ -138,6 +142,9 @@ elif init_from.startswith("hf:"):  # a Llama/Qwen3 folder's model; block_size an
 elif init_from != "scratch":
     fail(f"unknown init_from '{init_from}' (choose scratch, resume or hf:FOLDER)")
 T = model_args["block_size"]
+
+# -----------------------------------------------------------------------------
+# data: windows of block_size + 1 tokens from memory-mapped shards
 
 
 def open_split(split):
