@@ -5,11 +5,14 @@ and optionally a transformers reference model of the same shape, timed in the sa
     python bench.py                                                    # default GPTConfig, auto device
     python bench.py config/gpt2_124m.py --batch_size=16 --compile=True # a train.py config (training keys skipped)
     python bench.py config/gpt2_124m.py --reference=hf_llama           # + LlamaForCausalLM of the same shape
+    python bench.py --block_size=32768 --batch_size=1 --attn_span=sliding --reference=full --decode_context=32000
     python bench.py --n_layer=4 --device=cpu --decode=False
 
 Training steps run on random tokens (no dataset needed) exactly as in train.py: autocast, AdamW from optim.py
-(fused on CUDA), gradient clipping at 1.0. Decoding is greedy through model.generate, uncompiled, timed end to
-end (prefill included). A table is printed at the end and every figure is written to json_out.
+(fused on CUDA), gradient clipping at 1.0. Decoding is greedy through model.generate, timed end to end (prefill
+included) at batch 1 and decode_batch: plain, fast (the step in CUDA graphs) and speculative (with MTP); with
+decode_context, the steps alone at that context, with the cache's memory. A table is printed at the end and every
+figure is written to json_out.
 """
 import gc
 import importlib.util
@@ -18,13 +21,13 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 
 from configurator import autocast, fail, nominal_peak_flops, parse_config, pick_device, pick_dtype, print0
 from model import GPT, GPTConfig, config_fields
-from optim import QKClip, configure_optimizers
+from optim import QKClip, clip_grad_norm_, configure_optimizers
 
 # -----------------------------------------------------------------------------
 # defaults
@@ -38,10 +41,14 @@ warmup = 3                    # untimed steps first; at least 10 with compile (c
 steps = 10                    # training steps per timed repeat
 repeats = 3                   # timed repeats; the median is reported
 decode = True                 # also time decoding with model.generate
-decode_batch = 1              # prompts decoded together
+decode_batch = 1              # prompts decoded together (batch 1 is timed too; e.g. 64 for throughput)
 prompt_len = 16               # tokens per random prompt
 decode_tokens = 256           # new tokens per prompt
-reference = ""                # '' or a reference model of the same shape: 'hf_llama', 'hf_qwen3_moe' (needs transformers)
+decode_context = 0            # > 0: time decode_tokens steps after a random context of this many tokens instead (its
+                              # prefill untimed, in chunks of 2048) and report the cache's memory; needs block_size
+                              # >= decode_context + decode_tokens
+reference = ""                # '' or a reference of the same shape: 'hf_llama', 'hf_qwen3_moe' (need transformers), or
+                              # 'full' (ours on full causal attention, decoded too: the baseline of attn_span/pattern)
 reference_compile = True      # with compile=True, compile the reference too (False: time it eager)
 peak_flops = 0.0              # nominal per-device peak for the second MFU; 0 = a known datasheet figure for the GPU
 json_out = "out/bench/bench.json"  # every figure, the resolved config, device and torch version
@@ -99,13 +106,21 @@ def hf_qwen3_moe(cfg):
     return lambda: Qwen3MoeForCausalLM(hf), lambda model, x: model(input_ids=x, labels=x).loss
 
 
-# a reference: name -> function(GPTConfig) returning (build(), loss_of(model, tokens)); all need transformers.
-# It is called before anything is timed, so that a shape it cannot match stops the run at once.
-references = {"hf_llama": hf_llama, "hf_qwen3_moe": hf_qwen3_moe}
+def full_attention(cfg):
+    """Our model with every layer on full causal attention (SDPA's fused kernels): what the spans and linear
+    attention are measured against, decoding included."""
+    attention = "mha" if cfg.attention == "linear" else cfg.attention
+    full = replace(cfg, attn_span="full", attn_pattern="", attention=attention)
+    return lambda: GPT(full), lambda model, x: model(x, x)[1]
+
+
+# a reference: name -> function(GPTConfig) returning (build(), loss_of(model, tokens)); the hf_ ones need
+# transformers. It is called before anything is timed, so that a shape it cannot match stops the run at once.
+references = {"hf_llama": hf_llama, "hf_qwen3_moe": hf_qwen3_moe, "full": full_attention}
 if reference:
     if reference not in references:
         fail(f"unknown reference '{reference}' (choose {', '.join(references)})")
-    if importlib.util.find_spec("transformers") is None:
+    if reference.startswith("hf_") and importlib.util.find_spec("transformers") is None:
         fail(f"--reference={reference} needs transformers: pip install transformers")
     build_reference, reference_loss = references[reference](model_config)
 
@@ -157,39 +172,95 @@ def measure(name, model, loss_of, with_decode):
         if qk_clip:
             qk_clip.track(False)
         scaler.unscale_(optim)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        clip_grad_norm_(model.parameters(), 1.0)
         scaler.step(optim)
         scaler.update()
         optim.zero_grad(set_to_none=True)
         if qk_clip:
             qk_clip.clip()
 
-    print0(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {warmup} warm-up steps"
+    tables = model.engram_table_params() if isinstance(model, GPT) else 0  # Engram's lookup tables, counted apart
+    print0(f"{name}: {(sum(p.numel() for p in model.parameters()) - tables) / 1e6:.2f}M parameters"
+           + (f" + {tables / 1e6:.2f}M in Engram tables" if tables else "") + f", {warmup} warm-up steps"
            + (" (compiling)" if compile else ""))
     timed(step, warmup)
     tokens = batch_size * T * gradient_accumulation_steps
     print0(f"{name}: timing {repeats} x {steps} training steps of {gradient_accumulation_steps} x {batch_size} x {T} tokens")
     seconds = median_time(step, steps)
     row = {"tokens_per_s": tokens / seconds, "ms_per_step": 1000 * seconds,
-           "tflops": flops_per_token * tokens / seconds / 1e12,
+           "tflops": (model.flops_per_token(T) if isinstance(model, GPT) else flops_per_token) * tokens / seconds / 1e12,
            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
            "decode_tokens_per_s": None}
     print0(f"{name}: {row['tokens_per_s']:,.0f} tokens/s, {row['ms_per_step']:.1f} ms/step")
     if with_decode:
         del optim, train_model  # decoding needs neither optimizer state nor the compiled graph
         model.eval()
-        prompts = torch.randint(model_config.vocab_size, (decode_batch, prompt_len)).tolist()
-
-        def generate(n):
-            with amp:
-                for _ in model.generate(prompts, n, temperature=0.0):  # greedy
-                    pass
-
-        print0(f"{name}: decoding {decode_batch} x {decode_tokens} tokens after {prompt_len}-token prompts")
-        generate(8)  # warm-up: first kernel launches and allocations
-        row["decode_tokens_per_s"] = decode_batch * decode_tokens / median_time(lambda: generate(decode_tokens), 1)
+        if decode_context:
+            decode_steps, row["cache_gib"] = decode_at_context(model)
+            print0(f"{name}: decoding {decode_batch} x {decode_tokens} tokens at a context of {decode_context:,}")
+            decode_steps()  # warm-up
+            row["decode_tokens_per_s"] = decode_batch * decode_tokens / median_time(decode_steps, 1)
+        else:
+            row["decode"] = decode_speeds(name, model)
+            row["decode_tokens_per_s"] = row["decode"][f"plain x{decode_batch}"]
         print0(f"{name}: {row['decode_tokens_per_s']:,.1f} decode tokens/s")
     return row
+
+
+@torch.no_grad()
+def decode_speeds(name, model):
+    """
+    Greedy decoding tokens/s of decode_tokens new tokens after random prompt_len-token prompts (prefill included), at
+    batch 1 and decode_batch: 'plain' (the decode step eager), 'fast' (captured in CUDA graphs: CUDA only) and
+    'speculative' (drafts from the MTP module, compiled on CUDA: mtp_depth > 0); its acceptance rate beside it.
+    """
+    modes = {"plain": {}, **({"fast": dict(compile=True)} if cuda else {}),
+             **({"speculative": dict(compile=cuda, speculative=True)} if model.mtp else {})}
+    speeds = {}
+    for batch in sorted({1, decode_batch}):
+        prompts = torch.randint(model_config.vocab_size, (batch, prompt_len)).tolist()
+        for mode, options in modes.items():
+            stats = {}
+
+            def generate(n):
+                with amp:
+                    for _ in model.generate(prompts, n, temperature=0.0, stats=stats, **options):
+                        pass
+
+            print0(f"{name}: decoding {batch} x {decode_tokens} tokens after {prompt_len}-token prompts, {mode}")
+            generate(8)  # warm-up: compilation, first kernel launches and allocations
+            stats.clear()
+            speeds[f"{mode} x{batch}"] = batch * decode_tokens / median_time(lambda: generate(decode_tokens), 1)
+            accepted = f", {stats['accepted'] / stats['drafted']:.1%} of drafts accepted" if stats else ""
+            if stats:
+                speeds[f"{mode} x{batch} acceptance"] = stats["accepted"] / stats["drafted"]
+            print0(f"{name}: {speeds[f'{mode} x{batch}']:,.1f} decode tokens/s{accepted}")
+    return speeds
+
+
+def decode_at_context(model):
+    """
+    A block_size cache holding decode_context random tokens (prefilled in chunks, untimed), its size in GiB, and a
+    function that decodes the next decode_tokens tokens through it, one step each (the same slots at every call).
+    """
+    if decode_context + decode_tokens > T:
+        fail(f"decode_context + decode_tokens must fit in block_size ({T})")
+    cache = model.new_cache(decode_batch, T, getattr(torch, dtype))
+    tokens = torch.randint(model_config.vocab_size, (decode_batch, decode_context + decode_tokens), device=device)
+    with amp:
+        for start in range(0, decode_context, 2048):
+            end = min(start + 2048, decode_context)
+            model(tokens[:, start:end], cache=cache, cache_pos=torch.arange(start, end, device=device))
+    slots = torch.arange(decode_context, decode_context + decode_tokens, device=device)[:, None]
+
+    @torch.no_grad()
+    def decode_steps():
+        with amp:
+            for t in range(decode_tokens):
+                model(tokens[:, decode_context + t, None], cache=cache, cache_pos=slots[t])
+
+    tensors = [t for layer in cache["layers"] for t in layer.values() if torch.is_tensor(t)]
+    return decode_steps, sum(t.numel() * t.element_size() for t in tensors) / 2**30
 
 
 def free_memory():
@@ -222,7 +293,7 @@ rows = {"ours": measure("ours", model, lambda model, x: model(x, x)[1], decode)}
 del model
 free_memory()
 if reference:
-    rows[reference] = measure(reference, build_reference(), reference_loss, with_decode=False)
+    rows[reference] = measure(reference, build_reference(), reference_loss, with_decode=decode and reference == "full")
     free_memory()
 if ceiling:
     rows["ceiling"] = {"tflops": ceiling / 1e12}
@@ -235,7 +306,8 @@ for row in rows.values():
 
 columns = [("tokens/s", "tokens_per_s", "{:,.0f}"), ("ms/step", "ms_per_step", "{:.2f}"), ("TFLOP/s", "tflops", "{:.3g}"),
            ("MFU", "mfu", "{:.1%}"), ("MFU nominal", "mfu_nominal", "{:.1%}"),
-           ("peak GiB", "peak_mem_gib", "{:.2f}"), ("decode tok/s", "decode_tokens_per_s", "{:,.1f}")]
+           ("peak GiB", "peak_mem_gib", "{:.2f}"), ("decode tok/s", "decode_tokens_per_s", "{:,.1f}"),
+           ("cache GiB", "cache_gib", "{:.4f}")]
 print0(f"\n{device_name}, {dtype}, compile={compile}, torch {torch.__version__}"
        + ("; MFU against the measured ceiling" if ceiling else "")
        + (f", MFU nominal against {peak_flops / 1e12:.0f} TFLOP/s" if peak_flops else ""))
@@ -247,6 +319,9 @@ ratio = rows["ours"]["tokens_per_s"] / rows[reference]["tokens_per_s"] if refere
 if reference:
     print0(f"ours / {reference}: {ratio:.3f}x training tokens/s")
 print0(f"KV cache: {kv_cache_bytes:,} bytes per token in {dtype}, all {model_config.n_layer} layers together")
+if rows["ours"].get("decode"):  # greedy, decode_tokens new tokens per row, prefill included
+    print0("decode: " + ", ".join(f"{key} {value:.1%}" if key.endswith("acceptance") else f"{key} {value:,.1f} tokens/s"
+                                  for key, value in rows["ours"]["decode"].items()))
 os.makedirs(os.path.dirname(json_out) or ".", exist_ok=True)
 with open(json_out, "w") as f:
     json.dump({"device_name": device_name, "torch_version": torch.__version__,

@@ -15,6 +15,7 @@ import os
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 
 
 def fail(message):
@@ -98,6 +99,20 @@ def pick_device(device="auto"):
         else:
             device = "cpu"
     return device
+
+
+def init_processes(device):
+    """
+    Under torchrun (RANK set): join the process group (NCCL on GPUs, gloo on CPUs) and take this process's GPU.
+    Returns (ddp, rank, world_size, device); one process alone gets (False, 0, 1, device).
+    """
+    if "RANK" not in os.environ:
+        return False, 0, 1, device
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    return True, dist.get_rank(), dist.get_world_size(), device
 
 
 def pick_dtype(device, dtype="auto"):

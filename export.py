@@ -1,9 +1,11 @@
 """
-Export a checkpoint written by train.py as a Hugging Face model folder (Llama, or Qwen3 with qk_norm):
+Export a checkpoint written by train.py as a Hugging Face model folder: Llama, Qwen2 (qkv_bias), Qwen3 (qk_norm),
+Qwen3-MoE (softmax-routed MoE) or DeepSeek-V3 (MLA, sigmoid-routed MoE), whichever computes exactly what it does:
 
     python export.py --out_dir=out/quickstart --hf_dir=out/quickstart_hf
 
-transformers then loads it with AutoModelForCausalLM.from_pretrained('out/quickstart_hf').
+transformers then loads it with AutoModelForCausalLM.from_pretrained('out/quickstart_hf'). A model with no such
+family (MoBA, sliding or sparse spans, linear attention, hyper-connections, Engram, ...) stops with a one-line error.
 """
 import os
 import sys
@@ -22,6 +24,10 @@ out_dir, hf_dir = config["out_dir"], config["hf_dir"] or config["out_dir"].rstri
 checkpoint = load_checkpoint(out_dir)
 model = GPT(GPTConfig(**checkpoint["model_config"]))
 model.load_state_dict(checkpoint["model"])
-tokenizer = os.path.join(out_dir, checkpoint["tokenizer"])  # 'gpt2' names tiktoken's encoding: nothing to copy
-to_hf(model, hf_dir, eos_id=checkpoint["eos_id"], tokenizer_path=tokenizer if os.path.isfile(tokenizer) else None)
-print(f"wrote {hf_dir}")
+# the tokenizer's files as they are ('gpt2' names tiktoken's encoding: nothing to copy)
+tokenizer_files = [os.path.join(out_dir, name) for name in (checkpoint["tokenizer"], "tokenizer_config.json")
+                   if os.path.isfile(os.path.join(out_dir, name))]
+family = to_hf(model, hf_dir, eos_id=checkpoint["eos_id"], tokenizer_files=tokenizer_files)
+if model.config.mtp_depth:
+    print(f"note: the {model.config.mtp_depth} MTP module(s) are training-only and left out")
+print(f"wrote {hf_dir} ({family})")

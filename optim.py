@@ -8,6 +8,8 @@ configure_optimizers builds the parameter groups once, so that every stage train
   matrices, AdamW as above on the rest: embeddings, output head, routers, norms and every other vector.
 - 'muonclip': Muon plus QK-Clip (Kimi K2, arXiv 2507.20534 §2.1), which the stage applies after each optimizer
   step through QKClip below, because it needs the attention logits of the step's forward passes.
+Under any of them, Engram tables (model.py) train by sparse rows with SparseAdam; stages clip gradients with
+clip_grad_norm_ below, which takes their sparse gradients too.
 
 Every parameter group may carry 'lr_ratio', its peak learning rate over the stage's `learning_rate`: the stage's
 schedule sets group['lr'] = lr * group.get('lr_ratio', 1), so that Muon and AdamW warm up and decay together.
@@ -105,30 +107,53 @@ class Muon(torch.optim.Optimizer):
             p.add_(u.type_as(p), alpha=-group["lr"])
 
 
-class MuonWithAdamW:
-    """Muon for the hidden matrices and AdamW for the rest, behind the interface of a single torch optimizer."""
+class Optimizers:
+    """
+    Torch optimizers over disjoint parameters (muon, adamw, sparse_adam) behind the interface of a single one: each
+    is an attribute under its name, and its state sits under that name in state_dict.
+    """
 
-    def __init__(self, muon, adamw):
-        self.muon, self.adamw = muon, adamw
+    def __init__(self, **parts):
+        self.parts = parts
+        for name, part in parts.items():
+            setattr(self, name, part)
 
     @property
     def param_groups(self):  # read afresh: load_state_dict replaces the group dicts
-        return self.muon.param_groups + self.adamw.param_groups
+        return [group for part in self.parts.values() for group in part.param_groups]
 
     def step(self):
-        self.muon.step()
-        self.adamw.step()
+        for part in self.parts.values():
+            part.step()
 
     def zero_grad(self, set_to_none=True):
-        self.muon.zero_grad(set_to_none)
-        self.adamw.zero_grad(set_to_none)
+        for part in self.parts.values():
+            part.zero_grad(set_to_none)
 
     def state_dict(self):
-        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+        return {name: part.state_dict() for name, part in self.parts.items()}
 
     def load_state_dict(self, state_dict):
-        self.muon.load_state_dict(state_dict["muon"])
-        self.adamw.load_state_dict(state_dict["adamw"])
+        for name, part in self.parts.items():
+            part.load_state_dict(state_dict[name])
+
+
+def clip_grad_norm_(parameters, max_norm):
+    """
+    torch.nn.utils.clip_grad_norm_ (scale all gradients so that their global L2 norm is at most max_norm; returns
+    the norm before clipping) for gradients that may be sparse, as the Engram tables' are, which torch's cannot take.
+    """
+    params = [p for p in parameters if p.grad is not None]
+    for p in params:
+        if p.grad.is_sparse:  # rows looked up twice summed first: the norm of the gradient, not of its pieces
+            p.grad = p.grad.coalesce()
+    dense = [p for p in params if not p.grad.is_sparse]
+    sparse = [p.grad._values() for p in params if p.grad.is_sparse]  # the touched rows, a view of the gradient
+    total = torch.nn.utils.get_total_norm([p.grad for p in dense] + sparse)
+    torch.nn.utils.clip_grads_with_norm_(dense, max_norm, total)
+    for values in sparse:
+        values.mul_((max_norm / (total + 1e-6)).clamp(max=1.0))  # the coefficient torch's clip applies
+    return total
 
 
 # -----------------------------------------------------------------------------
@@ -177,7 +202,10 @@ class QKClip:
 # one optimizer for a stage
 
 OPTIMIZERS = ("adamw", "muon", "muonclip")
-ADAMW_MATRICES = ("router",)  # >= 2-D weights that stay with AdamW when their name holds one of these: tiny, skinny maps
+# >= 2-D weights that stay with AdamW when their name holds one of these: tiny, skinny maps (routers, the
+# hyper-connections' mixing weights, in model.py's Block.attn_residual and mlp_residual, and Gated DeltaNet's
+# depthwise convolution filters, channels x 4)
+ADAMW_MATRICES = ("router", "_residual.", "attn.conv")
 
 
 def configure_optimizers(model, optimizer="adamw", learning_rate=6e-4, weight_decay=0.1, betas=(0.9, 0.95),
@@ -189,7 +217,14 @@ def configure_optimizers(model, optimizer="adamw", learning_rate=6e-4, weight_de
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer '{optimizer}' (choose {', '.join(OPTIMIZERS)})")
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    # An Engram table (an nn.Embedding with sparse=True) gets sparse gradients, and SparseAdam, a lazy Adam (no weight
+    # decay): the step reads and writes the moments and rows of only the rows its batch looked up, so that its cost
+    # does not grow with the table. Never Muon: a table's rows are not a linear map.
+    sparse = [m.weight for m in model.modules() if isinstance(m, nn.Embedding) and m.sparse and m.weight.requires_grad]
+    if sparse and dist.is_initialized() and dist.get_backend() == "nccl":
+        raise ValueError("Engram tables have sparse gradients, which DDP all-reduces over gloo but not over NCCL: "
+                         "train them on one GPU (or CPU processes)")
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad and not any(p is t for t in sparse)]
     # Muon is for the hidden matrices. An embedding is a lookup table whose rows train only when their token
     # shows up, and the output head (tied or not) a classifier over the vocabulary: both stay with AdamW, as in
     # the Muon reference.
@@ -201,9 +236,13 @@ def configure_optimizers(model, optimizer="adamw", learning_rate=6e-4, weight_de
     adamw = torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
                                {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
                               lr=learning_rate, betas=betas, fused=device_type == "cuda")
-    if optimizer == "adamw":
-        return adamw
-    muon_lr = muon_lr or (learning_rate if muon_lr_scale == "moonshot" else 0.02)
-    muon = Muon(matrices, lr=muon_lr, momentum=muon_momentum, weight_decay=weight_decay, lr_scale=muon_lr_scale)
-    muon.param_groups[0]["lr_ratio"] = muon_lr / learning_rate
-    return MuonWithAdamW(muon, adamw)
+    parts = {}
+    if optimizer != "adamw":
+        muon_lr = muon_lr or (learning_rate if muon_lr_scale == "moonshot" else 0.02)
+        parts["muon"] = Muon(matrices, lr=muon_lr, momentum=muon_momentum, weight_decay=weight_decay,
+                             lr_scale=muon_lr_scale)
+        parts["muon"].param_groups[0]["lr_ratio"] = muon_lr / learning_rate
+    parts["adamw"] = adamw
+    if sparse:
+        parts["sparse_adam"] = torch.optim.SparseAdam(sparse, lr=learning_rate, betas=betas)
+    return adamw if len(parts) == 1 else Optimizers(**parts)

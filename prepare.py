@@ -43,7 +43,7 @@ defaults = dict(
     val_files="",              # comma-separated file basenames held out whole as the val split
     val_fraction=0.02,         # otherwise this fraction of documents (at least one), chosen at random
     seed=1337,                 # for the val choice and the document order
-    tokenizer="bpe",           # 'bpe' (trained here on the train split), 'gpt2', or a tokenizer.model to reuse
+    tokenizer="bpe",           # 'bpe' (trained here on the train split), 'gpt2', a tokenizer.model, or a HF folder
     vocab_size=8192,           # of the trained bpe
     shard_size=100_000_000,    # tokens per .bin file
     out_root="data",
@@ -360,6 +360,9 @@ def main(argv):
         tokenizer = Tokenizer.load(config["tokenizer"])
         if tokenizer.kind == "bpe" and os.path.abspath(tokenizer.path) != os.path.abspath(model_path):
             shutil.copyfile(tokenizer.path, model_path)
+        for name in ("tokenizer.json", "tokenizer_config.json") if tokenizer.kind == "hf" else ():  # as they are
+            if os.path.isfile(os.path.join(tokenizer.path, name)):
+                shutil.copy(os.path.join(tokenizer.path, name), out_dir)
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
 
     with Pool(config["num_workers"] or os.cpu_count(), start_worker, (tokenizer.path, dtype)) as pool:
@@ -368,7 +371,7 @@ def main(argv):
 
     meta = {
         "tokenizer": tokenizer.kind,
-        "tokenizer_path": "gpt2" if tokenizer.kind == "gpt2" else "tokenizer.model",
+        "tokenizer_path": {"gpt2": "gpt2", "hf": "tokenizer.json"}.get(tokenizer.kind, "tokenizer.model"),
         "vocab_size": tokenizer.vocab_size,
         "dtype": np.dtype(dtype).name,
         "bos_id": tokenizer.bos_id,

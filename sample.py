@@ -3,6 +3,8 @@ Sample from a trained model, streaming the text as it is produced.
 
     python sample.py --out_dir=out/quickstart --start="def "
     python sample.py --out_dir=out/quickstart --start=FILE:prompt.txt --num_samples=1 --temperature=0
+    python sample.py --init_from=hf:path/to/Qwen3-0.6B --start="The capital of France is" --block_size=512
+    python sample.py --out_dir=out/deepseek_small --prompts_file=prompts.txt --compile=True --speculative=True
 """
 import os
 import sys
@@ -11,12 +13,16 @@ import time
 import torch
 
 from configurator import autocast, fail, load_checkpoint, parse_config, pick_device, pick_dtype
+from hf import from_hf
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
+init_from = "resume"          # 'resume' (the checkpoint in out_dir) or 'hf:FOLDER' (a Hugging Face model folder)
 out_dir = "out"               # folder holding ckpt.pt (and tokenizer.model) written by train.py
+block_size = 1024             # hf: the longest context (RoPE tables and decode cache); 0 = the folder's own
 start = ""                    # the prompt, or FILE:path to read it from a file
+prompts_file = ""             # or a file of prompts, one per line, decoded together as one batch (printed when done)
 num_samples = 3
 max_new_tokens = 200
 temperature = 0.8             # 0 = greedy
@@ -25,6 +31,8 @@ top_p = 1.0                   # nucleus sampling: keep the smallest set with thi
 seed = 1337
 device = "auto"
 dtype = "auto"
+compile = False               # capture the decode step as one CUDA graph (torch.compile); the first sample compiles it
+speculative = False           # self-speculative decoding: the MTP module drafts, one forward verifies (mtp_depth >= 1)
 # -----------------------------------------------------------------------------
 config = parse_config({k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))},
                       sys.argv[1:])
@@ -32,40 +40,74 @@ globals().update(config)
 device = pick_device(device)
 amp = autocast(device, pick_dtype(device, dtype))
 
-checkpoint = load_checkpoint(out_dir)
-model = GPT(GPTConfig(**checkpoint["model_config"]))
-model.load_state_dict(checkpoint["model"])
+if init_from.startswith("hf:"):  # the folder's model and its own tokenizer, as they are
+    model, tokenizer = from_hf(init_from[3:], block_size), Tokenizer.load(init_from[3:])
+elif init_from == "resume":
+    checkpoint = load_checkpoint(out_dir)
+    model = GPT(GPTConfig(**checkpoint["model_config"]))
+    model.load_state_dict(checkpoint["model"])
+    name = checkpoint["tokenizer"]
+    tokenizer = Tokenizer.load(name if name == "gpt2" else os.path.join(out_dir, name))
+else:
+    fail(f"unknown init_from '{init_from}' (choose resume or hf:FOLDER)")
 model.eval().to(device)
-tokenizer_path = checkpoint["tokenizer"] if checkpoint["tokenizer"] == "gpt2" else os.path.join(out_dir, checkpoint["tokenizer"])
-tokenizer = Tokenizer.load(tokenizer_path)
 
 if start.startswith("FILE:"):
     if not os.path.isfile(start[5:]):
         fail(f"prompt file {start[5:]} not found")
     with open(start[5:], encoding="utf-8") as f:
         start = f.read()
-# documents follow an end-of-document token in training, so a prompt begins a fresh document after one
-prompt = [tokenizer.eos_id] + tokenizer.encode(start)
+starts = [start]
+if prompts_file:
+    if not os.path.isfile(prompts_file):
+        fail(f"prompts file {prompts_file} not found")
+    with open(prompts_file, encoding="utf-8") as f:
+        starts = [line.rstrip("\n") for line in f if line.strip()]
+    if not starts:
+        fail(f"{prompts_file} holds no prompt")
+if speculative and not model.config.mtp_depth:
+    fail("--speculative=True drafts with the model's MTP modules: this model has mtp_depth=0")
+# documents follow an end-of-document token in training, so a prompt begins a fresh document after one;
+# a Hugging Face model's documents begin with its bos token, where it has one
+first = tokenizer.bos_id if tokenizer.kind == "hf" else tokenizer.eos_id
 limit = model.config.block_size - 1
-if len(prompt) > limit:
-    print(f"warning: the prompt has {len(prompt)} tokens; keeping the last {limit} (block_size - 1)", file=sys.stderr)
-    prompt = prompt[-limit:]
+prompts = []
+for text in starts:
+    prompt = ([] if first is None else [first]) + tokenizer.encode(text)
+    if not prompt:
+        fail("this tokenizer has no bos token to start from: give a prompt with --start")
+    if len(prompt) > limit:
+        print(f"warning: a prompt has {len(prompt)} tokens; keeping the last {limit} (block_size - 1)", file=sys.stderr)
+        prompt = prompt[-limit:]
+    prompts.append(prompt)
 
+eos, stream = tokenizer.eos_id, len(prompts) == 1  # one prompt streams as it comes; a batch prints when done
 generator = torch.Generator(device).manual_seed(seed)
 for i in range(num_samples):
-    new_tokens, shown = [], ""
+    rows, shown, stats = [[] for _ in prompts], "", {}
     t0 = time.time()
-    print(start, end="", flush=True)
+    if stream:
+        print(start, end="", flush=True)
     with amp:
-        for token in model.generate([prompt], max_new_tokens, temperature, top_k, top_p, tokenizer.eos_id, generator):
-            if token.item() == tokenizer.eos_id:
+        for tokens in model.generate(prompts, max_new_tokens, temperature, top_k, top_p, eos, generator,
+                                     compile=compile, speculative=speculative, stats=stats):
+            for row, token in zip(rows, tokens.tolist()):
+                row.append(token)
+            if stream and rows[0][-1] == eos:
                 break
-            new_tokens.append(token.item())
-            text = tokenizer.decode(new_tokens)
-            if not text.endswith("\ufffd"):  # wait until a character's bytes are complete
-                print(text[len(shown):], end="", flush=True)
-                shown = text
+            if stream:
+                text = tokenizer.decode(rows[0])
+                if not text.endswith("\ufffd"):  # wait until a character's bytes are complete
+                    print(text[len(shown):], end="", flush=True)
+                    shown = text
     elapsed = time.time() - t0
-    print(tokenizer.decode(new_tokens)[len(shown):])
-    print(f"--------------- sample {i + 1}/{num_samples}: {len(new_tokens)} tokens, "
-          f"{len(new_tokens) / elapsed:.1f} tokens/s", file=sys.stderr)
+    rows = [row[:row.index(eos)] if eos in row else row for row in rows]  # each row ends at its end of document
+    if stream:
+        print(tokenizer.decode(rows[0])[len(shown):])
+    else:
+        for text, row in zip(starts, rows):
+            print(text + tokenizer.decode(row), end="\n---\n")
+    count = sum(map(len, rows))
+    drafts = f", {stats['accepted'] / stats['drafted']:.1%} of drafts accepted" if stats else ""
+    print(f"--------------- sample {i + 1}/{num_samples}: {count} tokens in {len(rows)} rows, "
+          f"{count / elapsed:.1f} tokens/s{drafts}", file=sys.stderr)

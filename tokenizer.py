@@ -1,18 +1,22 @@
 """
-Text <-> token ids: one Tokenizer class over two backends.
+Text <-> token ids: one Tokenizer class over three backends.
 
 - 'bpe': a BPE with byte fallback that prepare.py trains with sentencepiece on your corpus (tokenizer.model)
 - 'gpt2': OpenAI's GPT-2 BPE through tiktoken, with pad and chat markers added after id 50256
+- 'hf': a Hugging Face model folder's tokenizer.json (Llama 3, Qwen, DeepSeek-V3, ...), as it is, through the
+  `tokenizers` package (pip install tokenizers; imported only for these)
 
     from tokenizer import Tokenizer
-    tok = Tokenizer.load("data/pystdlib/tokenizer.model")   # or Tokenizer.load("gpt2")
+    tok = Tokenizer.load("data/pystdlib/tokenizer.model")   # or Tokenizer.load("gpt2"), or a HF model folder
     ids = tok.encode("def f(x):\n    return x\n")
     assert tok.decode(ids) == "def f(x):\n    return x\n"
 
-Both backends give back exactly the text they were given, whitespace and all. encode() adds no special tokens
-and never makes one from text: "<|user|>" typed in a document is ordinary characters. decode() writes a
-special id as its marker text ("<|user|>", "<|endoftext|>", ...), so a decoded chat transcript shows its turns.
+The first two give back exactly the text they were given, whitespace and all ('hf' as far as its own normalizer
+allows). encode() adds no special tokens and never makes one from text: "<|user|>" typed in a document is ordinary
+characters. decode() writes a special id as its marker text ("<|user|>", "<|endoftext|>", ...), so a decoded chat
+transcript shows its turns.
 """
+import json
 import os
 import re
 
@@ -63,13 +67,15 @@ class Tokenizer:
     """Build one with Tokenizer.load(...) or Tokenizer.train(...)."""
 
     def __init__(self, kind, path, backend, special):
-        self.kind = kind                # 'bpe' or 'gpt2'
+        self.kind = kind                # 'bpe', 'gpt2' or 'hf'
         self.path = path                # what Tokenizer.load needs to load it again
-        self.backend = backend          # a SentencePieceProcessor or a tiktoken Encoding
-        self.special = special          # name -> id for bos, eos, pad, user, assistant, end
+        self.backend = backend          # a SentencePieceProcessor, a tiktoken Encoding or a tokenizers.Tokenizer
+        self.special = special          # name -> id for bos, eos, pad, user, assistant, end ('hf': None where absent)
         self.bos_id, self.eos_id, self.pad_id = special["bos"], special["eos"], special["pad"]
         if kind == "gpt2":
             self.vocab_size = backend.n_vocab
+        elif kind == "hf":
+            self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         else:
             self.vocab_size = backend.get_piece_size()
             self.marker_of = {i: backend.id_to_piece(i) for i in special.values()}
@@ -105,7 +111,9 @@ class Tokenizer:
 
     @classmethod
     def load(cls, name_or_path):
-        """'gpt2', or the path of a tokenizer.model written by Tokenizer.train."""
+        """'gpt2', the path of a tokenizer.model written by Tokenizer.train, or a HF folder (or its tokenizer.json)."""
+        if os.path.isdir(name_or_path) or name_or_path.endswith("tokenizer.json"):
+            return cls.load_hf(name_or_path)
         if name_or_path == "gpt2":
             try:
                 gpt2 = tiktoken.get_encoding("gpt2")  # fetches two files once, then reads them from its cache
@@ -132,10 +140,46 @@ class Tokenizer:
             fail(f"{name_or_path} lacks nanollm's special tokens: train it with prepare.py")
         return cls("bpe", name_or_path, sp, special)
 
+    @classmethod
+    def load_hf(cls, path):
+        """
+        The tokenizer.json of a Hugging Face folder, with its bos, eos and pad tokens from tokenizer_config.json
+        (config.json's ids where it names none); it has no chat markers of ours (its chat template is its own).
+        """
+        folder = path if os.path.isdir(path) else os.path.dirname(path)
+        if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+            fail(f"no tokenizer.json in {folder} (a sentencepiece-only folder: convert it with transformers first)")
+        try:
+            import tokenizers
+        except ImportError:
+            fail("a Hugging Face tokenizer.json needs the tokenizers package: pip install tokenizers")
+        backend = tokenizers.Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+        backend.encode_special_tokens = True  # a marker typed in the text stays ordinary characters
+        settings = {}
+        for name in ("config.json", "tokenizer_config.json"):  # the second's token strings win
+            if os.path.isfile(os.path.join(folder, name)):
+                with open(os.path.join(folder, name)) as f:
+                    settings.update(json.load(f))
+
+        def token_id(name):
+            token = settings.get(f"{name}_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            found = backend.token_to_id(token) if token else None
+            found = settings.get(f"{name}_token_id") if found is None else found
+            return found[0] if isinstance(found, list) else found  # several eos ids: the first ends our samples
+        special = {name: token_id(name) for name in ("bos", "eos", "pad")}
+        if special["eos"] is None:
+            fail(f"{folder}: no eos token (tokenizer_config.json eos_token, or config.json eos_token_id)")
+        special.update({"pad": special["pad"] if special["pad"] is not None else special["eos"],
+                        **{name: None for name in CHAT_MARKERS}})
+        return cls("hf", folder, backend, special)
+
     def encode(self, text):
         """Token ids of text, without any special tokens."""
         if self.kind == "gpt2":
             return self.backend.encode_ordinary(text)
+        if self.kind == "hf":
+            return self.backend.encode(text, add_special_tokens=False).ids
         # no piece holds a '\n' (see training_lines), so line by line gives the same ids, several times faster
         ids = []
         for line in self.backend.encode(escape(text).split("\n")):
@@ -148,6 +192,8 @@ class Tokenizer:
         """encode() of each text; tiktoken spreads a batch over threads."""
         if self.kind == "gpt2":
             return self.backend.encode_ordinary_batch(texts)
+        if self.kind == "hf":
+            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
         return [self.encode(text) for text in texts]
 
     def decode(self, ids):
@@ -155,6 +201,8 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         if self.kind == "gpt2":
             return self.backend.decode(ids)
+        if self.kind == "hf":
+            return self.backend.decode(ids, skip_special_tokens=False)
         # sentencepiece decodes control symbols to '' and escaped text must be unescaped: decode between markers
         parts, run = [], []
         for i in ids:

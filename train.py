@@ -23,11 +23,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import (autocast, fail, load_checkpoint, nominal_peak_flops, parse_config, pick_device, pick_dtype,
-                          print0, save_checkpoint)
+from configurator import (autocast, fail, init_processes, load_checkpoint, nominal_peak_flops, parse_config,
+                          pick_device, pick_dtype, print0, save_checkpoint)
 from hf import hf_config, load_hf_weights
 from model import GPT, GPTConfig, aux_metrics, config_fields
-from optim import QKClip, configure_optimizers
+from optim import QKClip, clip_grad_norm_, configure_optimizers
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -41,6 +41,7 @@ eval_iters = 20               # batches per split in each periodic evaluation
 log_interval = 10             # print the training loss every this many steps
 eval_only = False             # evaluate the checkpoint in out_dir and exit
 eval_file = ""                # with eval_only: also exact bits per byte of this UTF-8 text file
+eval_tasks = ""               # with eval_only: also accuracy on these multiple-choice JSONL files (comma-separated)
 plot = False                  # only draw out_dir/loss.png from out_dir/log.jsonl, then exit
 wandb_log = False             # also log to Weights & Biases (pip install wandb)
 wandb_project = "nanollm"
@@ -64,6 +65,8 @@ qk_clip_tau = 100.0           # muonclip: a head whose largest attention logit e
 qk_clip_interval = 1          # muonclip: measure the logits and clip every this many steps
 # schedule
 max_iters = 5000              # optimizer steps
+train_flops = 0.0             # > 0 sets max_iters so that the run spends this many training FLOPs (fixed-compute runs)
+train_tokens = 0              # > 0 sets max_iters so that the run trains on this many tokens
 lr_schedule = "cosine"        # 'cosine', or 'wsd' (warmup-stable-decay: constant, then a linear decay)
 warmup_iters = 100
 decay_frac = 0.2              # wsd: the final fraction of steps that decays the learning rate
@@ -83,20 +86,11 @@ globals().update(config)
 # -----------------------------------------------------------------------------
 # processes, device, precision
 
-ddp = "RANK" in os.environ
-device = pick_device(device)
+ddp, rank, world_size, device = init_processes(pick_device(device))
 device_type = device.split(":")[0]
-if ddp:
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    if device_type == "cuda":
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(device)
-    if gradient_accumulation_steps % world_size:
-        fail(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world_size} processes")
-    gradient_accumulation_steps //= world_size
-else:
-    rank, world_size = 0, 1
+if gradient_accumulation_steps % world_size:
+    fail(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world_size} processes")
+gradient_accumulation_steps //= world_size
 master = rank == 0
 dtype = pick_dtype(device, dtype)
 amp = autocast(device, dtype)
@@ -230,6 +224,9 @@ except ValueError as e:
 if optimizer == "muonclip" and model.config.qk_norm:
     fail("optimizer='muonclip' scales q and k weights, which qk_norm normalizes away (QK-norm bounds the logits "
          "itself): use optimizer='muon'")
+if optimizer == "muonclip" and not any(hasattr(m, "qk_clip") for m in model.modules()):
+    fail("optimizer='muonclip' clips softmax attention logits, and this model has only linear attention: "
+         "use optimizer='muon'")
 qk_clip = QKClip(model, qk_clip_tau) if optimizer == "muonclip" else None
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
 if checkpoint and not eval_only:
@@ -253,6 +250,11 @@ if ddp:
                 broadcast_buffers=False)
 flops_per_token = raw_model.flops_per_token(T)
 peak_flops = peak_flops or nominal_peak_flops(device)
+# a budget picks the number of steps: the nearest whole step, within half a step of the budget
+if train_flops > 0:
+    max_iters = max(1, round(train_flops / (flops_per_token * tokens_per_step)))
+elif train_tokens > 0:
+    max_iters = max(1, round(train_tokens / tokens_per_step))
 
 
 def get_lr(step):
@@ -349,20 +351,59 @@ def plot_log():
     print0(f"wrote {os.path.join(out_dir, 'loss.png')}")
 
 
+@torch.no_grad()
+def task_accuracy(path, tokenizer):
+    """
+    Multiple-choice accuracy on a JSONL file of {"context": str, "choices": [str, ...], "answer": index} lines (the
+    shape of HellaSwag, ARC, PIQA...). Each choice is scored by the log-likelihood of its tokens after the context,
+    both in total ('acc') and per UTF-8 byte of the choice ('acc_norm', which does not favour short choices, as in
+    lm-evaluation-harness); the highest score is the model's answer. Returns (acc, acc_norm, number of tasks).
+    """
+    with open(path, encoding="utf-8") as f:
+        tasks = [json.loads(line) for line in f if line.strip()]
+    model.eval()
+    correct = [0.0, 0.0]
+    for task in tasks[rank::world_size]:
+        context = [meta["eos_id"]] + tokenizer.encode(task["context"])
+        rows = [(context + tokenizer.encode(choice))[-(T + 1):] for choice in task["choices"]]  # the last T + 1 tokens
+        x = torch.zeros(len(rows), T, dtype=torch.long)
+        y = torch.full_like(x, -1)  # targets only on each choice's own tokens
+        for r, (row, choice) in enumerate(zip(rows, task["choices"])):
+            n_choice = len(tokenizer.encode(choice))
+            x[r, :len(row) - 1] = torch.tensor(row[:-1])
+            y[r, len(row) - 1 - n_choice:len(row) - 1] = torch.tensor(row[-n_choice:])
+        with amp:
+            logits = raw_model(x.to(device), y.to(device))[0].float()
+        y = y.to(device)
+        token_logprobs = logits.log_softmax(dim=-1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) * (y >= 0)
+        total = token_logprobs.sum(dim=1)  # (choices,)
+        per_byte = total / torch.tensor([max(1, len(c.encode("utf-8"))) for c in task["choices"]], device=device)
+        correct[0] += int(total.argmax().item() == task["answer"])
+        correct[1] += int(per_byte.argmax().item() == task["answer"])
+    model.train()
+    acc, acc_norm = all_reduce_sum(*correct)
+    return acc / len(tasks), acc_norm / len(tasks), len(tasks)
+
+
 if plot:
     plot_log()
     raise SystemExit
 if eval_only:
     val = exact_bits_per_byte(splits["val"], meta["splits"]["val"]["bytes"])
     print0(f"exact val bits per byte: {val:.4f}")
+    tokenizer = Tokenizer.load(os.path.join(data_dir, meta["tokenizer_path"]) if meta["tokenizer"] != "gpt2" else "gpt2")
     if eval_file:
         if not os.path.isfile(eval_file):
             fail(f"eval_file {eval_file} not found")
         with open(eval_file, encoding="utf-8") as f:
             text = f.read()
-        tokenizer = Tokenizer.load(os.path.join(data_dir, meta["tokenizer_path"]) if meta["tokenizer"] != "gpt2" else "gpt2")
         bpb = exact_bits_per_byte([np.array(tokenizer.encode(text))], len(text.encode("utf-8")))
         print0(f"exact bits per byte of {eval_file}: {bpb:.4f}")
+    for path in filter(None, eval_tasks.split(",")):
+        if not os.path.isfile(path):
+            fail(f"eval_tasks file {path} not found")
+        acc, acc_norm, n = task_accuracy(path, tokenizer)
+        print0(f"{path}: accuracy {acc:.4f}, length-normalized {acc_norm:.4f} ({n} tasks)")
     raise SystemExit
 
 # -----------------------------------------------------------------------------
@@ -371,8 +412,10 @@ if eval_only:
 log_path = os.path.join(out_dir, "log.jsonl")
 if master:
     os.makedirs(out_dir, exist_ok=True)
-    if meta["tokenizer"] != "gpt2":  # sample.py finds the tokenizer beside the checkpoint
-        shutil.copy(os.path.join(data_dir, meta["tokenizer_path"]), os.path.join(out_dir, "tokenizer.model"))
+    if meta["tokenizer"] != "gpt2":  # sample.py finds the tokenizer beside the checkpoint (a HF one with its settings)
+        for name in (meta["tokenizer_path"], "tokenizer_config.json"):
+            if os.path.isfile(os.path.join(data_dir, name)):
+                shutil.copy(os.path.join(data_dir, name), out_dir)
     if iter_num > 0 and os.path.exists(log_path):
         # a resumed run forgets what the interrupted one logged after its checkpoint (and re-evaluates its step)
         with open(log_path) as f:
@@ -406,7 +449,7 @@ def save():
         save_checkpoint(checkpoint_path, {
             "model": raw_model.state_dict(), "optimizer": optim.state_dict(), "scaler": scaler.state_dict(),
             "model_config": asdict(raw_model.config), "config": config, "step": iter_num, "rng": rngs,
-            "tokenizer": "gpt2" if meta["tokenizer"] == "gpt2" else "tokenizer.model", "eos_id": meta["eos_id"]})
+            "tokenizer": meta["tokenizer_path"], "eos_id": meta["eos_id"]})
 
 
 def evaluate_and_save():
@@ -426,9 +469,15 @@ def evaluate_and_save():
 
 n_active = raw_model.num_params(active=True)  # MoE: the parameters one token goes through
 active = f", {n_active / 1e6:.2f}M active per token" if n_active < raw_model.num_params() else ""
+n_engram = raw_model.engram_table_params()  # Engram's lookup tables, counted apart
+active += f"; + {n_engram / 1e6:.2f}M in Engram tables" if n_engram else ""
 print0(f"{raw_model.num_params() / 1e6:.2f}M parameters ({raw_model.num_params(embedding=False) / 1e6:.2f}M non-embedding{active}), "
        f"{n_windows} training windows of {T} tokens, {tokens_per_step} tokens per step, {max_iters} steps, "
        f"{world_size} process(es) on {device} in {dtype}")
+log({"step": iter_num, "params": raw_model.num_params(), "active_params": n_active, "engram_table_params": n_engram,
+     "flops_per_token": flops_per_token,
+     "tokens_per_step": tokens_per_step, "max_iters": max_iters,
+     "device": torch.cuda.get_device_name(device) if device_type == "cuda" else device_type})  # read by ablate.py
 x, y = get_batch(iter_num, 0)
 t0, t_last, steps_since_log = time.time(), time.time(), 0
 max_logit = None  # muonclip: each layer's largest attention logit at the last measured step
@@ -457,7 +506,7 @@ try:
             scaler.scale(loss).backward()
         if grad_clip > 0:
             scaler.unscale_(optim)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            clip_grad_norm_(model.parameters(), grad_clip)  # optim.py's: Engram tables have sparse gradients
         scaler.step(optim)
         scaler.update()
         optim.zero_grad(set_to_none=True)

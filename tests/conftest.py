@@ -37,6 +37,35 @@ FAMILY_VARIANTS = {
                      bias_update_rate=1e-3, seq_aux_loss_coef=1e-4, mtp_depth=1),
     "llama4": dict(n_kv_head=2, n_experts=4, moe_topk=1, moe_hidden=32, n_shared_experts=1, moe_every=2,
                    router_scoring="sigmoid", router_renorm=False),
+    # what Hugging Face imports need (test_hf.py): Qwen2's biases with Qwen3's free head_dim and Llama 3.1's RoPE
+    # scaling; DeepSeek-V3's YaRN with MLA's temperature and its group-limited routing
+    "hf_dense": dict(n_kv_head=2, head_dim=12, qkv_bias=True, rope_scaling="llama3", rope_factor=8.0,
+                     rope_original_len=8),
+    "hf_deepseek_v3": dict(attention="mla", kv_lora_rank=16, qk_rope_head_dim=4, rope_scaling="yarn", rope_factor=4.0,
+                           rope_original_len=8, yarn_mscale=0.7, yarn_mscale_all_dim=0.7, n_experts=8, moe_topk=2,
+                           moe_hidden=16, n_shared_experts=1, router_scoring="sigmoid", moe_groups=4, moe_topk_groups=2),
+    # attention family (test_attention.py): spans with MoE and MTP, gates, linear attention, hybrid patterns
+    "sliding_moe_mtp": dict(attn_span="sliding", window=5, n_kv_head=2, n_experts=4, moe_topk=2, moe_hidden=16,
+                            mtp_depth=1),
+    "mla_moba_gated": dict(attention="mla", kv_lora_rank=16, qk_rope_head_dim=4, attn_span="moba", moba_block=4,
+                           moba_topk=2, attn_gate="elementwise"),
+    "sparse_value_gate": dict(attn_span="sparse", sparse_block=4, sparse_local=2, sparse_stride=3,
+                              attn_gate="headwise", attn_gate_at="value"),
+    "linear": dict(attention="linear", linear_chunk=8),
+    "gated_deltanet": dict(attention="linear", linear_kind="gated_deltanet", linear_chunk=8),
+    "hybrid_lg": dict(attn_pattern="LG", linear_kind="gated_deltanet", linear_chunk=8, attn_gate="elementwise",
+                      qk_norm=True),
+    "hybrid_sm": dict(attn_pattern="SM", window=5, moba_block=4, moba_topk=2, n_kv_head=1),
+    # residual streams and memory (test_residual.py): hyper-connections, mHC and Engram, alone and with the others
+    "hc": dict(residual="hc", hc_streams=3),
+    "mhc_mla_moe": dict(residual="mhc", hc_sinkhorn_iters=6, attention="mla", kv_lora_rank=16, qk_rope_head_dim=4,
+                        n_experts=4, moe_topk=2, moe_hidden=16),
+    "engram": dict(engram_layers="0,1", engram_table_size=2048, engram_dim=32),
+    "mhc_engram_sliding_mtp": dict(residual="mhc", hc_streams=2, hc_sinkhorn_iters=6, engram_layers="1",
+                                   engram_orders="2,3,4", engram_heads=2, engram_table_size=2048, engram_dim=24,
+                                   attn_span="sliding", window=5, mtp_depth=1),
+    "hc_engram_linear": dict(residual="hc", engram_layers="0", engram_table_size=2048, engram_dim=32,
+                             attention="linear", linear_chunk=8),
 }
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import FAMILY_VARIANTS
-from model import sample_next
+from model import cross_entropy, sample_next
+from optim import configure_optimizers
 
 ATTENTION = {"mha": dict(n_kv_head=4), "gqa": dict(n_kv_head=2), "mqa": dict(n_kv_head=1),
              "qk_norm": dict(n_kv_head=2, qk_norm=True), "untied": dict(tie_embeddings=False)}
@@ -49,8 +50,9 @@ def test_kv_cache_decode_equals_full_forward(tiny_model, variant):
         assert torch.allclose(step[:, 0], full[:, t], atol=1e-5)
 
 
-def test_batched_left_padded_generation_equals_one_by_one(tiny_model):
-    model = tiny_model(n_kv_head=2).eval()
+@pytest.mark.parametrize("variant", ["gqa", "engram"])  # Engram: left padding must not count as tokens in n-grams
+def test_batched_left_padded_generation_equals_one_by_one(tiny_model, variant):
+    model = tiny_model(**VARIANTS[variant]).eval()
     prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13]]
     batched = torch.stack(list(model.generate(prompts, 10, temperature=0)), dim=1)
     for row, prompt in enumerate(prompts):
@@ -128,7 +130,8 @@ def test_loss_falls_on_a_tiny_corpus(tiny_model, variant):
     torch.manual_seed(0)
     model = tiny_model(**VARIANTS[variant])
     corpus = torch.tensor([i % 13 for i in range(400)])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    # torch's AdamW defaults, through optim.py: Engram tables have sparse gradients, which need its SparseAdam
+    optimizer = configure_optimizers(model, learning_rate=3e-3, weight_decay=0.01, betas=(0.9, 0.999))
     losses = []
     for step in range(60):
         starts = torch.randint(0, len(corpus) - 33, (8,))
@@ -160,3 +163,15 @@ def test_flops_per_token_equals_a_hand_count(tiny_model):
     assert model.flops_per_token(T) == 3 * forward
     assert math.isclose(model.flops_per_token(T), 6 * (L * (attention_weights + mlp_weights) + d * V)
                         + 6 * L * d * (T + 1), rel_tol=1e-12)  # nanoGPT's 6N + 12·L·d·T/2 form
+
+
+def test_cross_entropy_matches_torch_with_ignored_targets():
+    logits = torch.randn(12, 50, requires_grad=True)
+    targets = torch.randint(50, (12,))
+    targets[[2, 7]] = -1
+    ours = cross_entropy(logits, targets)
+    (grad_ours,) = torch.autograd.grad(ours, logits)
+    reference = F.cross_entropy(logits, targets, ignore_index=-1)
+    (grad_reference,) = torch.autograd.grad(reference, logits)
+    assert torch.allclose(ours, reference, atol=1e-6)
+    assert torch.allclose(grad_ours, grad_reference, atol=1e-6)

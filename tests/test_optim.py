@@ -104,13 +104,18 @@ def test_every_parameter_sits_in_exactly_one_group_of_the_right_optimizer(tiny_m
         return
     names = {id(p): n for n, p in model.named_parameters()}
     decayed, vectors = opt.adamw.param_groups
-    # AdamW: the embedding, an untied head, the routers (tiny skinny maps) and every vector; Muon: the other matrices
+    # AdamW: the embedding, an untied head, the routers, hyper-connection weights and Gated DeltaNet's convolution
+    # filters (tiny skinny maps) and every vector; SparseAdam: the Engram tables; Muon: the other matrices
     adamw_matrices = {"wte.weight"} | ({"lm_head.weight"} if "untied" in variant else set())
-    adamw_matrices |= {n for n in names.values() if ".router." in n}
+    adamw_matrices |= {n for n, p in model.named_parameters()
+                       if p.dim() >= 2 and (".router." in n or "_residual." in n or "attn.conv" in n)}
     assert {names[id(p)] for p in decayed["params"]} == adamw_matrices
     assert all(p.dim() == 1 for p in vectors["params"]) and vectors["weight_decay"] == 0
+    tables = {n for n in names.values() if n.endswith("engram.table.weight")}
+    if tables:
+        assert {names[id(p)] for p in opt.sparse_adam.param_groups[0]["params"]} == tables
     muon = {names[id(p)] for p in opt.muon.param_groups[0]["params"]}
-    assert muon == {n for n, p in model.named_parameters() if p.dim() >= 2} - adamw_matrices
+    assert muon == {n for n, p in model.named_parameters() if p.dim() >= 2} - adamw_matrices - tables
     if variant in ("dense", "gqa_untied"):
         hidden = ("attn.qkv.weight", "attn.proj.weight", "mlp.gate_up.weight", "mlp.down.weight")
         assert muon == {n for n in names.values() if n.endswith(hidden)}
@@ -139,6 +144,7 @@ def test_max_attention_logits_equal_the_full_causal_logits():
 
 # every sequence mixer with a qk_clip method, in the shapes where keys are shared and where they are not
 QK_CLIP_VARIANTS = {"mha": dict(n_kv_head=4), "gqa": dict(n_kv_head=2), "mqa": dict(n_kv_head=1),
+                    "mha_qkv_bias": dict(n_kv_head=4, qkv_bias=True), "gqa_qkv_bias": dict(n_kv_head=2, qkv_bias=True),
                     "mla": FAMILY_VARIANTS["mla"], "mla_low_rank_q": FAMILY_VARIANTS["mla_low_rank_q"]}
 
 
@@ -146,9 +152,11 @@ QK_CLIP_VARIANTS = {"mha": dict(n_kv_head=4), "gqa": dict(n_kv_head=2), "mqa": d
 def test_qk_clip_brings_large_logits_down_to_tau_and_leaves_the_rest(tiny_model, variant):
     model = tiny_model(n_layer=1, **QK_CLIP_VARIANTS[variant])
     with torch.no_grad():  # plant large logits: every matrix of the attention times 30, so q and k too
-        for p in model.blocks[0].attn.parameters():
+        for name, p in model.blocks[0].attn.named_parameters():
             if p.dim() >= 2:
                 p.mul_(30)
+            elif name.endswith("bias"):  # qkv_bias: large biases too, which QK-Clip must scale with their rows
+                p.normal_(std=3.0, generator=torch.Generator().manual_seed(1))
     idx = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(0))
 
     def measure(tau):

@@ -1,0 +1,173 @@
+"""
+Fixed-compute ablations: one train.py process per (run, seed), every run at the same budget, then a table.
+
+    python ablate.py config/sweep_gutenberg.py                 # the README's sweep
+    python ablate.py config/sweep_gutenberg.py --parallel=3    # three runs at a time on one GPU
+    python ablate.py config/sweep_gutenberg.py --gpus=0,1      # split the runs over two GPUs
+
+A sweep is a list of runs, each a label and train.py's command-line arguments; ablate.py adds the budget
+(--train_flops or --train_tokens: train.py picks the number of steps from it), the seed and the out_dir
+<out_dir>/<label>-s<seed>. A run whose log.jsonl already holds its final exact val bits per byte is not run
+again, so an interrupted sweep continues where it stopped (an unfinished run resumes from its checkpoint), on
+this machine or on another one that has the sweep's out_dir. The results, <out_dir>/results.md and val.png, are
+made from the runs' log.jsonl files alone.
+"""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+
+from configurator import fail, parse_config
+
+# -----------------------------------------------------------------------------
+# defaults
+out_dir = "out/sweep"         # every run's folder, results.md and val.png go here
+runs = []                     # "label: train.py arguments", e.g. "muon: config/gutenberg_small.py --optimizer=muon"
+common = ""                   # arguments added to every run (e.g. "--compile=True --eval_interval=100")
+train_flops = 0.0             # the budget of every run in training FLOPs (equal compute) ...
+train_tokens = 0              # ... or in tokens (equal data); neither: each run's own max_iters or epochs
+seeds = [1337]                # every run, once per seed
+repeat_best = 0               # then run the first run and the best repeat_best others again ...
+repeat_seeds = [1338]         # ... with these seeds, so that the table shows the noise between seeds
+parallel = 1                  # runs at once per GPU (small models share one well), or CPU processes at once
+gpus = ""                     # GPU ids to split the runs over, e.g. "0,1" (CUDA_VISIBLE_DEVICES per run)
+report_only = False           # only rewrite results.md and val.png from the logs
+# -----------------------------------------------------------------------------
+defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list))}
+config = parse_config(defaults, sys.argv[1:])
+globals().update(config)
+
+sweep = os.path.basename(os.path.normpath(out_dir))
+jobs = {}  # label -> train.py arguments
+for run in runs:
+    label, sep, args = run.partition(":")
+    if not sep or not re.fullmatch(r"[\w.+-]+", label.strip()) or label.strip() in jobs:
+        fail(f"each run must be 'label: train.py arguments' with a label of its own (letters, digits, _.+-), got {run!r}")
+    jobs[label.strip()] = args.split() + common.split()
+if not jobs:
+    fail("no runs: set runs = ['label: config/x.py --key=value', ...] in a sweep config")
+budget = [f"--train_flops={train_flops}"] if train_flops else [f"--train_tokens={train_tokens}"] if train_tokens else []
+
+
+def run_dir(label, seed):
+    return os.path.join(out_dir, f"{label}-s{seed}")
+
+
+def read_log(label, seed):
+    path = os.path.join(run_dir(label, seed), "log.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def finished(label, seed):
+    return any("exact_val_bpb" in row for row in read_log(label, seed))
+
+
+def run_all(pairs):
+    """Run train.py for each (label, seed) not finished yet, up to parallel x GPUs at a time."""
+    from tqdm import tqdm
+    todo = [(label, seed) for label, seed in pairs if not finished(label, seed)]
+    devices = gpus.split(",") if gpus else [None]
+    slots = [device for device in devices for _ in range(parallel)]
+    running = {}  # slot index -> (process, label, seed)
+    bar = tqdm(total=len(todo), desc=f"{sweep}: runs", unit="run")
+    while todo or running:
+        for slot, device in enumerate(slots):
+            if slot not in running and todo:
+                label, seed = todo.pop(0)
+                folder = run_dir(label, seed)
+                os.makedirs(folder, exist_ok=True)
+                resume = ["--init_from=resume"] if os.path.exists(os.path.join(folder, "ckpt.pt")) else []
+                command = [sys.executable, "train.py", *jobs[label], *budget, f"--seed={seed}", f"--out_dir={folder}", *resume]
+                env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": device} if device is not None else {}))
+                with open(os.path.join(folder, "train.log"), "a") as log:
+                    log.write(" ".join(command) + "\n")
+                    log.flush()
+                    running[slot] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), label, seed)
+        time.sleep(0.2)
+        for slot, (process, label, seed) in list(running.items()):
+            if process.poll() is not None:
+                del running[slot]
+                bar.update()
+                if process.returncode != 0:
+                    tqdm.write(f"{label} seed {seed} failed (exit {process.returncode}): "
+                               f"see {os.path.join(run_dir(label, seed), 'train.log')}")
+    bar.close()
+
+
+def summarize(label):
+    """One table row for a run: its seeds' final exact val bits per byte, and their mean figures."""
+    logs = [rows for seed in seeds + repeat_seeds if (rows := read_log(label, seed)) and finished(label, seed)]
+    if not logs:
+        return None
+    head = next(row for row in logs[0] if "params" in row)
+    final = [next(row for row in rows if "exact_val_bpb" in row) for rows in logs]
+    # the first logged steps of each run include compiling
+    speed = [row for rows in logs for row in [r for r in rows if "tokens_per_s" in r][1:]]
+    bpb = [row["exact_val_bpb"] for row in final]
+    mean = sum(bpb) / len(bpb)
+    std = math.sqrt(sum((b - mean) ** 2 for b in bpb) / (len(bpb) - 1)) if len(bpb) > 1 else None
+    return {"label": label, "params": head["params"], "active_params": head["active_params"],
+            "flops": final[0]["tokens"] * head["flops_per_token"], "tokens": final[0]["tokens"], "bpb": mean, "std": std,
+            "seeds": len(bpb), "tokens_per_s": sum(r["tokens_per_s"] for r in speed) / max(1, len(speed)),
+            "mfu": sum(r["mfu"] for r in speed) / max(1, len(speed)), "device": head["device"],
+            "peak_mem_gib": max((r.get("peak_mem_gib", 0.0) for rows in logs for r in rows), default=0.0)}
+
+
+def write_results():
+    rows = [row for label in jobs if (row := summarize(label))]
+    lines = [f"# {sweep}", "",
+             f"Budget: {f'{train_flops:.3g} training FLOPs' if train_flops else f'{train_tokens:,} tokens' if train_tokens else 'each run its own'} "
+             f"per run; device: {', '.join(sorted({row['device'] for row in rows}))}.", "",
+             "| run | params (total / active) | training FLOPs | tokens | exact val bits per byte | tokens/s | MFU | peak memory |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: r["bpb"]):
+        bpb = f"{r['bpb']:.4f}" + (f" ± {r['std']:.4f} ({r['seeds']} seeds)" if r["std"] is not None else "")
+        lines.append(f"| {r['label']} | {r['params'] / 1e6:.2f}M / {r['active_params'] / 1e6:.2f}M | {r['flops']:.3g} | "
+                     f"{r['tokens']:,} | {bpb} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {r['peak_mem_gib']:.1f} GiB |")
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot_curves()
+    return rows
+
+
+def plot_curves():
+    """<out_dir>/val.png: each run's val loss (first seed) against training FLOPs spent (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label in jobs:
+        rows = next((rows for seed in seeds if (rows := read_log(label, seed))), [])
+        head = next((row for row in rows if "params" in row), None)
+        points = [(row["tokens"] * head["flops_per_token"], row["val_loss"]) for row in rows if "val_loss" in row] if head else []
+        if points:
+            ax.plot(*zip(*points), marker="o", label=label)
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("val loss (nats/token)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title(sweep)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "val.png"), dpi=120)
+    print(f"wrote {os.path.join(out_dir, 'val.png')}")
+
+
+os.makedirs(out_dir, exist_ok=True)
+if not report_only:
+    run_all([(label, seed) for seed in seeds for label in jobs])
+    if repeat_best:
+        first, *others = jobs
+        best = sorted((label for label in others if summarize(label)), key=lambda label: summarize(label)["bpb"])
+        run_all([(label, seed) for seed in repeat_seeds for label in [first, *best[:repeat_best]]])
+write_results()

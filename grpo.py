@@ -1,0 +1,602 @@
+"""
+Post-training on verifiable tasks: supervised fine-tuning (SFT) and GRPO, from a checkpoint of train.py.
+
+    python grpo.py --mode=tasks --task=addition                            # write the task files (train + held-out)
+    python grpo.py config/grpo_addition.py --init_from=out/addition_pretrain  # GRPO
+    python grpo.py --mode=sft --init_from=out/base --sft_data=data/tasks/addition_train.jsonl --chat=True
+    python grpo.py --mode=eval --init_from=out/grpo_addition                # greedy pass@1, sampled pass@k (held-out)
+    torchrun --standalone --nproc_per_node=2 grpo.py config/grpo_addition.py  # DDP
+
+GRPO (DeepSeekMath, arXiv 2402.03300 §4.1): for each prompt q, sample a group of G completions from the policy
+as it was before this step (pi_old), score them, and give every token of completion i the advantage
+A_i = (r_i - mean(r)) / (std(r) + 1e-4) over its group. Maximize, per completion token t,
+min(rho_t A_i, clip(rho_t, 1 - eps, 1 + eps_high) A_i) - beta KL_t, with rho_t = pi(o_t | q, o_<t) / pi_old(o_t | ...)
+a per-token ratio and KL_t = pi_ref / pi - log(pi_ref / pi) - 1 (the k3 estimator, >= 0) against a frozen copy of
+the starting policy. Every default below can be changed by a config file and --key=value, as in train.py.
+"""
+import copy
+import importlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+import zlib
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from configurator import (autocast, fail, init_processes, load_checkpoint, parse_config, pick_device, pick_dtype,
+                          print0, save_checkpoint)
+from hf import from_hf
+from model import GPT, GPTConfig
+from optim import clip_grad_norm_, configure_optimizers
+from tokenizer import Tokenizer
+
+# -----------------------------------------------------------------------------
+# defaults
+# what to do
+mode = "grpo"                 # 'grpo'; 'sft' (on sft_data); 'eval' (held-out pass@1, pass@k); 'tasks' (write task files)
+init_from = "out"             # a folder (or ckpt.pt) of train.py or grpo.py, 'resume' (continue out_dir), or 'hf:FOLDER'
+out_dir = "out/grpo"          # checkpoint, log.jsonl and grpo.png go here
+tokenizer = ""                # tokenizer.model, 'gpt2' or a HF folder; '' = the one beside the checkpoint (hf: the folder's)
+block_size = 1024             # init_from='hf:...': the context the model is loaded with (0 = the folder's own), as sample.py
+# task and reward
+task = "addition"             # 'addition' (two operands of 1 to 3 digits) or 'reverse' (a list of 3 to 6 letters)
+chat = False                  # prompts in the chat template (<|user|> ... <|end|><|assistant|>), completions end at <|end|>
+reward = ""                   # 'module:function' (prompt, completion) -> float instead of the task's exact match
+format_reward = 0.0           # added to the reward of a completion that is exactly '#### <answer-shaped text>'
+n_eval = 500                  # held-out prompts in each evaluation (0: none, e.g. SFT on your own data)
+eval_k = 8                    # sampled pass@k in mode 'eval': k completions per prompt at `temperature`
+eval_batch_size = 512         # prompts per generate call when evaluating
+task_dir = "data/tasks"       # mode 'tasks' writes <task>_train.jsonl and <task>_held_out.jsonl here
+n_task_examples = 100000      # mode 'tasks': rows of <task>_train.jsonl
+# rollouts
+prompts_per_step = 32         # prompts per optimizer step, over all processes
+group_size = 8                # G: completions sampled per prompt
+max_completion_length = 16    # new tokens per completion at most
+temperature = 1.0             # sampling temperature; the log-probs divide the logits by it too
+# objective
+loss_agg = "dapo"             # 'grpo' (completion means, then their mean), 'dapo' (token mean), 'dr_grpo' (see policy_loss)
+mu = 1                        # inner iterations: optimizer steps over the same rollouts
+eps = 0.2                     # clip range below (and above, unless eps_high)
+eps_high = 0.0                # DAPO's separate upper clip (e.g. 0.28); 0 = eps
+beta = 0.0                    # weight of the k3 KL to the frozen reference; 0 = no reference model at all
+micro_batch_size = 0          # rollouts per forward/backward (gradients accumulate); 0 = all at once
+# SFT
+sft_data = ""                 # JSONL of {"prompt": ..., "response": ...} rows; the loss is on the response tokens only
+batch_size = 32               # SFT: pairs per optimizer step, over all processes
+# optimizer and schedule
+optimizer = "adamw"           # 'adamw' or 'muon' (optim.py, as in train.py)
+learning_rate = 1e-5
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.99
+grad_clip = 1.0               # clip the global gradient norm to this (0 = off)
+warmup_iters = 10             # linear warmup, then constant
+max_iters = 500               # optimizer steps (GRPO: rollout batches; SFT: batches of pairs)
+max_minutes = 0.0             # GRPO: also stop (evaluate and save) after this many minutes; 0 = no limit
+eval_interval = 50            # evaluate on the held-out split and save a checkpoint every this many steps
+log_interval = 1
+# system
+device = "auto"
+dtype = "auto"
+seed = 1337
+# -----------------------------------------------------------------------------
+
+# -----------------------------------------------------------------------------
+# tasks: problems generated by code, split forever by a hash of the prompt
+
+ANSWER_MARKER = "####"  # a completion's answer is the rest of the line after the marker (GSM8K's convention)
+HELD_OUT_PER_100 = 10   # the share of all problems that only ever serve evaluation
+EVAL_SEED = 0           # the held-out prompts of every evaluation, whatever the run's seed
+
+
+def addition_problem(rng):
+    """'a + b = ?\\n' -> 'a+b', with each operand of 1, 2 or 3 digits (the digit count uniform, then the value)."""
+    a, b = (rng.randrange(*rng.choice([(0, 10), (10, 100), (100, 1000)])) for _ in range(2))
+    return f"{a} + {b} = ?\n", str(a + b)
+
+
+def reverse_problem(rng):
+    """'reverse: a b c\\n' -> 'c b a', a list of 3 to 6 lowercase letters."""
+    letters = [rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 6))]
+    return f"reverse: {' '.join(letters)}\n", " ".join(reversed(letters))
+
+
+TASKS = {"addition": addition_problem, "reverse": reverse_problem}
+ANSWER_SHAPES = {"addition": r"-?\d+", "reverse": r"[a-z]( [a-z])*"}  # what the format reward accepts
+
+
+def is_held_out(prompt):
+    return zlib.crc32(prompt.encode()) % 100 < HELD_OUT_PER_100
+
+
+def problems(task, held_out, seed, n):
+    """n distinct (prompt, answer) pairs of one side of the split, drawn with `seed`."""
+    rng, seen = random.Random(seed), {}
+    while len(seen) < n:
+        prompt, answer = TASKS[task](rng)
+        if is_held_out(prompt) == held_out:
+            seen.setdefault(prompt, answer)
+    return list(seen.items())
+
+
+def extract_answer(completion):
+    """The text after the first answer marker up to the end of its line, stripped; None without a marker."""
+    match = re.search(re.escape(ANSWER_MARKER) + r"([^\n]*)", completion)
+    return match[1].strip() if match else None
+
+
+def has_format(completion, task):
+    """The completion is exactly the marker and an answer-shaped text (a stop token is cut off before this)."""
+    return re.fullmatch(rf"\s*{ANSWER_MARKER} {ANSWER_SHAPES[task]}\s*", completion) is not None
+
+
+# -----------------------------------------------------------------------------
+# the pieces of GRPO, each tested on its own (tests/test_grpo.py)
+
+def group_advantages(rewards, group_size, scale=True):
+    """
+    rewards (N,), the G completions of each prompt contiguous -> advantages (N,) and a (N / G,) mask of the groups
+    whose rewards are all equal. A = r - group mean, divided by the group's population std (+ 1e-4, as TRL) when
+    scale; Dr. GRPO (arXiv 2503.20783 §3.1) drops the division, which over-weights too easy and too hard prompts.
+    """
+    r = rewards.view(-1, group_size)
+    std = r.std(dim=1, unbiased=False, keepdim=True)
+    advantages = r - r.mean(dim=1, keepdim=True)
+    if scale:
+        advantages = advantages / (std + 1e-4)
+    return advantages.flatten(), std.flatten() == 0
+
+
+def layout(prompts, completions, pad_id):
+    """
+    Rows prompt + completion, left-aligned and right-padded with pad_id: under causal attention no real token
+    sees a pad, so no padding mask is needed, and a token's position is its position in generation (which counts
+    from each row's first prompt token). Returns idx (B, T) and targets (B, T): the next token where it belongs to
+    the completion, else -1 (the prompt and the padding take no loss and give no gradient).
+    """
+    T = max(len(p) + len(c) for p, c in zip(prompts, completions)) - 1
+    idx = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(prompts), T), -1, dtype=torch.long)
+    for row, (p, c) in enumerate(zip(prompts, completions)):
+        sequence = torch.tensor(p + c)
+        idx[row, :len(sequence) - 1] = sequence[:-1]
+        targets[row, len(p) - 1:len(sequence) - 1] = sequence[len(p):]
+    return idx, targets
+
+
+def token_logprobs(model, idx, targets, temperature=1.0):
+    """log pi(target) (B, T) at each position with a target, 0 elsewhere: an fp32 log-softmax of logits / temperature,
+    the distribution the completions were sampled from."""
+    logits = model(idx, targets)[0]  # (B, T, V): with targets the model returns every position's logits
+    logprobs = (logits.float() / temperature).log_softmax(dim=-1)
+    return logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets >= 0)
+
+
+def kl_k3(logprobs, ref_logprobs):
+    """Per-token k3 estimate of KL(pi || pi_ref): pi_ref/pi - log(pi_ref/pi) - 1 >= 0 (x - log x - 1 >= 0)."""
+    log_ratio = ref_logprobs - logprobs
+    return log_ratio.exp() - log_ratio - 1
+
+
+def policy_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, eps, eps_high, beta, loss_agg,
+                n_completions, n_tokens, max_completion_length):
+    """
+    The clipped surrogate plus beta * k3 KL per token, aggregated by loss_agg (variants.md §10.2). logprobs,
+    old_logprobs, ref_logprobs, mask (B, T); advantages (B,); ref_logprobs is None when beta = 0. n_completions
+    and n_tokens are the whole step's counts (every micro-batch on every process), so that the parts add up to one
+    loss. Returns the loss and the sums of the tokens' KL and of the clipped tokens (for the logs).
+    """
+    ratio = (logprobs - old_logprobs).exp()
+    surrogate = ratio * advantages[:, None]
+    clipped = ratio.clamp(1 - eps, 1 + eps_high) * advantages[:, None]
+    per_token = -torch.min(surrogate, clipped)
+    kl = kl_k3(logprobs, ref_logprobs) if beta else torch.zeros_like(logprobs)
+    per_token = (per_token + beta * kl) * mask
+    if loss_agg == "grpo":  # each completion's mean over its tokens, then the mean over completions (DeepSeekMath)
+        loss = (per_token.sum(dim=1) / mask.sum(dim=1)).sum() / n_completions
+    elif loss_agg == "dapo":  # every token of the step weighs the same (DAPO, arXiv 2503.14476 §3.3)
+        loss = per_token.sum() / n_tokens
+    elif loss_agg == "dr_grpo":  # a constant normalizer: no length bias (Dr. GRPO §3.1)
+        loss = per_token.sum() / (n_completions * max_completion_length)
+    else:
+        raise ValueError(f"unknown loss_agg '{loss_agg}' (choose grpo, dapo or dr_grpo)")
+    was_clipped = (clipped < surrogate) & (mask > 0)  # min() took the clipped side
+    return loss, (kl * mask).sum().detach(), was_clipped.sum()
+
+
+@torch.no_grad()
+def sample_completions(model, prompts, n, max_new_tokens, temperature, stop_id, generator=None):
+    """n completions of each prompt (lists of ids), the copies of a prompt contiguous, from one batched, KV-cached
+    model.generate call over the left-padded prompts. A completion keeps its first stop_id and ends there."""
+    rows = [prompt for prompt in prompts for _ in range(n)]
+    steps = model.generate(rows, max_new_tokens, temperature, eos_id=stop_id, generator=generator)
+    return [row[:row.index(stop_id) + 1] if stop_id in row else row for row in torch.stack(list(steps), 1).tolist()]
+
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    defaults = {k: v for k, v in globals().items() if not k.startswith("_") and not k.isupper()
+                and isinstance(v, (int, float, bool, str))}
+    config = parse_config(defaults, sys.argv[1:])
+    globals().update(config)
+    if mode not in ("grpo", "sft", "eval", "tasks"):
+        fail(f"unknown mode '{mode}' (choose grpo, sft, eval or tasks)")
+    if task not in TASKS:
+        fail(f"unknown task '{task}' (choose {', '.join(TASKS)})")
+    if loss_agg not in ("grpo", "dapo", "dr_grpo"):
+        fail(f"unknown loss_agg '{loss_agg}' (choose grpo, dapo or dr_grpo)")
+    if mode == "grpo" and temperature <= 0:
+        fail(f"GRPO samples its groups: temperature={temperature} must be above 0")
+    eps_high = eps_high or eps
+
+    if mode == "tasks":
+        # one file per side of the split; a row's "text" (prompt + response) is what prepare.py --input reads, its
+        # "prompt" and "response" what --mode=sft reads
+        os.makedirs(task_dir, exist_ok=True)
+        for side, n, side_seed in (("train", n_task_examples, seed), ("held_out", n_eval, EVAL_SEED)):
+            path = os.path.join(task_dir, f"{task}_{side}.jsonl")
+            with open(path, "w") as f:
+                for prompt, answer in problems(task, side == "held_out", side_seed, n):
+                    response = f"{ANSWER_MARKER} {answer}"
+                    f.write(json.dumps({"prompt": prompt, "response": response, "text": prompt + response}) + "\n")
+            print(f"wrote {n:,} {task} problems to {path}")
+        raise SystemExit
+
+    # -------------------------------------------------------------------------
+    # processes, device, precision
+
+    ddp, rank, world_size, device = init_processes(pick_device(device))
+    device_type = device.split(":")[0]
+    master = rank == 0
+    for name, value in (("prompts_per_step", prompts_per_step), ("batch_size", batch_size)):
+        if value % world_size:
+            fail(f"{name}={value} must be a multiple of the {world_size} processes")
+    dtype = pick_dtype(device, dtype)
+    amp = autocast(device, dtype)
+    torch.manual_seed(seed + rank)
+    torch.backends.cuda.matmul.allow_tf32 = True
+
+    # -------------------------------------------------------------------------
+    # the policy: a checkpoint of train.py or grpo.py, this run's own checkpoint, or a Hugging Face folder
+
+
+    def load_model(source):
+        """A GPT from a checkpoint (folder or file) or 'hf:FOLDER', its tokenizer's path, and the checkpoint dict."""
+        if source.startswith("hf:"):
+            return from_hf(source[3:], block_size), tokenizer or source[3:], None
+        checkpoint = load_checkpoint(source)
+        model = GPT(GPTConfig(**checkpoint["model_config"]))
+        model.load_state_dict(checkpoint["model"])
+        folder = source if os.path.isdir(source) else os.path.dirname(source)
+        saved = checkpoint["tokenizer"]
+        return model, tokenizer or (saved if saved == "gpt2" else os.path.join(folder, saved)), checkpoint
+
+
+    resume = init_from == "resume"
+    checkpoint_path = os.path.join(out_dir, "ckpt.pt")
+    policy, tokenizer_path, checkpoint = load_model(checkpoint_path if resume else init_from)
+    start_from = checkpoint["config"]["init_from"] if resume else init_from  # the reference model is this one
+    tok = Tokenizer.load(tokenizer_path)
+    if tok.vocab_size > policy.config.vocab_size:
+        fail(f"the tokenizer's {tok.vocab_size} ids do not fit the model's vocab_size={policy.config.vocab_size}")
+    if chat and tok.special["user"] is None:
+        fail(f"chat=True needs nanollm's chat markers, which the tokenizer {tokenizer_path} does not have")
+    stop_id = tok.special["end"] if chat else tok.eos_id
+    # documents follow an end-of-document token in our shards; a Hugging Face model's begin with its bos, if any
+    first = tok.bos_id if tok.kind == "hf" else tok.eos_id
+    # In GRPO the policy stays in eval mode: no dropout, so that the update's log-probs are those of sampling, and
+    # dropless MoE layers (their balance losses and the MTP modules play no part in GRPO). SFT trains in train mode.
+    policy.to(device).eval()
+    reference = None
+    if mode == "grpo" and beta > 0:
+        reference = load_model(start_from)[0] if resume else copy.deepcopy(policy)
+        reference.to(device).eval().requires_grad_(False)
+    eval_problems = problems(task, True, EVAL_SEED, n_eval)
+
+
+    def encode_prompt(text):
+        """Prompt ids: a document's first token, then the text (inside the chat markers with chat=True)."""
+        ids = [] if first is None else [first]
+        if chat:
+            ids += [tok.special["user"], *tok.encode(text), tok.special["end"], tok.special["assistant"]]
+        else:
+            ids += tok.encode(text)
+        if len(ids) + max_completion_length > policy.config.block_size:
+            fail(f"a prompt of {len(ids)} tokens plus max_completion_length={max_completion_length} exceeds the "
+                 f"model's block_size={policy.config.block_size}")
+        return ids
+
+
+    if reward:
+        module_name, _, function_name = reward.partition(":")
+        try:
+            user_reward = getattr(importlib.import_module(module_name), function_name)
+        except (ImportError, AttributeError, ValueError) as e:
+            fail(f"cannot load reward '{reward}' (module:function): {e}")
+
+
+    def score(prompt, completion, answer):
+        """(reward, correct) of one completion (ids); the stop token is cut off before its text is scored, and so are
+        ids past the tokenizer's (the model's vocabulary is rounded up), which are no text."""
+        text = tok.decode([i for i in completion if i != stop_id and i < tok.vocab_size])
+        correct = extract_answer(text) == answer
+        r = float(user_reward(prompt, text)) if reward else float(correct)
+        return r + format_reward * has_format(text, task), correct
+
+
+    def all_reduce_sum(*values):
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        if ddp:
+            dist.all_reduce(t)
+        return t.tolist()
+
+
+    @torch.no_grad()
+    def evaluate(k=0):
+        """Greedy pass@1 on the held-out prompts, and with k > 0 sampled pass@k (one of k completions correct)."""
+        generator = torch.Generator(device).manual_seed(seed + rank)
+        mine = eval_problems[rank::world_size]
+        greedy = sampled = 0
+        for start in range(0, len(mine), eval_batch_size):
+            chunk = mine[start:start + eval_batch_size]
+            prompts = [encode_prompt(p) for p, _ in chunk]
+            with amp:
+                best = sample_completions(policy, prompts, 1, max_completion_length, 0.0, stop_id)
+                tries = sample_completions(policy, prompts, k, max_completion_length, temperature, stop_id,
+                                           generator) if k else []
+            greedy += sum(score(p, c, a)[1] for (p, a), c in zip(chunk, best))
+            sampled += sum(any(score(p, c, a)[1] for c in tries[i * k:(i + 1) * k]) for i, (p, a) in enumerate(chunk))
+        greedy, sampled = all_reduce_sum(greedy, sampled)
+        return {"pass@1": greedy / n_eval, **({f"pass@{k}": sampled / n_eval} if k else {})}
+
+
+    if mode == "eval":
+        result = evaluate(eval_k)
+        print0(f"{task} held-out, {n_eval} prompts: " + ", ".join(f"{k} {value:.4f}" for k, value in result.items()))
+        raise SystemExit
+
+    # -------------------------------------------------------------------------
+    # optimizer, logs, checkpoints
+
+    if optimizer == "muonclip":
+        fail("optimizer='muonclip' is train.py's (QK-Clip needs its logit measurements): use 'adamw' or 'muon'")
+    try:
+        optim = configure_optimizers(policy, optimizer, learning_rate, weight_decay, (beta1, beta2), device_type)
+    except ValueError as e:
+        fail(str(e))
+    iter_num = 0
+    if resume:
+        optim.load_state_dict(checkpoint["optimizer"])
+        iter_num = checkpoint["step"]
+    model = DDP(policy, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None,
+                broadcast_buffers=False) if ddp else policy
+    log_path = os.path.join(out_dir, "log.jsonl")
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        # sample.py and grpo.py find the tokenizer beside the checkpoint (a HF one with its settings)
+        hf_files = [os.path.join(tok.path, name) for name in ("tokenizer.json", "tokenizer_config.json")]
+        for path in {"bpe": [tok.path], "hf": hf_files}.get(tok.kind, []):
+            target = os.path.join(out_dir, os.path.basename(path))
+            if os.path.isfile(path) and not (os.path.exists(target) and os.path.samefile(path, target)):
+                shutil.copy(path, target)
+        rows = []
+        if resume and os.path.exists(log_path):  # forget what the interrupted run logged after its checkpoint
+            with open(log_path) as f:
+                rows = [r for r in map(json.loads, f) if r["step"] < iter_num
+                        or (r["step"] == iter_num and "eval_accuracy" not in r)]
+        with open(log_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+    def log(row):
+        if master:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+    def evaluate_and_save():
+        if n_eval:
+            accuracy = evaluate()["pass@1"]
+            print0(f"step {iter_num}: held-out greedy accuracy {accuracy:.4f}")
+            log({"step": iter_num, "eval_accuracy": accuracy})
+        if master and iter_num > 0:
+            save_checkpoint(checkpoint_path, {
+                "model": policy.state_dict(), "optimizer": optim.state_dict(), "model_config": asdict(policy.config),
+                "config": {**config, "init_from": start_from}, "step": iter_num, "eos_id": tok.eos_id,
+                "tokenizer": {"gpt2": "gpt2", "bpe": "tokenizer.model", "hf": "tokenizer.json"}[tok.kind]})
+
+
+    def plot():
+        """out_dir/grpo.png: each step's mean reward (or SFT loss) and the held-out accuracy (needs matplotlib)."""
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print0("matplotlib is not installed: no plot (pip install matplotlib)")
+            return
+        with open(log_path) as f:
+            rows = [json.loads(line) for line in f]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key, label in (("reward", "mean reward of the rollouts"), ("loss", "SFT loss"),
+                           ("eval_accuracy", "held-out greedy accuracy")):
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if points:
+                ax.plot(*zip(*points), label=label, marker="o" if key == "eval_accuracy" else None)
+        ax.set_xlabel("step")
+        ax.legend()
+        ax.set_title(f"{mode} on {task}: {out_dir}")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "grpo.png"), dpi=120)
+        print0(f"wrote {os.path.join(out_dir, 'grpo.png')}")
+
+
+    def optimizer_step(step):
+        """Linear warmup, then a constant learning rate."""
+        for group in optim.param_groups:
+            group["lr"] = learning_rate * min(1.0, (step + 1) / (warmup_iters + 1)) * group.get("lr_ratio", 1.0)
+        if grad_clip > 0:
+            clip_grad_norm_(model.parameters(), grad_clip)  # optim.py's: Engram tables have sparse gradients
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+
+
+    # -------------------------------------------------------------------------
+    # SFT: the next-token loss on the response tokens (and the stop token) of prompt/response pairs
+
+    if mode == "sft":
+        if not os.path.isfile(sft_data):
+            fail(f"sft_data {sft_data!r} not found: give a JSONL file of {{\"prompt\": ..., \"response\": ...}} rows")
+        pairs = []
+        with open(sft_data) as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    row = json.loads(line)
+                    pairs.append((encode_prompt(row["prompt"]), tok.encode(row["response"]) + [stop_id]))
+                except (ValueError, KeyError, TypeError):
+                    fail(f"{sft_data} line {number} is not a JSON object with 'prompt' and 'response' strings")
+        epoch_orders = {}
+
+
+        def pair(i):
+            """The run's i-th pair: every epoch is a seeded shuffle, so no world size or resume changes the order."""
+            epoch = i // len(pairs)
+            if epoch not in epoch_orders:
+                epoch_orders[epoch] = random.Random(seed + epoch).sample(range(len(pairs)), len(pairs))
+            return pairs[epoch_orders[epoch][i % len(pairs)]]
+
+
+        per_process = batch_size // world_size
+        t_last = time.time()
+        while True:
+            if iter_num % eval_interval == 0 or iter_num == max_iters:
+                evaluate_and_save()
+            if iter_num >= max_iters:
+                break
+            first = iter_num * batch_size + rank * per_process
+            batch = [pair(i) for i in range(first, first + per_process)]
+            idx, targets = layout([p for p, _ in batch], [r for _, r in batch], tok.pad_id)
+            policy.train()
+            with amp:
+                loss = model(idx.to(device), targets.to(device))[1]  # the mean over the responses' tokens
+            loss.backward()
+            optimizer_step(iter_num)
+            policy.eval()
+            iter_num += 1
+            if iter_num % log_interval == 0 or iter_num == max_iters:
+                loss = all_reduce_sum(loss.item())[0] / world_size
+                dt = (time.time() - t_last) / log_interval
+                print0(f"step {iter_num}: loss {loss:.4f}, {dt * 1000:.0f} ms/step")
+                log({"step": iter_num, "loss": loss, "step_s": dt})
+                t_last = time.time()
+        plot()
+        raise SystemExit
+
+    # -------------------------------------------------------------------------
+    # GRPO
+
+    per_process = prompts_per_step // world_size
+    print0(f"GRPO on {task}: {policy.num_params() / 1e6:.2f}M parameters, {prompts_per_step} prompts x {group_size} "
+           f"completions per step, {max_iters} steps, loss_agg={loss_agg}, beta={beta}, {world_size} process(es) on "
+           f"{device} in {dtype}")
+    t_start = time.time()
+    while True:
+        # with max_minutes, every process stops at the first step where process 0 has run out of time
+        out_of_time = max_minutes > 0 and all_reduce_sum(float(master and time.time() - t_start > 60 * max_minutes))[0]
+        if iter_num % eval_interval == 0 or iter_num == max_iters or out_of_time:
+            evaluate_and_save()
+        if iter_num >= max_iters or out_of_time:
+            break
+
+        # rollouts: this process's share of the step's prompts (drawn from the step number: the same on resume)
+        t0 = time.time()
+        batch = problems(task, False, seed * 1_000_003 + iter_num, prompts_per_step)[rank * per_process:][:per_process]
+        prompts = [encode_prompt(p) for p, _ in batch]
+        generator = torch.Generator(device).manual_seed((seed * 1_000_003 + iter_num) * world_size + rank)
+        with amp:
+            completions = sample_completions(policy, prompts, group_size, max_completion_length, temperature,
+                                             stop_id, generator)
+        rollout_time = time.time() - t0  # generate() waits for the device at every token, so this is real time
+        scored = [score(batch[i // group_size][0], c, batch[i // group_size][1]) for i, c in enumerate(completions)]
+        rewards = torch.tensor([r for r, _ in scored])
+        # a group whose completions all scored alike has no advantage: it is skipped (and counted)
+        advantages, zero_variance = group_advantages(rewards, group_size, scale=loss_agg != "dr_grpo")
+        keep = (~zero_variance).repeat_interleave(group_size).nonzero().flatten().tolist()
+        lengths = [len(c) for c in completions]
+        n_completions, n_tokens = all_reduce_sum(len(keep), sum(lengths[i] for i in keep))
+
+        t1 = time.time()
+        kl_sum = clip_sum = 0.0
+        if n_completions > 0:
+            # a process left with no rollout still joins DDP's gradient all-reduce: one rollout, weighted 0
+            rows, weight = (keep, 1.0) if keep else ([0], 0.0)
+            size = micro_batch_size or len(rows)
+            micro = []  # per micro-batch: idx, targets, advantages, reference log-probs, old log-probs
+            for start in range(0, len(rows), size):
+                part = rows[start:start + size]
+                idx, targets = layout([prompts[i // group_size] for i in part], [completions[i] for i in part],
+                                      tok.pad_id)
+                idx, targets = idx.to(device), targets.to(device)
+                ref_logprobs = None
+                if reference is not None:
+                    with torch.no_grad(), amp:
+                        ref_logprobs = token_logprobs(reference, idx, targets, temperature)
+                micro.append([idx, targets, advantages[part].to(device), ref_logprobs, None])
+            for _ in range(mu):
+                for m, (idx, targets, adv, ref_logprobs, old_logprobs) in enumerate(micro):
+                    if ddp:  # all-reduce the gradients once, after the last micro-batch
+                        model.require_backward_grad_sync = m == len(micro) - 1
+                    with amp:
+                        logprobs = token_logprobs(model, idx, targets, temperature)
+                    if old_logprobs is None:
+                        # pi_old is the policy before the step's first update, so at the first inner iteration it is
+                        # this very forward (rho = 1 exactly); the later iterations reuse it
+                        old_logprobs = micro[m][4] = logprobs.detach()
+                    loss, kl, clipped = policy_loss(logprobs, old_logprobs, ref_logprobs, adv, (targets >= 0).float(),
+                                                    eps, eps_high, beta, loss_agg, n_completions, n_tokens,
+                                                    max_completion_length)
+                    (loss * weight * world_size).backward()  # DDP averages over processes; the normalizers are global
+                    kl_sum += kl.item() * weight / mu
+                    clip_sum += clipped.item() * weight / mu
+                optimizer_step(iter_num)
+        update_time = time.time() - t1
+        iter_num += 1
+
+        if iter_num % log_interval == 0 or iter_num == max_iters:
+            n = prompts_per_step * group_size
+            totals = all_reduce_sum(rewards.sum().item(), rewards.square().sum().item(), sum(c for _, c in scored),
+                                    sum(lengths), zero_variance.sum().item(), kl_sum, clip_sum, rollout_time,
+                                    update_time)
+            reward_sum, reward_sq, correct, tokens, n_zero, kl_sum, clip_sum, rollout_time, update_time = totals
+            mean = reward_sum / n
+            row = {"step": iter_num, "reward": mean, "reward_std": math.sqrt(max(0.0, reward_sq / n - mean**2)),
+                   "accuracy": correct / n, "kl": kl_sum / max(1.0, n_tokens),
+                   "clip_frac": clip_sum / max(1.0, n_tokens),
+                   "completion_len": tokens / n, "zero_variance_groups": int(n_zero),
+                   "rollout_s": rollout_time / world_size, "update_s": update_time / world_size,
+                   "rollout_tokens_per_s": tokens / rollout_time * world_size}
+            print0(f"step {iter_num}: reward {mean:.3f} ± {row['reward_std']:.3f}, accuracy {row['accuracy']:.3f}, "
+                   f"kl {row['kl']:.4f}, clip {row['clip_frac']:.3f}, length {row['completion_len']:.1f}, "
+                   f"zero-variance groups {int(n_zero)}, rollout {row['rollout_s'] * 1000:.0f} ms "
+                   f"({row['rollout_tokens_per_s']:,.0f} tokens/s), update {row['update_s'] * 1000:.0f} ms")
+            log(row)
+    if master:
+        with open(log_path) as f:
+            rows = [json.loads(line) for line in f]
+        accuracy = [r["eval_accuracy"] for r in rows if "eval_accuracy" in r]
+        speed = [r["rollout_tokens_per_s"] for r in rows if "rollout_tokens_per_s" in r]
+        print(f"done: step {iter_num} after {time.time() - t_start:.0f} s of GRPO"
+              + (f"; held-out greedy accuracy {accuracy[0]:.4f} -> {accuracy[-1]:.4f}" if accuracy else "")
+              + (f"; rollouts {sum(speed) / len(speed):,.0f} tokens/s (mean over steps)" if speed else ""))
+    plot()
+    if ddp:
+        dist.destroy_process_group()

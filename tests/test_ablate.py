@@ -1,0 +1,107 @@
+"""Fixed-compute accounting and ablations: FLOPs by hand, budgets, the sweep runner, the task scorer."""
+import json
+import os
+
+import torch
+
+from conftest import run_stage
+from model import GPT, GPTConfig
+
+TINY = "--device=cpu --n_layer=2 --n_embd=32 --n_head=4 --block_size=32 --batch_size=4 --eval_iters=2 --log_interval=2"
+
+
+def read_log(path):
+    with open(os.path.join(path, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_dense_flops_per_token_equal_a_hand_count():
+    c = GPTConfig(n_layer=3, n_head=4, n_embd=64, vocab_size=100, block_size=16, mlp_hidden=96)
+    d, T = 64, 16
+    per_layer = 4 * d * d + 3 * d * 96  # q, k, v, output projection; gate, up, down
+    matmul = 3 * per_layer + 100 * d  # + the output head
+    attention = 3 * 2 * 4 * (16 + 16) * (T + 1) / 2  # per layer: 2 FLOPs x heads x (qk + v dims) x mean keys
+    assert GPT(c).flops_per_token(T) == 3 * (2 * matmul + attention)
+
+
+def test_moe_active_flops_scale_with_topk_not_with_experts():
+    def flops(**moe):
+        return GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, vocab_size=64, block_size=16, moe_hidden=16, **moe)).flops_per_token()
+    base = flops(n_experts=4, moe_topk=1)
+    assert flops(n_experts=16, moe_topk=1) - base == 3 * 2 * 2 * 32 * (16 - 4)  # only the 2 routers grow
+    expert = 3 * 2 * 3 * 32 * 16 * 2  # one more expert per token: 3 matrices in each of 2 layers
+    assert flops(n_experts=4, moe_topk=2) - base == expert
+
+
+def test_flops_budget_sets_the_steps_within_one_percent(tiny_data, tmp_path):
+    budget = 2.3e9  # about 61 steps of 128 tokens
+    run_stage("train.py", f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", *TINY.split(), f"--train_flops={budget}",
+              "--eval_interval=1000")
+    rows = read_log(tmp_path)
+    head, final = rows[0], rows[-1]
+    assert abs(final["tokens"] * head["flops_per_token"] - budget) / budget < 0.01
+
+
+def test_sweep_runs_tabulates_and_resumes_without_redoing_finished_runs(tiny_data, tmp_path):
+    sweep = tmp_path / "sweep.py"
+    sweep.write_text(f"""
+out_dir = {str(tmp_path / 'out')!r}
+runs = ["narrow: --n_embd=16", "base: ", "deep: --n_layer=3"]
+common = "--data_dir={tiny_data} {TINY} --eval_interval=4"
+train_tokens = 1280
+seeds = [1]
+repeat_best = 1
+repeat_seeds = [2]
+parallel = 2
+""")
+    run_stage("ablate.py", str(sweep))
+    out = tmp_path / "out"
+    # every run once; the first run and the best of the others again with seed 2
+    finished = sorted(p for p in os.listdir(out) if (out / p).is_dir() and any("exact_val_bpb" in r for r in read_log(out / p)))
+    bpb = {p: next(r["exact_val_bpb"] for r in read_log(out / p) if "exact_val_bpb" in r) for p in finished}
+    best = min(("base", "deep"), key=lambda label: bpb[f"{label}-s1"])
+    assert finished == sorted(["narrow-s1", "base-s1", "deep-s1", "narrow-s2", f"{best}-s2"])
+    table = (out / "results.md").read_text()
+    for label in ("narrow", "base", "deep"):
+        row = next(line for line in table.splitlines() if line.startswith(f"| {label} |"))
+        assert f"{bpb[f'{label}-s1']:.4f}" in row or label in ("narrow", best)  # two seeds: their mean
+        assert "1,280" in row
+    narrow = next(line for line in table.splitlines() if line.startswith("| narrow |"))
+    mean = (bpb["narrow-s1"] + bpb["narrow-s2"]) / 2
+    assert f"{mean:.4f} ± " in narrow and "(2 seeds)" in narrow
+    assert (out / "val.png").exists()
+    # interrupt: one run lost its final evaluation; running the sweep again redoes only that one
+    log = out / "deep-s1" / "log.jsonl"
+    log.write_text("".join(line for line in log.read_text().splitlines(True) if "exact_val_bpb" not in line))
+    commands = {p: (out / p / "train.log").read_text().count("train.py") for p in finished}
+    run_stage("ablate.py", str(sweep))
+    for p in finished:
+        assert (out / p / "train.log").read_text().count("train.py") == commands[p] + (p == "deep-s1")
+
+
+def test_task_scorer_picks_the_most_likely_choice(tiny_data, tmp_path):
+    run_stage("train.py", f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", *TINY.split(), "--max_iters=2",
+              "--eval_interval=1000")
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    model = GPT(GPTConfig(**checkpoint["model_config"]))
+    model.load_state_dict(checkpoint["model"])
+    from tokenizer import Tokenizer
+    tokenizer = Tokenizer.load(str(tmp_path / "tokenizer.model"))
+    choices = [" reads 3 books.", " sorts 5 lines.", " keeps 9 files.", " counts 2 words."]
+
+    def loglik(context, choice):  # the planted answer: the model's own most likely choice, scored by hand
+        ids = [checkpoint["eos_id"]] + tokenizer.encode(context) + tokenizer.encode(choice)
+        n = len(tokenizer.encode(choice))
+        logits = model(torch.tensor([ids[:-1]]), torch.tensor([ids[1:]]))[0][0]
+        return logits.log_softmax(-1)[-n:].gather(-1, torch.tensor(ids[-n:])[:, None]).sum().item()
+    tasks = []
+    for context in ("alice", "bob writes 4", "def f(n):"):
+        scores = [loglik(context, c) for c in choices]
+        best, worst = scores.index(max(scores)), scores.index(min(scores))
+        tasks.append({"context": context, "choices": choices, "answer": best})
+        tasks.append({"context": context, "choices": choices, "answer": worst})
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("".join(json.dumps(t) + "\n" for t in tasks))
+    result = run_stage("train.py", f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", "--device=cpu", "--eval_only=True",
+                       f"--eval_tasks={path}")
+    assert f"{path}: accuracy 0.5000" in result.stdout  # right on the 3 planted best, wrong on the 3 worst

@@ -1,0 +1,296 @@
+"""grpo.py: GRPO's pieces against hand computations, a tiny model learning a rewarded token, SFT, and the stage end to
+end (logs, checkpoints, resume, eval, DDP, bad input)."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT, run_stage
+from configurator import save_checkpoint
+from grpo import (extract_answer, group_advantages, has_format, is_held_out, kl_k3, layout, policy_loss, problems,
+                  sample_completions, token_logprobs)
+from model import GPT, GPTConfig
+
+
+# -----------------------------------------------------------------------------
+# the pieces
+
+def test_advantages_and_each_loss_aggregation_equal_a_hand_computation():
+    # two groups of G = 2; completions of 3, 1, 2 and 4 tokens (T = 4)
+    rewards = torch.tensor([1.0, 0.0, 0.2, 1.0])
+    lengths = [3, 1, 2, 4]
+    mask = torch.tensor([[1.0 if t < n else 0.0 for t in range(4)] for n in lengths])
+    logprobs = torch.tensor([[-1.0, -0.5, -2.0, 0.0], [-0.3, 0.0, 0.0, 0.0], [-1.2, -0.7, 0.0, 0.0],
+                             [-0.9, -1.1, -0.4, -2.5]])
+    old = logprobs + torch.tensor([[0.0, 0.4, -0.4, 0.0], [0.1, 0.0, 0.0, 0.0], [-0.3, 0.05, 0.0, 0.0],
+                                   [0.5, -0.1, 0.0, 0.3]])  # ratios inside and outside [1 - eps, 1 + eps_high]
+    ref = logprobs + torch.tensor([[0.2, -0.1, 0.3, 0.0], [-0.5, 0.0, 0.0, 0.0], [0.0, 0.4, 0.0, 0.0],
+                                   [0.1, 0.1, -0.2, 0.6]])
+    eps, eps_high, beta, max_len = 0.2, 0.28, 0.1, 8
+
+    # by hand: group 1 has mean 0.5 and population std 0.5, group 2 mean 0.6 and std 0.4
+    scaled = [0.5 / 0.5001, -0.5 / 0.5001, -0.4 / 0.4001, 0.4 / 0.4001]
+    unscaled = [0.5, -0.5, -0.4, 0.4]
+    advantages, zero_variance = group_advantages(rewards, 2)
+    assert torch.allclose(advantages, torch.tensor(scaled)) and not zero_variance.any()
+    assert torch.allclose(group_advantages(rewards, 2, scale=False)[0], torch.tensor(unscaled))
+    assert group_advantages(torch.tensor([1.0, 1.0, 0.0, 1.0]), 2)[1].tolist() == [True, False]
+
+    def per_token(i, t, A):
+        rho = math.exp(logprobs[i, t] - old[i, t])
+        d = float(ref[i, t] - logprobs[i, t])
+        return -min(rho * A, min(max(rho, 1 - eps), 1 + eps_high) * A) + beta * (math.exp(d) - d - 1)
+
+    def hand(agg, A):
+        sums = [sum(per_token(i, t, A[i]) for t in range(n)) for i, n in enumerate(lengths)]
+        return {"grpo": sum(s / n for s, n in zip(sums, lengths)) / 4, "dapo": sum(sums) / sum(lengths),
+                "dr_grpo": sum(sums) / (4 * max_len)}[agg]
+
+    for agg, A in (("grpo", scaled), ("dapo", scaled), ("dr_grpo", unscaled)):
+        loss, kl, clipped = policy_loss(logprobs, old, ref, torch.tensor(A), mask, eps, eps_high, beta, agg,
+                                        n_completions=4, n_tokens=sum(lengths), max_completion_length=max_len)
+        assert math.isclose(loss.item(), hand(agg, A), rel_tol=1e-5), agg
+    # clipped by hand: the tokens where min() takes the clipped side
+    n_clipped = sum(1 for i, n in enumerate(lengths) for t in range(n)
+                    if min(max(r := math.exp(logprobs[i, t] - old[i, t]), 1 - eps), 1 + eps_high) * scaled[i]
+                    < r * scaled[i])
+    assert clipped.item() == n_clipped > 0
+
+
+def test_kl_is_nonnegative_per_token_and_zero_when_policy_is_reference():
+    torch.manual_seed(0)
+    logprobs = torch.randn(64, 16).mul(3).log_softmax(-1).requires_grad_()
+    ref = torch.randn(64, 16).mul(3).log_softmax(-1)
+    assert (kl_k3(logprobs, ref) >= 0).all()
+    at_reference = kl_k3(logprobs, logprobs.detach())
+    assert (at_reference == 0).all()
+    at_reference.sum().backward()
+    assert (logprobs.grad == 0).all()  # and no pull either
+
+
+@pytest.fixture
+def batch(tiny_model):
+    """A tiny model and a batch of prompts of 2 to 6 tokens with completions of 1 to 5 tokens."""
+    model = tiny_model().eval()
+    prompts = [[1, 2], [3, 4, 5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15]]
+    completions = [[20, 21, 22], [23], [24, 25, 26, 27, 28], [29, 30]]
+    return model, prompts, completions
+
+
+def test_layout_positions_match_a_forward_of_each_row_alone(batch):
+    model, prompts, completions = batch
+    idx, targets = layout(prompts, completions, pad_id=0)
+    logprobs = token_logprobs(model, idx, targets, temperature=0.7)
+    for row, (p, c) in enumerate(zip(prompts, completions)):
+        alone = torch.tensor([p + c])
+        logits = model(alone[:, :-1], alone[:, 1:])[0][0, len(p) - 1:] / 0.7
+        expected = logits.float().log_softmax(-1).gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
+        got = logprobs[row][targets[row] >= 0]
+        assert torch.allclose(got, expected, atol=1e-5)
+        assert (logprobs[row][targets[row] < 0] == 0).all()
+
+
+def test_prompt_and_padding_tokens_get_no_gradient(batch):
+    model, prompts, completions = batch
+    idx, targets = layout(prompts, completions, pad_id=0)
+    logits = []
+
+    def keep_logits(module, inputs, out):
+        out.retain_grad()
+        logits.append(out)
+
+    model.lm_head.register_forward_hook(keep_logits)
+    logprobs = token_logprobs(model, idx, targets)
+    mask = (targets >= 0).float()
+    loss = policy_loss(logprobs, logprobs.detach(), None, torch.tensor([1.0, -1.0, 0.5, -0.5]), mask, 0.2, 0.2,
+                       0.0, "grpo", 4, mask.sum(), 8)[0]
+    loss.backward()
+    grad = logits[0].grad.abs().sum(-1)  # (B, T): the gradient reaching each position's logits
+    assert (grad[targets < 0] == 0).all() and (grad[targets >= 0] > 0).all()
+    # the padding is never seen: other pad ids give the same loss
+    idx_other_pad = torch.where((idx == 0) & (torch.arange(idx.size(1)) >= torch.tensor([4, 6, 7, 5])[:, None]), 63, idx)
+    assert not torch.equal(idx_other_pad, idx)
+    other = token_logprobs(model, idx_other_pad, targets)
+    assert torch.equal(other, logprobs)
+
+
+def test_first_inner_iteration_has_ratio_one_nothing_clipped_and_the_reinforce_gradient(batch):
+    model, prompts, completions = batch
+    idx, targets = layout(prompts, completions, pad_id=0)
+    mask = (targets >= 0).float()
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    logprobs = token_logprobs(model, idx, targets)
+    old = token_logprobs(model, idx, targets).detach()  # the training forward before the first update
+    assert torch.equal((logprobs - old).exp()[mask > 0], torch.ones(int(mask.sum())))
+    loss, _, clipped = policy_loss(logprobs, old, None, advantages, mask, 0.2, 0.2, 0.0, "dapo", 4, mask.sum(), 8)
+    assert clipped.item() == 0
+    grad = torch.autograd.grad(loss, model.lm_head.weight, retain_graph=True)[0]
+    reinforce = -(advantages[:, None] * logprobs * mask).sum() / mask.sum()  # REINFORCE with the group baseline
+    assert torch.allclose(grad, torch.autograd.grad(reinforce, model.lm_head.weight)[0], atol=1e-7)
+
+
+def test_sampled_completions_are_grouped_and_stop_at_the_stop_token(tiny_model):
+    model = tiny_model().eval()
+    completions = sample_completions(model, [[1, 2, 3], [4]], 3, 6, 0.0, stop_id=5)
+    assert len(completions) == 6 and completions[0] == completions[1] == completions[2]  # greedy: one per group
+    assert all(0 < len(c) <= 6 and (5 not in c[:-1]) for c in completions)
+
+
+def test_tasks_split_and_answers():
+    held_out = problems("addition", True, 0, 200)
+    train = problems("addition", False, 1, 2000)
+    assert all(is_held_out(p) for p, _ in held_out) and not any(is_held_out(p) for p, _ in train)
+    assert not {p for p, _ in held_out} & {p for p, _ in train}
+    assert problems("addition", True, 0, 200) == held_out  # fixed
+    for prompt, answer in train[:50]:
+        a, b = prompt.split(" = ")[0].split(" + ")
+        assert int(a) + int(b) == int(answer) and 1 <= len(a) <= 3 and 1 <= len(b) <= 3
+    prompt, answer = problems("reverse", False, 0, 1)[0]
+    assert prompt.startswith("reverse: ") and prompt[9:-1].split()[::-1] == answer.split()
+    assert extract_answer("the sum\n#### 968 \n") == "968" and extract_answer("968") is None
+    assert has_format("#### 968", "addition") and not has_format("so #### 968", "addition")
+    assert has_format("#### c b a", "reverse") and not has_format("#### cba!", "reverse")
+
+
+def test_tiny_model_learns_to_emit_the_rewarded_token(tiny_model):
+    """A 16-token vocabulary: the rewarded first token starts near 1/16; GRPO's updates (mu = 2, so the ratio and
+    the clipping are used) raise the mean reward to at least 0.9."""
+    model = tiny_model(vocab_size=16, n_layer=1, n_embd=32).eval()
+    start = torch.softmax(model(torch.tensor([[1, 2, 3]]))[0][0, -1], -1)[7].item()
+    assert 0.01 < start < 0.2
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(0)
+    prompts, G, history = [[1, 2, 3], [4, 5], [6], [8, 9, 10]], 8, []
+    for step in range(60):
+        completions = sample_completions(model, prompts, G, 2, 1.0, stop_id=None, generator=generator)
+        rewards = torch.tensor([float(c[0] == 7) for c in completions])
+        history.append(rewards.mean().item())
+        if len(history) >= 3 and min(history[-3:]) >= 0.9:
+            break
+        advantages, _ = group_advantages(rewards, G)
+        idx, targets = layout([p for p in prompts for _ in range(G)], completions, pad_id=0)
+        mask = (targets >= 0).float()
+        old = None
+        for inner in range(2):
+            logprobs = token_logprobs(model, idx, targets)
+            old = logprobs.detach() if old is None else old
+            loss = policy_loss(logprobs, old, None, advantages, mask, 0.2, 0.28, 0.0, "dapo", len(completions),
+                               mask.sum(), 2)[0]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    assert history[0] < 0.3 and min(history[-3:]) >= 0.9, history
+
+
+def test_sft_loss_is_the_mean_over_response_tokens_only(batch):
+    model, prompts, responses = batch
+    idx, targets = layout(prompts, responses, pad_id=0)
+    loss = model(idx, targets)[1]
+    by_hand = []
+    for p, r in zip(prompts, responses):
+        row = torch.tensor([p + r])
+        logits = model(row[:, :-1], row[:, 1:])[0][0, len(p) - 1:]
+        by_hand += F.cross_entropy(logits, torch.tensor(r), reduction="none").tolist()
+    assert math.isclose(loss.item(), sum(by_hand) / len(by_hand), rel_tol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# the stage end to end
+
+STAGE = ["--device=cpu", "--task=addition", "--n_eval=8", "--eval_batch_size=4", "--max_completion_length=6",
+         "--prompts_per_step=4", "--group_size=4", "--learning_rate=1e-3", "--warmup_iters=0"]
+REWARD_MODULE = "def longer(prompt, completion):\n    return float(len(completion))\n"
+
+
+def grpo(*args, reward_dir=None, **kwargs):
+    env = {"PYTHONPATH": str(reward_dir)} if reward_dir else None
+    return run_stage("grpo.py", *STAGE, *args, env=env, **kwargs)
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def start(tiny_data, tmp_path_factory):
+    """A tiny random model saved as train.py saves one, with the tiny dataset's tokenizer, and a reward module."""
+    root = tmp_path_factory.mktemp("grpo")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=448, n_layer=2, n_head=2, n_embd=32))
+    save_checkpoint(str(root / "base" / "ckpt.pt"), {"model": model.state_dict(), "model_config": asdict(model.config),
+                                                     "step": 0, "tokenizer": "tokenizer.model", "config": {}})
+    shutil.copy(tiny_data / "tokenizer.model", root / "base" / "tokenizer.model")
+    (root / "my_reward.py").write_text(REWARD_MODULE)
+    return root
+
+
+def test_grpo_runs_logs_checkpoints_and_resumes_exactly(start):
+    full, half = start / "full", start / "half"
+    common = [f"--init_from={start / 'base'}", "--reward=my_reward:longer", "--beta=0.04", "--eval_interval=2",
+              "--temperature=1.5"]
+    grpo(*common, f"--out_dir={full}", "--max_iters=4", reward_dir=start)
+    rows = read_log(full)
+    steps = [r for r in rows if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if "eval_accuracy" in r] == [0, 2, 4]
+    for key in ("reward_std", "accuracy", "kl", "clip_frac", "completion_len", "zero_variance_groups", "rollout_s",
+                "update_s", "rollout_tokens_per_s"):
+        assert key in steps[0], key
+    assert steps[0]["kl"] == 0  # the policy is the reference until the first update
+    assert steps[-1]["kl"] > 0
+    assert all(r["clip_frac"] == 0 for r in steps)  # mu = 1: every update is a first inner iteration
+    assert (full / "grpo.png").exists() and (full / "tokenizer.model").exists()
+    checkpoint = torch.load(full / "ckpt.pt", weights_only=True)
+    assert checkpoint["step"] == 4 and checkpoint["config"]["init_from"] == str(start / "base")
+
+    grpo(*common, f"--out_dir={half}", "--max_iters=2", reward_dir=start)
+    grpo(*common, f"--out_dir={half}", "--max_iters=4", "--init_from=resume", reward_dir=start)
+    resumed = [r for r in read_log(half) if "reward" in r]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(resumed, steps):
+        assert (a["reward"], a["kl"], a["completion_len"]) == (b["reward"], b["kl"], b["completion_len"])
+
+
+def test_eval_sft_and_task_modes(start):
+    result = grpo(f"--init_from={start / 'base'}", "--mode=eval", "--eval_k=3")
+    line = [l for l in result.stdout.splitlines() if "held-out" in l][0]
+    assert "pass@1" in line and "pass@3" in line
+    tasks = start / "tasks"
+    run_stage("grpo.py", "--mode=tasks", "--task=reverse", f"--task_dir={tasks}", "--n_task_examples=64", "--n_eval=8")
+    rows = [json.loads(line) for line in (tasks / "reverse_train.jsonl").read_text().splitlines()]
+    assert len(rows) == 64 and rows[0]["text"] == rows[0]["prompt"] + rows[0]["response"]
+    assert len((tasks / "reverse_held_out.jsonl").read_text().splitlines()) == 8
+    out = start / "sft"
+    grpo(f"--init_from={start / 'base'}", "--mode=sft", "--task=reverse", "--chat=True",
+         f"--sft_data={tasks / 'reverse_train.jsonl'}", f"--out_dir={out}", "--batch_size=8", "--max_iters=40",
+         "--learning_rate=3e-3", "--eval_interval=40", "--max_completion_length=16", "--log_interval=1")
+    losses = [r["loss"] for r in read_log(out) if "loss" in r]
+    assert len(losses) == 40 and sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 40
+
+
+def test_two_process_ddp(start):
+    out = start / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "grpo.py", *STAGE,
+         f"--init_from={start / 'base'}", "--reward=my_reward:longer", f"--out_dir={out}", "--max_iters=2",
+         "--eval_interval=2", "--temperature=1.5"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(start)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [r for r in read_log(out) if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2] and steps[0]["completion_len"] > 0
+
+
+def test_bad_inputs_give_one_line_errors(start, tmp_path):
+    result = grpo(f"--init_from={start / 'base'}", "--reward=nowhere:nothing", f"--out_dir={tmp_path}", check=False)
+    assert result.returncode == 1 and "cannot load reward" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

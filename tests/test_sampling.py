@@ -1,0 +1,166 @@
+"""Fast sampling: the static decode step of every architecture, its capture as one graph, batched decoding,
+exponential-race sampling, and self-speculative decoding with the MTP modules."""
+import json
+import shutil
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from configurator import save_checkpoint
+from conftest import FAMILY_VARIANTS, run_stage
+from model import GPT, GPTConfig, exponential_race, sample_next, sampling_probs
+from test_model import VARIANTS
+
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13]]
+MTP_VARIANTS = [name for name, args in FAMILY_VARIANTS.items() if args.get("mtp_depth")]
+
+
+def greedy(model, prompts, n, **options):
+    return torch.stack(list(model.generate(prompts, n, temperature=0, **options)), dim=1)  # (B, n)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_batched_static_decode_equals_full_forward_of_each_prompt(tiny_model, variant):
+    """The static-shape step, on a left-padded batch: each row's greedy tokens are the argmax of a full forward (no
+    cache) over that prompt alone and its tokens so far, also past the cache's restart (block_size 16)."""
+    model = tiny_model(**{**VARIANTS[variant], "block_size": 16}).eval()
+    n, width = 14, max(map(len, PROMPTS))
+    batched = greedy(model, PROMPTS, n)
+    for row, prompt in enumerate(PROMPTS):
+        columns = [None] * (width - len(prompt)) + prompt + batched[row].tolist()  # None: left padding
+        start, logits = 0, {}
+        for i in range(n):
+            end = width + i  # token i follows columns[:end]
+            if end - start > 16:  # the restart: the most recent half of the context
+                start = end - 8
+            if start not in logits:  # one forward over the longest context from this start gives every position
+                segment = torch.tensor([[c for c in columns[start:start + 16] if c is not None]])
+                logits[start] = model(segment, segment)[0][0]
+            seen = sum(c is not None for c in columns[start:end])
+            assert logits[start][seen - 1].argmax().item() == batched[row, i].item(), (row, i)
+
+
+def test_sampling_draws_the_filtered_distribution():
+    """The exponential race draws each token with its probability under temperature, top-k and top-p."""
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.5, -1.0]]).expand(40000, 5)
+    generator = torch.Generator().manual_seed(0)
+    for temperature, top_k, top_p in [(1.0, 0, 1.0), (0.7, 3, 1.0), (1.3, 0, 0.8)]:
+        expected = sampling_probs(logits[:1], temperature, top_k, top_p)[0]
+        drawn = sample_next(logits, temperature, top_k, top_p, generator)
+        frequencies = torch.bincount(drawn, minlength=5).float() / len(drawn)
+        assert torch.allclose(frequencies, expected, atol=0.01), (temperature, top_k, top_p)
+        assert (frequencies[expected == 0] == 0).all()  # filtered tokens never win
+    weights = torch.tensor([[0.0, 2.0, 6.0]]).expand(20000, 3)  # unnormalized weights (the speculative residual)
+    noise = torch.empty(20000, 3).exponential_(generator=generator)
+    assert torch.allclose(torch.bincount(exponential_race(weights, noise), minlength=3) / 20000.0,
+                          torch.tensor([0.0, 0.25, 0.75]), atol=0.015)
+
+
+def test_seeded_sampling_repeats_and_stops_each_row_at_end_of_document(tiny_model):
+    model = tiny_model(n_kv_head=2).eval()
+    runs = [torch.stack(list(model.generate(PROMPTS, 20, 0.9, 10, 0.95, generator=torch.Generator().manual_seed(7))), 1)
+            for _ in range(2)]
+    assert torch.equal(*runs)
+    eos = runs[0][1, 3].item()  # row 1 produces it at its 4th token at the latest
+    steps = list(model.generate(PROMPTS, 40, 0.9, 10, 0.95, eos_id=eos, generator=torch.Generator().manual_seed(7),
+                                check_every=4))
+    rows = torch.stack(steps, dim=1)
+    first = min(20, rows.size(1))  # the same draws: rows that are done keep drawing, as the others do
+    expected = torch.where(torch.cumsum(runs[0] == eos, 1) > 0, eos, runs[0])
+    assert torch.equal(rows[:, :first], expected[:, :first])
+    assert (rows[1, 3:] == eos).all()
+    # a row that produced eos keeps it; the loop stops within check_every tokens once every row has
+    done_at = [(row == eos).nonzero()[0].item() if (row == eos).any() else 40 for row in rows]
+    assert len(steps) == 40 or len(steps) <= max(done_at) + 4
+
+
+@pytest.mark.parametrize("variant,sampling", [("dense", (0.8, 5, 0.9)), ("hybrid_lg", (0, 0, 1.0))])
+def test_decode_step_captures_as_one_graph(tiny_model, variant, sampling):
+    """torch.compile(fullgraph=True) captures the step (no graph break, no host sync), sampling included; the
+    compiled step gives the eager step's tokens for the same seed (CPU-cheap backend: aot_eager)."""
+    torch._dynamo.reset()
+    model = tiny_model(**({"n_layer": 1} if variant == "dense" else FAMILY_VARIANTS[variant])).eval()
+    eager, graph = (torch.stack(list(model.generate(PROMPTS, 12, *sampling, generator=torch.Generator().manual_seed(3),
+                                                     compile=compile)), 1) for compile in (False, "aot_eager"))
+    assert torch.equal(eager, graph)
+
+
+def drafting_model(tiny_model, variant):
+    """A model whose MTP draft agrees with it often but not always: the MTP module reads only the embedding of the
+    token after and its blocks add nothing, so it drafts that token's bigram (untied embeddings: not itself)."""
+    model = tiny_model(tie_embeddings=False, **FAMILY_VARIANTS[variant]).eval()
+    d = model.config.n_embd
+    with torch.no_grad():
+        for name, p in model.mtp.named_parameters():
+            if name.endswith(("attn.proj.weight", "down.weight", "experts.down")):
+                p.zero_()
+        model.mtp[0].proj.weight.copy_(torch.cat([torch.zeros(d, d), torch.eye(d)], dim=1))
+    return model
+
+
+@pytest.mark.parametrize("variant", MTP_VARIANTS)
+def test_speculative_greedy_equals_plain_greedy(tiny_model, variant):
+    """fp32: drafts accepted and rejected, one row and a left-padded batch, past the cache's restart; sliding windows
+    and Engram cannot rewind by position, so rejected drafts are undone from a copy."""
+    model, stats = drafting_model(tiny_model, variant), {}
+    for prompts in (PROMPTS[:1], PROMPTS):
+        assert torch.equal(greedy(model, prompts, 40, speculative=True, stats=stats), greedy(model, prompts, 40))
+    assert 0 < stats["accepted"] < stats["drafted"], stats
+
+
+def test_speculative_step_samples_the_main_model():
+    """Speculative sampling is exact: the verified token is distributed as the main model's (filtered) distribution,
+    whatever the draft's, over many identical rows (V = 8), with drafts both accepted and rejected."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=8, n_layer=2, n_head=2, n_embd=16, mtp_depth=1)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # (tied) distinct, peaked distributions rather than two near-uniform ones
+    rows, temperature, top_k, top_p = 30000, 1.0, 6, 0.95
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        cache = model.new_cache(rows, 16, mtp=True)
+        prompt = torch.tensor([[3, 1, 4, 1, 5]]).expand(rows, 5)
+        h = model.hidden_states(prompt, model.decode_context(cache, torch.arange(5)), cache)
+        token = torch.full((rows,), 2)  # the next token, fixed: its distribution under p_next does not matter here
+        draft_logits = model.draft_logits(cache, h, torch.cat([prompt[:, 1:], token[:, None]], 1), torch.arange(5))
+        state = {"token": token, "pos": torch.tensor([5]), "done": torch.zeros(rows, dtype=torch.bool),
+                 "eos": torch.tensor(-1), "noise": torch.empty(rows, 3, 8).exponential_(generator=generator),
+                 "uniform": torch.rand(rows, generator=generator)}
+        tokens, accepted, _, _ = model.speculative_step(cache, state, draft_logits, temperature, top_k, top_p)
+        # the main model's distribution of the token after `token`: a full forward
+        expected = sampling_probs(model(torch.tensor([[3, 1, 4, 1, 5, 2]]))[0][0, -1], temperature, top_k, top_p)
+    assert 0.05 < accepted.float().mean() < 0.9, accepted.float().mean()
+    assert torch.allclose(torch.bincount(tokens[:, 0], minlength=8) / float(rows), expected, atol=0.012)
+
+
+def test_speculative_compiled_equals_eager(tiny_model):
+    """The draft and verify steps capture as graphs too (aot_eager), and give the eager tokens."""
+    torch._dynamo.reset()
+    model = drafting_model(tiny_model, "mtp")
+    stats = {}
+    assert torch.equal(greedy(model, PROMPTS, 16, speculative=True, compile="aot_eager", stats=stats),
+                       greedy(model, PROMPTS, 16))
+    assert stats["accepted"] > 0
+
+
+def test_sample_stage_decodes_a_batch_and_speculates(tiny_data, tmp_path):
+    """sample.py: a file of prompts as one batch; --speculative drafts with the MTP module and prints the same greedy
+    text; a model without MTP stops with a one-line error."""
+    meta = json.loads((tiny_data / "meta.json").read_text())
+    for name, mtp_depth in (("mtp", 1), ("dense", 0)):
+        (tmp_path / name).mkdir()
+        shutil.copy(tiny_data / meta["tokenizer_path"], tmp_path / name / meta["tokenizer_path"])
+        torch.manual_seed(0)
+        config = GPTConfig(block_size=64, vocab_size=400, n_layer=2, n_head=4, n_embd=32, mtp_depth=mtp_depth)
+        save_checkpoint(str(tmp_path / name / "ckpt.pt"), {"model_config": asdict(config), "model": GPT(config).state_dict(),
+                                                           "tokenizer": meta["tokenizer_path"], "eos_id": meta["eos_id"]})
+    (tmp_path / "prompts.txt").write_text("alice reads\nbob\n\ndef counts_lines(n):\n")
+    args = [f"--prompts_file={tmp_path / 'prompts.txt'}", "--num_samples=1", "--max_new_tokens=12", "--temperature=0",
+            "--device=cpu"]
+    plain = run_stage("sample.py", f"--out_dir={tmp_path / 'mtp'}", *args)
+    speculative = run_stage("sample.py", f"--out_dir={tmp_path / 'mtp'}", *args, "--speculative=True")
+    assert plain.stdout == speculative.stdout and plain.stdout.count("\n---\n") == 3  # three prompts, one batch
+    assert "of drafts accepted" in speculative.stderr and "3 rows" in plain.stderr
+    error = run_stage("sample.py", f"--out_dir={tmp_path / 'dense'}", *args, "--speculative=True", check=False)
+    assert error.returncode == 1 and "mtp_depth=0" in error.stderr.strip().splitlines()[-1]
