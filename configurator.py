@@ -176,3 +176,11 @@ def is_master():
 def print0(*args, **kwargs):
     if is_master():
         print(*args, **kwargs, flush=True)
+
+
+def all_reduce_sum(*values, device="cpu"):
+    """The sums of plain numbers over all processes (the numbers themselves in a single process), as a list."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()

@@ -31,8 +31,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import (autocast, fail, init_processes, load_checkpoint, parse_config, pick_device, pick_dtype,
-                          print0, save_checkpoint)
+from configurator import (all_reduce_sum, autocast, fail, init_processes, load_checkpoint, parse_config, pick_device,
+                          pick_dtype, print0, save_checkpoint)
 from hf import from_hf
 from model import GPT, GPTConfig
 from optim import clip_grad_norm_, configure_optimizers
@@ -333,13 +333,6 @@ if __name__ == "__main__":
         return r + format_reward * has_format(text, task), correct
 
 
-    def all_reduce_sum(*values):
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        if ddp:
-            dist.all_reduce(t)
-        return t.tolist()
-
-
     @torch.no_grad()
     def evaluate(k=0):
         """Greedy pass@1 on the held-out prompts, and with k > 0 sampled pass@k (one of k completions correct)."""
@@ -355,7 +348,7 @@ if __name__ == "__main__":
                                            generator) if k else []
             greedy += sum(score(p, c, a)[1] for (p, a), c in zip(chunk, best))
             sampled += sum(any(score(p, c, a)[1] for c in tries[i * k:(i + 1) * k]) for i, (p, a) in enumerate(chunk))
-        greedy, sampled = all_reduce_sum(greedy, sampled)
+        greedy, sampled = all_reduce_sum(greedy, sampled, device=device)
         return {"pass@1": greedy / n_eval, **({f"pass@{k}": sampled / n_eval} if k else {})}
 
 
@@ -493,7 +486,7 @@ if __name__ == "__main__":
             policy.eval()
             iter_num += 1
             if iter_num % log_interval == 0 or iter_num == max_iters:
-                loss = all_reduce_sum(loss.item())[0] / world_size
+                loss = all_reduce_sum(loss.item(), device=device)[0] / world_size
                 dt = (time.time() - t_last) / log_interval
                 print0(f"step {iter_num}: loss {loss:.4f}, {dt * 1000:.0f} ms/step")
                 log({"step": iter_num, "loss": loss, "step_s": dt})
@@ -511,7 +504,8 @@ if __name__ == "__main__":
     t_start = time.time()
     while True:
         # with max_minutes, every process stops at the first step where process 0 has run out of time
-        out_of_time = max_minutes > 0 and all_reduce_sum(float(master and time.time() - t_start > 60 * max_minutes))[0]
+        over = float(master and time.time() - t_start > 60 * max_minutes)
+        out_of_time = max_minutes > 0 and all_reduce_sum(over, device=device)[0]
         if iter_num % eval_interval == 0 or iter_num == max_iters or out_of_time:
             evaluate_and_save()
         if iter_num >= max_iters or out_of_time:
@@ -532,7 +526,7 @@ if __name__ == "__main__":
         advantages, zero_variance = group_advantages(rewards, group_size, scale=loss_agg != "dr_grpo")
         keep = (~zero_variance).repeat_interleave(group_size).nonzero().flatten().tolist()
         lengths = [len(c) for c in completions]
-        n_completions, n_tokens = all_reduce_sum(len(keep), sum(lengths[i] for i in keep))
+        n_completions, n_tokens = all_reduce_sum(len(keep), sum(lengths[i] for i in keep), device=device)
 
         t1 = time.time()
         kl_sum = clip_sum = 0.0
@@ -575,7 +569,7 @@ if __name__ == "__main__":
             n = prompts_per_step * group_size
             totals = all_reduce_sum(rewards.sum().item(), rewards.square().sum().item(), sum(c for _, c in scored),
                                     sum(lengths), zero_variance.sum().item(), kl_sum, clip_sum, rollout_time,
-                                    update_time)
+                                    update_time, device=device)
             reward_sum, reward_sq, correct, tokens, n_zero, kl_sum, clip_sum, rollout_time, update_time = totals
             mean = reward_sum / n
             row = {"step": iter_num, "reward": mean, "reward_std": math.sqrt(max(0.0, reward_sq / n - mean**2)),

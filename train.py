@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import (autocast, fail, init_processes, load_checkpoint, nominal_peak_flops, parse_config,
-                          pick_device, pick_dtype, print0, save_checkpoint)
+from configurator import (all_reduce_sum, autocast, fail, init_processes, load_checkpoint, nominal_peak_flops,
+                          parse_config, pick_device, pick_dtype, print0, save_checkpoint)
 from hf import hf_config, load_hf_weights
 from model import GPT, GPTConfig, aux_metrics, config_fields
 from optim import QKClip, clip_grad_norm_, configure_optimizers
@@ -276,13 +276,6 @@ def get_lr(step):
 # evaluation
 
 
-def all_reduce_sum(*values):
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if ddp:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
 @torch.no_grad()
 def estimate_loss():
     """Mean loss over eval_iters random batches per split; the same batches at every evaluation."""
@@ -295,7 +288,7 @@ def estimate_loss():
             x, y = load_batch(shards, shard[k * batch_size:(k + 1) * batch_size], offset[k * batch_size:(k + 1) * batch_size])
             with amp:
                 total += raw_model(x, y)[1].item()
-        out[split] = all_reduce_sum(total)[0] / eval_iters
+        out[split] = all_reduce_sum(total, device=device)[0] / eval_iters
     model.train()
     return out
 
@@ -322,7 +315,7 @@ def exact_bits_per_byte(streams, n_bytes):
                 loss = raw_model(x.to(device), y.to(device))[1]
             nats += loss.item() * (y >= 0).sum().item()
     model.train()
-    return all_reduce_sum(nats)[0] / n_bytes / math.log(2)
+    return all_reduce_sum(nats, device=device)[0] / n_bytes / math.log(2)
 
 
 def plot_log():
@@ -381,7 +374,7 @@ def task_accuracy(path, tokenizer):
         correct[0] += int(total.argmax().item() == task["answer"])
         correct[1] += int(per_byte.argmax().item() == task["answer"])
     model.train()
-    acc, acc_norm = all_reduce_sum(*correct)
+    acc, acc_norm = all_reduce_sum(*correct, device=device)
     return acc / len(tasks), acc_norm / len(tasks), len(tasks)
 
 
