@@ -247,7 +247,7 @@ def decode_at_context(model):
         fail(f"decode_context + decode_tokens must fit in block_size ({T})")
     cache = model.new_cache(decode_batch, T, getattr(torch, dtype))
     tokens = torch.randint(model_config.vocab_size, (decode_batch, decode_context + decode_tokens), device=device)
-    with amp:
+    with amp, torch.no_grad():  # no graph: the cache would otherwise chain every chunk's activations together
         for start in range(0, decode_context, 2048):
             end = min(start + 2048, decode_context)
             model(tokens[:, start:end], cache=cache, cache_pos=torch.arange(start, end, device=device))

@@ -269,7 +269,8 @@ def new_run():
 
 
 def test_two_process_gloo_equals_one_process(tmp_path):
-    mp.start_processes(ddp_worker, args=(2, str(tmp_path)), nprocs=2, start_method="fork")
+    # spawn, not fork: a child forked after the parent started its OpenMP threads can deadlock
+    mp.start_processes(ddp_worker, args=(2, str(tmp_path)), nprocs=2, start_method="spawn")
     model, opt = new_run()
     for step in range(2):
         model(*training_batch(step, batch=4))[1].backward()
