@@ -28,7 +28,8 @@ out_dir = "out/sweep"         # every run's folder, results.md and val.png go he
 runs = []                     # "label: train.py arguments", e.g. "muon: config/gutenberg_small.py --optimizer=muon"
 common = ""                   # arguments added to every run (e.g. "--compile=True --eval_interval=100")
 train_flops = 0.0             # the budget of every run in training FLOPs (equal compute) ...
-train_tokens = 0              # ... or in tokens (equal data); neither: each run's own max_iters or epochs
+train_tokens = 0              # ... or in tokens (equal data) ...
+train_minutes = 0.0           # ... or in minutes of training steps (equal wall time); none: each run's own max_iters
 seeds = [1337]                # every run, once per seed
 repeat_best = 0               # then run the first run and the best repeat_best others again ...
 repeat_seeds = [1338]         # ... with these seeds, so that the table shows the noise between seeds
@@ -49,7 +50,8 @@ for run in runs:
     jobs[label.strip()] = args.split() + common.split()
 if not jobs:
     fail("no runs: set runs = ['label: config/x.py --key=value', ...] in a sweep config")
-budget = [f"--train_flops={train_flops}"] if train_flops else [f"--train_tokens={train_tokens}"] if train_tokens else []
+budget = ([f"--train_flops={train_flops}"] if train_flops else [f"--train_tokens={train_tokens}"] if train_tokens
+          else [f"--train_minutes={train_minutes}"] if train_minutes else [])
 
 
 def run_dir(label, seed):

@@ -7,12 +7,13 @@ and optionally a transformers reference model of the same shape, timed in the sa
     python bench.py config/gpt2_124m.py --reference=hf_llama           # + LlamaForCausalLM of the same shape
     python bench.py --block_size=32768 --batch_size=1 --attn_span=sliding --reference=full --decode_context=32000
     python bench.py --n_layer=4 --device=cpu --decode=False
+    python bench.py --flops config/deepseek_small.py                  # parameters, FLOPs by part, KV cache: no timing
 
 Training steps run on random tokens (no dataset needed) exactly as in train.py: autocast, AdamW from optim.py
 (fused on CUDA), gradient clipping at 1.0. Decoding is greedy through model.generate, timed end to end (prefill
 included) at batch 1 and decode_batch: plain, fast (the step in CUDA graphs) and speculative (with MTP); with
 decode_context, the steps alone at that context, with the cache's memory. A table is printed at the end and every
-figure is written to json_out.
+figure is written to json_out. With --flops, only the accounting, from the shapes alone (no device, no weights).
 """
 import gc
 import importlib.util
@@ -53,13 +54,60 @@ reference_compile = True      # with compile=True, compile the reference too (Fa
 peak_flops = 0.0              # nominal per-device peak for the second MFU; 0 = a known datasheet figure for the GPU
 json_out = "out/bench/bench.json"  # every figure, the resolved config, device and torch version
 seed = 1337                   # model init, random tokens and prompts
+flops = False                 # only print the accounting (parameters, FLOPs per token by part, KV cache, training
+                              # FLOPs) from the model's shapes, then exit: nothing is timed and no device is needed
+flops_tokens = 0.0            # with flops: training FLOPs for this many tokens; 0 = the config's run, max_iters steps
+                              # of gradient_accumulation_steps x batch_size x block_size tokens (1e9 without max_iters)
+max_iters = 0                 # train.py's optimizer steps, read from its config files for flops_tokens = 0
 # -----------------------------------------------------------------------------
 defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 defaults.update(config_fields())
 config = parse_config(defaults, sys.argv[1:], other_stage_keys_in_files=True)
 globals().update(config)
 # -----------------------------------------------------------------------------
-# device, precision, model shape, reference
+# model shape, accounting (--flops), device, precision, reference
+
+try:
+    model_config = GPTConfig(**{k: config[k] for k in config_fields()})
+except ValueError as e:
+    fail(f"model config: {e}")
+T = model_config.block_size
+
+if flops:  # on the meta device: shapes without weights, so that even a large config takes no memory and no time
+    with torch.device("meta"):
+        model = GPT(model_config)
+    params = {"total": model.num_params(), "active": model.num_params(active=True),
+              "non-embedding": model.num_params(embedding=False),
+              "embedding": model.num_params() - model.num_params(embedding=False),
+              "MTP modules": sum(p.numel() for p in model.mtp.parameters()),  # training only: not in the total
+              "Engram tables": model.engram_table_params()}  # looked up, not multiplied: not in the total
+    parts = model.flops_breakdown(T)
+    total = sum(parts.values())
+    kv_dtype = "bfloat16" if dtype == "auto" else dtype  # the cache as a GPU keeps it, unless --dtype says otherwise
+    kv_cache_bytes = model.kv_cache_bytes_per_token(getattr(torch, kv_dtype).itemsize)
+    tokens = flops_tokens or max_iters * gradient_accumulation_steps * batch_size * T or 1e9
+    print0(f"{model_config.n_layer} layers x {model_config.n_embd}, vocabulary {model_config.vocab_size}, "
+           f"{T} tokens per sequence")
+    print0("parameters (of the inference model: a tied head once; MTP modules and Engram tables apart)")
+    for name, n in params.items():
+        if n:
+            print0(f"  {name:<24}{n / 1e6:>12,.2f}M")
+    print0(f"training FLOPs per token (3 x forward) at {T} tokens")
+    for name, n in parts.items():
+        if n:
+            print0(f"  {name:<24}{n / 1e6:>12,.2f}M{n / total:>8.1%}")
+    print0(f"  {'total':<24}{total / 1e6:>12,.2f}M")
+    print0(f"KV cache: {kv_cache_bytes:,.0f} bytes per token in {kv_dtype}, all {model_config.n_layer} layers together")
+    origin = ("" if flops_tokens else f" ({max_iters} steps of {gradient_accumulation_steps} x {batch_size} x {T})"
+              if max_iters else " (no max_iters in the config; --flops_tokens=N to choose)")
+    print0(f"training: {total * tokens:.3g} FLOPs for {tokens:,.0f} tokens{origin}")
+    os.makedirs(os.path.dirname(json_out) or ".", exist_ok=True)
+    with open(json_out, "w") as f:
+        json.dump({"config": config, "model_config": asdict(model_config), "params": params,
+                   "flops_breakdown": parts, "flops_per_token": total, "kv_cache_bytes_per_token": kv_cache_bytes,
+                   "kv_cache_dtype": kv_dtype, "tokens": tokens, "training_flops": total * tokens}, f, indent=2)
+    print0(f"wrote {json_out}")
+    sys.exit()
 
 device = pick_device(device)
 device_type = device.split(":")[0]
@@ -70,11 +118,6 @@ if compile:
     warmup = max(warmup, 10)
 cuda = device_type == "cuda"
 device_name = torch.cuda.get_device_name(device) if cuda else device_type
-try:
-    model_config = GPTConfig(**{k: config[k] for k in config_fields()})
-except ValueError as e:
-    fail(f"model config: {e}")
-T = model_config.block_size
 torch.manual_seed(seed)
 
 

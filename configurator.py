@@ -11,7 +11,12 @@ applied in order; `--key=value` arguments override them. A key the stage does no
 whose type does not match the default's, stops the program with a one-line error naming the key.
 """
 import ast
+import hashlib
+import json
 import os
+import subprocess
+import time
+import uuid
 from contextlib import nullcontext
 
 import torch
@@ -166,6 +171,38 @@ def load_checkpoint(path, map_location="cpu"):
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         fail(f"{path} is not a nanollm checkpoint")
     return checkpoint
+
+
+def write_manifest(out_dir, config, device, meta_path, run_id=None):
+    """
+    out_dir/run.json: what it takes to reproduce the run, with a run id that every log.jsonl row repeats (a resumed
+    run keeps its id: pass the checkpoint's). Holds the fully resolved config, the code's git commit and whether
+    the tree had uncommitted changes, torch and CUDA versions, the device, and a hash of the dataset's meta.json
+    (which records its tokenizer, shards and token counts). Returns the run id.
+    """
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
+                                  text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    commit = git("rev-parse", "HEAD")
+    with open(meta_path, "rb") as f:
+        meta_hash = hashlib.sha256(f.read()).hexdigest()
+    manifest = {
+        "run_id": run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+        "config": config, "git_commit": commit or None, "git_dirty": bool(git("status", "--porcelain")) if commit else None,
+        "torch": torch.__version__, "cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else device,
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "data_meta": os.path.abspath(meta_path), "data_meta_sha256": meta_hash, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, "run.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(tmp, os.path.join(out_dir, "run.json"))
+    return manifest["run_id"]
 
 
 def is_master():

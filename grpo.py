@@ -593,4 +593,5 @@ if __name__ == "__main__":
               + (f"; rollouts {sum(speed) / len(speed):,.0f} tokens/s (mean over steps)" if speed else ""))
     plot()
     if ddp:
+        del model  # the DDP wrapper before the process group, as in train.py (pytorch#56297)
         dist.destroy_process_group()

@@ -1745,25 +1745,43 @@ class GPT(nn.Module):
         n = sum(p.numel() for m in module.modules() if isinstance(m, Experts) for p in m.parameters())
         return n, n // max(1, self.config.n_experts) * self.config.moe_topk
 
+    def flops_breakdown(self, seq_len=None):
+        """
+        Training FLOPs per token (forward + backward = 3 x forward) by part of the model: 2 per weight of every matmul
+        a token goes through (of the routed experts, moe_topk), plus each mixer's attention_flops ('attention
+        scores'): a softmax query takes 2 * (query-key dims) FLOPs per key for q.k and 2 * (value dims) for the
+        weighted sum of values, over the keys its span lets it see (full causal attention: t + 1 keys at position t,
+        (T + 1) / 2 on average; sliding, block-sparse, MoBA: only those), and linear attention its recurrent form's
+        state reads and writes. Hyper-connections and Engram count their own (an Engram table is looked up, not
+        multiplied); norms and biases are left out. 'head' is the output head, tied or not; 'mtp' is all the MTP
+        modules' work, their pass through the shared head included. MTP depth k runs on T - k positions, counted as T.
+        """
+        T = seq_len or self.config.block_size
+
+        def matmul(module):  # forward FLOPs of module's matrices; the routed experts' are 3-D, counted at moe_topk
+            return 2 * (sum(p.numel() for p in module.parameters() if p.dim() == 2)
+                        + self.routed_expert_weights(module)[1])
+
+        def block_parts(block):
+            return {"attention projections": matmul(block.attn), "attention scores": block.attn.attention_flops(T),
+                    "moe" if isinstance(block.mlp, MoE) else "mlp": matmul(block.mlp),
+                    "hyper-connections": sum(m.flops_per_token() for m in (block.attn_residual, block.mlp_residual)
+                                             if isinstance(m, HyperConnections)),
+                    "engram": block.engram.flops_per_token() if block.engram is not None else 0}
+
+        parts = dict.fromkeys(["attention projections", "attention scores", "mlp", "moe", "hyper-connections",
+                               "engram", "head", "mtp"], 0)
+        for block in self.blocks:
+            for part, flops in block_parts(block).items():
+                parts[part] += flops
+        parts["head"] = 2 * self.lm_head.weight.numel()
+        parts["mtp"] = sum(matmul(m.proj) + sum(sum(block_parts(b).values()) for b in m.blocks) + parts["head"]
+                           for m in self.mtp)
+        return {part: 3 * flops for part, flops in parts.items()}
+
     def flops_per_token(self, seq_len=None):
-        """
-        Training FLOPs per token (forward + backward = 3 x forward): 2 per weight of every matmul a token goes
-        through (the output head included, tied or not, once per MTP depth too; of the routed experts, moe_topk),
-        plus each mixer's attention_flops: a softmax query takes 2 * (query-key dims) FLOPs per key for q.k and
-        2 * (value dims) for the weighted sum of values, over the keys its span lets it see (full causal attention:
-        t + 1 keys at position t, (T + 1) / 2 on average; sliding, block-sparse, MoBA: only those), and linear
-        attention its recurrent form's state reads and writes. MTP depth k runs on T - k positions, counted as T.
-        """
-        c, T = self.config, seq_len or self.config.block_size
-        layers = [*self.blocks, *self.mtp]
-        # hyper-connections and Engram count their own (an Engram table is looked up, not multiplied)
-        own = [m for layer in layers for m in layer.modules() if isinstance(m, (HyperConnections, Engram))]
-        skip = {id(p) for m in own for p in m.parameters()}
-        matmul = (sum(p.numel() for layer in layers for p in layer.parameters() if p.dim() == 2 and id(p) not in skip)
-                  + sum(self.routed_expert_weights(layer)[1] for layer in layers)
-                  + (1 + c.mtp_depth) * self.lm_head.weight.numel())
-        attention = sum(m.attention_flops(T) for m in self.modules() if hasattr(m, "attention_flops"))
-        return 3 * (2 * matmul + attention + sum(m.flops_per_token() for m in own))
+        """Training FLOPs per token at seq_len (default block_size): the sum of flops_breakdown's parts."""
+        return sum(self.flops_breakdown(seq_len).values())
 
     def kv_cache_bytes(self, context, dtype=torch.bfloat16):
         """

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import (all_reduce_sum, autocast, fail, init_processes, load_checkpoint, nominal_peak_flops,
-                          parse_config, pick_device, pick_dtype, print0, save_checkpoint)
+                          parse_config, pick_device, pick_dtype, print0, save_checkpoint, write_manifest)
 from hf import hf_config, load_hf_weights
 from model import GPT, GPTConfig, aux_metrics, config_fields
 from optim import QKClip, clip_grad_norm_, configure_optimizers
@@ -67,6 +67,8 @@ qk_clip_interval = 1          # muonclip: measure the logits and clip every this
 max_iters = 5000              # optimizer steps
 train_flops = 0.0             # > 0 sets max_iters so that the run spends this many training FLOPs (fixed-compute runs)
 train_tokens = 0              # > 0 sets max_iters so that the run trains on this many tokens
+train_minutes = 0.0           # > 0: a wall-clock budget: max_iters is set from the time of steps 3 to 12 so that the
+                              # training steps end after about this many minutes (evaluations come on top)
 lr_schedule = "cosine"        # 'cosine', or 'wsd' (warmup-stable-decay: constant, then a linear decay)
 warmup_iters = 100
 decay_frac = 0.2              # wsd: the final fraction of steps that decays the learning rate
@@ -255,6 +257,11 @@ if train_flops > 0:
     max_iters = max(1, round(train_flops / (flops_per_token * tokens_per_step)))
 elif train_tokens > 0:
     max_iters = max(1, round(train_tokens / tokens_per_step))
+# a wall-clock budget: the steps are counted once the first ones are timed (a resumed run keeps that count); until
+# then max_iters is a placeholder far away, so that warmup and then the peak learning rate apply
+time_steps = train_minutes > 0 and not (checkpoint and checkpoint.get("timed_max_iters"))
+if train_minutes > 0:
+    max_iters = 10**9 if time_steps else checkpoint["timed_max_iters"]
 
 
 def get_lr(step):
@@ -418,6 +425,8 @@ if master:
             f.writelines(kept)
     elif os.path.exists(log_path):
         os.remove(log_path)
+    # out_dir/run.json: config, code version, software, device, dataset; a resumed run keeps its id
+    run_id = write_manifest(out_dir, config, device, meta_path, checkpoint.get("run_id") if checkpoint else None)
     if wandb_log:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name or None, config=config)
@@ -426,7 +435,7 @@ if master:
 def log(row):
     if master:
         with open(log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps({**row, "run_id": run_id}) + "\n")
         if wandb_log:
             wandb.log(row, step=row["step"])
 
@@ -442,7 +451,8 @@ def save():
         save_checkpoint(checkpoint_path, {
             "model": raw_model.state_dict(), "optimizer": optim.state_dict(), "scaler": scaler.state_dict(),
             "model_config": asdict(raw_model.config), "config": config, "step": iter_num, "rng": rngs,
-            "tokenizer": meta["tokenizer_path"], "eos_id": meta["eos_id"]})
+            "tokenizer": meta["tokenizer_path"], "eos_id": meta["eos_id"], "run_id": run_id,
+            "timed_max_iters": max_iters if train_minutes > 0 and not time_steps else 0})
 
 
 def evaluate_and_save():
@@ -465,14 +475,15 @@ active = f", {n_active / 1e6:.2f}M active per token" if n_active < raw_model.num
 n_engram = raw_model.engram_table_params()  # Engram's lookup tables, counted apart
 active += f"; + {n_engram / 1e6:.2f}M in Engram tables" if n_engram else ""
 print0(f"{raw_model.num_params() / 1e6:.2f}M parameters ({raw_model.num_params(embedding=False) / 1e6:.2f}M non-embedding{active}), "
-       f"{n_windows} training windows of {T} tokens, {tokens_per_step} tokens per step, {max_iters} steps, "
+       f"{n_windows} training windows of {T} tokens, {tokens_per_step} tokens per step, "
+       + (f"{train_minutes} minutes of steps, " if time_steps else f"{max_iters} steps, ") +
        f"{world_size} process(es) on {device} in {dtype}")
 log({"step": iter_num, "params": raw_model.num_params(), "active_params": n_active, "engram_table_params": n_engram,
      "flops_per_token": flops_per_token,
      "tokens_per_step": tokens_per_step, "max_iters": max_iters,
      "device": torch.cuda.get_device_name(device) if device_type == "cuda" else device_type})  # read by ablate.py
 x, y = get_batch(iter_num, 0)
-t0, t_last, steps_since_log = time.time(), time.time(), 0
+t0, t_last, steps_since_log, first_iter = time.time(), time.time(), 0, iter_num
 max_logit = None  # muonclip: each layer's largest attention logit at the last measured step
 try:
     while True:
@@ -509,6 +520,13 @@ try:
             max_logit = qk_clip.clip()
         iter_num += 1
         steps_since_log += 1
+        if time_steps and iter_num == first_iter + 2:  # the first two steps compile and warm up
+            t_timed = time.time()
+        if time_steps and iter_num == first_iter + 12:  # every process takes the same count: the mean step time
+            per_step = all_reduce_sum(time.time() - t_timed, device=device)[0] / world_size / 10
+            max_iters = max(iter_num, iter_num + int((60 * train_minutes - (time.time() - t0)) / per_step))
+            time_steps = False
+            print0(f"wall-clock budget of {train_minutes} min at {per_step * 1000:.0f} ms/step: {max_iters} steps")
         if iter_num % log_interval == 0 or iter_num == max_iters:
             train_loss = loss.item() * gradient_accumulation_steps  # the last micro-batch's loss; .item() waits for the GPU
             if not math.isfinite(train_loss):
@@ -537,4 +555,7 @@ print0(f"done: {iter_num} steps, {iter_num * tokens_per_step:,} tokens in {time.
 if master:
     plot_log()
 if ddp:
+    # free the DDP wrapper first: its reducer must not hold the last reference to the process group, whose
+    # destructor, run from there with the GIL held, can deadlock with a gloo thread that needs it (pytorch#56297)
+    del model
     dist.destroy_process_group()

@@ -26,11 +26,15 @@ def test_dense_flops_per_token_equal_a_hand_count():
 
 def test_moe_active_flops_scale_with_topk_not_with_experts():
     def flops(**moe):
-        return GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, vocab_size=64, block_size=16, moe_hidden=16, **moe)).flops_per_token()
+        with torch.device("meta"):
+            model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, vocab_size=64, block_size=16, moe_hidden=16, **moe))
+        return model.flops_breakdown()
     base = flops(n_experts=4, moe_topk=1)
-    assert flops(n_experts=16, moe_topk=1) - base == 3 * 2 * 2 * 32 * (16 - 4)  # only the 2 routers grow
     expert = 3 * 2 * 3 * 32 * 16 * 2  # one more expert per token: 3 matrices in each of 2 layers
-    assert flops(n_experts=4, moe_topk=2) - base == expert
+    for moe, extra in [(dict(n_experts=16, moe_topk=1), 3 * 2 * 2 * 32 * (16 - 4)),  # only the 2 routers grow
+                       (dict(n_experts=4, moe_topk=2), expert)]:
+        parts = flops(**moe)
+        assert parts["moe"] - base["moe"] == extra and {**parts, "moe": 0} == {**base, "moe": 0}  # the MoE part alone
 
 
 def test_flops_budget_sets_the_steps_within_one_percent(tiny_data, tmp_path):
@@ -40,6 +44,16 @@ def test_flops_budget_sets_the_steps_within_one_percent(tiny_data, tmp_path):
     rows = read_log(tmp_path)
     head, final = rows[0], rows[-1]
     assert abs(final["tokens"] * head["flops_per_token"] - budget) / budget < 0.01
+
+
+def test_wall_clock_budget_times_the_first_steps_then_fixes_the_count(tiny_data, tmp_path):
+    result = run_stage("train.py", f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", *TINY.split(),
+                       "--train_minutes=0.05", "--eval_interval=1000", "--warmup_iters=2")
+    steps = int(result.stdout.split("ms/step: ")[1].split()[0])  # '... 0.05 min at 9 ms/step: 270 steps'
+    assert steps > 12 and [r for r in read_log(tmp_path) if "exact_val_bpb" in r][0]["step"] == steps
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["timed_max_iters"] == steps  # what a resume keeps
+    seconds = float(result.stdout.split(" tokens in ")[1].split()[0])  # the steps, the first and last evaluations
+    assert 0.5 * 3 < seconds < 3 * 3, seconds
 
 
 def test_sweep_runs_tabulates_and_resumes_without_redoing_finished_runs(tiny_data, tmp_path):

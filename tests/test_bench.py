@@ -49,3 +49,19 @@ def test_hf_llama_reference(tmp_path):
     assert rows["ours"]["tokens_per_s"] > 0 and rows["hf_llama"]["tokens_per_s"] > 0
     assert "ours / hf_llama:" in run.stdout
     assert any(line.startswith("hf_llama ") for line in run.stdout.splitlines())
+
+
+def test_flops_prints_the_accounting_and_times_nothing(tmp_path):
+    train_config = tmp_path / "train_config.py"
+    train_config.write_text("max_iters = 10\ngradient_accumulation_steps = 3\nbatch_size = 2\n")  # train.py's run
+    out = tmp_path / "bench.json"
+    run = bench(str(train_config), "--flops", "--n_layer=2", "--n_embd=32", "--n_head=2", "--block_size=32",
+                "--vocab_size=64", "--n_experts=4", "--moe_topk=2", "--mtp_depth=1", f"--json_out={out}")
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())
+    parts, flops = result["flops_breakdown"], result["flops_per_token"]
+    assert sum(parts.values()) == flops and parts["moe"] > 0 and parts["mtp"] > 0 and parts["mlp"] == 0
+    assert result["tokens"] == 10 * 3 * 2 * 32 and result["training_flops"] == flops * result["tokens"]
+    assert result["params"]["active"] < result["params"]["total"] and result["params"]["MTP modules"] > 0
+    assert result["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 16 * 2  # layers x (k, v) x heads x head_dim x bf16
+    assert "attention scores" in run.stdout and "tokens/s" not in run.stdout

@@ -324,6 +324,10 @@ def test_parameter_and_flops_accounting_of_mla_moe_and_mtp(tiny_model):
     matmul = 3 * mla + dense + 2 * (moe - 2 * expert) + 2 * d * d + 2 * V * d  # the MTP block is an MoE one
     attention = 3 * 2 * H * (nope + rope + v) * (T + 1) / 2
     assert model.flops_per_token(T) == 3 * (2 * matmul + attention)
+    parts = model.flops_breakdown(T)  # attention: 3 layers alike, the MTP module's block the third
+    assert (parts["attention projections"], parts["attention scores"]) == (3 * 2 * 2 * mla, 3 * 2 * attention / 3)
+    assert (parts["mlp"], parts["moe"], parts["head"]) == (3 * 2 * dense, 3 * 2 * (moe - 2 * expert), 3 * 2 * V * d)
+    assert parts["mtp"] == 3 * (2 * (2 * d * d + mla + moe - 2 * expert + V * d) + attention / 3)
 
 
 CONFIGS = ["moe_small", "deepseek_small", "llama4_small"]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import FAMILY_VARIANTS
-from model import cross_entropy, sample_next
+from model import Engram, Experts, HyperConnections, cross_entropy, sample_next
 from optim import configure_optimizers
 
 ATTENTION = {"mha": dict(n_kv_head=4), "gqa": dict(n_kv_head=2), "mqa": dict(n_kv_head=1),
@@ -163,6 +163,34 @@ def test_flops_per_token_equals_a_hand_count(tiny_model):
     assert model.flops_per_token(T) == 3 * forward
     assert math.isclose(model.flops_per_token(T), 6 * (L * (attention_weights + mlp_weights) + d * V)
                         + 6 * L * d * (T + 1), rel_tol=1e-12)  # nanoGPT's 6N + 12·L·d·T/2 form
+    scores = L * 4 * 4 * head_dim * (T + 1) / 2
+    assert model.flops_breakdown(T) == {
+        "attention projections": 3 * 2 * L * attention_weights, "attention scores": 3 * scores,
+        "mlp": 3 * 2 * L * mlp_weights, "head": 3 * 2 * d * V, "moe": 0, "hyper-connections": 0, "engram": 0, "mtp": 0}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_flops_breakdown_misses_and_double_counts_nothing(tiny_model, variant):
+    """The parts sum to a count over all the parameters at once: every matrix of the blocks and MTP modules (routed
+    experts at moe_topk), the head once plus once per MTP depth, HC and Engram by their own count."""
+    with torch.device("meta"):  # shapes only
+        model = tiny_model(**VARIANTS[variant])
+    c, T = model.config, 32
+    own = [m for m in model.modules() if isinstance(m, (HyperConnections, Engram))]
+    skip = {id(p) for m in own for p in m.parameters()}
+    matrices = sum(p.numel() for p in [*model.blocks.parameters(), *model.mtp.parameters()]
+                   if p.dim() == 2 and id(p) not in skip)
+    experts = sum(p.numel() for m in model.modules() if isinstance(m, Experts) for p in m.parameters())
+    heads = (1 + c.mtp_depth) * c.vocab_size * c.n_embd
+    forward = (2 * (matrices + experts // max(1, c.n_experts) * c.moe_topk + heads)
+               + sum(m.attention_flops(T) for m in model.modules() if hasattr(m, "attention_flops"))
+               + sum(m.flops_per_token() for m in own))
+    parts = model.flops_breakdown(T)
+    assert sum(parts.values()) == model.flops_per_token(T) == 3 * forward
+    present = {"moe": c.n_experts > 0, "mtp": c.mtp_depth > 0, "hyper-connections": c.residual != "standard",
+               "engram": bool(c.engram_layer_list), "attention projections": True, "attention scores": True,
+               "head": True}
+    assert {part: parts[part] > 0 for part in present} == present
 
 
 def test_cross_entropy_matches_torch_with_ignored_targets():

@@ -247,8 +247,7 @@ def resumed_run(checkpoint):
 
 
 def test_two_process_muonclip_equals_one_process_and_resumes_on_one(tmp_path, monkeypatch):
-    # spawn, not fork: a child forked after the parent started its OpenMP threads can deadlock
-    mp.start_processes(ddp_worker, args=(2, str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(ddp_worker, args=(2, str(tmp_path)), nprocs=2, start_method="fork")  # fork: no second torch import
     calls = []
     monkeypatch.setattr(optim, "orthogonalize", counting(calls))
     model, opt, clip = new_run()

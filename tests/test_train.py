@@ -1,4 +1,5 @@
 """train.py end to end on the CPU: learning, checkpoints, resume, DDP, exact evaluation, sampling, bad input."""
+import hashlib
 import json
 import math
 import os
@@ -48,6 +49,16 @@ def test_training_loss_falls_and_outputs_are_written(trained):
     checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
     assert checkpoint["step"] == 40 and checkpoint["model_config"]["n_layer"] == 2
     assert "exact val bits per byte" in result.stdout
+
+
+def test_run_manifest_describes_the_run_and_its_id_is_on_every_log_row(trained, tiny_data):
+    out, _ = trained
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["config"]["n_layer"] == 2 and manifest["config"]["data_dir"] == str(tiny_data)
+    assert manifest["torch"] == torch.__version__ and manifest["device"] == "cpu" and manifest["world_size"] == 1
+    assert len(manifest["git_commit"]) == 40 and isinstance(manifest["git_dirty"], bool)  # tests run in the repo
+    assert manifest["data_meta_sha256"] == hashlib.sha256((tiny_data / "meta.json").read_bytes()).hexdigest()
+    assert {row["run_id"] for row in read_log(out)} == {manifest["run_id"]}
 
 
 def test_exact_bits_per_byte_equals_a_hand_computation(trained, tiny_data):
@@ -114,6 +125,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tiny_data, tmp_path):
     assert sorted(again) == list(range(1, 31))
     for step in range(resumed_from + 1, 31):
         assert abs(whole[step]["loss"] - again[step]["loss"]) < 1e-6, step
+    assert len({row["run_id"] for row in read_log(killed)}) == 1  # the resumed run goes on as the same run
 
 
 def test_two_process_ddp_equals_one_process(tiny_data, tmp_path):
