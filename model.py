@@ -51,6 +51,7 @@ Residual streams and memory:
 The order below is bottom-up, as in nanoGPT: config, shared pieces, attention, feed-forward, residual and memory,
 block, the model, decoding, accounting.
 """
+import functools
 import math
 import re
 from dataclasses import dataclass, field, fields
@@ -59,7 +60,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 
 @dataclass
@@ -359,11 +359,16 @@ def max_attention_logits(q, k, mask=None, chunk=256):
 # 'full', FlexAttention block masks on CUDA or a boolean mask for SDPA elsewhere for the others) and, when decoding,
 # stores the new tokens' cache entries and says which cached slots each new token sees.
 
-compiled_flex_attention = torch.compile(flex_attention, dynamic=False)  # compiled lazily, at its first (CUDA) call
+# FlexAttention is imported where it is used: importing it loads torch._dynamo, seconds at every program start
+compiled_flex_attention = None
 
 
 def flex(q, k, v, block_mask, scale):
     """FlexAttention: its fused kernel on CUDA (eager FlexAttention would materialize every score), eager elsewhere."""
+    global compiled_flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
+    if q.is_cuda and compiled_flex_attention is None:
+        compiled_flex_attention = torch.compile(flex_attention, dynamic=False)  # compiled at its first call
     attend = compiled_flex_attention if q.is_cuda else flex_attention
     return attend(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.size(1) != q.size(1))
 
@@ -426,6 +431,7 @@ class MaskedSpan(FullSpan):
 
     def block_mask(self, T, device):
         """The BlockMask of a T-token sequence: FlexAttention skips the tiles of 128 x 128 it leaves empty."""
+        from torch.nn.attention.flex_attention import create_block_mask
         key = (self.key, T, str(device))
         if key not in self.block_masks:
             self.block_masks[key] = create_block_mask(lambda b, h, q, k: self.allowed(q, k), None, None, T, T,
@@ -560,6 +566,7 @@ class MoBASpan(FullSpan):
     def block_mask(self, chosen):
         """A BlockMask from the chosen blocks: a tile of 128 keys is visited when any query of its 128 chose a block
         it overlaps; the mask_mod then keeps each query's own choice, causally."""
+        from torch.nn.attention.flex_attention import BlockMask
         B, H, T, n = chosen.shape
         tile = 128  # FlexAttention's default BLOCK_SIZE
         tiles = math.ceil(T / tile)
@@ -1318,19 +1325,23 @@ class Engram(nn.Module):
 
     def forward(self, x, ctx):
         """x (B, T, d), or (B, T, n, d) streams -> what the memory adds to it, the same shape."""
-        memory = self.lookup(self.rows(ctx.tokens)).flatten(2)  # (B, T, engram_dim)
+        # inductor cannot produce a sparse gradient: under torch.compile the lookup runs eagerly (a graph break)
+        memory = eager(F.embedding)(self.rows(ctx.tokens), self.table.weight, sparse=True).flatten(2)  # (B, T, engram_dim)
         shape = (*x.shape[:2], *(1,) * (x.dim() - 3), -1)  # one key and value for all streams
         key, value = self.key(memory).view(shape), self.value(memory).view(shape)
         score = (self.key_norm(key) * self.query_norm(x)).sum(dim=-1, keepdim=True) / math.sqrt(x.size(-1))
         return torch.sigmoid(score.sign() * score.abs().clamp(min=1e-6).sqrt()) * value
 
-    @torch.compiler.disable  # inductor cannot produce a sparse gradient: the lookup runs eagerly, a graph break
-    def lookup(self, rows):
-        return self.table(rows)
 
     def flops_per_token(self):
         """Forward FLOPs per token: the key and value projections, and each stream's gate (the lookups cost none)."""
         return 2 * (self.key.weight.numel() + self.value.weight.numel()) + 4 * self.streams * self.key.weight.size(0)
+
+
+@functools.cache
+def eager(fn):
+    """fn, run eagerly under torch.compile; made at its first use, since torch.compiler loads torch._dynamo (seconds)."""
+    return torch.compiler.disable(fn)
 
 
 def next_primes(start, count):
