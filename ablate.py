@@ -124,14 +124,17 @@ def summarize(label):
 def write_results():
     rows = [row for label in jobs if (row := summarize(label))]
     lines = [f"# {sweep}", "",
-             f"Budget: {f'{train_flops:.3g} training FLOPs' if train_flops else f'{train_tokens:,} tokens' if train_tokens else 'each run its own'} "
+             f"Budget: {f'{train_flops:.3g} training FLOPs' if train_flops else f'{train_tokens:,} tokens' if train_tokens else f'{train_minutes} minutes of steps' if train_minutes else 'each run its own'} "
              f"per run; device: {', '.join(sorted({row['device'] for row in rows}))}.", "",
              "| run | params (total / active) | training FLOPs | tokens | exact val bits per byte | tokens/s | MFU | peak memory |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: r["bpb"]):
         bpb = f"{r['bpb']:.4f}" + (f" ± {r['std']:.4f} ({r['seeds']} seeds)" if r["std"] is not None else "")
+        speed = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-"  # a run too short to log after compiling
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"  # no known peak (CPU)
+        memory = f"{r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] else "-"  # measured on CUDA only
         lines.append(f"| {r['label']} | {r['params'] / 1e6:.2f}M / {r['active_params'] / 1e6:.2f}M | {r['flops']:.3g} | "
-                     f"{r['tokens']:,} | {bpb} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {r['peak_mem_gib']:.1f} GiB |")
+                     f"{r['tokens']:,} | {bpb} | {speed} | {mfu} | {memory} |")
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
