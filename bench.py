@@ -263,12 +263,13 @@ def decode_speeds(name, model):
     for batch in sorted({1, decode_batch}):
         prompts = torch.randint(model_config.vocab_size, (batch, prompt_len)).tolist()
         for mode, options in modes.items():
-            stats = {}
+            stats, tokens = {}, []
 
             def generate(n):
+                tokens.clear()
                 with amp:
-                    for _ in model.generate(prompts, n, temperature=0.0, stats=stats, **options):
-                        pass
+                    for token in model.generate(prompts, n, temperature=0.0, stats=stats, **options):
+                        tokens.append(token)
 
             print0(f"{name}: decoding {batch} x {decode_tokens} tokens after {prompt_len}-token prompts, {mode}")
             generate(8)  # warm-up: compilation, first kernel launches and allocations
@@ -277,7 +278,14 @@ def decode_speeds(name, model):
             accepted = f", {stats['accepted'] / stats['drafted']:.1%} of drafts accepted" if stats else ""
             if stats:
                 speeds[f"{mode} x{batch} acceptance"] = stats["accepted"] / stats["drafted"]
-            print0(f"{name}: {speeds[f'{mode} x{batch}']:,.1f} decode tokens/s{accepted}")
+            # greedy tokens equal to the plain path's: all in fp32; in bf16, kernels that differ can flip near-ties
+            greedy = torch.stack(tokens, dim=1).cpu()
+            if mode == "plain":
+                plain = greedy
+            else:  # speculative rounds may end one token past decode_tokens
+                speeds[f"{mode} x{batch} match"] = (greedy[:, :decode_tokens] == plain).float().mean().item()
+            match = f", greedy match with plain {speeds[f'{mode} x{batch} match']:.1%}" if mode != "plain" else ""
+            print0(f"{name}: {speeds[f'{mode} x{batch}']:,.1f} decode tokens/s{accepted}{match}")
     return speeds
 
 
@@ -363,7 +371,7 @@ if reference:
     print0(f"ours / {reference}: {ratio:.3f}x training tokens/s")
 print0(f"KV cache: {kv_cache_bytes:,} bytes per token in {dtype}, all {model_config.n_layer} layers together")
 if rows["ours"].get("decode"):  # greedy, decode_tokens new tokens per row, prefill included
-    print0("decode: " + ", ".join(f"{key} {value:.1%}" if key.endswith("acceptance") else f"{key} {value:,.1f} tokens/s"
+    print0("decode: " + ", ".join(f"{key} {value:.1%}" if key.endswith(("acceptance", "match")) else f"{key} {value:,.1f} tokens/s"
                                   for key, value in rows["ours"]["decode"].items()))
 os.makedirs(os.path.dirname(json_out) or ".", exist_ok=True)
 with open(json_out, "w") as f:

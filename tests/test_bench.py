@@ -22,13 +22,14 @@ def test_bench_reads_a_train_config_and_writes_table_and_json(tmp_path):
     train_config = tmp_path / "train_config.py"
     train_config.write_text("learning_rate = 1e-3\nmax_iters = 10\nn_layer = 2\n")  # training-only keys are skipped
     out = tmp_path / "out" / "bench.json"
-    run = bench(str(train_config), *TINY, f"--json_out={out}")
+    run = bench(str(train_config), *TINY, "--mtp_depth=1", f"--json_out={out}")
     assert run.returncode == 0, run.stderr
     result = json.loads(out.read_text())
     assert result["model_config"]["n_layer"] == 2  # the file's model key was applied
     assert result["device_name"] == "cpu" and result["torch_version"]
     ours = result["rows"]["ours"]
     assert ours["tokens_per_s"] > 0 and ours["ms_per_step"] > 0 and ours["decode_tokens_per_s"] > 0
+    assert ours["decode"]["speculative x1 match"] == 1.0  # fp32: speculative greedy decoding is plain greedy decoding
     assert result["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 16 * 4  # layers x (k, v) x heads x head_dim x fp32
     assert "tokens/s" in run.stdout and "decode tok/s" in run.stdout
     assert any(line.startswith("ours ") for line in run.stdout.splitlines())
