@@ -17,7 +17,7 @@ import glob
 import json
 import os
 import shutil
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import torch
 
@@ -272,9 +272,9 @@ def load_hf_weights(model, path):
         fail(f"{path}: cannot place tensor {next(iter(tensors))} ({len(tensors)} unplaced)")
 
 
-def from_hf(path, block_size=0):
-    """A GPT (fp32, eval mode) holding the HF checkpoint in folder `path`."""
-    config = hf_config(path, block_size)
+def from_hf(path, block_size=0, dropout=0.0):
+    """A GPT (fp32, eval mode) holding the HF checkpoint in folder `path` (dropout: for training it further)."""
+    config = replace(hf_config(path, block_size), dropout=dropout)
     with torch.device("meta"):  # no random init, which would take longer than the load (26 s of 31 for 0.6B on 2 cores)
         model = GPT(config)
     marks = {name: dict(p.__dict__) for name, p in model.named_parameters()}  # logical_rows (model.py)

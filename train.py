@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import (all_reduce_sum, autocast, fail, init_processes, load_checkpoint, nominal_peak_flops,
                           parse_config, pick_device, pick_dtype, print0, save_checkpoint, write_manifest)
-from hf import hf_config, load_hf_weights
+from hf import from_hf, hf_config
 from model import GPT, GPTConfig, aux_metrics, config_fields
 from optim import QKClip, clip_grad_norm_, configure_optimizers
 from tokenizer import Tokenizer
@@ -211,13 +211,14 @@ def get_batch(step, micro):
 # -----------------------------------------------------------------------------
 # model and optimizer
 
-model = GPT(GPTConfig(**model_args)).to(device)
+if init_from.startswith("hf:") and not checkpoint:  # the folder's weights, with no random init before them
+    model = from_hf(init_from[3:], block_size, dropout).train().to(device)
+else:
+    model = GPT(GPTConfig(**model_args)).to(device)
 iter_num = 0
 if checkpoint:
     model.load_state_dict(checkpoint["model"])
     iter_num = checkpoint["step"]
-elif init_from.startswith("hf:"):
-    load_hf_weights(model, init_from[3:])
 try:
     optim = configure_optimizers(model, optimizer, learning_rate, weight_decay, (beta1, beta2), device_type,
                                  muon_lr, muon_momentum, muon_lr_scale)
