@@ -522,8 +522,10 @@ try:
         iter_num += 1
         steps_since_log += 1
         if time_steps and iter_num == first_iter + 2:  # the first two steps compile and warm up
+            loss.item()  # the host runs ahead of the device: wait for it before reading the clock
             t_timed = time.time()
         if time_steps and iter_num == first_iter + 12:  # every process takes the same count: the mean step time
+            loss.item()
             per_step = all_reduce_sum(time.time() - t_timed, device=device)[0] / world_size / 10
             max_iters = max(iter_num, iter_num + int((60 * train_minutes - (time.time() - t0)) / per_step))
             time_steps = False
