@@ -359,18 +359,34 @@ def max_attention_logits(q, k, mask=None, chunk=256):
 # 'full', FlexAttention block masks on CUDA or a boolean mask for SDPA elsewhere for the others) and, when decoding,
 # stores the new tokens' cache entries and says which cached slots each new token sees.
 
-# FlexAttention is imported where it is used: importing it loads torch._dynamo, seconds at every program start
+# FlexAttention (torch.nn.attention.flex_attention) is imported by the spans that use it, when one is built: importing
+# it loads torch._dynamo, seconds at every program start. Nothing here imports or compiles while torch.compile traces.
 compiled_flex_attention = None
 
 
-def flex(q, k, v, block_mask, scale):
-    """FlexAttention: its fused kernel on CUDA (eager FlexAttention would materialize every score), eager elsewhere."""
+def flex(q, k, v, block_mask, scale, return_lse=False):
+    """
+    FlexAttention: its fused kernel on CUDA (eager FlexAttention would materialize every score), eager elsewhere.
+    return_lse=True also returns each query's log-sum-exp of its scores (B, n_head, T), which gradients flow through.
+    """
     global compiled_flex_attention
-    from torch.nn.attention.flex_attention import flex_attention
-    if q.is_cuda and compiled_flex_attention is None:
-        compiled_flex_attention = torch.compile(flex_attention, dynamic=False)  # compiled at its first call
-    attend = compiled_flex_attention if q.is_cuda else flex_attention
-    return attend(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.size(1) != q.size(1))
+    attend = torch.nn.attention.flex_attention.flex_attention  # inside a compiled model, inductor fuses it
+    if q.is_cuda and not torch.compiler.is_compiling():  # an eager model on CUDA: FlexAttention compiled alone
+        compiled_flex_attention = compiled_flex_attention or torch.compile(attend, dynamic=False)
+        attend = compiled_flex_attention
+    return attend(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.size(1) != q.size(1), return_lse=return_lse)
+
+
+def static_block_mask(key, allowed, T, device):
+    """The BlockMask of allowed(query position, key position) over T tokens, built once per key, T and device."""
+    key = (key, T, str(device))
+    if key not in STATIC_BLOCK_MASKS:
+        STATIC_BLOCK_MASKS[key] = torch.nn.attention.flex_attention.create_block_mask(
+            lambda b, h, q, k: allowed(q, k), None, None, T, T, device=device)
+    return STATIC_BLOCK_MASKS[key]
+
+
+STATIC_BLOCK_MASKS = {}  # shared by every layer with the same pattern
 
 
 class FullSpan:
@@ -419,24 +435,19 @@ class FullSpan:
 
 class MaskedSpan(FullSpan):
     """A fixed pattern allowed(query position, key position), causal: FlexAttention on CUDA, masked SDPA elsewhere."""
-    block_masks = {}  # (span, T, device) -> BlockMask, built once and shared by every layer with that span
+
+    def __init__(self, config):
+        super().__init__(config)
+        import torch.nn.attention.flex_attention  # noqa: F401 (see flex)
 
     def allowed(self, q_pos, k_pos):
         raise NotImplementedError
 
     def attend(self, q, k, v, ctx, mask=None, scale=None, dropout=0.0):
         if mask is None and (q.is_cuda if self.flex is None else self.flex):
-            return flex(q, k, v, self.block_mask(q.size(2), q.device), scale)
+            # FlexAttention skips the tiles of 128 x 128 the pattern leaves empty
+            return flex(q, k, v, static_block_mask(self.key, self.allowed, q.size(2), q.device), scale)
         return super().attend(q, k, v, ctx, self.logit_mask(q, k) if mask is None else mask, scale, dropout)
-
-    def block_mask(self, T, device):
-        """The BlockMask of a T-token sequence: FlexAttention skips the tiles of 128 x 128 it leaves empty."""
-        from torch.nn.attention.flex_attention import create_block_mask
-        key = (self.key, T, str(device))
-        if key not in self.block_masks:
-            self.block_masks[key] = create_block_mask(lambda b, h, q, k: self.allowed(q, k), None, None, T, T,
-                                                      device=device)
-        return self.block_masks[key]
 
     def logit_mask(self, q, k):
         pos = torch.arange(q.size(2), device=q.device)
@@ -526,11 +537,16 @@ class MoBASpan(FullSpan):
 
     def __init__(self, config):
         super().__init__(config)
+        import torch.nn.attention.flex_attention  # noqa: F401 (see flex)
         self.block, self.topk = config.moba_block, config.moba_topk
 
     @torch.no_grad()
-    def chosen_blocks(self, q, k, q_pos, k_pos):
-        """(B, n_head, T, blocks) whether each query sees each key block; positions q_pos (B|1, T), k_pos (B|1, S)."""
+    def past_blocks(self, q, k, q_pos, k_pos):
+        """
+        The moba_topk - 1 earlier complete blocks whose mean keys score highest against each query, (B, n_head, T, m)
+        indices, and whether each is real (a query in an early block has fewer blocks before it); positions q_pos
+        (B|1, T), k_pos (B|1, S).
+        """
         B, H, T, _ = q.shape
         n = math.ceil(k.size(2) / self.block)
         k_block = (k_pos // self.block).clamp(min=0)[:, None, :, None].expand(B, k.size(1), -1, k.size(3))
@@ -539,11 +555,16 @@ class MoBASpan(FullSpan):
         sums.scatter_add_(2, k_block, k.float() * written)
         means = (sums / self.block).repeat_interleave(H // k.size(1), dim=1)  # (B, n_head, blocks, d)
         scores = q.float() @ means.mT  # (B, n_head, T, blocks)
-        q_block = (q_pos // self.block)[:, None, :, None]  # (B|1, 1, T, 1)
-        blocks = torch.arange(n, device=q.device)
-        past = (blocks < q_block).expand_as(scores)  # completed blocks before the query's own
-        top = scores.masked_fill(~past, float("-inf")).topk(min(self.topk - 1, n), dim=-1).indices
-        return (torch.zeros_like(past).scatter_(-1, top, True) & past) | (blocks == q_block)
+        past = torch.arange(n, device=q.device) < (q_pos // self.block)[:, None, :, None]  # before the query's own
+        best = scores.masked_fill(~past, float("-inf")).topk(min(self.topk - 1, n), dim=-1)
+        return best.indices, best.values > float("-inf")
+
+    def chosen_blocks(self, q, k, q_pos, k_pos):
+        """(B, n_head, T, blocks) whether each query sees each key block: its own, and its past_blocks."""
+        top, real = self.past_blocks(q, k, q_pos, k_pos)
+        n = math.ceil(k.size(2) / self.block)
+        own = torch.arange(n, device=q.device) == (q_pos // self.block)[:, None, :, None]
+        return own | torch.zeros(*top.shape[:3], n, dtype=torch.bool, device=q.device).scatter_(-1, top, real)
 
     def mask(self, chosen, q_pos, k_pos):
         """(B, n_head, T, S) boolean mask from the chosen blocks: causal, within them."""
@@ -553,40 +574,60 @@ class MoBASpan(FullSpan):
     def attend(self, q, k, v, ctx, mask=None, scale=None, dropout=0.0):
         if mask is None:  # training: positions 0..T-1
             pos = torch.arange(q.size(2), device=q.device)[None]
-            chosen = self.chosen_blocks(q, k, pos, pos)
             if q.is_cuda if self.flex is None else self.flex:
-                return flex(q, k, v, self.block_mask(chosen), scale)
-            mask = self.mask(chosen, pos, pos)
+                return self.attend_by_block(q, k, v, *self.past_blocks(q, k, pos, pos), scale)
+            mask = self.mask(self.chosen_blocks(q, k, pos, pos), pos, pos)
         else:  # decoding: positions count from each row's first token
             q_pos = ctx.cache_pos[None, :] - ctx.pad[:, None]
             k_pos = torch.arange(k.size(2), device=q.device)[None, :] - ctx.pad[:, None]
             mask = mask & self.mask(self.chosen_blocks(q, k, q_pos, k_pos), q_pos, k_pos)
         return super().attend(q, k, v, ctx, mask, scale, dropout)
 
-    def block_mask(self, chosen):
-        """A BlockMask from the chosen blocks: a tile of 128 keys is visited when any query of its 128 chose a block
-        it overlaps; the mask_mod then keeps each query's own choice, causally."""
-        from torch.nn.attention.flex_attention import BlockMask
-        B, H, T, n = chosen.shape
-        tile = 128  # FlexAttention's default BLOCK_SIZE
-        tiles = math.ceil(T / tile)
-        blocks = math.ceil(tiles * tile / self.block)
-        chosen = F.pad(chosen, (0, blocks - n, 0, tiles * tile - T))  # (B, H, tiles * tile, blocks): no index overflows
-        first = torch.arange(tiles, device=chosen.device) * tile // self.block  # the first block each key tile overlaps
-        last = ((torch.arange(tiles, device=chosen.device) + 1) * tile - 1) // self.block
-        per_tile = torch.zeros(B, H, tiles * tile, tiles, dtype=torch.bool, device=chosen.device)
-        for offset in range(math.ceil(tile / self.block) + 1):
-            index = (first + offset).clamp(max=last).expand(B, H, tiles * tile, tiles)
-            per_tile |= chosen.gather(-1, index)
-        visit = per_tile.view(B, H, tiles, tile, tiles).any(dim=3)  # (B, H, query tiles, key tiles)
-        visit &= torch.ones(tiles, tiles, dtype=torch.bool, device=chosen.device).tril()
+    def attend_by_block(self, q, k, v, top, real, scale):
+        """
+        Training through FlexAttention as MoBA computes it (§2.3): every query attends its own block causally, and
+        apart, each earlier block it chose; the partial results then merge by their log-sum-exps into the one softmax
+        over all of them. For the second part the (query, chosen block) pairs are sorted by block, so that a tile of
+        128 pairs meets a block or two; tiles of the queries themselves would meet the union of all their choices.
+        """
+        B, H, T, d = q.shape
+        own = static_block_mask(("moba", self.block), lambda q_pos, k_pos: (k_pos <= q_pos) &
+                                (k_pos // self.block == q_pos // self.block), T, q.device)
+        y_own, lse_own = flex(q, k, v, own, scale, return_lse=True)
+        m = top.size(-1)
+        if m == 0:  # a single block: nothing before it
+            return y_own
+        block = torch.where(real, top, -1).flatten(2)  # (B, H, T * m) each pair's block; -1 = none (masked out)
+        order = block.argsort(dim=-1, stable=True)
+        block = block.gather(-1, order)
+        pairs = q.gather(2, (order // m)[..., None].expand(-1, -1, -1, d))  # each sorted pair's query
+        y, lse = flex(pairs, k, v, self.pair_block_mask(block, k.size(2)), scale, return_lse=True)
+        unsort = order.argsort(dim=-1)
+        y = y.gather(2, unsort[..., None].expand(-1, -1, -1, y.size(-1))).view(B, H, T, m, -1)
+        lse = lse.gather(-1, unsort).view(B, H, T, m)
+        # softmax over the parts' log-sum-exps: each part's share of the whole softmax (an empty part's lse is -inf)
+        share = torch.softmax(torch.cat([lse_own[..., None], lse], dim=-1), dim=-1)
+        return (share[..., :1] * y_own + (share[..., 1:, None] * y).sum(dim=3)).type_as(y_own)
+
+    def pair_block_mask(self, block, S):
+        """
+        The BlockMask of the sorted pairs, block (B, H, P) each pair's key block (-1: none), over S keys: a tile of 128
+        pairs visits the key tiles from its first block's to its last's; the mask_mod keeps each pair's own block.
+        """
+        B, H, P = block.shape
+        tile, key_tiles = 128, math.ceil(S / 128)  # FlexAttention's default BLOCK_SIZE
+        tiles = F.pad(block, (0, (-P) % tile), value=-1).view(B, H, -1, tile)
+        last = tiles.amax(dim=-1)  # -1: a tile of no pair
+        first = torch.where(tiles >= 0, tiles, last[..., None]).amin(dim=-1).clamp(min=0)
+        first_tile, last_tile = first * self.block // tile, ((last + 1) * self.block - 1) // tile
+        count = torch.where(last >= 0, last_tile.clamp(max=key_tiles - 1) - first_tile + 1, 0)
+        indices = (first_tile[..., None] + torch.arange(key_tiles, device=block.device)).clamp(max=key_tiles - 1)
 
         def mask_mod(b, h, q_idx, kv_idx):
-            return (kv_idx <= q_idx) & chosen[b, h, q_idx, kv_idx // self.block]
+            return kv_idx // self.block == block[b, h, q_idx]
 
-        return BlockMask.from_kv_blocks(visit.sum(-1, dtype=torch.int32),
-                                        torch.argsort(visit.int(), dim=-1, descending=True, stable=True).int(),
-                                        BLOCK_SIZE=tile, mask_mod=mask_mod, seq_lengths=(T, T))
+        return torch.nn.attention.flex_attention.BlockMask.from_kv_blocks(
+            count.int(), indices.int(), BLOCK_SIZE=tile, mask_mod=mask_mod, seq_lengths=(P, S))
 
     def logit_mask(self, q, k):
         pos = torch.arange(q.size(2), device=q.device)[None]

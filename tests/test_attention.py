@@ -9,7 +9,9 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import model as model_module
 from conftest import ROOT, run_stage
 from model import (GPT, Context, GPTConfig, MoBASpan, SlidingSpan, BlockSparseSpan, GatedDeltaNet, LinearAttention,
                    gated_delta_rule_chunked, gated_delta_rule_recurrent, linear_attention_chunked,
@@ -116,6 +118,46 @@ def test_flex_attention_path_equals_the_masked_sdpa_path(tiny_model, span):
         for block in model.blocks:
             block.attn.span.flex = True
         assert torch.allclose(logits_of(model, idx), sdpa, atol=1e-5)
+
+
+def dense_flex(q, k, v, block_mask, scale, return_lse=False):
+    """FlexAttention's result computed densely from the BlockMask's mask_mod, with autograd (CPU FlexAttention has no
+    backward): softmax over the allowed keys, and each query's log-sum-exp (-inf and a zero output where none is)."""
+    B, H, L, d = q.shape
+    k, v = (t.repeat_interleave(H // t.size(1), dim=1) for t in (k, v))
+    allowed = block_mask.mask_mod(torch.arange(B)[:, None, None, None], torch.arange(H)[None, :, None, None],
+                                  torch.arange(L)[None, None, :, None], torch.arange(k.size(2))[None, None, None, :])
+    scores = (q @ k.mT * (scale or d ** -0.5)).masked_fill(~allowed, float("-inf"))
+    lse = scores.logsumexp(dim=-1)
+    y = torch.nan_to_num(scores.softmax(dim=-1), nan=0.0) @ v
+    return (y, lse) if return_lse else y
+
+
+@pytest.mark.parametrize("T, block, topk", [(150, 16, 3), (257, 64, 4), (130, 8, 2), (300, 128, 3)])
+def test_moba_by_block_equals_the_masked_softmax_in_value_and_gradient(monkeypatch, T, block, topk):
+    """The FlexAttention path: own block, then the chosen blocks apart, merged by log-sum-exp (FlexAttention's
+    kernel replaced by a dense stand-in, to have gradients on the CPU); its tiles cover every pair's block."""
+    monkeypatch.setattr(model_module, "flex", dense_flex)
+    span = MoBASpan(GPTConfig(block_size=1024, n_head=4, n_kv_head=2, n_embd=64, moba_block=block, moba_topk=topk))
+    inputs = torch.randn(2, 4, T, 16), torch.randn(2, 2, T, 16), torch.randn(2, 2, T, 16)
+    results = []
+    for flex in (False, True):
+        q, k, v = (t.clone().requires_grad_() for t in inputs)
+        span.flex = flex
+        y = span.attend(q, k, v, None)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results.append((y, q.grad, k.grad, v.grad))
+    for masked, by_block in zip(*results):
+        assert torch.allclose(masked, by_block, atol=1e-5)
+    # the BlockMask of the sorted (query, block) pairs visits every tile of 128 x 128 holding an allowed pair and key
+    pos = torch.arange(T)[None]
+    top, real = span.past_blocks(*inputs[:2], pos, pos)
+    blocks = torch.where(real, top, -1).flatten(2)
+    blocks = blocks.gather(-1, blocks.argsort(dim=-1, stable=True))
+    visited = span.pair_block_mask(blocks, T).to_dense().bool()  # (B, H, pair tiles, key tiles)
+    allowed = F.pad(torch.arange(T) // block == blocks[..., None], (0, (-T) % 128, 0, (-blocks.size(-1)) % 128))
+    needed = allowed.unflatten(2, (-1, 128)).unflatten(4, (-1, 128)).any(dim=(3, 5))
+    assert (visited == needed).all()  # and nothing more: pairs sorted by block touch few tiles
 
 
 def test_flops_per_token_count_only_the_attended_positions(tiny_model):
