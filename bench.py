@@ -238,6 +238,8 @@ def measure(name, model, loss_of, with_decode):
     if with_decode:
         del optim, train_model  # decoding needs neither optimizer state nor the compiled graph
         model.eval()
+        if dtype != "float32" and isinstance(model, GPT):  # decode as sample.py does: weights in the autocast dtype
+            model.cast_parameters(getattr(torch, dtype))
         if decode_context:
             decode_steps, row["cache_gib"] = decode_at_context(model)
             print0(f"{name}: decoding {decode_batch} x {decode_tokens} tokens at a context of {decode_context:,}")

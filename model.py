@@ -259,7 +259,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x.float(), (x.size(-1),), self.weight, self.eps).type_as(x)
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
 
 
 def yarn_mscale(factor, mscale):
@@ -1250,7 +1250,7 @@ class HyperConnections(nn.Module):
         """pre (B, T, n), post (B, T, n) and res (B, T, n, n) from the streams H (B, T, n, d)."""
         n = self.n
         pre, post, res = self.static.split([n, n, n * n])
-        dynamic = self.gain * torch.tanh(F.rms_norm(H, (H.size(-1),), eps=self.eps) @ self.dynamic)  # (B, T, n, n + 2)
+        dynamic = self.gain * torch.tanh(F.rms_norm(H, (H.size(-1),), eps=self.eps) @ self.dynamic.type_as(H))
         # stream j's own row of dynamic weights says how much of it goes into each new stream: column j of res
         return pre + dynamic[..., 0], post + dynamic[..., 1], res.view(n, n) + dynamic[..., 2:].mT
 
@@ -1291,7 +1291,7 @@ class ManifoldHyperConnections(HyperConnections):
     def mappings(self, H):
         n = self.n
         x = F.rms_norm(H.flatten(-2), (H.size(-2) * H.size(-1),), eps=self.eps)  # (B, T, n d)
-        pre, post, res = (self.gain * (x @ self.dynamic) + self.static).split([n, n, n * n], dim=-1)
+        pre, post, res = (self.gain * (x @ self.dynamic.type_as(x)) + self.static).split([n, n, n * n], dim=-1)
         return pre.sigmoid(), 2 * post.sigmoid(), sinkhorn(res.unflatten(-1, (n, n)), self.sinkhorn_iters)
 
 
@@ -1563,6 +1563,16 @@ class GPT(nn.Module):
 
     # -------------------------------------------------------------------------
     # decoding
+
+    def cast_parameters(self, dtype):
+        """
+        For inference in dtype (bf16 on a GPU): the parameters in place, ties kept; the buffers (RoPE tables, router
+        state) stay fp32. Under autocast, fp32 weights are cast at every matmul of every decode step: at batch 1 that
+        reads and writes more memory than the step's own work does.
+        """
+        for p in self.parameters():
+            p.data = p.data.to(dtype)
+        return self
 
     def new_cache(self, batch, max_len, dtype=None, mtp=False):
         """

@@ -38,7 +38,8 @@ config = parse_config({k: v for k, v in globals().items() if not k.startswith("_
                       sys.argv[1:])
 globals().update(config)
 device = pick_device(device)
-amp = autocast(device, pick_dtype(device, dtype))
+dtype = pick_dtype(device, dtype)
+amp = autocast(device, dtype)
 
 if init_from.startswith("hf:"):  # the folder's model and its own tokenizer, as they are
     model, tokenizer = from_hf(init_from[3:], block_size), Tokenizer.load(init_from[3:])
@@ -51,6 +52,8 @@ elif init_from == "resume":
 else:
     fail(f"unknown init_from '{init_from}' (choose resume or hf:FOLDER)")
 model.eval().to(device)
+if dtype != "float32":  # weights in bf16/fp16: autocast would cast every matrix again at every decode step
+    model.cast_parameters(getattr(torch, dtype))
 
 if start.startswith("FILE:"):
     if not os.path.isfile(start[5:]):

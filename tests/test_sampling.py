@@ -41,6 +41,23 @@ def test_batched_static_decode_equals_full_forward_of_each_prompt(tiny_model, va
             assert logits[start][seen - 1].argmax().item() == batched[row, i].item(), (row, i)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bf16_parameters_decode_every_architecture(tiny_model, variant):
+    """cast_parameters(bf16), as sample.py and bench.py decode on a GPU: ties kept, buffers fp32, the same logits as
+    fp32 weights under bf16 autocast (which casts them at every matmul) up to bf16 rounding, and decoding runs."""
+    model = tiny_model(**VARIANTS[variant]).eval()
+    idx = torch.tensor([PROMPTS[0]])
+    amp = torch.autocast("cpu", dtype=torch.bfloat16)
+    with amp, torch.no_grad():
+        before = model(idx, idx)[0].float()
+        model.cast_parameters(torch.bfloat16)
+        after = model(idx, idx)[0].float()
+        tokens = greedy(model, PROMPTS, 6, speculative=bool(model.mtp))
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters()) and model.cos.dtype == torch.float32
+    assert (model.lm_head.weight is model.wte.weight) == model.config.tie_embeddings
+    assert (after - before).abs().max() < 0.05 * before.abs().max() and tokens.shape == (3, 6)
+
+
 def test_sampling_draws_the_filtered_distribution():
     """The exponential race draws each token with its probability under temperature, top-k and top-p."""
     logits = torch.tensor([[1.0, 3.0, 2.0, 0.5, -1.0]]).expand(40000, 5)
