@@ -1615,6 +1615,9 @@ class GPT(nn.Module):
             history[row, history.size(1) - len(prompt):] = torch.as_tensor(prompt)
         history, pad = history.to(device), (history.size(1) - lengths).to(device)
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        # a cache as long as the prompts and their continuations need (attention reads all of it at every step),
+        # with one slot for a draft; block_size when they do not fit in it
+        L = min(L, history.size(1) + max_new_tokens + 1)
         cache = self.new_cache(B, L, dtype, mtp=speculative)
         cache["pad"].copy_(pad)
         draws = 3 if speculative else 1  # Exp(1) noise per row and step: the draft, its replacement, the next token
