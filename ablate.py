@@ -123,9 +123,10 @@ def summarize(label):
 
 def write_results():
     rows = [row for label in jobs if (row := summarize(label))]
+    per_run = (f"{train_flops:.3g} training FLOPs" if train_flops else f"{train_tokens:,} tokens" if train_tokens
+               else f"{train_minutes} minutes of steps" if train_minutes else "each run its own")
     lines = [f"# {sweep}", "",
-             f"Budget: {f'{train_flops:.3g} training FLOPs' if train_flops else f'{train_tokens:,} tokens' if train_tokens else f'{train_minutes} minutes of steps' if train_minutes else 'each run its own'} "
-             f"per run; device: {', '.join(sorted({row['device'] for row in rows}))}.", "",
+             f"Budget: {per_run} per run; device: {', '.join(sorted({row['device'] for row in rows}))}.", "",
              "| run | params (total / active) | training FLOPs | tokens | exact val bits per byte | tokens/s | MFU | peak memory |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: r["bpb"]):
