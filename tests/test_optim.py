@@ -236,6 +236,7 @@ def ddp_worker(rank, world, folder):
     if rank == 0:
         torch.save(model.state_dict(), f"{folder}/step4.pt")
     torch.save(sum(calls), f"{folder}/calls{rank}.pt")
+    del ddp  # before the process group, as train.py does (a deadlock there otherwise: see train.py's end)
     dist.destroy_process_group()
 
 

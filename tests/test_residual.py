@@ -259,7 +259,7 @@ def ddp_worker(rank, world, folder):
         opt.zero_grad(set_to_none=True)
     if rank == 0:
         torch.save(model.state_dict(), f"{folder}/model.pt")
-    del ddp  # as train.py does: DDP's reducer must not be the last owner of the process group (see there)
+    del ddp  # before the process group, as train.py does (a deadlock there otherwise: see train.py's end)
     dist.destroy_process_group()
 
 
