@@ -373,8 +373,8 @@ if reference:
     print0(f"ours / {reference}: {ratio:.3f}x training tokens/s")
 print0(f"KV cache: {kv_cache_bytes:,} bytes per token in {dtype}, all {model_config.n_layer} layers together")
 if rows["ours"].get("decode"):  # greedy, decode_tokens new tokens per row, prefill included
-    print0("decode: " + ", ".join(f"{key} {value:.1%}" if key.endswith(("acceptance", "match")) else f"{key} {value:,.1f} tokens/s"
-                                  for key, value in rows["ours"]["decode"].items()))
+    print0("decode: " + ", ".join(f"{key} {value:.1%}" if key.endswith(("acceptance", "match"))
+                                  else f"{key} {value:,.1f} tokens/s" for key, value in rows["ours"]["decode"].items()))
 os.makedirs(os.path.dirname(json_out) or ".", exist_ok=True)
 with open(json_out, "w") as f:
     json.dump({"device_name": device_name, "torch_version": torch.__version__,

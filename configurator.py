@@ -191,11 +191,13 @@ def write_manifest(out_dir, config, device, meta_path, run_id=None):
         meta_hash = hashlib.sha256(f.read()).hexdigest()
     manifest = {
         "run_id": run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
-        "config": config, "git_commit": commit or None, "git_dirty": bool(git("status", "--porcelain")) if commit else None,
+        "config": config, "git_commit": commit or None,
+        "git_dirty": bool(git("status", "--porcelain")) if commit else None,
         "torch": torch.__version__, "cuda": torch.version.cuda,
         "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else device,
         "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-        "data_meta": os.path.abspath(meta_path), "data_meta_sha256": meta_hash, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "data_meta": os.path.abspath(meta_path), "data_meta_sha256": meta_hash,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     os.makedirs(out_dir, exist_ok=True)
     tmp = os.path.join(out_dir, "run.json.tmp")

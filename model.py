@@ -380,6 +380,9 @@ def flex(q, k, v, block_mask, scale, return_lse=False):
     return attend(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.size(1) != q.size(1), return_lse=return_lse)
 
 
+STATIC_BLOCK_MASKS = {}  # shared by every layer with the same pattern
+
+
 def static_block_mask(key, allowed, T, device):
     """The BlockMask of allowed(query position, key position) over T tokens, built once per key, T and device."""
     key = (key, T, str(device))
@@ -387,9 +390,6 @@ def static_block_mask(key, allowed, T, device):
         STATIC_BLOCK_MASKS[key] = torch.nn.attention.flex_attention.create_block_mask(
             lambda b, h, q, k: allowed(q, k), None, None, T, T, device=device)
     return STATIC_BLOCK_MASKS[key]
-
-
-STATIC_BLOCK_MASKS = {}  # shared by every layer with the same pattern
 
 
 class FullSpan:
@@ -1370,12 +1370,12 @@ class Engram(nn.Module):
     def forward(self, x, ctx):
         """x (B, T, d), or (B, T, n, d) streams -> what the memory adds to it, the same shape."""
         # inductor cannot produce a sparse gradient: under torch.compile the lookup runs eagerly (a graph break)
-        memory = eager(F.embedding)(self.rows(ctx.tokens), self.table.weight, sparse=True).flatten(2)  # (B, T, engram_dim)
+        rows = self.rows(ctx.tokens)
+        memory = eager(F.embedding)(rows, self.table.weight, sparse=True).flatten(2)  # (B, T, engram_dim)
         shape = (*x.shape[:2], *(1,) * (x.dim() - 3), -1)  # one key and value for all streams
         key, value = self.key(memory).view(shape), self.value(memory).view(shape)
         score = (self.key_norm(key) * self.query_norm(x)).sum(dim=-1, keepdim=True) / math.sqrt(x.size(-1))
         return torch.sigmoid(score.sign() * score.abs().clamp(min=1e-6).sqrt()) * value
-
 
     def flops_per_token(self):
         """Forward FLOPs per token: the key and value projections, and each stream's gate (the lookups cost none)."""
@@ -1384,7 +1384,7 @@ class Engram(nn.Module):
 
 @functools.cache
 def eager(fn):
-    """fn, run eagerly under torch.compile; made at its first use, since torch.compiler loads torch._dynamo (seconds)."""
+    """fn, run eagerly under torch.compile; made at first use: torch.compiler loads torch._dynamo (seconds)."""
     return torch.compiler.disable(fn)
 
 

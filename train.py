@@ -527,7 +527,7 @@ try:
         if time_steps and iter_num == first_iter + 12:  # every process takes the same count: the mean step time
             loss.item()
             per_step = all_reduce_sum(time.time() - t_timed, device=device)[0] / world_size / 10
-            max_iters = max(iter_num, iter_num + int((60 * train_minutes - (time.time() - t0)) / per_step))
+            max_iters = iter_num + max(0, int((60 * train_minutes - (time.time() - t0)) / per_step))
             time_steps = False
             print0(f"wall-clock budget of {train_minutes} min at {per_step * 1000:.0f} ms/step: {max_iters} steps")
         if iter_num % log_interval == 0 or iter_num == max_iters:

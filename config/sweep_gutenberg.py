@@ -10,7 +10,8 @@ runs = [
     "dense_adamw: config/gutenberg_small.py",
     "dense_muon: config/gutenberg_small.py --optimizer=muon --learning_rate=4e-3",
     "gqa: config/gutenberg_small.py --n_kv_head=2",
-    "mla: config/gutenberg_small.py --attention=mla --kv_lora_rank=256 --qk_nope_head_dim=64 --qk_rope_head_dim=32 --v_head_dim=64",
+    "mla: config/gutenberg_small.py --attention=mla --kv_lora_rank=256 --qk_nope_head_dim=64 --qk_rope_head_dim=32"
+    " --v_head_dim=64",
     "moe: config/moe_small.py",
     "deepseek_small: config/deepseek_small.py",
     "sliding: config/gutenberg_small.py --attn_span=sliding --window=256",
