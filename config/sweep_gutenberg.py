@@ -4,7 +4,7 @@
 # again with a second seed, so that the table shows the noise. On one GPU, four small runs sharing it:
 #   python ablate.py config/sweep_gutenberg.py --parallel=4
 out_dir = "out/sweep_gutenberg"
-common = "--eval_interval=1000 --compile=True"
+common = "--eval_interval=100 --compile=True"  # five points on each val curve
 train_flops = 3.1226e15
 runs = [
     "dense_adamw: config/gutenberg_small.py",
