@@ -6,20 +6,20 @@
 out_dir = "out/sweep_gutenberg"
 common = "--eval_interval=100 --compile=True"  # five points on each val curve
 train_flops = 3.1226e15
-runs = [
+runs = [  # the baseline first (it is always repeated), then the slowest runs, so that the last wave is not one long run
     "dense_adamw: config/gutenberg_small.py",
+    "hybrid_LLLG: config/gutenberg_small.py --attn_pattern=LLLG --linear_kind=gated_deltanet",
+    "mhc: config/gutenberg_small.py --residual=mhc",
+    "hc: config/gutenberg_small.py --residual=hc",
+    "deepseek_small: config/deepseek_small.py",
+    "moe: config/moe_small.py",
     "dense_muon: config/gutenberg_small.py --optimizer=muon --learning_rate=4e-3",
     "gqa: config/gutenberg_small.py --n_kv_head=2",
     "mla: config/gutenberg_small.py --attention=mla --kv_lora_rank=256 --qk_nope_head_dim=64 --qk_rope_head_dim=32"
     " --v_head_dim=64",
-    "moe: config/moe_small.py",
-    "deepseek_small: config/deepseek_small.py",
     "sliding: config/gutenberg_small.py --attn_span=sliding --window=256",
     "hybrid_SSSG: config/gutenberg_small.py --attn_pattern=SSSG --window=256",
-    "hc: config/gutenberg_small.py --residual=hc",
-    "mhc: config/gutenberg_small.py --residual=mhc",
     "engram: config/gutenberg_small.py --engram_layers=1,4",
-    "hybrid_LLLG: config/gutenberg_small.py --attn_pattern=LLLG --linear_kind=gated_deltanet",
 ]
 seeds = [1337]
 repeat_best = 3
