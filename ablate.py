@@ -153,15 +153,17 @@ def plot_curves():
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return
     fig, ax = plt.subplots(figsize=(8, 5))
-    for label in jobs:
+    for i, label in enumerate(jobs):
         rows = next((rows for seed in seeds if (rows := read_log(label, seed))), [])
         head = next((row for row in rows if "params" in row), None)
-        points = [(row["tokens"] * head["flops_per_token"], row["val_loss"]) for row in rows if "val_loss" in row] if head else []
-        if points:
-            ax.plot(*zip(*points), marker="o", label=label)
+        # from the first evaluation after training began: the untrained model's loss (the same for all) would
+        # squeeze the differences that matter into the bottom of the plot
+        points = [(row["tokens"] * head["flops_per_token"], row["val_loss"]) for row in rows
+                  if "val_loss" in row and row["tokens"] > 0] if head else []
+        if points:  # the default cycle has 10 colours: dashed lines after them
+            ax.plot(*zip(*points), marker="o", label=label, linestyle="-" if i < 10 else "--")
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("val loss (nats/token)")
-    ax.set_yscale("log")
     ax.legend(fontsize=8)
     ax.set_title(sweep)
     fig.tight_layout()
