@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -78,27 +79,35 @@ def run_all(pairs):
     slots = [device for device in devices for _ in range(parallel)]
     running = {}  # slot index -> (process, label, seed)
     bar = tqdm(total=len(todo), desc=f"{sweep}: runs", unit="run")
-    while todo or running:
-        for slot, device in enumerate(slots):
-            if slot not in running and todo:
-                label, seed = todo.pop(0)
-                folder = run_dir(label, seed)
-                os.makedirs(folder, exist_ok=True)
-                resume = ["--init_from=resume"] if os.path.exists(os.path.join(folder, "ckpt.pt")) else []
-                command = [sys.executable, "train.py", *jobs[label], *budget, f"--seed={seed}", f"--out_dir={folder}", *resume]
-                env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": device} if device is not None else {}))
-                with open(os.path.join(folder, "train.log"), "a") as log:
-                    log.write(" ".join(command) + "\n")
-                    log.flush()
-                    running[slot] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), label, seed)
-        time.sleep(0.2)
-        for slot, (process, label, seed) in list(running.items()):
-            if process.poll() is not None:
-                del running[slot]
-                bar.update()
-                if process.returncode != 0:
-                    tqdm.write(f"{label} seed {seed} failed (exit {process.returncode}): "
-                               f"see {os.path.join(run_dir(label, seed), 'train.log')}")
+    try:
+        while todo or running:
+            for slot, device in enumerate(slots):
+                if slot not in running and todo:
+                    label, seed = todo.pop(0)
+                    folder = run_dir(label, seed)
+                    os.makedirs(folder, exist_ok=True)
+                    resume = ["--init_from=resume"] if os.path.exists(os.path.join(folder, "ckpt.pt")) else []
+                    command = [sys.executable, "train.py", *jobs[label], *budget, f"--seed={seed}", f"--out_dir={folder}",
+                               *resume]
+                    env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": device} if device is not None else {}))
+                    with open(os.path.join(folder, "train.log"), "a") as log:
+                        log.write(" ".join(command) + "\n")
+                        log.flush()
+                        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+                    running[slot] = (process, label, seed)
+            time.sleep(0.2)
+            for slot, (process, label, seed) in list(running.items()):
+                if process.poll() is not None:
+                    del running[slot]
+                    bar.update()
+                    if process.returncode != 0:
+                        tqdm.write(f"{label} seed {seed} failed (exit {process.returncode}): "
+                                   f"see {os.path.join(run_dir(label, seed), 'train.log')}")
+    finally:  # stopped (Ctrl-C, a kill, a time limit): stop the runs too; each resumes from its checkpoint next time
+        for process, _, _ in running.values():
+            process.terminate()
+        for process, _, _ in running.values():
+            process.wait()
     bar.close()
 
 
@@ -172,6 +181,7 @@ def plot_curves():
 
 
 os.makedirs(out_dir, exist_ok=True)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit("ablate.py: terminated"))  # a kill runs the finally above too
 if not report_only:
     run_all([(label, seed) for seed in seeds for label in jobs])
     if repeat_best:

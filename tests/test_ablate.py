@@ -119,3 +119,39 @@ def test_task_scorer_picks_the_most_likely_choice(tiny_data, tmp_path):
     result = run_stage("train.py", f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", "--device=cpu", "--eval_only=True",
                        f"--eval_tasks={path}")
     assert f"{path}: accuracy 0.5000" in result.stdout  # right on the 3 planted best, wrong on the 3 worst
+
+
+def test_a_killed_sweep_stops_its_runs(tiny_data, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    sweep = tmp_path / "sweep.py"
+    sweep.write_text(f"""
+out_dir = {str(tmp_path / 'out')!r}
+runs = ["long: --data_dir={tiny_data} {TINY} --eval_interval=1000"]
+train_tokens = 10_000_000
+""")
+    ablate = subprocess.Popen([sys.executable, "ablate.py", str(sweep)], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = tmp_path / "out" / "long-s1337" / "log.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and "tokens_per_s" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.2)  # until the run is training
+    assert log.exists(), "the run never started"
+
+    def runs_alive():  # train.py processes of this sweep (Linux /proc)
+        alive = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    alive += [pid] if str(tmp_path).encode() in f.read() and pid != str(ablate.pid) else []
+            except OSError:
+                pass
+        return alive
+
+    assert runs_alive()
+    ablate.send_signal(signal.SIGTERM)
+    assert ablate.wait(timeout=30) != 0
+    assert not runs_alive()
