@@ -1,10 +1,14 @@
 """Fixed-compute accounting and ablations: FLOPs by hand, budgets, the sweep runner, the task scorer."""
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import torch
 
-from conftest import run_stage
+from conftest import ROOT, run_stage
 from model import GPT, GPTConfig
 
 TINY = "--device=cpu --n_layer=2 --n_embd=32 --n_head=4 --block_size=32 --batch_size=4 --eval_iters=2 --log_interval=2"
@@ -122,11 +126,6 @@ def test_task_scorer_picks_the_most_likely_choice(tiny_data, tmp_path):
 
 
 def test_a_killed_sweep_stops_its_runs(tiny_data, tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
-    from conftest import ROOT
     sweep = tmp_path / "sweep.py"
     sweep.write_text(f"""
 out_dir = {str(tmp_path / 'out')!r}
@@ -146,7 +145,8 @@ train_tokens = 10_000_000
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    alive += [pid] if str(tmp_path).encode() in f.read() and pid != str(ablate.pid) else []
+                    if str(tmp_path).encode() in f.read() and pid != str(ablate.pid):
+                        alive.append(pid)
             except OSError:
                 pass
         return alive
