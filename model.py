@@ -315,6 +315,27 @@ def cross_entropy(logits, targets):
     return (losses * keep).sum() / keep.sum()
 
 
+class Permute(torch.autograd.Function):
+    """
+    x[order] for a permutation `order` of x's rows, with inverse = its inverse: the backward is the gather
+    grad[inverse], where autograd's own backward of x[order] is a scatter-add with atomics that first sorts the
+    indices (5 of 57 ms per step at the Qwen3-MoE bench shape on an H200). MoBA's pairs and MoE's tokens use it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, order, inverse):
+        ctx.save_for_backward(inverse)
+        return x[order]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
+
+
+permute = Permute.apply
+
+
 @dataclass
 class Context:
     """What a layer may need beyond its input x, shared by all layers of one forward pass."""
@@ -600,14 +621,18 @@ class MoBASpan(FullSpan):
         m = top.size(-1)
         if m == 0:  # a single block: nothing before it
             return y_own
-        block = torch.where(real, top, -1).flatten(2)  # (B, H, T * m) each pair's block; -1 = none (masked out)
+        block = torch.where(real, top, -1).flatten(2)  # (B, H, P = T * m) each pair's block; -1 = none (masked out)
+        P = block.size(-1)
         order = block.argsort(dim=-1, stable=True)
+        inverse = torch.empty_like(order).scatter_(-1, order, torch.arange(P, device=q.device).expand_as(order))
         block = block.gather(-1, order)
-        pairs = q.gather(2, (order // m)[..., None].expand(-1, -1, -1, d))  # each sorted pair's query
+        # the sorts as permutations of all B * H * P pair rows, so that their backward is a gather too
+        offset = torch.arange(B * H, device=q.device).view(B, H, 1) * P
+        order, inverse = (order + offset).flatten(), (inverse + offset).flatten()
+        pairs = permute(q.repeat_interleave(m, dim=2).flatten(0, 2), order, inverse).view(B, H, P, d)
         y, lse = flex(pairs, k, v, self.pair_block_mask(block, k.size(2)), scale, return_lse=True)
-        unsort = order.argsort(dim=-1)
-        y = y.gather(2, unsort[..., None].expand(-1, -1, -1, y.size(-1))).view(B, H, T, m, -1)
-        lse = lse.gather(-1, unsort).view(B, H, T, m)
+        y = permute(y.flatten(0, 2), inverse, order).view(B, H, T, m, -1)
+        lse = permute(lse.flatten(), inverse, order).view(B, H, T, m)
         # softmax over the parts' log-sum-exps: each part's share of the whole softmax (an empty part's lse is -inf)
         share = torch.softmax(torch.cat([lse_own[..., None], lse], dim=-1), dim=-1)
         return (share[..., :1] * y_own + (share[..., 1:, None] * y).sum(dim=3)).type_as(y_own)
@@ -625,12 +650,16 @@ class MoBASpan(FullSpan):
         first_tile, last_tile = first * self.block // tile, ((last + 1) * self.block - 1) // tile
         count = torch.where(last >= 0, last_tile.clamp(max=key_tiles - 1) - first_tile + 1, 0)
         indices = (first_tile[..., None] + torch.arange(key_tiles, device=block.device)).clamp(max=key_tiles - 1)
+        # a tile whose pairs all chose one block sees all of each key tile of it (when blocks are whole key tiles):
+        # FlexAttention then skips the mask_mod there, which is most tiles, since a block is chosen by many pairs
+        whole = (tiles.amin(dim=-1) == last) & (last >= 0) & (self.block % tile == 0)
 
         def mask_mod(b, h, q_idx, kv_idx):
             return kv_idx // self.block == block[b, h, q_idx]
 
         return torch.nn.attention.flex_attention.BlockMask.from_kv_blocks(
-            count.int(), indices.int(), BLOCK_SIZE=tile, mask_mod=mask_mod, seq_lengths=(P, S))
+            torch.where(whole, 0, count).int(), indices.int(), torch.where(whole, count, 0).int(), indices.int(),
+            BLOCK_SIZE=tile, mask_mod=mask_mod, seq_lengths=(P, S))
 
     def logit_mask(self, q, k):
         pos = torch.arange(q.size(2), device=q.device)[None]
@@ -1116,27 +1145,6 @@ def grouped_mm_supported(x, w):
             and w.size(-2) % 8 == 0 and torch.cuda.get_device_properties(x.device).major >= 9)  # constant to compile
 
 
-class Permute(torch.autograd.Function):
-    """
-    x[order] for a permutation `order` of x's rows, with inverse = its inverse: the backward is the gather
-    grad[inverse], where autograd's own backward of x[order] is a scatter-add that first sorts the indices
-    (5 of 57 ms per step at the Qwen3-MoE bench shape on an H200).
-    """
-
-    @staticmethod
-    def forward(ctx, x, order, inverse):
-        ctx.save_for_backward(inverse)
-        return x[order]
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        return grad[inverse], None, None
-
-
-permute = Permute.apply
-
-
 class MoE(nn.Module):
     """
     Mixture-of-experts feed-forward: n_shared_experts that every token goes through, plus moe_topk of n_experts
@@ -1369,9 +1377,11 @@ class Engram(nn.Module):
 
     def forward(self, x, ctx):
         """x (B, T, d), or (B, T, n, d) streams -> what the memory adds to it, the same shape."""
-        # inductor cannot produce a sparse gradient: under torch.compile the lookup runs eagerly (a graph break)
+        # inductor cannot produce a sparse gradient: under torch.compile, a lookup with gradients runs eagerly (a graph
+        # break); without (decoding, evaluation) it compiles with the rest, so that a decode step is one graph
         rows = self.rows(ctx.tokens)
-        memory = eager(F.embedding)(rows, self.table.weight, sparse=True).flatten(2)  # (B, T, engram_dim)
+        lookup = eager(F.embedding) if torch.is_grad_enabled() else F.embedding
+        memory = lookup(rows, self.table.weight, sparse=True).flatten(2)  # (B, T, engram_dim)
         shape = (*x.shape[:2], *(1,) * (x.dim() - 3), -1)  # one key and value for all streams
         key, value = self.key(memory).view(shape), self.value(memory).view(shape)
         score = (self.key_norm(key) * self.query_norm(x)).sum(dim=-1, keepdim=True) / math.sqrt(x.size(-1))
@@ -1602,8 +1612,8 @@ class GPT(nn.Module):
         Sample continuations of a batch of prompts (lists of token ids of any lengths) with the KV cache. Prompts are
         left-padded so that every row's next token lands in the same cache slot; one forward over them fills the cache
         (prefill), then decode_step feeds one token per row with fixed shapes and no host sync, so that compile=True
-        captures it as one graph (torch.compile with mode='reduce-overhead': CUDA graphs on a GPU; a string names
-        another backend, e.g. 'aot_eager'). Yields a (B,) tensor of new tokens per step; a row that produced eos_id
+        compiles it and replays it as one CUDA graph on a GPU (compiled; a string names another torch.compile backend,
+        e.g. 'aot_eager'). Yields a (B,) tensor of new tokens per step; a row that produced eos_id
         keeps yielding it, and generation stops once every row has, checked every check_every tokens (the loop's only
         host sync). When the cache is full, it restarts from the most recent half of the context.
         speculative=True drafts each next token with the first MTP module and verifies it (speculative_step); stats, a
@@ -1624,14 +1634,17 @@ class GPT(nn.Module):
         cache = self.new_cache(B, L, dtype, mtp=speculative)
         cache["pad"].copy_(pad)
         draws = 3 if speculative else 1  # Exp(1) noise per row and step: the draft, its replacement, the next token
+        # what the steps read and write, in place: a CUDA graph replays them at fixed addresses
         state = {"token": torch.zeros(B, dtype=torch.long, device=device), "pos": torch.zeros(1, dtype=torch.long, device=device),
                  "done": torch.zeros(B, dtype=torch.bool, device=device),
                  "eos": torch.tensor(-1 if eos_id is None else eos_id, device=device),
                  "noise": torch.ones(B, draws, self.config.vocab_size, device=device) if temperature else None,
                  "uniform": torch.zeros(B, device=device)}  # speculative sampling: each draft's acceptance draw
-        if compile:  # a captured graph reads and writes these in place, at fixed addresses
-            for tensor in cache_tensors(cache) + cache_tensors(state):
-                torch._dynamo.mark_static_address(tensor)
+        if speculative:  # the draft's logits, and the newest verified positions' hidden states and next tokens
+            state.update(draft=torch.zeros(B, self.config.vocab_size, device=device),
+                         hidden=torch.zeros(B, 2, self.config.n_embd, dtype=self.wte.weight.dtype, device=device),
+                         next=torch.zeros(B, 2, dtype=torch.long, device=device),
+                         next_done=torch.zeros(B, 2, dtype=torch.bool, device=device))
 
         def draw():  # outside the graph: the generator's random numbers for the next step
             if temperature:
@@ -1642,7 +1655,11 @@ class GPT(nn.Module):
             h = self.hidden_states(history, self.decode_context(cache, torch.arange(history.size(1), device=device)), cache)
             draw()
             state["pos"].fill_(history.size(1))
-            return h, pick_token(self.lm_head(self.norm(h[:, -1])), state, temperature, top_k, top_p)
+            token = pick_token(self.lm_head(self.norm(h[:, -1])), state, temperature, top_k, top_p)
+            if speculative:  # the draft over the whole context, for the token after the next
+                next_tokens = torch.cat([history[:, 1:], token[:, None]], dim=1)
+                state["draft"].copy_(self.draft_logits(cache, h, next_tokens, torch.arange(history.size(1), device=device)))
+            return token
 
         def restart(history, new):  # the cache is full: start again from the most recent half of the context
             history = torch.cat([history, torch.stack(new, dim=1)], dim=1)
@@ -1652,51 +1669,49 @@ class GPT(nn.Module):
             cache["pad"].copy_((pad - shift).clamp(min=0))
             return history[:, shift:]
 
-        h, token = prefill(history)
+        token = prefill(history)
         new = [token]  # the tokens after history; the last one is not in the cache yet
         if not speculative:
-            step = compiled(self.decode_step, compile)
+            step = compiled(lambda: self.decode_step(cache, state, temperature, top_k, top_p), compile, device)
             for i in range(max_new_tokens):
                 if i and history.size(1) + len(new) > L:
                     history = restart(history, new)
-                    h, token = prefill(history)
+                    token = prefill(history)
                     new = [token]
                 elif i:
                     draw()
-                    token = step(cache, state, temperature, top_k, top_p).clone()  # the graph reuses its output
+                    token = step().clone()  # the graph overwrites its output at the next step
                     new.append(token)
                 yield token
                 if eos_id is not None and i % check_every == check_every - 1 and state["done"].all():
                     return
             return
-        verify, draft = compiled(self.speculative_step, compile), compiled(self.draft_logits, compile)
+        verify = compiled(lambda: self.speculative_step(cache, state, temperature, top_k, top_p), compile, device)
+        drafts = {n: compiled(lambda n=n: self.draft_step(cache, state, n), compile, device) for n in (1, 2)}
         rewound = self.unrewound_tensors(cache)
-        pending = h, torch.cat([history[:, 1:], token[:, None]], dim=1), torch.arange(history.size(1), device=device)
         stats = {} if stats is None else stats
         yield token
-        produced = 1
-        while produced < max_new_tokens and not (eos_id is not None and state["done"].all()):
+        produced, finished = 1, eos_id is not None and bool(state["done"].all())
+        while produced < max_new_tokens and not finished:
             if history.size(1) + len(new) + 1 > L:  # no room for the last token and a draft
                 history = restart(history, new)
-                h, token = prefill(history)
-                new, produced = [token], produced + 1
-                pending = h, torch.cat([history[:, 1:], token[:, None]], dim=1), torch.arange(history.size(1), device=device)
+                token = prefill(history)
+                new, produced, finished = [token], produced + 1, eos_id is not None and bool(state["done"].all())
                 yield token
                 continue
-            logits = (draft if pending[0].size(1) <= 2 else self.draft_logits)(cache, *pending)  # MTP catches up
             draw()
             saved = [tensor.clone() for tensor in rewound]
-            tokens, accepted, h, done = (t.clone() for t in verify(cache, state, logits, temperature, top_k, top_p))
-            n = 2 if (accepted | state["done"]).all() else 1  # the rows go on together: all take the draft, or none
+            tokens, summary = verify()
+            tokens = tokens.clone()  # the graph overwrites it at the next round
+            all_accepted, accepted, *all_done = summary.tolist()  # the round's one host sync
+            n = 2 if all_accepted else 1  # the rows go on together: all take the draft, or none
             if n == 1 and saved:  # forget the draft: back to before it, then the last token alone
                 for tensor, copy in zip(rewound, saved):
                     tensor.copy_(copy)
                 self.hidden_states(state["token"][:, None], self.decode_context(cache, state["pos"]), cache)
-            pending = h[:, :n], tokens[:, :n], state["pos"] + torch.arange(n, device=device)
-            state["pos"] += n
-            state["token"].copy_(tokens[:, n - 1])
-            state["done"].copy_(done[:, n - 1])
-            for key, value in (("rounds", 1), ("drafted", B), ("accepted", int(accepted.sum()))):
+            drafts[n]()  # on to the n kept tokens, and the MTP module's draft after them
+            finished = eos_id is not None and bool(all_done[n - 1])
+            for key, value in (("rounds", 1), ("drafted", B), ("accepted", accepted)):
                 stats[key] = stats.get(key, 0) + value
             for j in range(min(n, max_new_tokens - produced)):
                 new.append(tokens[:, j])
@@ -1721,19 +1736,33 @@ class GPT(nn.Module):
         h = self.mtp[0](hidden, self.wte(tokens), self.decode_context(cache, cache_pos), cache["mtp"])
         return self.lm_head(self.mtp[0].norm(h[:, -1]))
 
-    def speculative_step(self, cache, state, draft_logits, temperature=1.0, top_k=0, top_p=1.0):
+    def draft_step(self, cache, state, n):
         """
-        Draft a token from draft_logits (B, V), and verify it with one forward of the main model over each row's last
-        token and the draft, at slots state['pos'] and the next; fixed shapes, no host sync. Exact (Leviathan et al.
-        2023, arXiv 2211.17192, §2.3): greedy, the draft is accepted when it is the main model's argmax; sampling,
-        with probability min(1, p/q) (p the main model's distribution, q the draft's, both after temperature, top-k
-        and top-p), and a rejected draft is replaced by a sample of max(0, p - q), so that every token is a sample of
-        p. Returns the two tokens after the last one (B, 2) (the draft or its replacement, then a sample of p after
-        the draft), whether each row accepted its draft (B,), the hidden states (B, 2, n_embd), and whether each row
-        is done after each of the two tokens (B, 2). The caller keeps the first token, or both when every row
-        accepted, and the state stays at the last token.
+        After a verify round that keeps n of its two tokens: advance the state past them (the last one is the next
+        input), then draft_logits over the n new positions (before slot state['pos']) from what speculative_step left
+        in state['hidden'] and state['next'], into state['draft']; fixed shapes for each n, no host sync.
         """
-        noise = state["noise"]
+        state["pos"] += n
+        state["token"].copy_(state["next"][:, n - 1])
+        state["done"].copy_(state["next_done"][:, n - 1])
+        pos = state["pos"] - n + torch.arange(n, device=state["pos"].device)
+        state["draft"].copy_(self.draft_logits(cache, state["hidden"][:, :n], state["next"][:, :n], pos))
+
+    def speculative_step(self, cache, state, temperature=1.0, top_k=0, top_p=1.0):
+        """
+        Draft a token from the logits state['draft'] (B, V), and verify it with one forward of the main model over
+        each row's last token and the draft, at slots state['pos'] and the next; fixed shapes, no host sync. Exact
+        (Leviathan et al. 2023, arXiv 2211.17192, §2.3): greedy, the draft is accepted when it is the main model's
+        argmax; sampling, with probability min(1, p/q) (p the main model's distribution, q the draft's, both after
+        temperature, top-k and top-p), and a rejected draft is replaced by a sample of max(0, p - q), so that every
+        token is a sample of p. Returns the two tokens after the last one (B, 2) (the draft or its replacement, then
+        a sample of p after the draft) and, for the host to read at once, whether every row accepted its draft (or
+        is done), how many did, and whether every row is done after each of the two tokens (4,). The hidden states
+        of the two positions (B, 2, n_embd), the two tokens and whether each row is done after each go to
+        state['hidden'], state['next'] and state['next_done'] for draft_step. The caller keeps the first token, or
+        both when every row accepted.
+        """
+        noise, draft_logits = state["noise"], state["draft"]
         if temperature == 0:
             draft = draft_logits.argmax(dim=-1)
         else:
@@ -1755,7 +1784,12 @@ class GPT(nn.Module):
         done_first = state["done"] | (first == state["eos"])
         second = torch.where(done_first, state["eos"], second)
         done = torch.stack([done_first, done_first | (second == state["eos"])], dim=1)
-        return torch.stack([first, second], dim=1), accepted, h, done
+        tokens = torch.stack([first, second], dim=1)
+        state["hidden"].copy_(h)
+        state["next"].copy_(tokens)
+        state["next_done"].copy_(done)
+        summary = torch.stack([(accepted | state["done"]).all(), accepted.sum(), *done.all(dim=0)])
+        return tokens, summary.long()
 
     def unrewound_tensors(self, cache):
         """The cache tensors that decoding cannot rewind by position alone (see FullSpan.rewinds): those of mixers
@@ -1934,10 +1968,46 @@ def cache_tensors(cache):
     return [tensor for item in items for tensor in cache_tensors(item)]
 
 
-def compiled(fn, compile):
-    """fn captured as one graph by torch.compile: compile=True is inductor with CUDA graphs (mode='reduce-overhead'),
-    a string another backend ('aot_eager' in the CPU tests); False leaves fn as it is."""
+def compiled(fn, compile, device):
+    """
+    fn, a function of no arguments with fixed shapes and no host sync that reads and writes tensors in place, made
+    fast: compile=True compiles it with inductor, tuning its kernels' tile sizes by coordinate descent (as gpt-fast;
+    at batch 1 a decode step is many small matrix-vector products), and on CUDA replays it as one CUDA graph
+    (cuda_graph); a string names another torch.compile backend ('aot_eager' in the CPU tests); False leaves fn as it is.
+    """
     if not compile:
         return fn
-    options = dict(mode="reduce-overhead") if compile is True else dict(backend=compile)
-    return torch.compile(fn, fullgraph=True, dynamic=False, **options)
+    if compile is not True:
+        return torch.compile(fn, fullgraph=True, dynamic=False, backend=compile)
+    fn = torch.compile(fn, fullgraph=True, dynamic=False, options={"coordinate_descent_tuning": True})
+    return cuda_graph(fn) if device.type == "cuda" else fn
+
+
+def cuda_graph(fn):
+    """
+    fn replayed as one CUDA graph: a call is one launch, with no Python and no guard checks (torch.compile's own CUDA
+    graphs, mode='reduce-overhead', spent more time on the host per step than the GPU spent on a GPT-2 small decode
+    step at batch 1). Every call does fn's work once: the first runs fn (compiling it) on the side stream that the
+    second captures fn on before replaying it. Returns fn's output, the graph's own tensors after the first call,
+    overwritten by the next.
+    """
+    stream, graph, out, warm = torch.cuda.Stream(), None, None, False
+
+    def call():
+        nonlocal graph, out, warm
+        if graph is not None:
+            graph.replay()
+            return out
+        stream.wait_stream(torch.cuda.current_stream())
+        if not warm:  # compile, and let cuBLAS set up its workspace for the stream
+            with torch.cuda.stream(stream):
+                out, warm = fn(), True
+            torch.cuda.current_stream().wait_stream(stream)
+            return out
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            out = fn()
+        graph.replay()
+        return out
+
+    return call

@@ -33,6 +33,8 @@ device = "auto"
 dtype = "auto"
 compile = False               # capture the decode step as one CUDA graph (torch.compile); the first sample compiles it
 speculative = False           # self-speculative decoding: the MTP module drafts, one forward verifies (mtp_depth >= 1)
+stream = True                 # print a single prompt's text as it comes (a host sync per token); False: when done,
+                              # so that tokens/s is the decoding's own (a batch of prompts always prints when done)
 # -----------------------------------------------------------------------------
 config = parse_config({k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))},
                       sys.argv[1:])
@@ -84,25 +86,28 @@ for text in starts:
         prompt = prompt[-limit:]
     prompts.append(prompt)
 
-eos, stream = tokenizer.eos_id, len(prompts) == 1  # one prompt streams as it comes; a batch prints when done
+eos, stream = tokenizer.eos_id, stream and len(prompts) == 1
 generator = torch.Generator(device).manual_seed(seed)
 for i in range(num_samples):
-    rows, shown, stats = [[] for _ in prompts], "", {}
+    rows, shown, stats, steps = [[] for _ in prompts], "", {}, []
     t0 = time.time()
     if stream:
         print(start, end="", flush=True)
     with amp:
         for tokens in model.generate(prompts, max_new_tokens, temperature, top_k, top_p, eos, generator,
                                      compile=compile, speculative=speculative, stats=stats):
-            for row, token in zip(rows, tokens.tolist()):
-                row.append(token)
-            if stream and rows[0][-1] == eos:
+            if not stream:  # kept on the device until the end: no host sync per token
+                steps.append(tokens)
+                continue
+            rows[0].append(tokens.item())
+            if rows[0][-1] == eos:
                 break
-            if stream:
-                text = tokenizer.decode(rows[0])
-                if not text.endswith("\ufffd"):  # wait until a character's bytes are complete
-                    print(text[len(shown):], end="", flush=True)
-                    shown = text
+            text = tokenizer.decode(rows[0])
+            if not text.endswith("\ufffd"):  # wait until a character's bytes are complete
+                print(text[len(shown):], end="", flush=True)
+                shown = text
+    if not stream:
+        rows = torch.stack(steps, dim=1).tolist()
     elapsed = time.time() - t0
     rows = [row[:row.index(eos)] if eos in row else row for row in rows]  # each row ends at its end of document
     if stream:

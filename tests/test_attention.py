@@ -158,6 +158,12 @@ def test_moba_by_block_equals_the_masked_softmax_in_value_and_gradient(monkeypat
     allowed = F.pad(torch.arange(T) // block == blocks[..., None], (0, (-T) % 128, 0, (-blocks.size(-1)) % 128))
     needed = allowed.unflatten(2, (-1, 128)).unflatten(4, (-1, 128)).any(dim=(3, 5))
     assert (visited == needed).all()  # and nothing more: pairs sorted by block touch few tiles
+    # the tiles marked full, where FlexAttention's kernel skips the mask_mod, allow every pair and key in them
+    mask = span.pair_block_mask(blocks, T)
+    full = torch.nn.attention.flex_attention.BlockMask.from_kv_blocks(
+        mask.full_kv_num_blocks, mask.full_kv_indices, BLOCK_SIZE=128, seq_lengths=mask.seq_lengths).to_dense().bool()
+    assert (full <= allowed.unflatten(2, (-1, 128)).unflatten(4, (-1, 128)).all(dim=(3, 5))).all()
+    assert full.any() == (block % 128 == 0)  # blocks of whole key tiles have full tiles
 
 
 def test_flops_per_token_count_only_the_attended_positions(tiny_model):

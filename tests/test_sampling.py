@@ -92,10 +92,10 @@ def test_seeded_sampling_repeats_and_stops_each_row_at_end_of_document(tiny_mode
     assert len(steps) == 40 or len(steps) <= max(done_at) + 4
 
 
-@pytest.mark.parametrize("variant,sampling", [("dense", (0.8, 5, 0.9)), ("hybrid_lg", (0, 0, 1.0))])
+@pytest.mark.parametrize("variant,sampling", [("dense", (0.8, 5, 0.9))] + [(name, (0, 0, 1.0)) for name in FAMILY_VARIANTS])
 def test_decode_step_captures_as_one_graph(tiny_model, variant, sampling):
-    """torch.compile(fullgraph=True) captures the step (no graph break, no host sync), sampling included; the
-    compiled step gives the eager step's tokens for the same seed (CPU-cheap backend: aot_eager)."""
+    """Every architecture: torch.compile(fullgraph=True) captures the step (no graph break, no host sync), sampling
+    included; the compiled step gives the eager step's tokens for the same seed (CPU-cheap backend: aot_eager)."""
     torch._dynamo.reset()
     model = tiny_model(**({"n_layer": 1} if variant == "dense" else FAMILY_VARIANTS[variant])).eval()
     eager, graph = (torch.stack(list(model.generate(PROMPTS, 12, *sampling, generator=torch.Generator().manual_seed(3),
@@ -124,6 +124,14 @@ def test_speculative_greedy_equals_plain_greedy(tiny_model, variant):
     for prompts in (PROMPTS[:1], PROMPTS):
         assert torch.equal(greedy(model, prompts, 40, speculative=True, stats=stats), greedy(model, prompts, 40))
     assert 0 < stats["accepted"] < stats["drafted"], stats
+    # with an end-of-document token: the same tokens, and speculation stops in the round where every row is done
+    plain = greedy(model, PROMPTS, 40)
+    eos = plain[0, 5].item()
+    ends = [(row == eos).nonzero()[0].item() if (row == eos).any() else 40 for row in plain]
+    fast = greedy(model, PROMPTS, 40, speculative=True, eos_id=eos)
+    expected = torch.where(torch.cumsum(plain == eos, 1) > 0, eos, plain)
+    assert torch.equal(fast, expected[:, :fast.size(1)])
+    assert fast.size(1) == 40 if max(ends) == 40 else max(ends) < fast.size(1) <= max(ends) + 2
 
 
 def test_speculative_step_samples_the_main_model():
@@ -143,11 +151,15 @@ def test_speculative_step_samples_the_main_model():
         draft_logits = model.draft_logits(cache, h, torch.cat([prompt[:, 1:], token[:, None]], 1), torch.arange(5))
         state = {"token": token, "pos": torch.tensor([5]), "done": torch.zeros(rows, dtype=torch.bool),
                  "eos": torch.tensor(-1), "noise": torch.empty(rows, 3, 8).exponential_(generator=generator),
-                 "uniform": torch.rand(rows, generator=generator)}
-        tokens, accepted, _, _ = model.speculative_step(cache, state, draft_logits, temperature, top_k, top_p)
+                 "uniform": torch.rand(rows, generator=generator), "draft": draft_logits,
+                 "hidden": torch.zeros(rows, 2, 16), "next": torch.zeros(rows, 2, dtype=torch.long),
+                 "next_done": torch.zeros(rows, 2, dtype=torch.bool)}
+        tokens, summary = model.speculative_step(cache, state, temperature, top_k, top_p)
         # the main model's distribution of the token after `token`: a full forward
         expected = sampling_probs(model(torch.tensor([[3, 1, 4, 1, 5, 2]]))[0][0, -1], temperature, top_k, top_p)
-    assert 0.05 < accepted.float().mean() < 0.9, accepted.float().mean()
+    all_accepted, accepted, *all_done = summary.tolist()
+    assert 0.05 * rows < accepted < 0.9 * rows and not all_accepted and all_done == [0, 0], summary
+    assert torch.equal(state["next"], tokens)  # what draft_step reads next
     assert torch.allclose(torch.bincount(tokens[:, 0], minlength=8) / float(rows), expected, atol=0.012)
 
 

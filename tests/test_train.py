@@ -95,8 +95,9 @@ def test_eval_file_bits_per_byte(trained, tiny_data, tmp_path):
 def test_sample_streams_text(trained):
     out, _ = trained
     greedy = [run_stage("sample.py", f"--out_dir={out}", "--start=alice", "--num_samples=1", "--max_new_tokens=20",
-                        "--temperature=0", "--device=cpu") for _ in range(2)]
-    assert greedy[0].stdout == greedy[1].stdout and greedy[0].stdout.startswith("alice")
+                        "--temperature=0", "--device=cpu", f"--stream={stream}") for stream in (True, False)]
+    assert greedy[0].stdout.startswith("alice")  # printed as it came, or when done: the same text
+    assert greedy[1].stdout == greedy[0].stdout[:-1] + "\n---\n"
     assert len(greedy[0].stdout) > len("alice") + 5
     assert "tokens/s" in greedy[0].stderr
     long_prompt = run_stage("sample.py", f"--out_dir={out}", "--start=" + "bob reads 2 lines. " * 40, "--num_samples=1",
