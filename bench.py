@@ -8,6 +8,7 @@ and optionally a transformers reference model of the same shape, timed in the sa
     python bench.py --block_size=32768 --batch_size=1 --attn_span=sliding --reference=full --decode_context=32000
     python bench.py --n_layer=4 --device=cpu --decode=False
     python bench.py --flops config/deepseek_small.py                  # parameters, FLOPs by part, KV cache: no timing
+    python bench.py config/gpt2_124m.py --compile=True --profile=True # + where the step's time goes, kernel by kernel
 
 Training steps run on random tokens (no dataset needed) exactly as in train.py: autocast, AdamW from optim.py
 (fused on CUDA), gradient clipping at 1.0. Decoding is greedy through model.generate, timed end to end (prefill
@@ -59,6 +60,8 @@ flops = False                 # only print the accounting (parameters, FLOPs per
 flops_tokens = 0.0            # with flops: training FLOPs for this many tokens; 0 = the config's run, max_iters steps
                               # of gradient_accumulation_steps x batch_size x block_size tokens (1e9 without max_iters)
 max_iters = 0                 # train.py's optimizer steps, read from its config files for flops_tokens = 0
+profile = False               # after timing ours, profile a few more training steps: the kernels (CPU: the ops) that
+                              # took the most time, largest first (torch.profiler)
 # -----------------------------------------------------------------------------
 defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 defaults.update(config_fields())
@@ -191,6 +194,16 @@ def median_time(fn, n):
     return statistics.median(timed(fn, n) for _ in range(repeats)) / n
 
 
+def print_profile(step, n=3):
+    """The kernels (on the CPU, the ops) that took the most time over n more training steps, largest first."""
+    from torch.profiler import ProfilerActivity
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        timed(step, n)
+    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print0(f"profile of {n} training steps, by {sort_by}:")
+    print0(prof.key_averages().table(sort_by=sort_by, row_limit=25, max_name_column_width=90))
+
+
 def measure(name, model, loss_of, with_decode):
     """One row of the table: train the model on random tokens, then (with_decode) decode with it."""
     model.to(device)
@@ -235,6 +248,8 @@ def measure(name, model, loss_of, with_decode):
            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
            "decode_tokens_per_s": None}
     print0(f"{name}: {row['tokens_per_s']:,.0f} tokens/s, {row['ms_per_step']:.1f} ms/step")
+    if profile and name == "ours":
+        print_profile(step)
     if with_decode:
         del optim, train_model  # decoding needs neither optimizer state nor the compiled graph
         model.eval()

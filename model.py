@@ -1671,8 +1671,11 @@ class GPT(nn.Module):
 
         token = prefill(history)
         new = [token]  # the tokens after history; the last one is not in the cache yet
+        # a CUDA graph cannot hold a host sync: MoE layers without the grouped GEMM read their row counts on the host
+        graph = device.type == "cuda" and all(grouped_mm_supported(self.wte.weight, module.gate_up)
+                                              for module in self.modules() if isinstance(module, Experts))
         if not speculative:
-            step = compiled(lambda: self.decode_step(cache, state, temperature, top_k, top_p), compile, device)
+            step = compiled(lambda: self.decode_step(cache, state, temperature, top_k, top_p), compile, graph)
             for i in range(max_new_tokens):
                 if i and history.size(1) + len(new) > L:
                     history = restart(history, new)
@@ -1686,8 +1689,8 @@ class GPT(nn.Module):
                 if eos_id is not None and i % check_every == check_every - 1 and state["done"].all():
                     return
             return
-        verify = compiled(lambda: self.speculative_step(cache, state, temperature, top_k, top_p), compile, device)
-        drafts = {n: compiled(lambda n=n: self.draft_step(cache, state, n), compile, device) for n in (1, 2)}
+        verify = compiled(lambda: self.speculative_step(cache, state, temperature, top_k, top_p), compile, graph)
+        drafts = {n: compiled(lambda n=n: self.draft_step(cache, state, n), compile, graph) for n in (1, 2)}
         rewound = self.unrewound_tensors(cache)
         stats = {} if stats is None else stats
         yield token
@@ -1968,19 +1971,20 @@ def cache_tensors(cache):
     return [tensor for item in items for tensor in cache_tensors(item)]
 
 
-def compiled(fn, compile, device):
+def compiled(fn, compile, graph):
     """
-    fn, a function of no arguments with fixed shapes and no host sync that reads and writes tensors in place, made
-    fast: compile=True compiles it with inductor, tuning its kernels' tile sizes by coordinate descent (as gpt-fast;
-    at batch 1 a decode step is many small matrix-vector products), and on CUDA replays it as one CUDA graph
-    (cuda_graph); a string names another torch.compile backend ('aot_eager' in the CPU tests); False leaves fn as it is.
+    fn, a function of no arguments with fixed shapes that reads and writes tensors in place, made fast: compile=True
+    compiles it with inductor, tuning its kernels' tile sizes by coordinate descent (as gpt-fast; at batch 1 a decode
+    step is many small matrix-vector products), and with graph=True (CUDA, no host sync in fn) replays it as one
+    CUDA graph (cuda_graph); a string names another torch.compile backend ('aot_eager' in the CPU tests); False
+    leaves fn as it is.
     """
     if not compile:
         return fn
     if compile is not True:
         return torch.compile(fn, fullgraph=True, dynamic=False, backend=compile)
     fn = torch.compile(fn, fullgraph=True, dynamic=False, options={"coordinate_descent_tuning": True})
-    return cuda_graph(fn) if device.type == "cuda" else fn
+    return cuda_graph(fn) if graph else fn
 
 
 def cuda_graph(fn):

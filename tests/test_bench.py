@@ -35,6 +35,13 @@ def test_bench_reads_a_train_config_and_writes_table_and_json(tmp_path):
     assert any(line.startswith("ours ") for line in run.stdout.splitlines())
 
 
+def test_profile_prints_where_the_step_time_goes(tmp_path):
+    run = bench(*TINY, "--decode=False", "--profile=True", f"--json_out={tmp_path / 'bench.json'}")
+    assert run.returncode == 0, run.stderr
+    table = run.stdout[run.stdout.index("profile of 3 training steps, by self_cpu_time_total"):]
+    assert "aten::mm" in table and "Self CPU time total" in table  # the matmuls, among the ops that took time
+
+
 def test_unknown_command_line_key_fails_in_one_line():
     run = bench("--learning_rate=1e-3")  # a train.py key: fine in a file, an error on bench's command line
     assert run.returncode == 1
