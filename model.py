@@ -573,11 +573,10 @@ class MoBASpan(FullSpan):
         """
         B, H, T, _ = q.shape
         n = math.ceil(k.size(2) / self.block)
-        k_block = (k_pos // self.block).clamp(min=0)[:, None, :, None].expand(B, k.size(1), -1, k.size(3))
-        written = (k_pos >= 0)[:, None, :, None]  # left padding is in no block
-        sums = k.new_zeros(B, k.size(1), n, k.size(3), dtype=torch.float32)
-        sums.scatter_add_(2, k_block, k.float() * written)
-        means = (sums / self.block).repeat_interleave(H // k.size(1), dim=1)  # (B, n_head, blocks, d)
+        # each block's keys summed by a matmul with the block membership (B|1, blocks, S), where a scatter-add would
+        # have all of a block's keys add into the same addresses; left padding (negative positions) is in no block
+        member = (k_pos // self.block)[:, None, :] == torch.arange(n, device=q.device)[:, None]
+        means = (member[:, None].float() @ k.float() / self.block).repeat_interleave(H // k.size(1), dim=1)
         scores = q.float() @ means.mT  # (B, n_head, T, blocks)
         past = torch.arange(n, device=q.device) < (q_pos // self.block)[:, None, :, None]  # before the query's own
         best = scores.masked_fill(~past, float("-inf")).topk(min(self.topk - 1, n), dim=-1)
