@@ -1660,6 +1660,9 @@ class GPT(nn.Module):
                 state["draft"].copy_(self.draft_logits(cache, h, next_tokens, torch.arange(history.size(1), device=device)))
             return token
 
+        def all_done():  # every row has produced eos_id (a host sync)
+            return eos_id is not None and bool(state["done"].all())
+
         def restart(history, new):  # the cache is full: start again from the most recent half of the context
             history = torch.cat([history, torch.stack(new, dim=1)], dim=1)
             shift = history.size(1) - L // 2
@@ -1671,8 +1674,8 @@ class GPT(nn.Module):
         token = prefill(history)
         new = [token]  # the tokens after history; the last one is not in the cache yet
         # a CUDA graph cannot hold a host sync: MoE layers without the grouped GEMM read their row counts on the host
-        graph = device.type == "cuda" and all(grouped_mm_supported(self.wte.weight, module.gate_up)
-                                              for module in self.modules() if isinstance(module, Experts))
+        graph = compile is True and device.type == "cuda" and all(
+            grouped_mm_supported(self.wte.weight, module.gate_up) for module in self.modules() if isinstance(module, Experts))
         if not speculative:
             step = compiled(lambda: self.decode_step(cache, state, temperature, top_k, top_p), compile, graph)
             for i in range(max_new_tokens):
@@ -1685,7 +1688,7 @@ class GPT(nn.Module):
                     token = step().clone()  # the graph overwrites its output at the next step
                     new.append(token)
                 yield token
-                if eos_id is not None and i % check_every == check_every - 1 and state["done"].all():
+                if i % check_every == check_every - 1 and all_done():
                     return
             return
         verify = compiled(lambda: self.speculative_step(cache, state, temperature, top_k, top_p), compile, graph)
@@ -1693,26 +1696,26 @@ class GPT(nn.Module):
         rewound = self.unrewound_tensors(cache)
         stats = {} if stats is None else stats
         yield token
-        produced, finished = 1, eos_id is not None and bool(state["done"].all())
+        produced, finished = 1, all_done()
         while produced < max_new_tokens and not finished:
             if history.size(1) + len(new) + 1 > L:  # no room for the last token and a draft
                 history = restart(history, new)
                 token = prefill(history)
-                new, produced, finished = [token], produced + 1, eos_id is not None and bool(state["done"].all())
+                new, produced, finished = [token], produced + 1, all_done()
                 yield token
                 continue
             draw()
             saved = [tensor.clone() for tensor in rewound]
             tokens, summary = verify()
             tokens = tokens.clone()  # the graph overwrites it at the next round
-            all_accepted, accepted, *all_done = summary.tolist()  # the round's one host sync
+            all_accepted, accepted, *done_after = summary.tolist()  # the round's one host sync
             n = 2 if all_accepted else 1  # the rows go on together: all take the draft, or none
             if n == 1 and saved:  # forget the draft: back to before it, then the last token alone
                 for tensor, copy in zip(rewound, saved):
                     tensor.copy_(copy)
                 self.hidden_states(state["token"][:, None], self.decode_context(cache, state["pos"]), cache)
             drafts[n]()  # on to the n kept tokens, and the MTP module's draft after them
-            finished = eos_id is not None and bool(all_done[n - 1])
+            finished = eos_id is not None and bool(done_after[n - 1])
             for key, value in (("rounds", 1), ("drafted", B), ("accepted", accepted)):
                 stats[key] = stats.get(key, 0) + value
             for j in range(min(n, max_new_tokens - produced)):
