@@ -51,6 +51,7 @@ Residual streams and memory:
 The order below is bottom-up, as in nanoGPT: config, shared pieces, attention, feed-forward, residual and memory,
 block, the model, decoding, accounting.
 """
+import collections
 import functools
 import math
 import re
@@ -1647,11 +1648,8 @@ class GPT(nn.Module):
                  "eos": torch.tensor(-1 if eos_id is None else eos_id, device=device),
                  "noise": torch.ones(B, draws, self.config.vocab_size, device=device) if temperature else None,
                  "uniform": torch.zeros(B, device=device)}  # speculative sampling: each draft's acceptance draw
-        if speculative:  # the draft's logits, and the newest verified positions' hidden states and next tokens
-            state.update(draft=torch.zeros(B, self.config.vocab_size, device=device),
-                         hidden=torch.zeros(B, 2, self.config.n_embd, dtype=self.wte.weight.dtype, device=device),
-                         next=torch.zeros(B, 2, dtype=torch.long, device=device),
-                         next_done=torch.zeros(B, 2, dtype=torch.bool, device=device))
+        if speculative:  # the draft's logits for the token after the next
+            state["draft"] = torch.zeros(B, self.config.vocab_size, device=device)
 
         def draw():  # outside the graph: the generator's random numbers for the next step
             if temperature:
@@ -1665,7 +1663,7 @@ class GPT(nn.Module):
             token = pick_token(self.lm_head(self.norm(h[:, -1])), state, temperature, top_k, top_p)
             if speculative:  # the draft over the whole context, for the token after the next
                 next_tokens = torch.cat([history[:, 1:], token[:, None]], dim=1)
-                state["draft"].copy_(self.draft_logits(cache, h, next_tokens, torch.arange(history.size(1), device=device)))
+                state["draft"].copy_(self.draft_logits(cache, h, next_tokens, torch.arange(history.size(1), device=device))[:, -1])
             return token
 
         def all_done():  # every row has produced eos_id (a host sync)
@@ -1700,29 +1698,42 @@ class GPT(nn.Module):
                     return
             return
         verify = compiled(lambda: self.speculative_step(cache, state, temperature, top_k, top_p), compile, graph)
-        drafts = {n: compiled(lambda n=n: self.draft_step(cache, state, n), compile, graph) for n in (1, 2)}
         rewound = self.unrewound_tensors(cache)
+        # rounds queued before the host reads the oldest one's outcome, so that the GPU need not wait for the host:
+        # one, unless the host must undo rejected drafts from a copy (mixers that do not rewind) between rounds
+        ahead = 0 if rewound else 1
         stats = {} if stats is None else stats
         yield token
-        produced, finished = 1, all_done()
-        while produced < max_new_tokens and not finished:
-            if history.size(1) + len(new) + 1 > L:  # no room for the last token and a draft
+        produced, finished, queue = 1, all_done(), collections.deque()
+        while not finished and produced < max_new_tokens:
+            room = history.size(1) + len(new) + 2 * len(queue) + 1 <= L  # for the last token, its draft, and the queue's
+            if len(queue) <= ahead and room and produced + len(queue) < max_new_tokens:
+                draw()
+                saved = [tensor.clone() for tensor in rewound + [state["token"], state["pos"]]] if rewound else []
+                tokens, summary = verify()
+                out = torch.cat([tokens.flatten(), summary])  # a copy: the graph overwrites its outputs next round
+                ready = torch.cuda.Event() if out.is_cuda else None
+                queue.append((out, out.to("cpu", non_blocking=ready is not None), ready, saved))
+                if ready is not None:
+                    ready.record()
+                continue
+            if not queue:  # no room for a round: start again from the most recent half of the context
                 history = restart(history, new)
                 token = prefill(history)
                 new, produced, finished = [token], produced + 1, all_done()
                 yield token
                 continue
-            draw()
-            saved = [tensor.clone() for tensor in rewound]
-            tokens, summary = verify()
-            tokens = tokens.clone()  # the graph overwrites it at the next round
-            all_accepted, accepted, *done_after = summary.tolist()  # the round's one host sync
-            n = 2 if all_accepted else 1  # the rows go on together: all take the draft, or none
-            if n == 1 and saved:  # forget the draft: back to before it, then the last token alone
-                for tensor, copy in zip(rewound, saved):
+            out, host, ready, saved = queue.popleft()
+            if ready is not None:
+                ready.synchronize()  # the round's outcome: the loop's one wait, with the next round already queued
+            n, accepted, *done_after = host[2 * B:].tolist()
+            tokens = out[:2 * B].view(B, 2)
+            if n == 1 and saved:  # undo the draft where mixers do not rewind, then feed the first token alone
+                *copies, token_before, pos_before = saved
+                for tensor, copy in zip(rewound, copies):
                     tensor.copy_(copy)
-                self.hidden_states(state["token"][:, None], self.decode_context(cache, state["pos"]), cache)
-            drafts[n]()  # on to the n kept tokens, and the MTP module's draft after them
+                h = self.hidden_states(token_before[:, None], self.decode_context(cache, pos_before), cache)
+                state["draft"].copy_(self.draft_logits(cache, h, tokens[:, :1], pos_before)[:, -1])
             finished = eos_id is not None and bool(done_after[n - 1])
             for key, value in (("rounds", 1), ("drafted", B), ("accepted", accepted)):
                 stats[key] = stats.get(key, 0) + value
@@ -1740,40 +1751,30 @@ class GPT(nn.Module):
         state["pos"] += 1
         return pick_token(logits, state, temperature, top_k, top_p)
 
-    def draft_logits(self, cache, hidden, tokens, cache_pos):
+    def draft_logits(self, cache, hidden, tokens, cache_pos, last=1):
         """
         Speculative decoding's draft: the first MTP module (DeepSeek-V3 §2.2) at cache slots cache_pos (T,), from the
         main model's hidden states there (B, T, n_embd) and the token after each (B, T); writes its cache and returns
-        its logits (B, V) for the token after the last of them.
+        its logits (B, last, V) for the tokens after the last `last` of them.
         """
         h = self.mtp[0](hidden, self.wte(tokens), self.decode_context(cache, cache_pos), cache["mtp"])
-        return self.lm_head(self.mtp[0].norm(h[:, -1]))
-
-    def draft_step(self, cache, state, n):
-        """
-        After a verify round that keeps n of its two tokens: advance the state past them (the last one is the next
-        input), then draft_logits over the n new positions (before slot state['pos']) from what speculative_step left
-        in state['hidden'] and state['next'], into state['draft']; fixed shapes for each n, no host sync.
-        """
-        state["pos"] += n
-        state["token"].copy_(state["next"][:, n - 1])
-        state["done"].copy_(state["next_done"][:, n - 1])
-        pos = state["pos"] - n + torch.arange(n, device=state["pos"].device)
-        state["draft"].copy_(self.draft_logits(cache, state["hidden"][:, :n], state["next"][:, :n], pos))
+        return self.lm_head(self.mtp[0].norm(h[:, -last:]))
 
     def speculative_step(self, cache, state, temperature=1.0, top_k=0, top_p=1.0):
         """
+        One round of self-speculative decoding, with fixed shapes and no host sync, so that it captures as one graph.
         Draft a token from the logits state['draft'] (B, V), and verify it with one forward of the main model over
-        each row's last token and the draft, at slots state['pos'] and the next; fixed shapes, no host sync. Exact
-        (Leviathan et al. 2023, arXiv 2211.17192, §2.3): greedy, the draft is accepted when it is the main model's
-        argmax; sampling, with probability min(1, p/q) (p the main model's distribution, q the draft's, both after
-        temperature, top-k and top-p), and a rejected draft is replaced by a sample of max(0, p - q), so that every
-        token is a sample of p. Returns the two tokens after the last one (B, 2) (the draft or its replacement, then
-        a sample of p after the draft) and, for the host to read at once, whether every row accepted its draft (or
-        is done), how many did, and whether every row is done after each of the two tokens (4,). The hidden states
-        of the two positions (B, 2, n_embd), the two tokens and whether each row is done after each go to
-        state['hidden'], state['next'] and state['next_done'] for draft_step. The caller keeps the first token, or
-        both when every row accepted.
+        each row's last token and the draft, at slots state['pos'] and the next. Exact (Leviathan et al. 2023, arXiv
+        2211.17192, §2.3): greedy, the draft is accepted when it is the main model's argmax; sampling, with
+        probability min(1, p/q) (p the main model's distribution, q the draft's, both after temperature, top-k and
+        top-p), and a rejected draft is replaced by a sample of max(0, p - q), so that every token is a sample of p.
+        Every row keeps the first of the two tokens after its last one (the draft or its replacement), and all keep
+        the second (a sample of p after the draft) when every row accepted (or is done). The MTP module then drafts
+        after both positions at once: its draft after the first is the next round's if the rows keep one token, and
+        the one after the second if they keep two; the cache entries of a position not kept are overwritten by the
+        next round. The state advances on the device, so that the host can queue the next round before it reads
+        this one's outcome. Returns the two tokens (B, 2) and, for the host, how many the rows keep (1 or 2), how
+        many drafts were accepted, and whether every row is done after each of the two tokens (4,).
         """
         noise, draft_logits = state["noise"], state["draft"]
         if temperature == 0:
@@ -1798,16 +1799,20 @@ class GPT(nn.Module):
         second = torch.where(done_first, state["eos"], second)
         done = torch.stack([done_first, done_first | (second == state["eos"])], dim=1)
         tokens = torch.stack([first, second], dim=1)
-        state["hidden"].copy_(h)
-        state["next"].copy_(tokens)
-        state["next_done"].copy_(done)
-        summary = torch.stack([(accepted | state["done"]).all(), accepted.sum(), *done.all(dim=0)])
-        return tokens, summary.long()
+        both = (accepted | state["done"]).all()
+        drafts = self.draft_logits(cache, h, tokens, pos, last=2)  # (B, 2, V)
+        state["draft"].copy_(torch.where(both, drafts[:, 1], drafts[:, 0]))
+        state["token"].copy_(torch.where(both, second, first))
+        state["done"].copy_(torch.where(both, done[:, 1], done[:, 0]))
+        state["pos"] += 1 + both.long()
+        return tokens, torch.stack([1 + both.long(), accepted.sum(), *done.all(dim=0)]).long()
 
     def unrewound_tensors(self, cache):
         """The cache tensors that decoding cannot rewind by position alone (see FullSpan.rewinds): those of mixers
-        that do not rewind (rolling windows, recurrent states), and Engram's last token ids."""
-        layers = [layer for block, layer in zip(self.blocks, cache["layers"])
+        that do not rewind (rolling windows, recurrent states), the MTP module's included, and Engram's last token
+        ids."""
+        blocks = zip(self.blocks, cache["layers"]), zip(self.mtp[0].blocks if "mtp" in cache else [], cache.get("mtp", []))
+        layers = [layer for pairs in blocks for block, layer in pairs
                   if not getattr(getattr(block.attn, "span", None), "rewinds", False)]
         return cache_tensors(layers) + (cache_tensors(cache["engram_tokens"]) if self.config.engram_layer_list else [])
 

@@ -149,17 +149,15 @@ def test_speculative_step_samples_the_main_model():
         h = model.hidden_states(prompt, model.decode_context(cache, torch.arange(5)), cache)
         token = torch.full((rows,), 2)  # the next token, fixed: its distribution under p_next does not matter here
         draft_logits = model.draft_logits(cache, h, torch.cat([prompt[:, 1:], token[:, None]], 1), torch.arange(5))
-        state = {"token": token, "pos": torch.tensor([5]), "done": torch.zeros(rows, dtype=torch.bool),
+        state = {"token": token.clone(), "pos": torch.tensor([5]), "done": torch.zeros(rows, dtype=torch.bool),
                  "eos": torch.tensor(-1), "noise": torch.empty(rows, 3, 8).exponential_(generator=generator),
-                 "uniform": torch.rand(rows, generator=generator), "draft": draft_logits,
-                 "hidden": torch.zeros(rows, 2, 16), "next": torch.zeros(rows, 2, dtype=torch.long),
-                 "next_done": torch.zeros(rows, 2, dtype=torch.bool)}
+                 "uniform": torch.rand(rows, generator=generator), "draft": draft_logits[:, -1]}
         tokens, summary = model.speculative_step(cache, state, temperature, top_k, top_p)
         # the main model's distribution of the token after `token`: a full forward
         expected = sampling_probs(model(torch.tensor([[3, 1, 4, 1, 5, 2]]))[0][0, -1], temperature, top_k, top_p)
-    all_accepted, accepted, *all_done = summary.tolist()
-    assert 0.05 * rows < accepted < 0.9 * rows and not all_accepted and all_done == [0, 0], summary
-    assert torch.equal(state["next"], tokens)  # what draft_step reads next
+    kept, accepted, *all_done = summary.tolist()
+    assert 0.05 * rows < accepted < 0.9 * rows and kept == 1 and all_done == [0, 0], summary
+    assert torch.equal(state["token"], tokens[:, 0]) and state["pos"].item() == 6  # the state advanced by one token
     assert torch.allclose(torch.bincount(tokens[:, 0], minlength=8) / float(rows), expected, atol=0.012)
 
 
