@@ -561,4 +561,5 @@ if ddp:
     # free the DDP wrapper first: its reducer must not hold the last reference to the process group, whose
     # destructor, run from there with the GIL held, can deadlock with a gloo thread that needs it (pytorch#56297)
     del model
+    dist.barrier()  # every rank done with its collectives before any tears its process group down
     dist.destroy_process_group()
