@@ -1811,9 +1811,8 @@ class GPT(nn.Module):
         """The cache tensors that decoding cannot rewind by position alone (see FullSpan.rewinds): those of mixers
         that do not rewind (rolling windows, recurrent states), the MTP module's included, and Engram's last token
         ids."""
-        blocks = zip(self.blocks, cache["layers"]), zip(self.mtp[0].blocks if "mtp" in cache else [], cache.get("mtp", []))
-        layers = [layer for pairs in blocks for block, layer in pairs
-                  if not getattr(getattr(block.attn, "span", None), "rewinds", False)]
+        pairs = [*zip(self.blocks, cache["layers"]), *(zip(self.mtp[0].blocks, cache["mtp"]) if "mtp" in cache else [])]
+        layers = [layer for block, layer in pairs if not getattr(getattr(block.attn, "span", None), "rewinds", False)]
         return cache_tensors(layers) + (cache_tensors(cache["engram_tokens"]) if self.config.engram_layer_list else [])
 
     # -------------------------------------------------------------------------
