@@ -15,7 +15,7 @@ import model as model_module
 from conftest import ROOT, run_stage
 from model import (GPT, Context, GPTConfig, MoBASpan, SlidingSpan, BlockSparseSpan, GatedDeltaNet, LinearAttention,
                    gated_delta_rule_chunked, gated_delta_rule_recurrent, linear_attention_chunked,
-                   linear_attention_recurrent, max_attention_logits, sort_by_block)
+                   linear_attention_recurrent, max_attention_logits)
 from optim import QKClip, configure_optimizers
 
 PROJECTIONS = {"mha": dict(), "gqa": dict(n_kv_head=2, qk_norm=True),
@@ -104,15 +104,6 @@ def test_moba_sees_its_own_block_causally_and_the_best_scored_earlier_blocks():
             expected = [j <= t and (j // 4 == own or j // 4 in best) for j in range(T)]
             assert mask[0, h, t].tolist() == expected, (h, t)
     assert span.keys_per_query(T) * T * 2 == mask.sum().item()
-
-
-def test_sort_by_block_is_the_stable_sort():
-    torch.manual_seed(0)
-    for P, n in [(1, 1), (37, 3), (300, 9), (1000, 64)]:
-        block = torch.randint(-1, n, (2, 3, P))
-        order, inverse = sort_by_block(block, n)
-        assert torch.equal(order, block.argsort(dim=-1, stable=True))
-        assert torch.equal(order.gather(-1, inverse), torch.arange(P).expand(2, 3, P))
 
 
 @pytest.mark.parametrize("span", [dict(attn_span="sliding", window=5),
