@@ -15,7 +15,7 @@ import model as model_module
 from conftest import ROOT, run_stage
 from model import (GPT, Context, GPTConfig, MoBASpan, SlidingSpan, BlockSparseSpan, GatedDeltaNet, LinearAttention,
                    gated_delta_rule_chunked, gated_delta_rule_recurrent, linear_attention_chunked,
-                   linear_attention_recurrent, max_attention_logits)
+                   linear_attention_recurrent, max_attention_logits, grouped_attention)
 from optim import QKClip, configure_optimizers
 
 PROJECTIONS = {"mha": dict(), "gqa": dict(n_kv_head=2, qk_norm=True),
@@ -106,6 +106,17 @@ def test_moba_sees_its_own_block_causally_and_the_best_scored_earlier_blocks():
     assert span.keys_per_query(T) * T * 2 == mask.sum().item()
 
 
+@pytest.mark.parametrize("mask_shape", [(7, 9), (2, 1, 7, 9), (2, 6, 7, 9)])
+def test_grouped_attention_equals_sdpa_with_gqa(mask_shape):
+    """The masked path of fewer key heads (decoding GQA and MLA's absorbed form) against SDPA's enable_gqa."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 7, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 12)
+    mask = (torch.rand(*mask_shape) < 0.7) | (torch.arange(9) == 0)
+    mask[..., 3, :] = False  # a query that sees nothing (left padding): zeros
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
+    assert torch.allclose(grouped_attention(q, k, v, mask, 0.3), expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("span", [dict(attn_span="sliding", window=5),
                                   dict(attn_span="sparse", sparse_block=4, sparse_local=2, sparse_stride=3),
                                   dict(attn_span="moba", moba_block=4, moba_topk=2)])
@@ -133,7 +144,7 @@ def dense_flex(q, k, v, block_mask, scale, return_lse=False):
     return (y, lse) if return_lse else y
 
 
-@pytest.mark.parametrize("T, block, topk", [(150, 16, 3), (257, 64, 4), (130, 8, 2), (300, 128, 3)])
+@pytest.mark.parametrize("T, block, topk", [(150, 16, 3), (257, 64, 4), (130, 8, 2), (300, 128, 3), (1100, 256, 3)])
 def test_moba_by_block_equals_the_masked_softmax_in_value_and_gradient(monkeypatch, T, block, topk):
     """The FlexAttention path: own block, then the chosen blocks apart, merged by log-sum-exp (FlexAttention's
     kernel replaced by a dense stand-in, to have gradients on the CPU); its tiles cover every pair's block."""
@@ -164,6 +175,19 @@ def test_moba_by_block_equals_the_masked_softmax_in_value_and_gradient(monkeypat
         mask.full_kv_num_blocks, mask.full_kv_indices, BLOCK_SIZE=128, seq_lengths=mask.seq_lengths).to_dense().bool()
     assert (full <= allowed.unflatten(2, (-1, 128)).unflatten(4, (-1, 128)).all(dim=(3, 5))).all()
     assert full.any() == (block % 128 == 0)  # blocks of whole key tiles have full tiles
+    # the backward's side, each key tile's pair tiles, is the transpose of the forward's, partial and full apart
+    reference = torch.nn.attention.flex_attention.BlockMask.from_kv_blocks(
+        mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices, BLOCK_SIZE=128,
+        seq_lengths=mask.seq_lengths)
+    for name in ("q", "full_q"):
+        ours, theirs = ((getattr(m, f"{name}_num_blocks"), getattr(m, f"{name}_indices")) for m in (mask, reference))
+        assert torch.equal(tiles_of(*ours), tiles_of(*theirs)), name
+
+
+def tiles_of(count, indices):
+    """The dense map (..., rows, tiles) of a BlockMask side: count (..., rows) tiles each, listed in indices."""
+    listed = torch.where(torch.arange(indices.size(-1)) < count[..., None], indices.long(), indices.size(-1))
+    return torch.zeros(*indices.shape[:-1], indices.size(-1) + 1).scatter_(-1, listed, 1.0)[..., :-1]
 
 
 def test_flops_per_token_count_only_the_attended_positions(tiny_model):
