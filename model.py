@@ -382,7 +382,9 @@ def grouped_attention(q, k, v, mask, scale=None):
     under a boolean mask (T, S), (B|1, 1, T, S) or (B, n_head, T, S): the query heads that share a key head are rows
     of one matmul against it, in the input dtype with the softmax in fp32. SDPA with enable_gqa and a mask takes its
     math fallback on CUDA (the efficient kernel has no GQA), which copies the keys and values once per query head and
-    multiplies in fp32: at two tokens (a speculative round's verify) fp32 GEMMs over MLA's absorbed cache.
+    multiplies in fp32. Used from two query tokens on: a speculative round of a trained deepseek_small on an H200
+    took 816 against 981 us of kernels with it; at one token, where inductor turns the fallback into fused
+    reductions, a decode step took 588 against 513 us with it.
     """
     B, H, T, d = q.shape
     kv_heads, S = k.shape[1], k.shape[2]
@@ -463,7 +465,7 @@ class FullSpan:
 
     def attend(self, q, k, v, ctx, mask=None, scale=None, dropout=0.0):
         """q (B, n_head, T, d), k and v (B, key heads, S, d) -> (B, n_head, T, d_v); mask None = training."""
-        if mask is not None and k.size(1) != q.size(1) and not dropout:
+        if mask is not None and k.size(1) != q.size(1) and q.size(2) > 1 and not dropout:
             return grouped_attention(q, k, v, mask, scale)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
                                               dropout_p=dropout, enable_gqa=k.size(1) != q.size(1))
