@@ -689,7 +689,6 @@ class MoBASpan(FullSpan):
         empty = (count == 0)[..., None, :]  # (B, H, 1, pair tiles)
         lo = (empty | (last_tile[..., None, :] < j)).sum(dim=-1)  # (B, H, key tiles)
         hi = (empty | (first_tile[..., None, :] <= j)).sum(dim=-1) - 1
-        runs = torch.arange(pair_tiles, device=block.device)
 
         def indices(start, n):
             return (start[..., None] + torch.arange(n, device=block.device)).clamp(0, n - 1).int()
@@ -701,16 +700,18 @@ class MoBASpan(FullSpan):
             lo_part = ((hi >= lo) & ~whole.gather(-1, lo.clamp(max=pair_tiles - 1))).long()
             hi_part = ((hi > lo) & ~whole.gather(-1, hi.clamp(min=0))).long()
             part_count = lo_part + hi_part
-            part_indices = torch.where(runs < lo_part[..., None], lo[..., None], hi[..., None]).clamp(min=0).int()
+            first_end = torch.arange(pair_tiles, device=block.device) < lo_part[..., None]  # lo listed before hi
+            part_indices = torch.where(first_end, lo[..., None], hi[..., None]).clamp(min=0).int()
             full_count, full_indices = hi - hi_part - lo - lo_part + 1, indices(lo + lo_part, pair_tiles)
 
         def mask_mod(b, h, q_idx, kv_idx):
             return kv_idx // self.block == block[b, h, q_idx]
 
+        kv_indices = indices(first_tile, key_tiles)  # partial and full tiles alike: a run from the first
         return torch.nn.attention.flex_attention.BlockMask(
             seq_lengths=(P, S), BLOCK_SIZE=(tile, tile), mask_mod=mask_mod,
-            kv_num_blocks=torch.where(whole, 0, count).int(), kv_indices=indices(first_tile, key_tiles),
-            full_kv_num_blocks=torch.where(whole, count, 0).int(), full_kv_indices=indices(first_tile, key_tiles),
+            kv_num_blocks=torch.where(whole, 0, count).int(), kv_indices=kv_indices,
+            full_kv_num_blocks=torch.where(whole, count, 0).int(), full_kv_indices=kv_indices,
             q_num_blocks=part_count.clamp(min=0).int(), q_indices=part_indices,
             full_q_num_blocks=full_count.clamp(min=0).int(), full_q_indices=full_indices)
 
