@@ -296,10 +296,14 @@ def rope_tables(config):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate pairs (x_i, x_{i+d/2}) of x (B, T, heads, d) by their angles; cos/sin are (T, d/2) or (B, T, d/2)."""
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+    """
+    Rotate pairs (x_i, x_{i+d/2}) of x (B, T, heads, d) by their angles; cos/sin are (T, d/2) or (B, T, d/2). In x's
+    dtype, as Llama's reference: compiled, the kernel computes in fp32 anyway, and the gradients it hands back stay in
+    bf16 (in fp32 they were a 100 MB buffer per layer and tensor at 32k tokens, read back by a slow transposing kernel).
+    """
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)  # broadcast over heads
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 def cross_entropy(logits, targets):
@@ -650,7 +654,8 @@ class MoBASpan(FullSpan):
             return y_own
         block = torch.where(real, top, -1).flatten(2)  # (B, H, P = T * m) each pair's block; -1 = none (masked out)
         P = block.size(-1)
-        order = block.argsort(dim=-1, stable=True)
+        # the block numbers as 16-bit keys where they fit: a radix sort then passes over 16 bits, not 64
+        order = (block.to(torch.int16) if k.size(2) // self.block < 2 ** 15 else block).argsort(dim=-1, stable=True)
         inverse = torch.empty_like(order).scatter_(-1, order, torch.arange(P, device=q.device).expand_as(order))
         block = block.gather(-1, order)
         # the sorts as permutations of all B * H * P pair rows, so that their backward is a gather too
