@@ -298,7 +298,7 @@ def rope_tables(config):
 def apply_rope(x, cos, sin):
     """
     Rotate pairs (x_i, x_{i+d/2}) of x (B, T, heads, d) by their angles; cos/sin are (T, d/2) or (B, T, d/2). In x's
-    dtype, as Llama's reference: compiled, the kernel computes in fp32 anyway, and the gradients it hands back stay in
+    dtype, as transformers' Llama: compiled, the kernel computes in fp32 anyway, and the gradients it hands back stay in
     bf16 (in fp32 they were a 100 MB buffer per layer and tensor at 32k tokens, read back by a slow transposing kernel).
     """
     cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)  # broadcast over heads
