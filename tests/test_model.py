@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import FAMILY_VARIANTS
-from model import Engram, Experts, HyperConnections, cross_entropy, sample_next
+from model import Engram, Experts, GPTConfig, HyperConnections, apply_rope, cross_entropy, rope_tables, sample_next
 from optim import configure_optimizers
 
 ATTENTION = {"mha": dict(n_kv_head=4), "gqa": dict(n_kv_head=2), "mqa": dict(n_kv_head=1),
@@ -203,3 +203,18 @@ def test_cross_entropy_matches_torch_with_ignored_targets():
     (grad_reference,) = torch.autograd.grad(reference, logits)
     assert torch.allclose(ours, reference, atol=1e-6)
     assert torch.allclose(grad_ours, grad_reference, atol=1e-6)
+
+
+def test_rope_scores_depend_on_relative_position_only_and_keep_the_input_dtype():
+    cos, sin = rope_tables(GPTConfig(block_size=12, n_embd=32, n_head=2))  # head_dim 16
+    q, k = torch.randn(1, 1, 1, 16).expand(1, 12, 1, 16), torch.randn(1, 1, 1, 16).expand(1, 12, 1, 16)
+    q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    assert torch.allclose(q_rot.norm(dim=-1), q.norm(dim=-1), atol=1e-5)  # a rotation
+    scores = torch.einsum("bmhd,bnhd->mn", q_rot, k_rot)
+    assert torch.allclose(scores[1:, 1:], scores[:-1, :-1], atol=1e-4)  # the same offset m - n, the same score
+    assert not torch.allclose(scores[0, 0], scores[0, 5], atol=1e-3)
+    # bf16 in, bf16 out (its gradients then stay bf16 too), within bf16 rounding of the fp32 rotation
+    x = torch.randn(2, 12, 3, 16)
+    rotated = apply_rope(x.bfloat16(), cos, sin)
+    assert rotated.dtype == torch.bfloat16
+    assert torch.allclose(rotated.float(), apply_rope(x.bfloat16().float(), cos, sin), atol=0.05, rtol=0.02)
