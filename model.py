@@ -699,8 +699,8 @@ class MoBASpan(FullSpan):
             return (start[..., None] + torch.arange(n, device=block.device)).clamp(0, n - 1).int()
 
         if self.block % tile:  # blocks within key tiles: every visit needs the mask_mod
-            part_count, part_indices = hi - lo + 1, indices(lo, pair_tiles)
-            full_count, full_indices = torch.zeros_like(lo), indices(lo, pair_tiles)
+            part_count, full_count = hi - lo + 1, torch.zeros_like(lo)
+            part_indices = full_indices = indices(lo, pair_tiles)
         else:  # only the run's ends can be partial: a tile strictly inside it holds pairs of j's block alone
             lo_part = ((hi >= lo) & ~whole.gather(-1, lo.clamp(max=pair_tiles - 1))).long()
             hi_part = ((hi > lo) & ~whole.gather(-1, hi.clamp(min=0))).long()
