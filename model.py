@@ -297,13 +297,13 @@ def rope_tables(config):
 
 def apply_rope(x, cos, sin):
     """
-    Rotate pairs (x_i, x_{i+d/2}) of x (B, T, heads, d) by their angles; cos/sin are (T, d/2) or (B, T, d/2). In x's
-    dtype, as transformers' Llama: compiled, the kernel computes in fp32 anyway, and the gradients it hands back stay in
-    bf16 (in fp32 they were a 100 MB buffer per layer and tensor at 32k tokens, read back by a slow transposing kernel).
+    Rotate pairs (x_i, x_{i+d/2}) of x (B, T, heads, d) by their angles; cos/sin are (T, d/2) or (B, T, d/2). In fp32,
+    cast back to x's dtype: compiled on an H200, the same rotation in bf16 made a GPT-2-small training step 10% slower
+    (37.7 against 34.3 ms; its backward kernel was slower) and MoBA's at 1 x 32768 2% faster.
     """
-    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)  # broadcast over heads
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
 def cross_entropy(logits, targets):

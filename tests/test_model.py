@@ -213,7 +213,7 @@ def test_rope_scores_depend_on_relative_position_only_and_keep_the_input_dtype()
     scores = torch.einsum("bmhd,bnhd->mn", q_rot, k_rot)
     assert torch.allclose(scores[1:, 1:], scores[:-1, :-1], atol=1e-4)  # the same offset m - n, the same score
     assert not torch.allclose(scores[0, 0], scores[0, 5], atol=1e-3)
-    # bf16 in, bf16 out (its gradients then stay bf16 too), within bf16 rounding of the fp32 rotation
+    # bf16 in, bf16 out, within bf16 rounding of the fp32 rotation
     x = torch.randn(2, 12, 3, 16)
     rotated = apply_rope(x.bfloat16(), cos, sin)
     assert rotated.dtype == torch.bfloat16
