@@ -298,8 +298,8 @@ def rope_tables(config):
 def apply_rope(x, cos, sin):
     """
     Rotate pairs (x_i, x_{i+d/2}) of x (B, T, heads, d) by their angles; cos/sin are (T, d/2) or (B, T, d/2). In fp32,
-    cast back to x's dtype: compiled on an H200, the same rotation in bf16 made a GPT-2-small training step 10% slower
-    (37.7 against 34.3 ms; its backward kernel was slower) and MoBA's at 1 x 32768 2% faster.
+    cast back to x's dtype: compiled on an H200, the same rotation in bf16 made a GPT-2-small training step about 10%
+    slower (through a slower backward kernel; README, "RoPE in bf16, and back") and MoBA's at 1 x 32768 2% faster.
     """
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
     x1, x2 = x.float().chunk(2, dim=-1)
