@@ -1,58 +1,29 @@
 """
-nanollm model: a modern decoder-only transformer in one file. Every architecture variant sits
-behind a flag of `GPTConfig`; a reader who ignores a flag never reads its code path.
+nanollm model: a modern decoder-only transformer in one file. Every architecture variant sits behind a flag of
+`GPTConfig` and is one small class found by searching its flag; a reader who ignores a flag never reads its code.
 
-Dense baseline (Llama-style):
-- pre-norm blocks with RMSNorm (Zhang & Sennrich 2019, `norm_eps`), no biases but Qwen2's optional q/k/v ones
-  (`qkv_bias`)
-- rotary position embeddings, half-split pairing (`rope_theta`; Su et al. 2021, RoFormer), stretched for a longer
-  context by Llama 3.1's or YaRN's scaling (`rope_scaling`; arXiv 2309.00071)
-- a head width of its own (`head_dim`; Qwen3), n_embd / n_head by default
-- grouped-query attention through `n_kv_head`: MHA (= n_head), GQA, MQA (= 1) (Ainslie et al. 2023)
-- optional RMSNorm on queries and keys per head (`qk_norm`; Dehghani et al. 2023, used by Qwen3)
-- SwiGLU feed-forward (`mlp_hidden`; Shazeer 2020)
-- tied input/output embeddings (`tie_embeddings`)
-- a preallocated, static-shape KV cache for decoding (left-padded batches of prompts), a decode step that
-  captures as one CUDA graph, and self-speculative decoding with the MTP module as the draft (Leviathan et al.
-  2023, arXiv 2211.17192)
+Dense baseline (Llama-style): pre-norm blocks with RMSNorm (Zhang & Sennrich 2019); rotary position embeddings
+(RoFormer, arXiv 2104.09864) stretched by Llama 3.1's or YaRN's scaling (arXiv 2309.00071); grouped-query attention
+(`n_kv_head`; arXiv 2305.13245) with optional QK-norm (arXiv 2302.05442) and Qwen2's q/k/v biases; SwiGLU
+(arXiv 2002.05202); tied embeddings; a static-shape KV cache for left-padded batches (decode.py decodes with it).
 
-DeepSeek family (DeepSeek-V3 in miniature: `config/deepseek_small.py`):
-- multi-head latent attention, `attention='mla'` (`q_lora_rank`, `kv_lora_rank`, `qk_nope_head_dim`,
-  `qk_rope_head_dim`, `v_head_dim`): keys and values from a small cached latent, decoupled RoPE, weight-absorbed
-  decoding (DeepSeek-V2, arXiv 2405.04434 §2.1)
-- mixture-of-experts feed-forward, `n_experts > 0`: routed fine-grained experts plus shared ones (DeepSeekMoE,
-  arXiv 2401.06066), on every `moe_every`-th layer after `moe_first_dense` dense ones (Llama 4 interleaving;
-  DeepSeek's first dense layers), softmax or sigmoid scores (`router_scoring`, DeepSeek-V3 arXiv 2412.19437
-  §2.1.2) with its group-limited routing (`moe_groups`), capacity and token dropping (`capacity_factor`), router
-  jitter (`router_jitter`) and the load-balancing loss (`aux_loss_coef`) of Switch (arXiv 2101.03961), the router z-loss (`router_z_loss_coef`; ST-MoE, arXiv
-  2202.08906), DeepSeek-V3's sequence-wise balance loss (`seq_aux_loss_coef`) and auxiliary-loss-free bias
-  balancing (`bias_update_rate`)
-- multi-token prediction, `mtp_depth > 0` (`mtp_lambda`, `mtp_blocks`): sequential modules that predict tokens
-  further ahead during training, left out at inference (DeepSeek-V3 §2.2)
+DeepSeek family: multi-head latent attention (`attention='mla'`; DeepSeek-V2, arXiv 2405.04434 §2.1);
+mixture-of-experts (`n_experts`; DeepSeekMoE arXiv 2401.06066, DeepSeek-V3 arXiv 2412.19437 §2.1.2) with shared
+experts, Llama 4 interleaving, softmax or sigmoid routing, group-limited routing, capacity, and the balance losses of
+Switch (arXiv 2101.03961), ST-MoE (arXiv 2202.08906) and DeepSeek-V3, or its loss-free bias balancing;
+multi-token prediction (`mtp_depth`; DeepSeek-V3 §2.2).
 
-Attention family (a hybrid in miniature: `config/hybrid_small.py`):
-- spans, which keys a softmax query sees, for MHA and MLA alike (`attn_span`): full causal, sliding window
-  (`window`; Longformer arXiv 2004.05150, Mistral 7B) with a rolling decode cache, block-sparse local + strided
-  blocks (`sparse_block`, `sparse_local`, `sparse_stride`; Sparse Transformer arXiv 1904.10509), MoBA
-  (`moba_block`, `moba_topk`; arXiv 2502.13189); FlexAttention block masks on CUDA
-- gated attention (`attn_gate`, `attn_gate_at`): a sigmoid gate on each head's output or values (Qwen, arXiv
-  2505.06708)
-- linear attention, `attention='linear'` (`linear_kind`, `linear_chunk`): elu + 1 features (Katharopoulos et al.,
-  arXiv 2006.16236) or Gated DeltaNet (arXiv 2412.06464), chunked for training, a fixed-size state for decoding
-- hybrid layer patterns (`attn_pattern`): e.g. 'SSSG' (Gemma's local/global), 'LLLG' (Qwen3-Next)
+Attention family: spans, which keys a softmax query sees (`attn_span`: full, sliding window (arXiv 2004.05150),
+block-sparse (arXiv 1904.10509), MoBA (arXiv 2502.13189)); gated attention (`attn_gate`; arXiv 2505.06708); linear
+attention (`attention='linear'`: elu + 1, arXiv 2006.16236, or Gated DeltaNet, arXiv 2412.06464); hybrid layer
+patterns (`attn_pattern`).
 
-Residual streams and memory:
-- hyper-connections, `residual='hc'` (`hc_streams`): n residual streams with static and dynamic mixing (arXiv
-  2409.19606); `residual='mhc'` (`hc_sinkhorn_iters`): the stream mixing made doubly stochastic by Sinkhorn-Knopp
-  (DeepSeek mHC, arXiv 2512.24880)
-- Engram memory (`engram_layers`, `engram_orders`, `engram_heads`, `engram_table_size`, `engram_dim`): hashed n-gram
-  lookup gated by the hidden state, its tables trained by sparse rows (DeepSeek Engram, arXiv 2601.07372)
+Residual streams and memory: hyper-connections (`residual='hc'`; arXiv 2409.19606) and their manifold-constrained
+form (`residual='mhc'`; arXiv 2512.24880); Engram's hashed n-gram memory (`engram_layers`; arXiv 2601.07372).
 
 The order below is bottom-up, as in nanoGPT: config, shared pieces, attention, feed-forward, residual and memory,
-block, the model, decoding, accounting.
+block, the model. Each variant is written plainly here; its fast path, where it has one, is in kernels.py.
 """
-import collections
-import functools
 import math
 import re
 from dataclasses import dataclass, field, fields
@@ -61,6 +32,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from kernels import (cross_entropy, eager, flex, gated_delta_rule_chunked, grouped_attention, grouped_mm,
+                     grouped_mm_supported, linear_attention_chunked, moba_attention, permute, static_block_mask)
 
 
 @dataclass
@@ -161,51 +135,24 @@ class GPTConfig:
         self.qk_rope_head_dim = self.qk_rope_head_dim or self.head_dim // 2
         self.v_head_dim = self.v_head_dim or self.head_dim
         self.moe_hidden = self.moe_hidden or self.mlp_hidden
-        layers, orders = self.engram_layer_list, self.engram_order_list
-        checks = [
-            (self.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"),
-            (self.attention in ("mha", "mla", "linear"),
-             f"unknown attention '{self.attention}' (choose mha, mla or linear)"),
-            (self.attn_span in SPANS, f"unknown attn_span '{self.attn_span}' (choose {', '.join(SPANS)})"),
-            (min(self.window, self.sparse_block, self.sparse_local, self.sparse_stride, self.moba_block, self.moba_topk,
-                 self.linear_chunk) >= 1, "window, sparse_*, moba_* and linear_chunk must be 1 or more"),
-            (self.attn_gate in ("none", "headwise", "elementwise"), f"unknown attn_gate '{self.attn_gate}'"),
-            (self.attn_gate_at in ("output", "value"), f"unknown attn_gate_at '{self.attn_gate_at}'"),
-            (not (self.attention == "mla" and self.attn_gate != "none" and self.attn_gate_at == "value"),
-             "MLA caches a latent, not values: attn_gate_at='value' needs attention='mha'"),
-            (self.linear_kind in ("elu", "gated_deltanet"), f"unknown linear_kind '{self.linear_kind}'"),
-            (set(self.attn_pattern) <= set(PATTERN_LETTERS), f"attn_pattern letters are {', '.join(PATTERN_LETTERS)}"),
-            (not (self.attention == "linear" and (self.attn_span != "full" or set(self.attn_pattern) - {"L"})),
-             "linear attention has no span: set attention to mha or mla for the softmax layers of attn_pattern"),
-            (self.dropout == 0 or {self.attn_span, *map(PATTERN_LETTERS.get, self.attn_pattern)} <= {"full", "linear"},
-             "FlexAttention has no attention dropout: set dropout=0 with a sliding, sparse or moba span"),
-            (not (self.attention == "mla" and self.qk_norm), "MLA's absorbed decoding has no per-head keys to normalize"),
-            (self.rope_dim % 2 == 0, "RoPE needs an even number of rotary dimensions"),
-            (self.rope_scaling in ("none", "llama3", "yarn"), f"unknown rope_scaling '{self.rope_scaling}'"),
-            (self.rope_scaling == "none" or (self.rope_factor >= 1 and self.rope_original_len > 0
-                                             and self.rope_low_rotations < self.rope_high_rotations),
-             "rope_scaling needs rope_factor >= 1, rope_original_len > 0 and rope_low_rotations < rope_high_rotations"),
-            (self.yarn_mscale_all_dim == 0 or (self.attention == "mla" and self.rope_scaling == "yarn"),
-             "yarn_mscale_all_dim is MLA's softmax temperature under rope_scaling='yarn' (DeepSeek)"),
-            (self.router_scoring in ("softmax", "sigmoid"), f"unknown router_scoring '{self.router_scoring}'"),
-            (self.n_experts == 0 or 1 <= self.moe_topk <= self.n_experts, "moe_topk must be within 1..n_experts"),
-            (self.moe_groups == 1 or (self.n_experts % self.moe_groups == 0 and self.n_experts >= 2 * self.moe_groups
-                                      and 1 <= self.moe_topk_groups <= self.moe_groups
-                                      and self.moe_topk <= self.moe_topk_groups * self.n_experts // self.moe_groups),
-             "moe_groups must divide n_experts into groups of 2 or more, and moe_topk_groups of them must hold moe_topk"),
-            (self.residual in ("standard", "hc", "mhc"), f"unknown residual '{self.residual}' (choose standard, hc or mhc)"),
-            (self.hc_streams >= 2 and self.hc_sinkhorn_iters >= 1, "hc_streams must be 2 or more, hc_sinkhorn_iters 1 or more"),
-            (len(set(layers)) == len(layers) and all(0 <= i < self.n_layer for i in layers),
-             "engram_layers must be distinct layers within 0..n_layer-1"),
-            (not layers or (orders and min(orders) >= 2 and len(set(orders)) == len(orders)),
-             "engram_orders must be distinct n-gram orders of 2 or more"),
-            (not layers or (self.engram_heads >= 1 and self.engram_dim % (len(orders) * self.engram_heads) == 0
-                            and self.engram_table_size >= 2 * len(orders) * self.engram_heads),
-             "engram_dim must be a multiple of (orders x engram_heads), and engram_table_size at least twice that"),
-        ]
-        for ok, message in checks:  # a ValueError, so that a stage can turn it into a one-line error
-            if not ok:
-                raise ValueError(message)
+        mixers = {self.attn_span, *map(PATTERN_LETTERS.get, self.attn_pattern)}
+        require(self.attention in ("mha", "mla", "linear"), f"unknown attention '{self.attention}' (choose mha, mla or linear)")
+        require(self.attn_span in SPANS, f"unknown attn_span '{self.attn_span}' (choose {', '.join(SPANS)})")
+        require(self.linear_kind in ("elu", "gated_deltanet"), f"unknown linear_kind '{self.linear_kind}'")
+        require(set(self.attn_pattern) <= set(PATTERN_LETTERS), f"attn_pattern letters are {', '.join(PATTERN_LETTERS)}")
+        require(not (self.attention == "linear" and (self.attn_span != "full" or set(self.attn_pattern) - {"L"})),
+                "linear attention has no span: set attention to mha or mla for the softmax layers of attn_pattern")
+        require(self.dropout == 0 or mixers <= {"full", "linear"},
+                "FlexAttention has no attention dropout: set dropout=0 with a sliding, sparse or moba span")
+        require(self.rope_dim % 2 == 0, "RoPE needs an even number of rotary dimensions")
+        require(self.rope_scaling in ("none", "llama3", "yarn"), f"unknown rope_scaling '{self.rope_scaling}'")
+        require(self.rope_scaling == "none" or (self.rope_factor >= 1 and self.rope_original_len > 0
+                                                and self.rope_low_rotations < self.rope_high_rotations),
+                "rope_scaling needs rope_factor >= 1, rope_original_len > 0 and rope_low_rotations < rope_high_rotations")
+        require(self.residual in RESIDUALS, f"unknown residual '{self.residual}' (choose {', '.join(RESIDUALS)})")
+        for part in (CausalSelfAttention, MLA, MaskedSpan, MoBASpan, LinearAttention, AttentionGate, Router,
+                     HyperConnections, Engram):  # each checks its own fields
+            part.check(self)
 
     def layer_mixer(self, layer):
         """(mixer, span) of layer `layer`: attn_pattern's letter for it (repeated over depth), else attention/attn_span.
@@ -233,6 +180,12 @@ class GPTConfig:
 
 
 PATTERN_LETTERS = {"G": "full", "S": "sliding", "B": "sparse", "M": "moba", "L": "linear"}  # attn_pattern's letters
+
+
+def require(ok, message):
+    """A config check: a ValueError, which a stage turns into a one-line error."""
+    if not ok:
+        raise ValueError(message)
 
 
 def config_fields():
@@ -298,47 +251,11 @@ def rope_tables(config):
 def apply_rope(x, cos, sin):
     """
     Rotate pairs (x_i, x_{i+d/2}) of x (B, T, heads, d) by their angles; cos/sin are (T, d/2) or (B, T, d/2). In fp32,
-    cast back to x's dtype: compiled on an H200, the same rotation in bf16 made a GPT-2-small training step about 10%
-    slower (through a slower backward kernel; README, "RoPE in bf16, and back") and MoBA's at 1 x 32768 2% faster.
+    cast back to x's dtype, as Meta's Llama reference does: compiled, the rotation in bf16 gets a slower backward.
     """
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
-
-
-def cross_entropy(logits, targets):
-    """
-    Mean of -log softmax(logits)[target] over the rows whose target is not -1, in fp32: F.cross_entropy with
-    ignore_index=-1, written as logsumexp minus the target's logit, picked by a comparison instead of a gather, so
-    that torch.compile reads the logits (N, V) once forward and once backward (softmax minus one-hot) and never
-    keeps an fp32 copy of them (1.3% of a GPT-2-small training step on an H200).
-    """
-    logits = logits.float()
-    is_target = torch.arange(logits.size(-1), device=logits.device) == targets[:, None]  # (N, V)
-    losses = logits.logsumexp(dim=-1) - torch.where(is_target, logits, 0.0).sum(dim=-1)
-    keep = targets != -1
-    return (losses * keep).sum() / keep.sum()
-
-
-class Permute(torch.autograd.Function):
-    """
-    x[order] for a permutation `order` of x's rows, with inverse = its inverse: the backward is the gather
-    grad[inverse], where autograd's own backward of x[order] is a scatter-add with atomics that first sorts the
-    indices (5 of 57 ms per step at the Qwen3-MoE bench shape on an H200). MoBA's pairs and MoE's tokens use it.
-    """
-
-    @staticmethod
-    def forward(ctx, x, order, inverse):
-        ctx.save_for_backward(inverse)
-        return x[order]
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        return grad[inverse], None, None
-
-
-permute = Permute.apply
 
 
 @dataclass
@@ -349,8 +266,9 @@ class Context:
     cache_pos: torch.Tensor = None      # (T,) cache slots the new tokens are written to; None when training
     mask: torch.Tensor = None           # (B, 1, T, max_len) which cache slots each new token may attend to
     pad: torch.Tensor = None            # (B,) each row's first cache slot (left padding); None when training
-    tokens: torch.Tensor = None         # Engram: (B, P + T) the token ids, after the P = max order - 1 before them
-    aux: dict = field(default_factory=dict)  # side outputs of layers (auxiliary losses, metrics)
+    idx: torch.Tensor = None            # (B, T) the token ids
+    aux: dict = field(default_factory=dict)  # side outputs of layers (metrics, unweighted losses), for the logs
+    losses: dict = field(default_factory=dict)  # weighted auxiliary losses, which training adds to its objective
 
 
 # -----------------------------------------------------------------------------
@@ -380,68 +298,14 @@ def max_attention_logits(q, k, mask=None, chunk=256):
     return best / math.sqrt(d)
 
 
-def grouped_attention(q, k, v, mask, scale=None):
-    """
-    Softmax attention of q (B, n_head, T, d) over k and v (B, n_kv_head, S, d), fewer key heads than query heads,
-    under a boolean mask (T, S), (B|1, 1, T, S) or (B, n_head, T, S): the query heads that share a key head are rows
-    of one matmul against it, in the input dtype with the softmax in fp32. SDPA with enable_gqa and a mask takes its
-    math fallback on CUDA (the efficient kernel has no GQA), which copies the keys and values once per query head and
-    multiplies in fp32. Used from two query tokens on: a speculative round of a trained deepseek_small on an H200
-    took 816 against 981 us of kernels with it; at one token, where inductor turns the fallback into fused
-    reductions, a decode step took 588 against 513 us with it.
-    """
-    B, H, T, d = q.shape
-    kv_heads, S = k.shape[1], k.shape[2]
-    scores = (q.reshape(B, kv_heads, -1, d) @ k.mT).float() * (d ** -0.5 if scale is None else scale)
-    allowed = mask.expand(B, H, T, S).unflatten(1, (kv_heads, -1)).flatten(2, 3)  # (B, n_kv_head, group * T, S)
-    # a query that sees no key (left padding) gets zeros, as from SDPA, not the NaNs of an empty softmax
-    weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1).masked_fill(~allowed, 0.0).type_as(v)
-    return (weights @ v).view(B, H, T, -1)
-
-
 # Spans: which keys each softmax query sees. Any projection (CausalSelfAttention, MLA) runs with any span: the
 # projection makes q, k and v and owns its cache layout; the span attends (training: SDPA's fused causal kernels for
 # 'full', FlexAttention block masks on CUDA or a boolean mask for SDPA elsewhere for the others) and, when decoding,
 # stores the new tokens' cache entries and says which cached slots each new token sees.
 
-# FlexAttention (torch.nn.attention.flex_attention) is imported by the spans that use it, when one is built: importing
-# it loads torch._dynamo, seconds at every program start. Nothing here imports or compiles while torch.compile traces.
-compiled_flex_attention = None
-
-
-def flex(q, k, v, block_mask, scale, return_lse=False):
-    """
-    FlexAttention: its fused kernel on CUDA (eager FlexAttention would materialize every score), eager elsewhere.
-    return_lse=True also returns each query's log-sum-exp of its scores (B, n_head, T), which gradients flow through.
-    """
-    global compiled_flex_attention
-    # on the CPU, inside a compiled model, inductor's FlexAttention lowering miscomputed the transposed views of q, k
-    # and v this file makes (0.4 off in the logits with torch 2.13), so it gets contiguous copies. On CUDA the views
-    # give masked SDPA's loss and gradients and save MoBA 1.5% of its step at 32k (README, spans at long context).
-    if not q.is_cuda:
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    attend = torch.nn.attention.flex_attention.flex_attention  # inside a compiled model, inductor fuses it
-    if q.is_cuda and not torch.compiler.is_compiling():  # an eager model on CUDA: FlexAttention compiled alone
-        compiled_flex_attention = compiled_flex_attention or torch.compile(attend, dynamic=False)
-        attend = compiled_flex_attention
-    return attend(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.size(1) != q.size(1), return_lse=return_lse)
-
-
-STATIC_BLOCK_MASKS = {}  # shared by every layer with the same pattern
-
-
-def static_block_mask(key, allowed, T, device):
-    """The BlockMask of allowed(query position, key position) over T tokens, built once per key, T and device."""
-    key = (key, T, str(device))
-    if key not in STATIC_BLOCK_MASKS:
-        STATIC_BLOCK_MASKS[key] = torch.nn.attention.flex_attention.create_block_mask(
-            lambda b, h, q, k: allowed(q, k), None, None, T, T, device=device)
-    return STATIC_BLOCK_MASKS[key]
-
-
 class FullSpan:
     """Causal attention over every past position, through SDPA's fused kernels (is_causal)."""
-    flex = None  # the masked spans: None = FlexAttention on CUDA, masked SDPA elsewhere; True/False forces one (tests)
+    use_flex = None  # the masked spans: None = FlexAttention on CUDA, masked SDPA elsewhere; True/False forces one
     # each position's cache entries sit in their own slot and masks hide the later slots, so that decoding rewinds by
     # its position alone (speculative decoding's rejected drafts); a mixer without the attribute is taken not to
     rewinds = True
@@ -490,13 +354,18 @@ class MaskedSpan(FullSpan):
 
     def __init__(self, config):
         super().__init__(config)
-        import torch.nn.attention.flex_attention  # noqa: F401 (see flex)
+        import torch.nn.attention.flex_attention  # noqa: F401 (see kernels.py)
 
     def allowed(self, q_pos, k_pos):
         raise NotImplementedError
 
+    @staticmethod
+    def check(c):
+        require(min(c.window, c.sparse_block, c.sparse_local, c.sparse_stride) >= 1,
+                "window and sparse_* must be 1 or more")
+
     def attend(self, q, k, v, ctx, mask=None, scale=None, dropout=0.0):
-        if mask is None and (q.is_cuda if self.flex is None else self.flex):
+        if mask is None and (q.is_cuda if self.use_flex is None else self.use_flex):
             # FlexAttention skips the tiles of 128 x 128 the pattern leaves empty
             return flex(q, k, v, static_block_mask(self.key, self.allowed, q.size(2), q.device), scale)
         return super().attend(q, k, v, ctx, self.logit_mask(q, k) if mask is None else mask, scale, dropout)
@@ -589,8 +458,12 @@ class MoBASpan(FullSpan):
 
     def __init__(self, config):
         super().__init__(config)
-        import torch.nn.attention.flex_attention  # noqa: F401 (see flex)
+        import torch.nn.attention.flex_attention  # noqa: F401 (see kernels.py)
         self.block, self.topk = config.moba_block, config.moba_topk
+
+    @staticmethod
+    def check(c):
+        require(min(c.moba_block, c.moba_topk) >= 1, "moba_block and moba_topk must be 1 or more")
 
     @torch.no_grad()
     def past_blocks(self, q, k, q_pos, k_pos):
@@ -607,8 +480,8 @@ class MoBASpan(FullSpan):
         means = (member[:, None].float() @ k.float() / self.block).repeat_interleave(H // k.size(1), dim=1)
         q_block = (q_pos // self.block)[:, None, :, None]  # (B|1, 1, T, 1)
         scores = (q.float() @ means.mT).masked_fill(torch.arange(n, device=q.device) >= q_block, float("-inf"))
-        # the best m by repeated argmax, which torch.compile fuses, where topk is a library kernel: 16 of 103 ms per
-        # training step at 1 x 32768 on an H200; the i-th pick is real when the query has more than i past blocks
+        # the best m by repeated argmax, which torch.compile fuses, where topk is a library kernel that it does not;
+        # the i-th pick is real when the query has more than i past blocks
         m = min(self.topk - 1, n)
         top = torch.empty(B, H, T, 0, dtype=torch.long, device=q.device)
         for _ in range(m):
@@ -631,96 +504,14 @@ class MoBASpan(FullSpan):
     def attend(self, q, k, v, ctx, mask=None, scale=None, dropout=0.0):
         if mask is None:  # training: positions 0..T-1
             pos = torch.arange(q.size(2), device=q.device)[None]
-            if q.is_cuda if self.flex is None else self.flex:
-                return self.attend_by_block(q, k, v, *self.past_blocks(q, k, pos, pos), scale)
+            if q.is_cuda if self.use_flex is None else self.use_flex:  # block by block (kernels.moba_attention)
+                return moba_attention(q, k, v, *self.past_blocks(q, k, pos, pos), self.block, scale)
             mask = self.mask(self.chosen_blocks(q, k, pos, pos), pos, pos)
         else:  # decoding: positions count from each row's first token
             q_pos = ctx.cache_pos[None, :] - ctx.pad[:, None]
             k_pos = torch.arange(k.size(2), device=q.device)[None, :] - ctx.pad[:, None]
             mask = mask & self.mask(self.chosen_blocks(q, k, q_pos, k_pos), q_pos, k_pos)
         return super().attend(q, k, v, ctx, mask, scale, dropout)
-
-    def attend_by_block(self, q, k, v, top, real, scale):
-        """
-        Training through FlexAttention as MoBA computes it (§2.3): every query attends its own block causally, and
-        apart, each earlier block it chose; the partial results then merge by their log-sum-exps into the one softmax
-        over all of them. For the second part the (query, chosen block) pairs are sorted by block, so that a tile of
-        128 pairs meets a block or two; tiles of the queries themselves would meet the union of all their choices.
-        """
-        B, H, T, d = q.shape
-        own = static_block_mask(("moba", self.block), lambda q_pos, k_pos: (k_pos <= q_pos) &
-                                (k_pos // self.block == q_pos // self.block), T, q.device)
-        y_own, lse_own = flex(q, k, v, own, scale, return_lse=True)
-        m = top.size(-1)
-        if m == 0:  # a single block: nothing before it
-            return y_own
-        block = torch.where(real, top, -1).flatten(2)  # (B, H, P = T * m) each pair's block; -1 = none (masked out)
-        P = block.size(-1)
-        # the block numbers as 16-bit keys where they fit: a radix sort then passes over 16 bits, not 64
-        order = (block.to(torch.int16) if k.size(2) // self.block < 2 ** 15 else block).argsort(dim=-1, stable=True)
-        inverse = torch.empty_like(order).scatter_(-1, order, torch.arange(P, device=q.device).expand_as(order))
-        block = block.gather(-1, order)
-        # the sorts as permutations of all B * H * P pair rows, so that their backward is a gather too
-        offset = torch.arange(B * H, device=q.device).view(B, H, 1) * P
-        order, inverse = (order + offset).flatten(), (inverse + offset).flatten()
-        pairs = permute(q.repeat_interleave(m, dim=2).flatten(0, 2), order, inverse).view(B, H, P, d)
-        y, lse = flex(pairs, k, v, self.pair_block_mask(block, k.size(2)), scale, return_lse=True)
-        y = permute(y.flatten(0, 2), inverse, order).view(B, H, T, m, -1)
-        lse = permute(lse.flatten(), inverse, order).view(B, H, T, m)
-        # softmax over the parts' log-sum-exps: each part's share of the whole softmax (an empty part's lse is -inf)
-        share = torch.softmax(torch.cat([lse_own[..., None], lse], dim=-1), dim=-1)
-        return (share[..., :1] * y_own + (share[..., 1:, None] * y).sum(dim=3)).type_as(y_own)
-
-    def pair_block_mask(self, block, S):
-        """
-        The BlockMask of the sorted pairs, block (B, H, P) each pair's key block (-1: none), over S keys: a tile of 128
-        pairs visits the key tiles from its first block's to its last's; the mask_mod keeps each pair's own block.
-        Built from both sides at once: BlockMask.from_kv_blocks would find the pair tiles visiting each key tile (for
-        the backward) by sorting a dense tile map, 4 of 89 ms per training step at 1 x 32768 on an H200.
-        """
-        B, H, P = block.shape
-        tile, key_tiles = 128, math.ceil(S / 128)  # FlexAttention's default BLOCK_SIZE
-        tiles = F.pad(block, (0, (-P) % tile), value=-1).view(B, H, -1, tile)
-        pair_tiles = tiles.size(2)
-        last = tiles.amax(dim=-1)  # -1: a tile of no pair
-        first = torch.where(tiles >= 0, tiles, last[..., None]).amin(dim=-1).clamp(min=0)
-        first_tile = first * self.block // tile
-        last_tile = (((last + 1) * self.block - 1) // tile).clamp(max=key_tiles - 1)
-        count = torch.where(last >= 0, last_tile - first_tile + 1, 0)
-        # a tile whose pairs all chose one block sees all of each key tile of it (when blocks are whole key tiles):
-        # FlexAttention then skips the mask_mod there, which is most tiles, since a block is chosen by many pairs
-        whole = (tiles.amin(dim=-1) == last) & (last >= 0) & (self.block % tile == 0)
-        # the other side, for the backward: the tiles of no pair sort first and the others' key tile ranges only move
-        # forward, so the pair tiles visiting key tile j are one run lo..hi
-        j = torch.arange(key_tiles, device=block.device)[:, None]
-        empty = (count == 0)[..., None, :]  # (B, H, 1, pair tiles)
-        lo = (empty | (last_tile[..., None, :] < j)).sum(dim=-1)  # (B, H, key tiles)
-        hi = (empty | (first_tile[..., None, :] <= j)).sum(dim=-1) - 1
-
-        def indices(start, n):
-            return (start[..., None] + torch.arange(n, device=block.device)).clamp(0, n - 1).int()
-
-        if self.block % tile:  # blocks within key tiles: every visit needs the mask_mod
-            part_count, full_count = hi - lo + 1, torch.zeros_like(lo)
-            part_indices = full_indices = indices(lo, pair_tiles)
-        else:  # only the run's ends can be partial: a tile strictly inside it holds pairs of j's block alone
-            lo_part = ((hi >= lo) & ~whole.gather(-1, lo.clamp(max=pair_tiles - 1))).long()
-            hi_part = ((hi > lo) & ~whole.gather(-1, hi.clamp(min=0))).long()
-            part_count = lo_part + hi_part
-            first_end = torch.arange(pair_tiles, device=block.device) < lo_part[..., None]  # lo listed before hi
-            part_indices = torch.where(first_end, lo[..., None], hi[..., None]).clamp(min=0).int()
-            full_count, full_indices = hi - hi_part - lo - lo_part + 1, indices(lo + lo_part, pair_tiles)
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return kv_idx // self.block == block[b, h, q_idx]
-
-        kv_indices = indices(first_tile, key_tiles)  # partial and full tiles alike: a run from the first
-        return torch.nn.attention.flex_attention.BlockMask(
-            seq_lengths=(P, S), BLOCK_SIZE=(tile, tile), mask_mod=mask_mod,
-            kv_num_blocks=torch.where(whole, 0, count).int(), kv_indices=kv_indices,
-            full_kv_num_blocks=torch.where(whole, count, 0).int(), full_kv_indices=kv_indices,
-            q_num_blocks=part_count.clamp(min=0).int(), q_indices=part_indices,
-            full_q_num_blocks=full_count.clamp(min=0).int(), full_q_indices=full_indices)
 
     def logit_mask(self, q, k):
         pos = torch.arange(q.size(2), device=q.device)[None]
@@ -753,6 +544,11 @@ class AttentionGate(nn.Module):
         """x (B, T, n_embd), y (B, T, heads, head_dim) -> y gated."""
         return y * torch.sigmoid(self.proj(x)).view(*y.shape[:3], -1)
 
+    @staticmethod
+    def check(c):
+        require(c.attn_gate in ("none", "headwise", "elementwise"), f"unknown attn_gate '{c.attn_gate}'")
+        require(c.attn_gate_at in ("output", "value"), f"unknown attn_gate_at '{c.attn_gate_at}'")
+
 
 class CausalSelfAttention(nn.Module):
     """
@@ -768,6 +564,7 @@ class CausalSelfAttention(nn.Module):
         # Muon (optim.py) orthogonalizes q, k and v as the three matrices they are, not as one block
         self.qkv.weight.logical_rows = (self.n_head * self.head_dim,) + 2 * (self.n_kv_head * self.head_dim,)
         self.proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
+        self.proj.weight.writes_residual = True  # a depth-scaled init (GPT)
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else nn.Identity()
         self.dropout = config.dropout
@@ -776,6 +573,10 @@ class CausalSelfAttention(nn.Module):
         self.gate_at = config.attn_gate_at if config.attn_gate != "none" else None
         gate_heads = self.n_kv_head if self.gate_at == "value" else self.n_head
         self.gate = AttentionGate(config, gate_heads, self.head_dim) if self.gate_at else None
+
+    @staticmethod
+    def check(c):
+        require(c.n_head % c.n_kv_head == 0, "n_head must be a multiple of n_kv_head")
 
     def new_cache(self, batch, max_len, dtype, device):
         shape = (batch, self.n_kv_head, self.span.cache_len(max_len), self.head_dim)
@@ -851,6 +652,7 @@ class MLA(nn.Module):
         # per head: the rows of W_UK (latent -> key) and then those of W_UV (latent -> value)
         self.kv_b = nn.Linear(self.rank, self.n_head * (self.nope + self.v_dim), bias=False)
         self.proj = nn.Linear(self.n_head * self.v_dim, d, bias=False)
+        self.proj.weight.writes_residual = True  # a depth-scaled init (GPT)
         # a query-key dot product spans both parts; under YaRN, DeepSeek sharpens the whole logit by its temperature
         self.scale = (self.nope + self.rope) ** -0.5 * yarn_mscale(config.rope_factor, config.yarn_mscale_all_dim) ** 2
         self.dropout = config.dropout
@@ -858,6 +660,15 @@ class MLA(nn.Module):
         self.track_max_logits = False  # QK-Clip (optim.py) switches this on to read each head's largest logit
         self.span = SPANS[span](config)
         self.gate = AttentionGate(config, self.n_head, self.v_dim) if config.attn_gate != "none" else None  # output
+
+    @staticmethod
+    def check(c):
+        mla = c.attention == "mla"
+        require(not (mla and c.attn_gate != "none" and c.attn_gate_at == "value"),
+                "MLA caches a latent, not values: attn_gate_at='value' needs attention='mha'")
+        require(not (mla and c.qk_norm), "MLA's absorbed decoding has no per-head keys to normalize")
+        require(c.yarn_mscale_all_dim == 0 or (mla and c.rope_scaling == "yarn"),
+                "yarn_mscale_all_dim is MLA's softmax temperature under rope_scaling='yarn' (DeepSeek)")
 
     def new_cache(self, batch, max_len, dtype, device):
         slots = self.span.cache_len(max_len)
@@ -929,23 +740,12 @@ class MLA(nn.Module):
 # -----------------------------------------------------------------------------
 # linear attention: a recurrent state instead of a KV cache
 
-def linear_attention_chunked(q, k, v, state, chunk):
+def linear_attention_recurrent(q, k, v, state):
     """
-    Causal linear attention o_t = q_t S_t, S_t = S_{t-1} + k_t v_t^T, in chunks: inside a chunk the quadratic form
-    (q k^T, causal) v, across chunks the state before each chunk (an exclusive cumsum of the chunks' k^T v).
+    Causal linear attention o_t = q_t S_t, S_t = S_{t-1} + k_t v_t^T, one token at a time: what decoding runs, and the
+    reference of the chunked form that trains (kernels.linear_attention_chunked).
     q, k (B, H, T, d_k), v (B, H, T, d_v), state (B, H, d_k, d_v) -> o (B, H, T, d_v), the state after the last token.
     """
-    T = q.size(2)
-    q, k, v = (F.pad(t, (0, 0, 0, -T % chunk)).unflatten(2, (-1, chunk)) for t in (q, k, v))  # (B, H, n, C, d)
-    kv = k.mT @ v  # (B, H, n, d_k, d_v): each chunk's sum of k v^T (zero-padded keys add nothing)
-    before = state[:, :, None] + kv.cumsum(dim=2) - kv  # the state entering each chunk
-    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
-    o = q @ before + ((q @ k.mT) * causal) @ v
-    return o.flatten(2, 3)[:, :, :T], before[:, :, -1] + kv[:, :, -1]
-
-
-def linear_attention_recurrent(q, k, v, state):
-    """The same, one token at a time: what decoding runs."""
     outputs = []
     for t in range(q.size(2)):
         state = state + k[:, :, t, :, None] * v[:, :, t, None, :]
@@ -953,47 +753,13 @@ def linear_attention_recurrent(q, k, v, state):
     return torch.stack(outputs, dim=2), state
 
 
-def gated_delta_rule_chunked(q, k, v, beta, g, state, chunk):
+def gated_delta_rule_recurrent(q, k, v, beta, g, state):
     """
     The gated delta rule (Gated DeltaNet, arXiv 2412.06464 §3) S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T,
-    o_t = S_t^T q_t, with a_t = exp(g_t), in chunks (the paper's §3.3 WY form): inside a chunk the sequential writes
-    become one unit-triangular solve, T_c = (I - A)^-1 with A_ij = -b_i (k_i . k_j) exp(G_i - G_j) for j < i, G the
-    cumulative log-decay; pseudo-values U = T_c (b v) and decayed keys W = T_c (b exp(G) k) then carry the chunk as
-    v_new = U - W S, o = (q exp(G)) S + (q k^T * exp(G_i - G_j), causal) v_new,
-    S <- exp(G_C) S + (k exp(G_C - G))^T v_new.
-    That last step is an affine map of S per chunk, so the states entering the chunks come from a parallel scan of
-    the maps (log2(chunks) batched steps, no loop over chunks to unroll under torch.compile).
+    o_t = S_t^T q_t, with a_t = exp(g_t), one token at a time: decay, read what k_t retrieves, write the difference.
+    What decoding runs, and the reference of the chunked form that trains (kernels.gated_delta_rule_chunked).
     q, k (B, H, T, d_k), v (B, H, T, d_v), beta and g (B, H, T), state (B, H, d_k, d_v); fp32.
     """
-    T, pad = q.size(2), -q.size(2) % chunk
-    q, k, v = (F.pad(t, (0, 0, 0, pad)).unflatten(2, (-1, chunk)) for t in (q, k, v))  # (B, H, n, C, d)
-    beta, g = (F.pad(t, (0, pad)).unflatten(2, (-1, chunk)) for t in (beta, g))  # (B, H, n, C); padding: k = g = 0
-    G = g.cumsum(dim=-1)
-    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
-    decay = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # (B, H, n, C, C); mask first
-    A = -(beta[..., None] * (k @ k.mT) * decay).tril(-1)
-    eye = torch.eye(chunk, device=q.device)
-    T_c = torch.linalg.solve_triangular(eye - A, eye.expand_as(A), upper=False, unitriangular=True)
-    U, W = T_c @ (beta[..., None] * v), T_c @ ((beta * G.exp())[..., None] * k)
-    k_to_end = k * (G[..., -1:] - G).exp()[..., None]  # each key decayed to the chunk's end
-    # chunk i maps the state entering it to M_i S + N_i; an inclusive scan makes (M, N) the maps of chunks 0..i
-    M = G[..., -1, None, None].exp() * torch.eye(k.size(-1), device=q.device) - k_to_end.mT @ W  # (B, H, n, d_k, d_k)
-    N = k_to_end.mT @ U  # (B, H, n, d_k, d_v)
-    step = 1
-    while step < M.size(2):  # Hillis-Steele: compose each map with the one `step` chunks before it
-        earlier_M = torch.cat([torch.eye(M.size(-1), device=q.device).expand_as(M[:, :, :step]), M[:, :, :-step]], 2)
-        earlier_N = torch.cat([torch.zeros_like(N[:, :, :step]), N[:, :, :-step]], dim=2)
-        M, N = M @ earlier_M, M @ earlier_N + N
-        step *= 2
-    after = M @ state[:, :, None] + N  # the state after each chunk
-    states = torch.cat([state[:, :, None], after[:, :, :-1]], dim=2)  # ... and entering each chunk
-    new_values = U - W @ states
-    o = (q * G.exp()[..., None]) @ states + ((q @ k.mT) * decay) @ new_values
-    return o.flatten(2, 3)[:, :, :T], after[:, :, -1]
-
-
-def gated_delta_rule_recurrent(q, k, v, beta, g, state):
-    """The same, one token at a time: decay, read what k_t retrieves, write the difference (what decoding runs)."""
     outputs = []
     for t in range(q.size(2)):
         state = state * g[:, :, t, None, None].exp()
@@ -1019,7 +785,12 @@ class LinearAttention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, 3 * inner, bias=False)
         self.qkv.weight.logical_rows = (inner,) * 3  # three matrices for Muon (optim.py)
         self.proj = nn.Linear(inner, config.n_embd, bias=False)
+        self.proj.weight.writes_residual = True  # a depth-scaled init (GPT)
         self.dropout = config.dropout
+
+    @staticmethod
+    def check(c):
+        require(c.linear_chunk >= 1, "linear_chunk must be 1 or more")
 
     def new_cache(self, batch, max_len, dtype, device):
         return {"state": torch.zeros(batch, self.n_head, self.head_dim, self.head_dim + 1, device=device)}
@@ -1065,6 +836,7 @@ class GatedDeltaNet(nn.Module):
         self.qkv = nn.Linear(config.n_embd, 3 * inner, bias=False)
         self.qkv.weight.logical_rows = (inner,) * 3  # three matrices for Muon (optim.py)
         self.conv = nn.Parameter(torch.empty(3 * inner, self.conv_size).uniform_(-0.5, 0.5))  # nn.Conv1d's init
+        self.conv.muon = False  # depthwise filters, channels x 4: AdamW's (optim.py)
         self.gates = nn.Linear(config.n_embd, inner + 2 * H, bias=False)  # output gate z, decay input a, write b
         self.gates.weight.logical_rows = (inner, H, H)
         self.A_log = nn.Parameter(torch.empty(H).uniform_(1, 16).log())
@@ -1072,6 +844,7 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
         self.norm = RMSNorm(self.head_dim, config.norm_eps)
         self.proj = nn.Linear(inner, config.n_embd, bias=False)
+        self.proj.weight.writes_residual = True  # a depth-scaled init (GPT)
         self.dropout = config.dropout
 
     def new_cache(self, batch, max_len, dtype, device):
@@ -1124,11 +897,15 @@ class SwiGLU(nn.Module):
         self.gate_up = nn.Linear(config.n_embd, 2 * self.hidden, bias=False)  # gate and up fused into one matmul
         self.gate_up.weight.logical_rows = (self.hidden, self.hidden)  # two matrices for Muon (optim.py)
         self.down = nn.Linear(self.hidden, config.n_embd, bias=False)
+        self.down.weight.writes_residual = True
         self.dropout = config.dropout
 
     def forward(self, x, ctx=None):
         gate, up = self.gate_up(x).split(self.hidden, dim=-1)
         return F.dropout(self.down(F.silu(gate) * up), self.dropout, self.training)
+
+    def flops(self):
+        return {"mlp": matmul_flops(self)}
 
 
 class Router(nn.Module):
@@ -1140,12 +917,22 @@ class Router(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.topk, self.scoring, self.renorm = config.moe_topk, config.router_scoring, config.router_renorm
-        self.scaling, self.jitter = config.routed_scaling, config.router_jitter
+        self.scaling, self.jitter, self.bias_rate = config.routed_scaling, config.router_jitter, config.bias_update_rate
         self.groups, self.topk_groups = config.moe_groups, config.moe_topk_groups
         self.gate = nn.Linear(config.n_embd, config.n_experts, bias=False)
+        self.gate.weight.muon = False  # a tiny, skinny map: AdamW's (optim.py)
         # aux-loss-free balancing: the bias steers selection only; it moves outside the gradient (update_router_biases)
         self.register_buffer("bias", torch.zeros(config.n_experts))
         self.register_buffer("load", torch.zeros(config.n_experts), persistent=False)  # slots since the last update
+
+    @staticmethod
+    def check(c):
+        require(c.router_scoring in ("softmax", "sigmoid"), f"unknown router_scoring '{c.router_scoring}'")
+        require(c.n_experts == 0 or 1 <= c.moe_topk <= c.n_experts, "moe_topk must be within 1..n_experts")
+        require(c.moe_groups == 1 or (c.n_experts % c.moe_groups == 0 and c.n_experts >= 2 * c.moe_groups
+                                      and 1 <= c.moe_topk_groups <= c.moe_groups
+                                      and c.moe_topk <= c.moe_topk_groups * c.n_experts // c.moe_groups),
+                "moe_groups must divide n_experts into groups of 2 or more, and moe_topk_groups of them must hold moe_topk")
 
     def forward(self, x):
         """x (N, d) -> chosen experts (N, topk), their gates (N, topk), router logits and affinities (N, n_experts)."""
@@ -1175,21 +962,18 @@ class Experts(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        E, d, self.hidden = config.n_experts, config.n_embd, config.moe_hidden
+        E, d, self.hidden, self.topk = config.n_experts, config.n_embd, config.moe_hidden, config.moe_topk
         self.gate_up = nn.Parameter(torch.empty(E, 2 * self.hidden, d))  # gate and up fused, as in SwiGLU
         self.gate_up.logical_rows = (self.hidden, self.hidden)  # two matrices per expert for Muon (optim.py)
         self.down = nn.Parameter(torch.empty(E, d, self.hidden))
+        self.down.writes_residual = True
         self.grouped = None  # None: the grouped GEMM where grouped_mm_supported; True or False forces a path
 
     def forward(self, x, counts):
         """x (M, d) rows grouped by expert, counts (n_experts,) rows per expert -> (M, d)."""
-        grouped = grouped_mm_supported(x, self.gate_up) if self.grouped is None else self.grouped
-        if grouped:
-            ends = counts.cumsum(0).to(torch.int32)  # each expert's group ends at this row
-            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-
+        if grouped_mm_supported(x, self.gate_up) if self.grouped is None else self.grouped:
             def matmul(a, w):
-                return torch._grouped_mm(a.to(dtype), w.to(dtype).mT, offs=ends)
+                return grouped_mm(a, w, counts)
         else:
             sizes = counts.tolist()  # one host sync per layer (a graph break under torch.compile)
 
@@ -1198,12 +982,16 @@ class Experts(nn.Module):
         gate, up = matmul(x, self.gate_up).chunk(2, dim=-1)
         return matmul(F.silu(gate) * up, self.down)
 
+    def init_weights(self):
+        for weight in (self.gate_up, self.down):
+            nn.init.normal_(weight, mean=0.0, std=0.02)
 
-def grouped_mm_supported(x, w):
-    """torch._grouped_mm (PyTorch >= 2.8): bf16 on CUDA GPUs of compute capability 9.0 and up, 16-byte aligned rows."""
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-    return (hasattr(torch, "_grouped_mm") and x.is_cuda and dtype == torch.bfloat16 and w.size(-1) % 8 == 0
-            and w.size(-2) % 8 == 0 and torch.cuda.get_device_properties(x.device).major >= 9)  # constant to compile
+    def active_params(self):
+        """The weights one token goes through: those of moe_topk of the n_experts."""
+        return (self.gate_up.numel() + self.down.numel()) // self.gate_up.size(0) * self.topk
+
+    def idle_params(self):
+        return self.gate_up.numel() + self.down.numel() - self.active_params()
 
 
 class MoE(nn.Module):
@@ -1235,8 +1023,8 @@ class MoE(nn.Module):
         by_score = slot_score.argsort(descending=True, stable=True)
         order = by_score[slot_expert[by_score].argsort(stable=True)]  # (N * k,) slots in expert order
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
-        # (E,) slots per expert, counted by a comparison: compiled for CUDA, index_add_ became a sorted index_put
-        # that adds each expert's thousands of slots one after another (7 of 55 ms per step at the Qwen3-MoE shape)
+        # (E,) slots per expert, counted by a comparison: compiled for CUDA, index_add_ becomes a sorted index_put
+        # that adds each expert's thousands of slots one after another
         counts = (slot_expert[:, None] == torch.arange(E, device=x.device)).sum(dim=0)
         dropped = torch.zeros((), device=x.device)
         if self.training and self.capacity_factor > 0:  # evaluation and decoding stay dropless
@@ -1248,14 +1036,17 @@ class MoE(nn.Module):
         routed = self.experts(permute(tokens.repeat_interleave(k, dim=0), order, inverse), counts)  # (N * k, d)
         routed = permute(routed, inverse, order).view(-1, k, d)  # (N, k, d) in token order
         y = (routed * gates.unsqueeze(-1)).sum(dim=1).type_as(x).view(B, T, d)
-        self.record(ctx.aux, logits, scores, experts, counts, dropped, B)
+        self.record(ctx, logits, scores, experts, counts, dropped, B)
         if self.training and self.count_load:
             self.router.load += counts
         y = F.dropout(y, self.dropout, self.training)
         return y if self.shared is None else y + self.shared(x)
 
-    def record(self, aux, logits, scores, experts, counts, dropped, B):
-        """Balance losses (the weighted ones added to aux['moe_loss']) and expert-usage metrics into aux."""
+    def flops(self):
+        return {"moe": matmul_flops(self) + 2 * self.experts.active_params()}
+
+    def record(self, ctx, logits, scores, experts, counts, dropped, B):
+        """Balance losses (the weighted ones added to ctx.losses['moe_loss']) and expert-usage metrics into ctx.aux."""
         (N, k), E = experts.shape, scores.size(1)
         T = N // B
         probs = scores / scores.sum(dim=-1, keepdim=True)  # (N, E): affinities as a distribution over experts
@@ -1270,27 +1061,62 @@ class MoE(nn.Module):
             # ST-MoE: the squared log-partition of the router logits keeps them small
             "z_loss": logits.logsumexp(dim=-1).square().mean(),
         }
+        aux = ctx.aux
         for name, value in losses.items():
             aux[f"{self.name}/{name}"] = value.detach()
             if self.coefs[name]:
-                aux["moe_loss"] = aux.get("moe_loss", 0.0) + self.coefs[name] * value
+                ctx.losses["moe_loss"] = ctx.losses.get("moe_loss", 0.0) + self.coefs[name] * value
         aux[f"{self.name}/load"] = load
         aux[f"{self.name}/load_entropy"] = -(load * load.clamp(min=1e-12).log()).sum() / math.log(E)  # 1 = uniform
         aux[f"{self.name}/load_max_mean"] = load.max() * E
         aux[f"{self.name}/dropped"] = dropped
 
 
+@torch.no_grad()
+def update_router_biases(model):
+    """
+    Auxiliary-loss-free balancing (DeepSeek-V3 §2.1.2), for the training loop to call after each optimizer step:
+    every router's selection bias moves by bias_update_rate toward balance (down for the experts that got more
+    than the mean load, up for the others), from the slots counted over the step's micro-batches and summed
+    over DDP processes, so that every replica moves alike. Nothing to do when bias_update_rate = 0.
+    """
+    routers = [m for m in model.modules() if isinstance(m, Router) and m.bias_rate]
+    if not routers:
+        return
+    loads = torch.stack([router.load for router in routers])  # (MoE layers, n_experts)
+    if dist.is_initialized():
+        dist.all_reduce(loads)
+    for router, load in zip(routers, loads):
+        router.bias += router.bias_rate * torch.sign(load.mean() - load)
+        router.load.zero_()
+
+
 # -----------------------------------------------------------------------------
 # residual and memory
 
 class Residual(nn.Module):
-    """The standard pre-norm residual around a sublayer: x + f(x), f holding the sublayer's own norm. No parameters."""
+    """
+    The standard pre-norm residual around a sublayer: x + f(x), f holding the sublayer's own norm. No parameters.
+    A residual class also turns the embedding into its streams and the streams into the last hidden state: here the
+    one stream is x itself.
+    """
 
     def __init__(self, config, sublayer):
         super().__init__()
 
     def forward(self, x, f):
         return x + f(x)
+
+    @staticmethod
+    def expand(x, config):
+        return x
+
+    @staticmethod
+    def reduce(x):
+        return x
+
+    def flops(self):
+        return {}
 
 
 class HyperConnections(nn.Module):
@@ -1314,6 +1140,11 @@ class HyperConnections(nn.Module):
         # pre, post and res (n, n, n*n) in one vector: as with other biases, no weight decay pulls them from their init
         self.static = nn.Parameter(static)
         self.dynamic = nn.Parameter(torch.zeros(dynamic_shape))
+        self.dynamic.muon = False  # a tiny, skinny map: AdamW's (optim.py)
+
+    @staticmethod
+    def check(c):
+        require(c.hc_streams >= 2 and c.hc_sinkhorn_iters >= 1, "hc_streams must be 2 or more, hc_sinkhorn_iters 1 or more")
 
     def initial_mappings(self, d, sublayer):
         n = self.n
@@ -1337,11 +1168,21 @@ class HyperConnections(nn.Module):
         mixed = sum(res[..., j, None] * H[..., j, None, :] for j in range(self.n))  # (B, T, n, d)
         return mixed + post.unsqueeze(-1) * y.unsqueeze(-2)
 
-    def flops_per_token(self):
+    @staticmethod
+    def expand(x, config):
+        """The embedding x (B, T, d) copied into hc_streams streams (B, T, n, d)."""
+        return x.unsqueeze(-2).expand(*x.shape[:-1], config.hc_streams, x.size(-1))
+
+    @staticmethod
+    def reduce(x):
+        """The mean of the streams (B, T, n, d) -> (B, T, d), before the final norm."""
+        return x.mean(dim=-2)
+
+    def flops(self):
         """Forward FLOPs per token: the dynamic projections, then reading h, mixing the streams and adding post * y."""
         n, d = self.n, self.d
         projections = n * d // self.dynamic.size(0)  # HC projects each stream, mHC all of them at once
-        return 2 * projections * self.dynamic.numel() + 2 * d * (n * n + 2 * n)
+        return {"hyper-connections": 2 * projections * self.dynamic.numel() + 2 * d * (n * n + 2 * n)}
 
 
 class ManifoldHyperConnections(HyperConnections):
@@ -1384,16 +1225,6 @@ def sinkhorn(logits, iters):
 RESIDUALS = {"standard": Residual, "hc": HyperConnections, "mhc": ManifoldHyperConnections}  # config.residual
 
 
-def expand_streams(x, config):
-    """Hyper-connections: the embedding x (B, T, d) copied into hc_streams streams (B, T, n, d); else x itself."""
-    return x if config.residual == "standard" else x.unsqueeze(-2).expand(*x.shape[:-1], config.hc_streams, x.size(-1))
-
-
-def reduce_streams(x, config):
-    """Hyper-connections: the mean of the streams (B, T, n, d) -> (B, T, d), before the final norm; else x itself."""
-    return x if config.residual == "standard" else x.mean(dim=-2)
-
-
 ENGRAM_PAD = -1  # Engram's token id for "no token": before a sequence's start, and in a row's left padding
 
 
@@ -1407,7 +1238,9 @@ class Engram(nn.Module):
     sigmoid(signed sqrt(norm(key) . norm(h) / sqrt(d))), before the block's attention. Only the current and earlier
     tokens are read. The table trains by sparse rows (optim.py), so that a step touches only the rows its batch looked
     up. Left out from the paper: the tokenizer's id compression and the short causal convolution after the gate.
+    Decoding keeps the last max order - 1 token ids in the layer's cache.
     """
+    rewinds = False  # its cache is a window of the last ids, which a rejected draft would have moved
 
     def __init__(self, config, layer):
         super().__init__()
@@ -1428,6 +1261,32 @@ class Engram(nn.Module):
         self.key_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.query_norm = RMSNorm(config.n_embd, config.norm_eps)
 
+    @staticmethod
+    def check(c):
+        layers, orders = c.engram_layer_list, c.engram_order_list
+        require(len(set(layers)) == len(layers) and all(0 <= i < c.n_layer for i in layers),
+                "engram_layers must be distinct layers within 0..n_layer-1")
+        require(not layers or (orders and min(orders) >= 2 and len(set(orders)) == len(orders)),
+                "engram_orders must be distinct n-gram orders of 2 or more")
+        require(not layers or (c.engram_heads >= 1 and c.engram_dim % (len(orders) * c.engram_heads) == 0
+                               and c.engram_table_size >= 2 * len(orders) * c.engram_heads),
+                "engram_dim must be a multiple of (orders x engram_heads), and engram_table_size at least twice that")
+
+    def new_cache(self, batch, max_len, dtype, device):
+        return {"engram_tokens": torch.full((batch, self.context), ENGRAM_PAD, device=device)}  # no ids yet
+
+    def window(self, idx, ctx=None, cache=None):
+        """
+        The ids idx (B, T) after the `context` ids before them, (B, context + T), with ENGRAM_PAD where there is none
+        (a sequence start, a row's left padding); decoding reads the ids before from the cache and writes it.
+        """
+        if cache is None:
+            return F.pad(idx, (self.context, 0), value=ENGRAM_PAD)
+        idx = idx.masked_fill(ctx.cache_pos[None, :] < ctx.pad[:, None], ENGRAM_PAD)
+        tokens = torch.cat([cache["engram_tokens"], idx], dim=1)
+        cache["engram_tokens"].copy_(tokens[:, tokens.size(1) - self.context:])
+        return tokens
+
     def rows(self, tokens):
         """The table rows (B, T, orders, heads) of the n-grams ending at each of the last T of tokens (B, P + T)."""
         P, T = self.context, tokens.size(1) - self.context
@@ -1438,27 +1297,22 @@ class Engram(nn.Module):
                 mixes.append(mix)
         return torch.stack(mixes, dim=-1)[..., None] % self.primes + self.offsets  # remainder: >= 0
 
-    def forward(self, x, ctx):
-        """x (B, T, d), or (B, T, n, d) streams -> what the memory adds to it, the same shape."""
+    def forward(self, x, ctx, cache=None):
+        """x (B, T, d), or (B, T, n, d) streams -> x with the memory added, the same shape."""
         # inductor cannot produce a sparse gradient: under torch.compile, a lookup with gradients runs eagerly (a graph
         # break); without (decoding, evaluation) it compiles with the rest, so that a decode step is one graph
-        rows = self.rows(ctx.tokens)
+        rows = self.rows(self.window(ctx.idx, ctx, cache))
         lookup = eager(F.embedding) if torch.is_grad_enabled() else F.embedding
         memory = lookup(rows, self.table.weight, sparse=True).flatten(2)  # (B, T, engram_dim)
         shape = (*x.shape[:2], *(1,) * (x.dim() - 3), -1)  # one key and value for all streams
         key, value = self.key(memory).view(shape), self.value(memory).view(shape)
         score = (self.key_norm(key) * self.query_norm(x)).sum(dim=-1, keepdim=True) / math.sqrt(x.size(-1))
-        return torch.sigmoid(score.sign() * score.abs().clamp(min=1e-6).sqrt()) * value
+        return x + torch.sigmoid(score.sign() * score.abs().clamp(min=1e-6).sqrt()) * value
 
-    def flops_per_token(self):
+    def flops(self):
         """Forward FLOPs per token: the key and value projections, and each stream's gate (the lookups cost none)."""
-        return 2 * (self.key.weight.numel() + self.value.weight.numel()) + 4 * self.streams * self.key.weight.size(0)
-
-
-@functools.cache
-def eager(fn):
-    """fn, run eagerly under torch.compile; made at first use: torch.compiler loads torch._dynamo (seconds)."""
-    return torch.compiler.disable(fn)
+        flops = 2 * (self.key.weight.numel() + self.value.weight.numel()) + 4 * self.streams * self.key.weight.size(0)
+        return {"engram": flops}
 
 
 def next_primes(start, count):
@@ -1471,19 +1325,6 @@ def next_primes(start, count):
     return primes
 
 
-def engram_tokens(idx, context, cache=None, cache_pos=None):
-    """
-    Engram's n-gram window: the ids idx (B, T) after the `context` ids before them, (B, context + T), with ENGRAM_PAD
-    where there is none (a sequence start, a row's left padding). Decoding keeps the last `context` ids in the cache.
-    """
-    if cache is None:
-        return F.pad(idx, (context, 0), value=ENGRAM_PAD)
-    idx = idx.masked_fill(cache_pos[None, :] < cache["pad"][:, None], ENGRAM_PAD)
-    tokens = torch.cat([cache["engram_tokens"], idx], dim=1)
-    cache["engram_tokens"].copy_(tokens[:, tokens.size(1) - context:])
-    return tokens
-
-
 # -----------------------------------------------------------------------------
 # block and model
 
@@ -1494,7 +1335,7 @@ MIXERS = {"mha": CausalSelfAttention, "mla": MLA, "elu": LinearAttention, "gated
 class Block(nn.Module):
     """
     Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); the config picks both for layer `layer`, the
-    residual around each (standard, or hyper-connections over streams), and an Engram memory before them.
+    residual around each (standard, or hyper-connections over streams), and a memory before them (Engram).
     """
 
     def __init__(self, config, layer):
@@ -1506,14 +1347,33 @@ class Block(nn.Module):
         self.mlp = MoE(config, layer) if config.is_moe_layer(layer) else SwiGLU(config)
         self.attn_residual = RESIDUALS[config.residual](config, 2 * layer)
         self.mlp_residual = RESIDUALS[config.residual](config, 2 * layer + 1)
-        self.engram = Engram(config, layer) if layer in config.engram_layer_list else None
+        self.memory = Engram(config, layer) if layer in config.engram_layer_list else None
+        # decoding rewinds this block by position alone (speculative decoding's rejected drafts; FullSpan.rewinds)
+        self.rewinds = getattr(getattr(self.attn, "span", None), "rewinds", False) and self.memory is None
 
     def forward(self, x, ctx, cache=None):
         """x (B, T, d), or hyper-connections' streams (B, T, hc_streams, d)."""
-        if self.engram is not None:
-            x = x + self.engram(x, ctx)
+        if self.memory is not None:
+            x = self.memory(x, ctx, cache)
         x = self.attn_residual(x, lambda h: self.attn(self.attn_norm(h), ctx, cache))
         return self.mlp_residual(x, lambda h: self.mlp(self.mlp_norm(h), ctx))
+
+    def new_cache(self, batch, max_len, dtype, device):
+        memory = self.memory.new_cache(batch, max_len, dtype, device) if self.memory is not None else {}
+        return {**self.attn.new_cache(batch, max_len, dtype, device), **memory}
+
+    def flops(self, T):
+        """Forward FLOPs per token of each part of the block at sequence length T (GPT.flops_breakdown)."""
+        flops = {"attention projections": matmul_flops(self.attn), "attention scores": self.attn.attention_flops(T)}
+        for part in (self.mlp, self.attn_residual, self.mlp_residual, self.memory):
+            for name, n in (part.flops() if part is not None else {}).items():
+                flops[name] = flops.get(name, 0) + n
+        return flops
+
+
+def matmul_flops(module):
+    """Forward FLOPs per token of the matrices (2-D weights) of module: 2 per weight."""
+    return 2 * sum(p.numel() for p in module.parameters() if p.dim() == 2)
 
 
 class MTP(nn.Module):
@@ -1528,7 +1388,7 @@ class MTP(nn.Module):
         self.hidden_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.embed_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.proj = nn.Linear(2 * config.n_embd, config.n_embd, bias=False)
-        self.config = config
+        self.config, self.residual = config, RESIDUALS[config.residual]
         first = config.n_layer + (depth - 1) * config.mtp_blocks  # layer numbers go on past the main stack
         self.blocks = nn.ModuleList(Block(config, first + i) for i in range(config.mtp_blocks))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)  # before the shared output head
@@ -1536,10 +1396,40 @@ class MTP(nn.Module):
     def forward(self, h, emb, ctx, cache=None):
         """cache: when drafting (speculative decoding), the blocks' caches, a list."""
         x = self.proj(torch.cat([self.hidden_norm(h), self.embed_norm(emb)], dim=-1))  # (B, T, 2d) -> (B, T, d)
-        x = expand_streams(x, self.config)
+        x = self.residual.expand(x, self.config)
         for i, block in enumerate(self.blocks):
             x = block(x, ctx, None if cache is None else cache[i])
-        return reduce_streams(x, self.config)
+        return self.residual.reduce(x)
+
+    def draft(self, model, cache, hidden, tokens, cache_pos, last=1):
+        """
+        Speculative decoding's draft (decode.py), from the first depth: at cache slots cache_pos (T,), from the main
+        model's hidden states there (B, T, n_embd) and the token after each (B, T); writes its cache (cache['mtp'])
+        and returns its logits (B, last, V) for the tokens after the last `last` of them.
+        """
+        h = self(hidden, model.wte(tokens), model.decode_context(cache, cache_pos), cache["mtp"])
+        return model.lm_head(self.norm(h[:, -last:]))
+
+    def flops(self, T):
+        return matmul_flops(self.proj) + sum(sum(block.flops(T).values()) for block in self.blocks)
+
+
+def mtp_loss(model, h, idx, targets, ctx):
+    """
+    ctx.losses['mtp_loss'] = (mtp_lambda / mtp_depth) * the sum over depths k of the loss of predicting token
+    i + k + 1 at position i, from MTP module k's view of position i: depth k - 1's hidden state h there and the
+    embedding of token i + k (teacher forcing); one position shorter at each depth. Each depth's loss also goes to
+    ctx.aux['mtp<k>/loss'].
+    """
+    total = 0.0
+    for k, module in enumerate(model.mtp, start=1):
+        T = idx.size(1) - k
+        h = module(h[:, :T], model.wte(idx[:, k:]), Context(cos=ctx.cos[:T], sin=ctx.sin[:T], aux=ctx.aux,
+                                                            losses=ctx.losses))
+        loss = cross_entropy(model.lm_head(module.norm(h)).flatten(0, 1), targets[:, k:].flatten())
+        ctx.aux[f"mtp{k}/loss"] = loss.detach()
+        total = total + loss
+    ctx.losses["mtp_loss"] = model.config.mtp_lambda / len(model.mtp) * total
 
 
 class GPT(nn.Module):
@@ -1549,20 +1439,23 @@ class GPT(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
+        self.residual = RESIDUALS[config.residual]  # the embedding into the residual streams, and back
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.mtp = nn.ModuleList(MTP(config, depth) for depth in range(1, config.mtp_depth + 1))
+        # training objectives beyond the next token's, each adding to ctx.losses
+        self.objectives = [mtp_loss] if config.mtp_depth else []
         cos, sin = rope_tables(config)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.apply(self._init_weights)
         # matrices that write into the residual stream get a depth-scaled init (GPT-2 paper §2.3):
         # 2 * n_layer of them add up along the stream, so each gets std / sqrt(2 * n_layer)
-        for name, p in self.named_parameters():
-            if name.endswith(("attn.proj.weight", "down.weight", "experts.down")):  # + shared and routed experts
+        for p in self.parameters():
+            if getattr(p, "writes_residual", False):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
@@ -1570,9 +1463,8 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:  # qkv_bias
             nn.init.zeros_(module.bias)
-        if isinstance(module, Experts):
-            for weight in (module.gate_up, module.down):
-                nn.init.normal_(weight, mean=0.0, std=0.02)
+        if hasattr(module, "init_weights"):  # weights of no nn.Linear (the experts' stacked matrices)
+            module.init_weights()
 
     def forward(self, idx, targets=None, cache=None, cache_pos=None):
         """
@@ -1580,7 +1472,7 @@ class GPT(nn.Module):
         Decoding: cache from new_cache() and cache_pos (T,) the cache slots of these tokens.
         Returns logits (B, T, V) (only the last position when there are no targets), the mean loss
         (or None) and a dict of auxiliary losses and metrics that variants fill. In training mode the loss is the
-        training objective: the next-token loss plus the MTP loss and the weighted router losses, each also in the
+        training objective: the next-token loss plus the weighted auxiliary losses (ctx.losses), each also in the
         dict (aux['lm_loss'] then holds the next-token loss alone); in eval mode it is the next-token loss only.
         """
         B, T = idx.shape
@@ -1589,28 +1481,34 @@ class GPT(nn.Module):
             ctx = Context(cos=self.cos[:T], sin=self.sin[:T])
         else:
             ctx = self.decode_context(cache, cache_pos)
-        h = self.hidden_states(idx, ctx, cache)  # MTP's input: the last hidden state before the final norm
-        x = self.norm(h)
+        h = self.hidden_states(idx, ctx, cache)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None, ctx.aux
-        logits = self.lm_head(x)
+            return self.logits(h[:, [-1], :]), None, ctx.aux
+        logits = self.logits(h)
         loss = cross_entropy(logits.flatten(0, 1), targets.flatten())
-        if self.training and self.mtp:
-            ctx.aux["mtp_loss"] = self.mtp_loss(h, idx, targets, ctx)
-        extra = [ctx.aux[key] for key in ("moe_loss", "mtp_loss") if key in ctx.aux] if self.training else []
-        if extra:
+        if self.training:
+            for objective in self.objectives:
+                objective(self, h, idx, targets, ctx)
+        ctx.aux.update(ctx.losses)
+        if self.training and ctx.losses:
             ctx.aux["lm_loss"] = loss.detach()
-            loss = loss + sum(extra)
+            loss = loss + sum(ctx.losses.values())
         return logits, loss, ctx.aux
 
     def hidden_states(self, idx, ctx, cache=None):
         """The last hidden state (B, T, n_embd) of tokens idx, before the final norm; decoding writes the cache."""
-        if self.config.engram_layer_list:  # Engram hashes the ids before each token too
-            ctx.tokens = engram_tokens(idx, max(self.config.engram_order_list) - 1, cache, ctx.cache_pos)
-        x = expand_streams(self.drop(self.wte(idx)), self.config)
+        ctx.idx = idx
+        x = self.residual.expand(self.drop(self.wte(idx)), self.config)
         for i, block in enumerate(self.blocks):
             x = block(x, ctx, None if cache is None else cache["layers"][i])
-        return reduce_streams(x, self.config)
+        return self.residual.reduce(x)
+
+    def logits(self, h):
+        """The next-token logits (..., V) of hidden states h (..., n_embd)."""
+        return self.lm_head(self.norm(h))
+
+    # -------------------------------------------------------------------------
+    # decoding (the loops are in decode.py)
 
     def decode_context(self, cache, cache_pos):
         """The Context of tokens at cache slots cache_pos (T,), computed on the device (no host sync)."""
@@ -1621,24 +1519,19 @@ class GPT(nn.Module):
         return Context(cos=self.cos[pos], sin=self.sin[pos], cache_pos=cache_pos, mask=visible.unsqueeze(1),
                        pad=cache["pad"])
 
-    def mtp_loss(self, h, idx, targets, ctx):
+    def new_cache(self, batch, max_len, dtype=None, mtp=False):
         """
-        (mtp_lambda / mtp_depth) * the sum over depths k of the loss of predicting token i + k + 1 at position i,
-        from MTP module k's view of position i: depth k - 1's hidden state there and the embedding of token i + k
-        (teacher forcing); one position shorter at each depth. Each depth's loss also goes to aux['mtp<k>/loss'].
+        A static-shape cache for `batch` rows of up to `max_len` tokens (max_len <= block_size); mtp=True adds one for
+        the first MTP module's blocks (speculative decoding's draft). Decoding writes it in place, so that its tensors
+        keep their addresses, as a captured CUDA graph needs.
         """
-        total = 0.0
-        for k, module in enumerate(self.mtp, start=1):
-            T = idx.size(1) - k
-            h = module(h[:, :T], self.wte(idx[:, k:]), Context(cos=ctx.cos[:T], sin=ctx.sin[:T], aux=ctx.aux))
-            logits = self.lm_head(module.norm(h))  # (B, T, V)
-            loss = cross_entropy(logits.flatten(0, 1), targets[:, k:].flatten())
-            ctx.aux[f"mtp{k}/loss"] = loss.detach()
-            total = total + loss
-        return self.config.mtp_lambda / len(self.mtp) * total
-
-    # -------------------------------------------------------------------------
-    # decoding
+        assert max_len <= self.config.block_size
+        device, dtype = self.wte.weight.device, dtype or self.wte.weight.dtype
+        cache = {"layers": [block.new_cache(batch, max_len, dtype, device) for block in self.blocks],
+                 "pad": torch.zeros(batch, dtype=torch.long, device=device), "max_len": max_len}
+        if mtp:
+            cache["mtp"] = [block.new_cache(batch, max_len, dtype, device) for block in self.mtp[0].blocks]
+        return cache
 
     def cast_parameters(self, dtype):
         """
@@ -1650,247 +1543,6 @@ class GPT(nn.Module):
             p.data = p.data.to(dtype)
         return self
 
-    def new_cache(self, batch, max_len, dtype=None, mtp=False):
-        """
-        A static-shape cache for `batch` rows of up to `max_len` tokens (max_len <= block_size); mtp=True adds one for
-        the first MTP module's blocks (speculative decoding's draft). Decoding writes it in place, so that its tensors
-        keep their addresses, as a captured CUDA graph needs.
-        """
-        assert max_len <= self.config.block_size
-        device = self.wte.weight.device
-        dtype = dtype or self.wte.weight.dtype
-        cache = {"layers": [block.attn.new_cache(batch, max_len, dtype, device) for block in self.blocks],
-                 "pad": torch.zeros(batch, dtype=torch.long, device=device), "max_len": max_len,
-                 # Engram: the last max order - 1 token ids fed, for the n-grams of the next ones (none yet)
-                 "engram_tokens": torch.full((batch, max(self.config.engram_order_list) - 1), ENGRAM_PAD,
-                                             device=device)}
-        if mtp:
-            cache["mtp"] = [block.attn.new_cache(batch, max_len, dtype, device) for block in self.mtp[0].blocks]
-        return cache
-
-    @torch.no_grad()
-    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_id=None, generator=None,
-                 compile=False, speculative=False, stats=None, check_every=16):
-        """
-        Sample continuations of a batch of prompts (lists of token ids of any lengths) with the KV cache. Prompts are
-        left-padded so that every row's next token lands in the same cache slot; one forward over them fills the cache
-        (prefill), then decode_step feeds one token per row with fixed shapes and no host sync, so that compile=True
-        compiles it and replays it as one CUDA graph on a GPU (compiled; a string names another torch.compile backend,
-        e.g. 'aot_eager'). Yields a (B,) tensor of new tokens per step; a row that produced eos_id
-        keeps yielding it, and generation stops once every row has, checked every check_every tokens (the loop's only
-        host sync). When the cache is full, it restarts from the most recent half of the context.
-        speculative=True drafts each next token with the first MTP module and verifies it (speculative_step); stats, a
-        dict, then counts rounds, drafted and accepted tokens.
-        """
-        device, L, B = self.wte.weight.device, self.config.block_size, len(prompts)
-        lengths = torch.tensor([len(p) for p in prompts])
-        assert 0 < lengths.min() and lengths.max() < L, "prompts must hold 1 to block_size - 1 tokens"
-        assert self.mtp or not speculative, "speculative decoding drafts with the MTP modules: mtp_depth must be >= 1"
-        history = torch.zeros(B, int(lengths.max()), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            history[row, history.size(1) - len(prompt):] = torch.as_tensor(prompt)
-        history, pad = history.to(device), (history.size(1) - lengths).to(device)
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-        # a cache as long as the prompts and their continuations need (attention reads all of it at every step),
-        # with one slot for a draft; block_size when they do not fit in it
-        L = min(L, history.size(1) + max_new_tokens + 1)
-        cache = self.new_cache(B, L, dtype, mtp=speculative)
-        cache["pad"].copy_(pad)
-        draws = 3 if speculative else 1  # Exp(1) noise per row and step: the draft, its replacement, the next token
-        # what the steps read and write, in place: a CUDA graph replays them at fixed addresses
-        state = {"token": torch.zeros(B, dtype=torch.long, device=device), "pos": torch.zeros(1, dtype=torch.long, device=device),
-                 "done": torch.zeros(B, dtype=torch.bool, device=device),
-                 "eos": torch.tensor(-1 if eos_id is None else eos_id, device=device),
-                 "noise": torch.ones(B, draws, self.config.vocab_size, device=device) if temperature else None,
-                 "uniform": torch.zeros(B, device=device)}  # speculative sampling: each draft's acceptance draw
-        if speculative:  # the draft's logits for the token after the next
-            state["draft"] = torch.zeros(B, self.config.vocab_size, device=device)
-
-        def draw():  # outside the graph: the generator's random numbers for the next step
-            if temperature:
-                state["noise"].exponential_(generator=generator)
-                state["uniform"].uniform_(generator=generator)
-
-        def prefill(history):  # one forward over the context: the cache, and the next token from the last position
-            h = self.hidden_states(history, self.decode_context(cache, torch.arange(history.size(1), device=device)), cache)
-            draw()
-            state["pos"].fill_(history.size(1))
-            token = pick_token(self.lm_head(self.norm(h[:, -1])), state, temperature, top_k, top_p)
-            if speculative:  # the draft over the whole context, for the token after the next
-                next_tokens = torch.cat([history[:, 1:], token[:, None]], dim=1)
-                state["draft"].copy_(self.draft_logits(cache, h, next_tokens, torch.arange(history.size(1), device=device))[:, -1])
-            return token
-
-        def all_done():  # every row has produced eos_id (a host sync)
-            return eos_id is not None and bool(state["done"].all())
-
-        def restart(history, new):  # the cache is full: start again from the most recent half of the context
-            history = torch.cat([history, torch.stack(new, dim=1)], dim=1)
-            shift = history.size(1) - L // 2
-            for tensor, fresh in zip(cache_tensors(cache), cache_tensors(self.new_cache(B, L, dtype, speculative))):
-                tensor.copy_(fresh)
-            cache["pad"].copy_((pad - shift).clamp(min=0))
-            return history[:, shift:]
-
-        token = prefill(history)
-        new = [token]  # the tokens after history; the last one is not in the cache yet
-        # a CUDA graph cannot hold a host sync: MoE layers without the grouped GEMM read their row counts on the host
-        graph = compile is True and device.type == "cuda" and all(
-            grouped_mm_supported(self.wte.weight, module.gate_up) for module in self.modules() if isinstance(module, Experts))
-        if not speculative:
-            step = compiled(lambda: self.decode_step(cache, state, temperature, top_k, top_p), compile, graph)
-            for i in range(max_new_tokens):
-                if i and history.size(1) + len(new) > L:
-                    history = restart(history, new)
-                    token = prefill(history)
-                    new = [token]
-                elif i:
-                    draw()
-                    token = step().clone()  # the graph overwrites its output at the next step
-                    new.append(token)
-                yield token
-                if i % check_every == check_every - 1 and all_done():
-                    return
-            return
-        verify = compiled(lambda: self.speculative_step(cache, state, temperature, top_k, top_p), compile, graph)
-        rewound = self.unrewound_tensors(cache)
-        # rounds queued before the host reads the oldest one's outcome, so that the GPU need not wait for the host:
-        # one, unless the host must undo rejected drafts from a copy (mixers that do not rewind) between rounds
-        ahead = 0 if rewound else 1
-        stats = {} if stats is None else stats
-        yield token
-        produced, finished, queue = 1, all_done(), collections.deque()
-        while not finished and produced < max_new_tokens:
-            room = history.size(1) + len(new) + 2 * len(queue) + 1 <= L  # for the last token, its draft, and the queue's
-            if len(queue) <= ahead and room and produced + len(queue) < max_new_tokens:
-                draw()
-                saved = [tensor.clone() for tensor in rewound + [state["token"], state["pos"]]] if rewound else []
-                tokens, summary = verify()
-                out = torch.cat([tokens.flatten(), summary])  # a copy: the graph overwrites its outputs next round
-                ready = torch.cuda.Event() if out.is_cuda else None
-                queue.append((out, out.to("cpu", non_blocking=ready is not None), ready, saved))
-                if ready is not None:
-                    ready.record()
-                continue
-            if not queue:  # no room for a round: start again from the most recent half of the context
-                history = restart(history, new)
-                token = prefill(history)
-                new, produced, finished = [token], produced + 1, all_done()
-                yield token
-                continue
-            out, host, ready, saved = queue.popleft()
-            if ready is not None:
-                ready.synchronize()  # the round's outcome: the loop's one wait, with the next round already queued
-            n, accepted, *done_after = host[2 * B:].tolist()
-            tokens = out[:2 * B].view(B, 2)
-            if n == 1 and saved:  # undo the draft where mixers do not rewind, then feed the first token alone
-                *copies, token_before, pos_before = saved
-                for tensor, copy in zip(rewound, copies):
-                    tensor.copy_(copy)
-                h = self.hidden_states(token_before[:, None], self.decode_context(cache, pos_before), cache)
-                state["draft"].copy_(self.draft_logits(cache, h, tokens[:, :1], pos_before)[:, -1])
-            finished = eos_id is not None and bool(done_after[n - 1])
-            for key, value in (("rounds", 1), ("drafted", B), ("accepted", accepted)):
-                stats[key] = stats.get(key, 0) + value
-            for j in range(min(n, max_new_tokens - produced)):
-                new.append(tokens[:, j])
-                produced += 1
-                yield tokens[:, j]
-
-    def decode_step(self, cache, state, temperature=1.0, top_k=0, top_p=1.0):
-        """
-        One token per row, with fixed shapes and no host sync, so that it captures as one graph: feed each row's last
-        token state['token'] (B,) at cache slot state['pos'] (1,), pick the next (pick_token) and advance the state.
-        """
-        logits = self(state["token"][:, None], cache=cache, cache_pos=state["pos"])[0][:, -1]
-        state["pos"] += 1
-        return pick_token(logits, state, temperature, top_k, top_p)
-
-    def draft_logits(self, cache, hidden, tokens, cache_pos, last=1):
-        """
-        Speculative decoding's draft: the first MTP module (DeepSeek-V3 §2.2) at cache slots cache_pos (T,), from the
-        main model's hidden states there (B, T, n_embd) and the token after each (B, T); writes its cache and returns
-        its logits (B, last, V) for the tokens after the last `last` of them.
-        """
-        h = self.mtp[0](hidden, self.wte(tokens), self.decode_context(cache, cache_pos), cache["mtp"])
-        return self.lm_head(self.mtp[0].norm(h[:, -last:]))
-
-    def speculative_step(self, cache, state, temperature=1.0, top_k=0, top_p=1.0):
-        """
-        One round of self-speculative decoding, with fixed shapes and no host sync, so that it captures as one graph.
-        Draft a token from the logits state['draft'] (B, V), and verify it with one forward of the main model over
-        each row's last token and the draft, at slots state['pos'] and the next. Exact (Leviathan et al. 2023, arXiv
-        2211.17192, §2.3): greedy, the draft is accepted when it is the main model's argmax; sampling, with
-        probability min(1, p/q) (p the main model's distribution, q the draft's, both after temperature, top-k and
-        top-p), and a rejected draft is replaced by a sample of max(0, p - q), so that every token is a sample of p.
-        Every row keeps the first of the two tokens after its last one (the draft or its replacement), and all keep
-        the second (a sample of p after the draft) when every row accepted (or is done). The MTP module then drafts
-        after both positions at once: its draft after the first is the next round's if the rows keep one token, and
-        the one after the second if they keep two; the cache entries of a position not kept are overwritten by the
-        next round. The state advances on the device, so that the host can queue the next round before it reads
-        this one's outcome. Returns the two tokens (B, 2) and, for the host, how many the rows keep (1 or 2), how
-        many drafts were accepted, and whether every row is done after each of the two tokens (4,).
-        """
-        noise, draft_logits = state["noise"], state["draft"]
-        if temperature == 0:
-            draft = draft_logits.argmax(dim=-1)
-        else:
-            q = sampling_probs(draft_logits, temperature, top_k, top_p)  # (B, V)
-            draft = exponential_race(q, noise[:, 0])
-        pos = state["pos"] + torch.arange(2, device=draft.device)
-        h = self.hidden_states(torch.stack([state["token"], draft], dim=1), self.decode_context(cache, pos), cache)
-        logits = self.lm_head(self.norm(h))  # (B, 2, V)
-        if temperature == 0:
-            first, second = logits.argmax(dim=-1).unbind(1)
-            accepted = draft == first
-        else:
-            p = sampling_probs(logits, temperature, top_k, top_p)  # (B, 2, V)
-            p_draft, q_draft = p[:, 0].gather(1, draft[:, None])[:, 0], q.gather(1, draft[:, None])[:, 0]
-            accepted = state["uniform"] * q_draft < p_draft
-            first = torch.where(accepted, draft, exponential_race((p[:, 0] - q).clamp(min=0), noise[:, 1]))
-            second = exponential_race(p[:, 1], noise[:, 2])
-        first = torch.where(state["done"], state["eos"], first)
-        done_first = state["done"] | (first == state["eos"])
-        second = torch.where(done_first, state["eos"], second)
-        done = torch.stack([done_first, done_first | (second == state["eos"])], dim=1)
-        tokens = torch.stack([first, second], dim=1)
-        both = (accepted | state["done"]).all()
-        drafts = self.draft_logits(cache, h, tokens, pos, last=2)  # (B, 2, V)
-        state["draft"].copy_(torch.where(both, drafts[:, 1], drafts[:, 0]))
-        state["token"].copy_(torch.where(both, second, first))
-        state["done"].copy_(torch.where(both, done[:, 1], done[:, 0]))
-        state["pos"] += 1 + both.long()
-        return tokens, torch.stack([1 + both.long(), accepted.sum(), *done.all(dim=0)]).long()
-
-    def unrewound_tensors(self, cache):
-        """The cache tensors that decoding cannot rewind by position alone (see FullSpan.rewinds): those of mixers
-        that do not rewind (rolling windows, recurrent states), the MTP module's included, and Engram's last token
-        ids."""
-        pairs = [*zip(self.blocks, cache["layers"]), *(zip(self.mtp[0].blocks, cache["mtp"]) if "mtp" in cache else [])]
-        layers = [layer for block, layer in pairs if not getattr(getattr(block.attn, "span", None), "rewinds", False)]
-        return cache_tensors(layers) + (cache_tensors(cache["engram_tokens"]) if self.config.engram_layer_list else [])
-
-    # -------------------------------------------------------------------------
-    # accounting
-
-    @torch.no_grad()
-    def update_router_biases(self):
-        """
-        Auxiliary-loss-free balancing (DeepSeek-V3 §2.1.2), for the training loop to call after each optimizer step:
-        every router's selection bias moves by bias_update_rate toward balance (down for the experts that got more
-        than the mean load, up for the others), from the slots counted over the step's micro-batches and summed
-        over DDP processes, so that every replica moves alike. Nothing to do when bias_update_rate = 0.
-        """
-        routers = [m for m in self.modules() if isinstance(m, Router)]
-        if not routers or self.config.bias_update_rate == 0:
-            return
-        loads = torch.stack([router.load for router in routers])  # (MoE layers, n_experts)
-        if dist.is_initialized():
-            dist.all_reduce(loads)
-        for router, load in zip(routers, loads):
-            router.bias += self.config.bias_update_rate * torch.sign(load.mean() - load)
-            router.load.zero_()
-
     # -------------------------------------------------------------------------
     # accounting
 
@@ -1899,25 +1551,18 @@ class GPT(nn.Module):
         Parameter count of the model that runs at inference (a tied head counted once; the MTP modules, unused there,
         left out). embedding=False leaves out the token embedding (and an untied output head); active=True counts
         only the moe_topk of n_experts routed experts that one token goes through (DeepSeek-V3's "activated").
-        The Engram tables, memory looked up rather than computed with, are counted apart: engram_table_params().
+        Lookup tables (Engram's), memory looked up rather than computed with, are counted apart: table_params().
         """
-        n = (sum(p.numel() for p in self.parameters()) - sum(p.numel() for p in self.mtp.parameters())
-             - self.engram_table_params())
+        n = sum(p.numel() for p in self.parameters()) - sum(p.numel() for p in self.mtp.parameters()) - self.table_params()
         if not embedding:
             n -= self.wte.weight.numel() + (0 if self.config.tie_embeddings else self.lm_head.weight.numel())
         if active:
-            routed, active_routed = self.routed_expert_weights(self.blocks)
-            n -= routed - active_routed
+            n -= sum(m.idle_params() for m in self.blocks.modules() if hasattr(m, "idle_params"))
         return n
 
-    def engram_table_params(self):
-        """Parameters of the Engram tables (each step reads and writes only the rows its batch looks up)."""
-        return sum(m.table.weight.numel() for m in self.modules() if isinstance(m, Engram))
-
-    def routed_expert_weights(self, module):
-        """The routed experts' weights in module: all of them, and the share one token goes through."""
-        n = sum(p.numel() for m in module.modules() if isinstance(m, Experts) for p in m.parameters())
-        return n, n // max(1, self.config.n_experts) * self.config.moe_topk
+    def table_params(self):
+        """Parameters of the sparse lookup tables (Engram's): each step reads and writes only the rows it looks up."""
+        return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding) and m.sparse)
 
     def flops_breakdown(self, seq_len=None):
         """
@@ -1931,26 +1576,13 @@ class GPT(nn.Module):
         modules' work, their pass through the shared head included. MTP depth k runs on T - k positions, counted as T.
         """
         T = seq_len or self.config.block_size
-
-        def matmul(module):  # forward FLOPs of module's matrices; the routed experts' are 3-D, counted at moe_topk
-            return 2 * (sum(p.numel() for p in module.parameters() if p.dim() == 2)
-                        + self.routed_expert_weights(module)[1])
-
-        def block_parts(block):
-            return {"attention projections": matmul(block.attn), "attention scores": block.attn.attention_flops(T),
-                    "moe" if isinstance(block.mlp, MoE) else "mlp": matmul(block.mlp),
-                    "hyper-connections": sum(m.flops_per_token() for m in (block.attn_residual, block.mlp_residual)
-                                             if isinstance(m, HyperConnections)),
-                    "engram": block.engram.flops_per_token() if block.engram is not None else 0}
-
         parts = dict.fromkeys(["attention projections", "attention scores", "mlp", "moe", "hyper-connections",
                                "engram", "head", "mtp"], 0)
         for block in self.blocks:
-            for part, flops in block_parts(block).items():
+            for part, flops in block.flops(T).items():
                 parts[part] += flops
         parts["head"] = 2 * self.lm_head.weight.numel()
-        parts["mtp"] = sum(matmul(m.proj) + sum(sum(block_parts(b).values()) for b in m.blocks) + parts["head"]
-                           for m in self.mtp)
+        parts["mtp"] = sum(m.flops(T) + parts["head"] for m in self.mtp)
         return {part: 3 * flops for part, flops in parts.items()}
 
     def flops_per_token(self, seq_len=None):
@@ -1983,104 +1615,3 @@ def aux_metrics(aux):
         if isinstance(value, float):
             by_name.setdefault(re.sub(r"\d+/", "/", key), []).append(value)
     return metrics, ", ".join(f"{name} {sum(values) / len(values):.4g}" for name, values in by_name.items())
-
-
-def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, noise=None):
-    """
-    Next token ids (B,) from last-position logits (B, V): greedy at temperature 0, else top-k and nucleus sampling,
-    drawn by the exponential race with Exp(1) noise (B, V): the generator's, or `noise` (a captured graph's input).
-    """
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    if noise is None:
-        noise = torch.empty(logits.shape, device=logits.device).exponential_(generator=generator)
-    return exponential_race(sampling_probs(logits, temperature, top_k, top_p), noise)
-
-
-def sampling_probs(logits, temperature, top_k=0, top_p=1.0):
-    """The distribution (..., V) that sampling draws from: softmax(logits / temperature), within top-k and top-p."""
-    logits = logits.float() / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:  # keep the smallest set of tokens whose probabilities add up to top_p (Holtzman et al. 2019)
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs > top_p  # mass before this token already reaches top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
-    return logits.softmax(dim=-1)
-
-
-def exponential_race(weights, noise):
-    """
-    A sample of each row of weights (..., V) >= 0, proportionally, without torch.multinomial's host sync: with
-    E_i ~ Exp(1) independent (noise), E_i / w_i ~ Exp(w_i), and the smallest is index i with probability
-    w_i / sum(w), so argmax w_i / E_i is the sample (the Gumbel-max trick in another form). Zero weights never win.
-    """
-    return (weights / noise.clamp(min=torch.finfo(torch.float32).tiny)).argmax(dim=-1)
-
-
-def pick_token(logits, state, temperature, top_k, top_p):
-    """
-    Decoding's next token of each row from its logits (B, V), with the noise state['noise'][:, 0]; a row that is done
-    (state['done']) stays at state['eos'], and is done once it produces it. Written to state['token'] and returned.
-    """
-    token = sample_next(logits, temperature, top_k, top_p, noise=None if temperature == 0 else state["noise"][:, 0])
-    token = torch.where(state["done"], state["eos"], token)
-    state["done"] |= token == state["eos"]
-    state["token"].copy_(token)
-    return token
-
-
-def cache_tensors(cache):
-    """Every tensor of a decode cache (or of any nesting of dicts and lists), in a fixed order."""
-    if torch.is_tensor(cache):
-        return [cache]
-    items = cache.values() if isinstance(cache, dict) else cache if isinstance(cache, list) else []
-    return [tensor for item in items for tensor in cache_tensors(item)]
-
-
-def compiled(fn, compile, graph):
-    """
-    fn, a function of no arguments with fixed shapes that reads and writes tensors in place, made fast: compile=True
-    compiles it with inductor, tuning its kernels' tile sizes by coordinate descent (as gpt-fast; at batch 1 a decode
-    step is many small matrix-vector products), and with graph=True (CUDA, no host sync in fn) replays it as one
-    CUDA graph (cuda_graph); a string names another torch.compile backend ('aot_eager' in the CPU tests); False
-    leaves fn as it is.
-    """
-    if not compile:
-        return fn
-    if compile is not True:
-        return torch.compile(fn, fullgraph=True, dynamic=False, backend=compile)
-    fn = torch.compile(fn, fullgraph=True, dynamic=False, options={"coordinate_descent_tuning": True})
-    return cuda_graph(fn) if graph else fn
-
-
-def cuda_graph(fn):
-    """
-    fn replayed as one CUDA graph: a call is one launch, with no Python and no guard checks (torch.compile's own CUDA
-    graphs, mode='reduce-overhead', spent more time on the host per step than the GPU spent on a GPT-2 small decode
-    step at batch 1). Every call does fn's work once: the first runs fn (compiling it) on the side stream that the
-    second captures fn on before replaying it. Returns fn's output, the graph's own tensors after the first call,
-    overwritten by the next.
-    """
-    stream, graph, out, warm = torch.cuda.Stream(), None, None, False
-
-    def call():
-        nonlocal graph, out, warm
-        if graph is not None:
-            graph.replay()
-            return out
-        stream.wait_stream(torch.cuda.current_stream())
-        if not warm:  # compile, and let cuBLAS set up its workspace for the stream
-            with torch.cuda.stream(stream):
-                out, warm = fn(), True
-            torch.cuda.current_stream().wait_stream(stream)
-            return out
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            out = fn()
-        graph.replay()
-        return out
-
-    return call

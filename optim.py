@@ -202,10 +202,6 @@ class QKClip:
 # one optimizer for a stage
 
 OPTIMIZERS = ("adamw", "muon", "muonclip")
-# >= 2-D weights that stay with AdamW when their name holds one of these: tiny, skinny maps (routers, the
-# hyper-connections' mixing weights, in model.py's Block.attn_residual and mlp_residual, and Gated DeltaNet's
-# depthwise convolution filters, channels x 4)
-ADAMW_MATRICES = ("router", "_residual.", "attn.conv")
 
 
 def configure_optimizers(model, optimizer="adamw", learning_rate=6e-4, weight_decay=0.1, betas=(0.9, 0.95),
@@ -224,15 +220,16 @@ def configure_optimizers(model, optimizer="adamw", learning_rate=6e-4, weight_de
     if sparse and dist.is_initialized() and dist.get_backend() == "nccl":
         raise ValueError("Engram tables have sparse gradients, which DDP all-reduces over gloo but not over NCCL: "
                          "train them on one GPU (or CPU processes)")
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad and not any(p is t for t in sparse)]
+    params = [p for p in model.parameters() if p.requires_grad and not any(p is t for t in sparse)]
     # Muon is for the hidden matrices. An embedding is a lookup table whose rows train only when their token
     # shows up, and the output head (tied or not) a classifier over the vocabulary: both stay with AdamW, as in
-    # the Muon reference.
+    # the Muon reference; so do the tiny, skinny maps that model.py marks p.muon = False (routers, the
+    # hyper-connections' mixing weights, Gated DeltaNet's depthwise filters).
     lookups = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} | {id(model.lm_head.weight)}
-    matrices = [p for name, p in named if optimizer != "adamw" and p.dim() >= 2 and id(p) not in lookups
-                and not any(word in name for word in ADAMW_MATRICES)]
+    matrices = [p for p in params if optimizer != "adamw" and p.dim() >= 2 and id(p) not in lookups
+                and getattr(p, "muon", True)]
     in_muon = {id(p) for p in matrices}
-    rest = [p for _, p in named if id(p) not in in_muon]
+    rest = [p for p in params if id(p) not in in_muon]
     adamw = torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
                                {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
                               lr=learning_rate, betas=betas, fused=device_type == "cuda")

@@ -1,5 +1,8 @@
-"""Shared fixtures: tiny model configs, so that every test builds models the same way."""
+"""Shared pieces: tiny model configs and variants, running the stages, and resuming, so that every test builds models
+and runs stages the same way."""
+import json
 import os
+import runpy
 import sys
 
 import pytest
@@ -10,15 +13,25 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import GPT, GPTConfig  # noqa: E402
 
 
+TINY_CONFIG = dict(block_size=32, vocab_size=64, n_layer=2, n_head=4, n_embd=32)
+
+
 @pytest.fixture
 def tiny_model():
     """tiny_model(**overrides) -> a small fp32 GPT with fixed initial weights."""
     def build(**overrides):
         torch.manual_seed(0)
-        args = dict(block_size=32, vocab_size=64, n_layer=2, n_head=4, n_embd=32)
-        args.update(overrides)
-        return GPT(GPTConfig(**args))
+        return GPT(GPTConfig(**{**TINY_CONFIG, **overrides}))
     return build
+
+
+@pytest.fixture
+def one_thread():
+    """Tensors this small run fastest on one thread; a second one mostly waits, the more so on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # Tiny configs of the variant families, each with its own tests in tests/test_<family>.py; test_model.py also runs
@@ -67,6 +80,10 @@ FAMILY_VARIANTS = {
     "hc_engram_linear": dict(residual="hc", engram_layers="0", engram_table_size=2048, engram_dim=32,
                              attention="linear", linear_chunk=8),
 }
+# the dense baseline's attention shapes (test_model.py); the generic checks run on these and every family's configs
+ATTENTION = {"mha": dict(n_kv_head=4), "gqa": dict(n_kv_head=2), "mqa": dict(n_kv_head=1),
+             "qk_norm": dict(n_kv_head=2, qk_norm=True), "untied": dict(tie_embeddings=False)}
+VARIANTS = {**ATTENTION, **FAMILY_VARIANTS}
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,6 +96,42 @@ def run_stage(*args, check=True, timeout=300, env=None):
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+def run_train(monkeypatch, *args):
+    """train.py in this process (a fresh one costs seconds of imports), on a tiny model: returns its globals."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["train.py", "--device=cpu", "--n_layer=2", "--n_embd=32", "--n_head=4",
+                                      "--block_size=32", *args])
+    return runpy.run_path(os.path.join(ROOT, "train.py"))
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_resume_reproduces(train, folder, steps, stop, keys=("loss",), tol=0.0):
+    """
+    Resuming reproduces the uninterrupted run. train(out, *args) runs a stage into the folder out: once `steps` steps
+    straight into folder/whole, once stopped early into folder/part and resumed there with --init_from=resume.
+    stop is the first part's --max_iters, or stop(out), which interrupts a run its own way. The resumed log holds
+    each step 1..steps once (rows with keys[0]) and every key equals the uninterrupted run's at every step (within
+    tol; 0: bit for bit). Returns the two folders.
+    """
+    whole, part = folder / "whole", folder / "part"
+    train(whole, f"--max_iters={steps}")
+    if callable(stop):
+        stop(part)
+    else:
+        train(part, f"--max_iters={stop}")
+    train(part, f"--max_iters={steps}", "--init_from=resume")
+    expected, resumed = ([r for r in read_log(out) if keys[0] in r] for out in (whole, part))
+    assert [r["step"] for r in resumed] == [r["step"] for r in expected] == list(range(1, steps + 1))
+    for a, b in zip(expected, resumed):
+        for key in keys:
+            assert abs(a[key] - b[key]) < tol if tol else a[key] == b[key], (a["step"], key, a[key], b[key])
+    return whole, part
 
 
 def tiny_corpus_text(n_docs=60, seed=0):

@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model as model_module
+import kernels
 from conftest import ROOT, run_stage
+from decode import generate
+from kernels import gated_delta_rule_chunked, grouped_attention, linear_attention_chunked, pair_block_mask
 from model import (GPT, Context, GPTConfig, MoBASpan, SlidingSpan, BlockSparseSpan, GatedDeltaNet, LinearAttention,
-                   gated_delta_rule_chunked, gated_delta_rule_recurrent, linear_attention_chunked,
-                   linear_attention_recurrent, max_attention_logits, grouped_attention)
+                   gated_delta_rule_recurrent, linear_attention_recurrent, max_attention_logits)
 from optim import QKClip, configure_optimizers
 
 PROJECTIONS = {"mha": dict(), "gqa": dict(n_kv_head=2, qk_norm=True),
@@ -57,9 +58,9 @@ def test_left_padded_batch_generates_like_each_prompt_alone(tiny_model, variant)
               "hybrid": dict(attn_pattern="LM", moba_block=4, moba_topk=2)}[variant]
     model = tiny_model(**config).eval()
     prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16]]
-    batched = torch.stack(list(model.generate(prompts, 12, temperature=0)), dim=1)
+    batched = torch.stack(list(generate(model, prompts, 12, temperature=0)), dim=1)
     for row, prompt in enumerate(prompts):
-        assert torch.equal(batched[row], torch.stack(list(model.generate([prompt], 12, temperature=0)), dim=1)[0])
+        assert torch.equal(batched[row], torch.stack(list(generate(model, [prompt], 12, temperature=0)), dim=1)[0])
 
 
 # -----------------------------------------------------------------------------
@@ -127,7 +128,7 @@ def test_flex_attention_path_equals_the_masked_sdpa_path(tiny_model, span):
     with torch.no_grad():
         sdpa = logits_of(model, idx)
         for block in model.blocks:
-            block.attn.span.flex = True
+            block.attn.span.use_flex = True
         assert torch.allclose(logits_of(model, idx), sdpa, atol=1e-5)
 
 
@@ -148,13 +149,13 @@ def dense_flex(q, k, v, block_mask, scale, return_lse=False):
 def test_moba_by_block_equals_the_masked_softmax_in_value_and_gradient(monkeypatch, T, block, topk):
     """The FlexAttention path: own block, then the chosen blocks apart, merged by log-sum-exp (FlexAttention's
     kernel replaced by a dense stand-in, to have gradients on the CPU); its tiles cover every pair's block."""
-    monkeypatch.setattr(model_module, "flex", dense_flex)
+    monkeypatch.setattr(kernels, "flex", dense_flex)
     span = MoBASpan(GPTConfig(block_size=1024, n_head=4, n_kv_head=2, n_embd=64, moba_block=block, moba_topk=topk))
     inputs = torch.randn(2, 4, T, 16), torch.randn(2, 2, T, 16), torch.randn(2, 2, T, 16)
     results = []
     for flex in (False, True):
         q, k, v = (t.clone().requires_grad_() for t in inputs)
-        span.flex = flex
+        span.use_flex = flex
         y = span.attend(q, k, v, None)
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         results.append((y, q.grad, k.grad, v.grad))
@@ -165,12 +166,12 @@ def test_moba_by_block_equals_the_masked_softmax_in_value_and_gradient(monkeypat
     top, real = span.past_blocks(*inputs[:2], pos, pos)
     blocks = torch.where(real, top, -1).flatten(2)
     blocks = blocks.gather(-1, blocks.argsort(dim=-1, stable=True))
-    visited = span.pair_block_mask(blocks, T).to_dense().bool()  # (B, H, pair tiles, key tiles)
+    visited = pair_block_mask(blocks, T, block).to_dense().bool()  # (B, H, pair tiles, key tiles)
     allowed = F.pad(torch.arange(T) // block == blocks[..., None], (0, (-T) % 128, 0, (-blocks.size(-1)) % 128))
     needed = allowed.unflatten(2, (-1, 128)).unflatten(4, (-1, 128)).any(dim=(3, 5))
     assert (visited == needed).all()  # and nothing more: pairs sorted by block touch few tiles
     # the tiles marked full, where FlexAttention's kernel skips the mask_mod, allow every pair and key in them
-    mask = span.pair_block_mask(blocks, T)
+    mask = pair_block_mask(blocks, T, block)
     full = torch.nn.attention.flex_attention.BlockMask.from_kv_blocks(
         mask.full_kv_num_blocks, mask.full_kv_indices, BLOCK_SIZE=128, seq_lengths=mask.seq_lengths).to_dense().bool()
     assert (full <= allowed.unflatten(2, (-1, 128)).unflatten(4, (-1, 128)).all(dim=(3, 5))).all()

@@ -5,13 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import FAMILY_VARIANTS
-from model import Engram, Experts, GPTConfig, HyperConnections, apply_rope, cross_entropy, rope_tables, sample_next
+from conftest import ATTENTION, FAMILY_VARIANTS, VARIANTS
+from decode import generate, sample_next
+from kernels import cross_entropy
+from model import Engram, Experts, GPTConfig, HyperConnections, apply_rope, rope_tables
 from optim import configure_optimizers
-
-ATTENTION = {"mha": dict(n_kv_head=4), "gqa": dict(n_kv_head=2), "mqa": dict(n_kv_head=1),
-             "qk_norm": dict(n_kv_head=2, qk_norm=True), "untied": dict(tie_embeddings=False)}
-VARIANTS = {**ATTENTION, **FAMILY_VARIANTS}  # the generic checks below run on every variant family's tiny configs
 
 
 @pytest.mark.parametrize("variant", ATTENTION)
@@ -54,9 +52,9 @@ def test_kv_cache_decode_equals_full_forward(tiny_model, variant):
 def test_batched_left_padded_generation_equals_one_by_one(tiny_model, variant):
     model = tiny_model(**VARIANTS[variant]).eval()
     prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13]]
-    batched = torch.stack(list(model.generate(prompts, 10, temperature=0)), dim=1)
+    batched = torch.stack(list(generate(model, prompts, 10, temperature=0)), dim=1)
     for row, prompt in enumerate(prompts):
-        alone = torch.stack(list(model.generate([prompt], 10, temperature=0)), dim=1)
+        alone = torch.stack(list(generate(model, [prompt], 10, temperature=0)), dim=1)
         assert torch.equal(batched[row], alone[0])
 
 
@@ -64,7 +62,7 @@ def test_greedy_generation_equals_argmax_of_full_forward_past_the_cache(tiny_mod
     model = tiny_model().eval()
     prompt = list(range(1, 21))
     tokens = list(prompt)
-    for token in model.generate([prompt], 30, temperature=0):  # 20 + 30 > block_size 32: the cache restarts
+    for token in generate(model, [prompt], 30, temperature=0):  # 20 + 30 > block_size 32: the cache restarts
         tokens.append(token.item())
     assert len(tokens) == 50
     # before the cache fills, every token is the argmax of a full forward over the context so far
@@ -74,8 +72,8 @@ def test_greedy_generation_equals_argmax_of_full_forward_past_the_cache(tiny_mod
 
 def test_generation_stops_each_row_at_end_of_document(tiny_model):
     model = tiny_model().eval()
-    first = [t.item() for t in model.generate([[1, 2, 3]], 1, temperature=0)][0]
-    steps = list(model.generate([[1, 2, 3], [4, 5, 6, 7]], 20, temperature=0, eos_id=first))
+    first = [t.item() for t in generate(model, [[1, 2, 3]], 1, temperature=0)][0]
+    steps = list(generate(model, [[1, 2, 3], [4, 5, 6, 7]], 20, temperature=0, eos_id=first))
     rows = torch.stack(steps, dim=1)
     assert (rows[0] == first).all()  # row 0 hit eos at once and keeps yielding it
     assert len(steps) <= 20
@@ -184,7 +182,7 @@ def test_flops_breakdown_misses_and_double_counts_nothing(tiny_model, variant):
     heads = (1 + c.mtp_depth) * c.vocab_size * c.n_embd
     forward = (2 * (matrices + experts // max(1, c.n_experts) * c.moe_topk + heads)
                + sum(m.attention_flops(T) for m in model.modules() if hasattr(m, "attention_flops"))
-               + sum(m.flops_per_token() for m in own))
+               + sum(sum(m.flops().values()) for m in own))
     parts = model.flops_breakdown(T)
     assert sum(parts.values()) == model.flops_per_token(T) == 3 * forward
     present = {"moe": c.n_experts > 0, "mtp": c.mtp_depth > 0, "hyper-connections": c.residual != "standard",

@@ -1,10 +1,6 @@
 """Optimizers: Newton-Schulz, one Muon step by hand, parameter routing, QK-Clip, distributed Muon, resume."""
 import io
-import json
 import math
-import os
-import runpy
-import sys
 
 import pytest
 import torch
@@ -13,20 +9,11 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import optim
-from conftest import FAMILY_VARIANTS, ROOT
+from conftest import FAMILY_VARIANTS, TINY_CONFIG, assert_resume_reproduces, read_log, run_train
 from model import GPT, GPTConfig, max_attention_logits
 from optim import QKClip, configure_optimizers, orthogonalize
 
-TINY = dict(block_size=32, vocab_size=64, n_layer=2, n_head=4, n_embd=32)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tensors this small run fastest on one thread; a second one mostly waits, the more so on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def newton_schulz_float64(G):
@@ -111,7 +98,7 @@ def test_every_parameter_sits_in_exactly_one_group_of_the_right_optimizer(tiny_m
                        if p.dim() >= 2 and (".router." in n or "_residual." in n or "attn.conv" in n)}
     assert {names[id(p)] for p in decayed["params"]} == adamw_matrices
     assert all(p.dim() == 1 for p in vectors["params"]) and vectors["weight_decay"] == 0
-    tables = {n for n in names.values() if n.endswith("engram.table.weight")}
+    tables = {n for n in names.values() if n.endswith("memory.table.weight")}
     if tables:
         assert {names[id(p)] for p in opt.sparse_adam.param_groups[0]["params"]} == tables
     muon = {names[id(p)] for p in opt.muon.param_groups[0]["params"]}
@@ -211,7 +198,7 @@ def muon_run(model, opt, clip, steps):
 
 def new_run():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**TINY, n_kv_head=2))
+    model = GPT(GPTConfig(**TINY_CONFIG, n_kv_head=2))
     # tau below the tiny model's largest logits (about 0.05), so that every step clips
     return model, configure_optimizers(model, "muonclip", 1e-2, muon_lr_scale="shape"), QKClip(model, tau=0.04)
 
@@ -281,31 +268,15 @@ def test_resume_equals_uninterrupted():
 
 
 # -----------------------------------------------------------------------------
-# train.py, in this process (a fresh one costs seconds of imports)
-
-def run_train(monkeypatch, *args):
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(sys, "argv", ["train.py", "--device=cpu", "--n_layer=2", "--n_embd=32", "--n_head=4",
-                                      "--block_size=32", *args])
-    return runpy.run_path(os.path.join(ROOT, "train.py"))
-
+# train.py, in this process
 
 def test_train_py_muonclip_logs_max_logits_and_resumes_exactly(tiny_data, tmp_path, monkeypatch):
     args = [f"--data_dir={tiny_data}", "--batch_size=8", "--gradient_accumulation_steps=2", "--eval_iters=1",
             "--log_interval=1", "--eval_interval=3", "--warmup_iters=1", "--learning_rate=1e-2", "--lr_schedule=wsd",
             "--decay_frac=0.0", "--optimizer=muonclip", "--qk_clip_tau=0.05"]  # wsd without decay: max_iters changes no lr
-    run_train(monkeypatch, *args, f"--out_dir={tmp_path / 'whole'}", "--max_iters=6")
-    run_train(monkeypatch, *args, f"--out_dir={tmp_path / 'part'}", "--max_iters=3")
-    run_train(monkeypatch, *args, f"--out_dir={tmp_path / 'part'}", "--max_iters=6", "--init_from=resume")
-    logs = {}
-    for run in ("whole", "part"):
-        with open(tmp_path / run / "log.jsonl") as f:
-            logs[run] = {r["step"]: r for r in map(json.loads, f) if "loss" in r}
-    assert sorted(logs["part"]) == list(range(1, 7))
-    for step in range(1, 7):
-        assert logs["whole"][step]["loss"] == logs["part"][step]["loss"], step
-        assert logs["whole"][step]["max_logit"] == logs["part"][step]["max_logit"], step
-        assert len(logs["whole"][step]["max_logit"]) == 2  # one per layer
+    whole, _ = assert_resume_reproduces(lambda out, *more: run_train(monkeypatch, *args, f"--out_dir={out}", *more),
+                                        tmp_path, 6, 3, keys=("loss", "max_logit"))
+    assert all(len(r["max_logit"]) == 2 for r in read_log(whole) if "loss" in r)  # one per layer
 
 
 @pytest.mark.parametrize("bad, words", [("--optimizer=sgd", "unknown optimizer"), ("--qk_norm=True", "qk_norm")])

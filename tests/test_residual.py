@@ -3,19 +3,18 @@ Residual streams and memory: hyper-connections (hc), mHC and Engram. The generic
 the full forward, gradients, learning) run in test_model.py over conftest.FAMILY_VARIANTS; here, each one's own
 invariants, its optimizer (sparse rows) and the stages around it (clipping, GradScaler, compile, DDP, resume).
 """
-import json
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import ENGRAM_PAD, GPT, Engram, GPTConfig, HyperConnections, engram_tokens, sinkhorn
+from conftest import TINY_CONFIG, assert_resume_reproduces, read_log, run_train
+from model import ENGRAM_PAD, GPT, Engram, GPTConfig, HyperConnections, sinkhorn
 from optim import clip_grad_norm_, configure_optimizers
-from test_optim import one_thread, run_train  # noqa: F401 (one_thread: an autouse fixture, one thread per test)
 
-TINY = dict(block_size=32, vocab_size=64, n_layer=2, n_head=4, n_embd=32)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ENGRAM = dict(engram_layers="0,1", engram_table_size=2048, engram_dim=32)
 
 
@@ -100,13 +99,13 @@ def test_hyper_connection_flops_and_muon_routing(tiny_model):
 # Engram
 
 def engram_config(**overrides):
-    return GPTConfig(**{**TINY, **ENGRAM, **overrides})
+    return GPTConfig(**{**TINY_CONFIG, **ENGRAM, **overrides})
 
 
 def test_engram_hashing_is_deterministic_and_matches_a_hand_computation():
     config = engram_config(engram_orders="2,3", engram_heads=2)
     engram, again, other_layer = Engram(config, 1), Engram(config, 1), Engram(config, 0)
-    tokens = engram_tokens(torch.randint(0, 64, (3, 20)), 2)
+    tokens = engram.window(torch.randint(0, 64, (3, 20)))
     rows = engram.rows(tokens)  # (3, 20, orders, heads)
     assert rows.shape == (3, 20, 2, 2) and torch.equal(rows, again.rows(tokens))
     assert not torch.equal(rows, other_layer.rows(tokens))  # multipliers per layer
@@ -126,7 +125,7 @@ def test_engram_hashing_is_deterministic_and_matches_a_hand_computation():
             p, offset = engram.primes[order, head].item(), engram.offsets[order, head].item()
             assert rows[b, t, order, head].item() == mix % p + offset
     # the first token's n-grams read the pad id, never a later token
-    first = engram_tokens(torch.tensor([[5, 9, 9]]), 2)
+    first = engram.window(torch.tensor([[5, 9, 9]]))
     assert first[0, :2].tolist() == [ENGRAM_PAD] * 2
 
 
@@ -156,7 +155,7 @@ def test_engram_step_reads_and_writes_only_the_rows_its_batch_looked_up(tiny_mod
         before = [t.detach().clone() for t in tables]
         x, y = training_batch()
         model(x, y)[1].backward()
-        touched = [m.rows(engram_tokens(x, m.context)).unique() for m in model.modules() if isinstance(m, Engram)]
+        touched = [m.rows(m.window(x)).unique() for m in model.modules() if isinstance(m, Engram)]
         for table, rows in zip(tables, touched):
             assert table.grad.is_sparse and table.grad.coalesce().indices()[0].tolist() == rows.tolist()
         clip_grad_norm_(model.parameters(), 0.01)  # coalesces, then scales the sparse rows with the rest
@@ -190,7 +189,7 @@ def test_fp16_grad_scaler_and_compile_train_the_tables(tiny_model):
     assert torch.allclose(loss, eager_loss, atol=1e-5)
     opt = configure_optimizers(model, learning_rate=1e-2)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    table = model.blocks[0].engram.table.weight
+    table = model.blocks[0].memory.table.weight
     before = table.detach().clone()
     scaler.scale(loss).backward()
     assert table.grad.is_sparse
@@ -217,7 +216,7 @@ def test_engram_accounting(tiny_model):
     engrams = [m for m in model.modules() if isinstance(m, Engram)]
     rows = [m.primes.sum().item() for m in engrams]
     assert all(2048 <= r < 2048 + 200 for r in rows)  # about engram_table_size, each head's share a prime
-    assert model.engram_table_params() == sum(rows) * 4  # 32 dims over 2 orders x 4 heads: 4 per row
+    assert model.table_params() == sum(rows) * 4  # 32 dims over 2 orders x 4 heads: 4 per row
     assert model.num_params() == backbone.num_params() + 2 * (2 * 32 * 32 + 2 * 32)  # key, value and two norms
     d = 32
     extra = model.flops_per_token(32) - backbone.flops_per_token(32)
@@ -232,7 +231,7 @@ def test_engram_accounting(tiny_model):
                                         (dict(residual="hc", hc_streams=1), "hc_streams")])
 def test_bad_settings_give_one_line_errors(bad, words):
     with pytest.raises(ValueError, match=words):
-        GPTConfig(**{**TINY, **bad})
+        GPTConfig(**{**TINY_CONFIG, **bad})
 
 
 def test_nccl_data_parallel_is_refused_clearly(tiny_model, monkeypatch):
@@ -265,7 +264,7 @@ def ddp_worker(rank, world, folder):
 
 def new_run():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**TINY, **ENGRAM, residual="hc"))
+    model = GPT(GPTConfig(**TINY_CONFIG, **ENGRAM, residual="hc"))
     return model, configure_optimizers(model, learning_rate=1e-2)
 
 
@@ -287,15 +286,8 @@ def test_train_py_with_hc_and_engram_resumes_exactly(tiny_data, tmp_path, monkey
             "--log_interval=1", "--eval_interval=2", "--warmup_iters=1", "--learning_rate=1e-2", "--lr_schedule=wsd",
             "--decay_frac=0.0", "--optimizer=muon", "--residual=mhc", "--hc_sinkhorn_iters=4",
             "--engram_layers=0,1", "--engram_table_size=4096", "--engram_dim=32", "--grad_clip=0.5"]
-    run_train(monkeypatch, *args, f"--out_dir={tmp_path / 'whole'}", "--max_iters=4")
-    run_train(monkeypatch, *args, f"--out_dir={tmp_path / 'part'}", "--max_iters=2")
-    run_train(monkeypatch, *args, f"--out_dir={tmp_path / 'part'}", "--max_iters=4", "--init_from=resume")
-    logs = {}
-    for run in ("whole", "part"):
-        with open(tmp_path / run / "log.jsonl") as f:
-            logs[run] = [r for r in map(json.loads, f)]
-    losses = {run: {r["step"]: r["loss"] for r in rows if "loss" in r} for run, rows in logs.items()}
-    assert sorted(losses["part"]) == [1, 2, 3, 4] and losses["whole"] == losses["part"]
-    assert logs["whole"][0]["engram_table_params"] > 0
-    checkpoint = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=True)
+    whole, _ = assert_resume_reproduces(lambda out, *more: run_train(monkeypatch, *args, f"--out_dir={out}", *more),
+                                        tmp_path, 4, 2)
+    assert read_log(whole)[0]["engram_table_params"] > 0
+    checkpoint = torch.load(whole / "ckpt.pt", weights_only=True)
     assert set(checkpoint["optimizer"]) == {"muon", "adamw", "sparse_adam"}

@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from configurator import save_checkpoint
-from conftest import FAMILY_VARIANTS, run_stage
-from model import GPT, GPTConfig, exponential_race, sample_next, sampling_probs
-from test_model import VARIANTS
+from conftest import FAMILY_VARIANTS, VARIANTS, run_stage
+from decode import State, generate, speculative_step, exponential_race, sample_next, sampling_probs
+from model import GPT, GPTConfig
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13]]
 MTP_VARIANTS = [name for name, args in FAMILY_VARIANTS.items() if args.get("mtp_depth")]
 
 
 def greedy(model, prompts, n, **options):
-    return torch.stack(list(model.generate(prompts, n, temperature=0, **options)), dim=1)  # (B, n)
+    return torch.stack(list(generate(model, prompts, n, temperature=0, **options)), dim=1)  # (B, n)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -76,11 +76,11 @@ def test_sampling_draws_the_filtered_distribution():
 
 def test_seeded_sampling_repeats_and_stops_each_row_at_end_of_document(tiny_model):
     model = tiny_model(n_kv_head=2).eval()
-    runs = [torch.stack(list(model.generate(PROMPTS, 20, 0.9, 10, 0.95, generator=torch.Generator().manual_seed(7))), 1)
+    runs = [torch.stack(list(generate(model, PROMPTS, 20, 0.9, 10, 0.95, generator=torch.Generator().manual_seed(7))), 1)
             for _ in range(2)]
     assert torch.equal(*runs)
     eos = runs[0][1, 3].item()  # row 1 produces it at its 4th token at the latest
-    steps = list(model.generate(PROMPTS, 40, 0.9, 10, 0.95, eos_id=eos, generator=torch.Generator().manual_seed(7),
+    steps = list(generate(model, PROMPTS, 40, 0.9, 10, 0.95, eos_id=eos, generator=torch.Generator().manual_seed(7),
                                 check_every=4))
     rows = torch.stack(steps, dim=1)
     first = min(20, rows.size(1))  # the same draws: rows that are done keep drawing, as the others do
@@ -98,8 +98,8 @@ def test_decode_step_captures_as_one_graph(tiny_model, variant, sampling):
     included; the compiled step gives the eager step's tokens for the same seed (CPU-cheap backend: aot_eager)."""
     torch._dynamo.reset()
     model = tiny_model(**({"n_layer": 1} if variant == "dense" else FAMILY_VARIANTS[variant])).eval()
-    eager, graph = (torch.stack(list(model.generate(PROMPTS, 12, *sampling, generator=torch.Generator().manual_seed(3),
-                                                     compile=compile)), 1) for compile in (False, "aot_eager"))
+    eager, graph = (torch.stack(list(generate(model, PROMPTS, 12, *sampling, generator=torch.Generator().manual_seed(3),
+                                              compiler=compiler)), 1) for compiler in (None, "aot_eager"))
     assert torch.equal(eager, graph)
 
 
@@ -109,8 +109,8 @@ def drafting_model(tiny_model, variant):
     model = tiny_model(tie_embeddings=False, **FAMILY_VARIANTS[variant]).eval()
     d = model.config.n_embd
     with torch.no_grad():
-        for name, p in model.mtp.named_parameters():
-            if name.endswith(("attn.proj.weight", "down.weight", "experts.down")):
+        for p in model.mtp.parameters():
+            if getattr(p, "writes_residual", False):
                 p.zero_()
         model.mtp[0].proj.weight.copy_(torch.cat([torch.zeros(d, d), torch.eye(d)], dim=1))
     return model
@@ -148,16 +148,17 @@ def test_speculative_step_samples_the_main_model():
         prompt = torch.tensor([[3, 1, 4, 1, 5]]).expand(rows, 5)
         h = model.hidden_states(prompt, model.decode_context(cache, torch.arange(5)), cache)
         token = torch.full((rows,), 2)  # the next token, fixed: its distribution under p_next does not matter here
-        draft_logits = model.draft_logits(cache, h, torch.cat([prompt[:, 1:], token[:, None]], 1), torch.arange(5))
-        state = {"token": token.clone(), "pos": torch.tensor([5]), "done": torch.zeros(rows, dtype=torch.bool),
-                 "eos": torch.tensor(-1), "noise": torch.empty(rows, 3, 8).exponential_(generator=generator),
-                 "uniform": torch.rand(rows, generator=generator), "draft": draft_logits[:, -1]}
-        tokens, summary = model.speculative_step(cache, state, temperature, top_k, top_p)
+        draft_logits = model.mtp[0].draft(model, cache, h, torch.cat([prompt[:, 1:], token[:, None]], 1), torch.arange(5))
+        state = State(temperature, top_k, top_p, token=token.clone(), pos=torch.tensor([5]),
+                      done=torch.zeros(rows, dtype=torch.bool), eos=torch.tensor(-1),
+                      noise=torch.empty(rows, 3, 8).exponential_(generator=generator),
+                      uniform=torch.rand(rows, generator=generator), draft=draft_logits[:, -1])
+        tokens, summary = speculative_step(model, cache, state)
         # the main model's distribution of the token after `token`: a full forward
         expected = sampling_probs(model(torch.tensor([[3, 1, 4, 1, 5, 2]]))[0][0, -1], temperature, top_k, top_p)
     kept, accepted, *all_done = summary.tolist()
     assert 0.05 * rows < accepted < 0.9 * rows and kept == 1 and all_done == [0, 0], summary
-    assert torch.equal(state["token"], tokens[:, 0]) and state["pos"].item() == 6  # the state advanced by one token
+    assert torch.equal(state.token, tokens[:, 0]) and state.pos.item() == 6  # the state advanced by one token
     assert torch.allclose(torch.bincount(tokens[:, 0], minlength=8) / float(rows), expected, atol=0.012)
 
 
@@ -166,7 +167,7 @@ def test_speculative_compiled_equals_eager(tiny_model):
     torch._dynamo.reset()
     model = drafting_model(tiny_model, "mtp")
     stats = {}
-    assert torch.equal(greedy(model, PROMPTS, 16, speculative=True, compile="aot_eager", stats=stats),
+    assert torch.equal(greedy(model, PROMPTS, 16, speculative=True, compiler="aot_eager", stats=stats),
                        greedy(model, PROMPTS, 16))
     assert stats["accepted"] > 0
 

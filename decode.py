@@ -1,0 +1,372 @@
+"""
+Generation with the KV cache of model.py: sampling (temperature, top-k, top-p, seeded), a decode step with fixed
+shapes that compiles and replays as one CUDA graph, and self-speculative decoding with the MTP module as the draft
+(Leviathan et al. 2023, arXiv 2211.17192). The model offers what a decoder needs: new_cache, decode_context,
+hidden_states and logits, and its MTP module's draft.
+
+    for tokens in generate(model, prompts, 100, temperature=0.8, top_k=200):  # (B,) new tokens per step
+        ...
+"""
+import collections
+from dataclasses import dataclass
+
+import torch
+
+from kernels import grouped_mm_supported
+from model import Experts
+
+
+# -----------------------------------------------------------------------------
+# sampling
+
+def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, noise=None):
+    """
+    Next token ids (B,) from last-position logits (B, V): greedy at temperature 0, else top-k and nucleus sampling,
+    drawn by the exponential race with Exp(1) noise (B, V): the generator's, or `noise` (a captured graph's input).
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    if noise is None:
+        noise = torch.empty(logits.shape, device=logits.device).exponential_(generator=generator)
+    return exponential_race(sampling_probs(logits, temperature, top_k, top_p), noise)
+
+
+def sampling_probs(logits, temperature, top_k=0, top_p=1.0):
+    """The distribution (..., V) that sampling draws from: softmax(logits / temperature), within top-k and top-p."""
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:  # keep the smallest set of tokens whose probabilities add up to top_p (Holtzman et al. 2019)
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs > top_p  # mass before this token already reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
+    return logits.softmax(dim=-1)
+
+
+def exponential_race(weights, noise):
+    """
+    A sample of each row of weights (..., V) >= 0, proportionally, without torch.multinomial's host sync: with
+    E_i ~ Exp(1) independent (noise), E_i / w_i ~ Exp(w_i), and the smallest is index i with probability
+    w_i / sum(w), so argmax w_i / E_i is the sample (the Gumbel-max trick in another form). Zero weights never win.
+    """
+    return (weights / noise.clamp(min=torch.finfo(torch.float32).tiny)).argmax(dim=-1)
+
+
+# -----------------------------------------------------------------------------
+# the steps: fixed shapes, no host sync, the state read and written in place (a CUDA graph replays them)
+
+@dataclass
+class State:
+    """What the decode steps read and write: settings, and tensors at fixed addresses."""
+    temperature: float
+    top_k: int
+    top_p: float
+    token: torch.Tensor    # (B,) each row's last token, not yet in the cache
+    pos: torch.Tensor      # (1,) its cache slot
+    done: torch.Tensor     # (B,) rows that produced eos
+    eos: torch.Tensor      # () the end-of-sequence id; -1 = none
+    noise: torch.Tensor    # (B, draws, V) Exp(1) noise for sampling: a step's draws, drawn before it; None = greedy
+    uniform: torch.Tensor  # (B,) speculative sampling: each draft's acceptance draw
+    draft: torch.Tensor = None  # (B, V) speculative decoding: the draft's logits for the token after `token`
+
+
+def pick_token(logits, state):
+    """
+    The next token of each row from its logits (B, V), with the noise state.noise[:, 0]; a row that is done stays at
+    state.eos, and is done once it produces it. Written to state.token and returned.
+    """
+    noise = None if state.temperature == 0 else state.noise[:, 0]
+    token = sample_next(logits, state.temperature, state.top_k, state.top_p, noise=noise)
+    token = torch.where(state.done, state.eos, token)
+    state.done |= token == state.eos
+    state.token.copy_(token)
+    return token
+
+
+def decode_step(model, cache, state):
+    """One token per row: feed each row's last token at slot state.pos, pick the next and advance the state."""
+    h = model.hidden_states(state.token[:, None], model.decode_context(cache, state.pos), cache)
+    state.pos += 1
+    return pick_token(model.logits(h)[:, -1], state)
+
+
+def speculative_step(model, cache, state):
+    """
+    One round of self-speculative decoding. Draft a token from the logits state.draft (B, V), and verify it with one
+    forward of the main model over each row's last token and the draft, at slots state.pos and the next. Exact
+    (Leviathan et al. 2023, arXiv 2211.17192, §2.3): greedy, the draft is accepted when it is the main model's argmax;
+    sampling, with probability min(1, p/q) (p the main model's distribution, q the draft's, both after temperature,
+    top-k and top-p), and a rejected draft is replaced by a sample of max(0, p - q), so that every token is a sample
+    of p. Every row keeps the first of the two tokens after its last one (the draft or its replacement), and all keep
+    the second (a sample of p after the draft) when every row accepted (or is done). The MTP module then drafts
+    after both positions at once: its draft after the first is the next round's if the rows keep one token, and
+    the one after the second if they keep two; the cache entries of a position not kept are overwritten by the
+    next round. The state advances on the device, so that the host can queue the next round before it reads
+    this one's outcome. Returns the two tokens (B, 2) and, for the host, how many the rows keep (1 or 2), how
+    many drafts were accepted, and whether every row is done after each of the two tokens (4,).
+    """
+    s, noise = state, state.noise
+    if s.temperature == 0:
+        draft = s.draft.argmax(dim=-1)
+    else:
+        q = sampling_probs(s.draft, s.temperature, s.top_k, s.top_p)  # (B, V)
+        draft = exponential_race(q, noise[:, 0])
+    pos = s.pos + torch.arange(2, device=draft.device)
+    h = model.hidden_states(torch.stack([s.token, draft], dim=1), model.decode_context(cache, pos), cache)
+    logits = model.logits(h)  # (B, 2, V)
+    if s.temperature == 0:
+        first, second = logits.argmax(dim=-1).unbind(1)
+        accepted = draft == first
+    else:
+        p = sampling_probs(logits, s.temperature, s.top_k, s.top_p)  # (B, 2, V)
+        p_draft, q_draft = p[:, 0].gather(1, draft[:, None])[:, 0], q.gather(1, draft[:, None])[:, 0]
+        accepted = s.uniform * q_draft < p_draft
+        first = torch.where(accepted, draft, exponential_race((p[:, 0] - q).clamp(min=0), noise[:, 1]))
+        second = exponential_race(p[:, 1], noise[:, 2])
+    first = torch.where(s.done, s.eos, first)
+    done_first = s.done | (first == s.eos)
+    second = torch.where(done_first, s.eos, second)
+    done = torch.stack([done_first, done_first | (second == s.eos)], dim=1)
+    tokens = torch.stack([first, second], dim=1)
+    both = (accepted | s.done).all()
+    drafts = model.mtp[0].draft(model, cache, h, tokens, pos, last=2)  # (B, 2, V)
+    s.draft.copy_(torch.where(both, drafts[:, 1], drafts[:, 0]))
+    s.token.copy_(torch.where(both, second, first))
+    s.done.copy_(torch.where(both, done[:, 1], done[:, 0]))
+    s.pos += 1 + both.long()
+    return tokens, torch.stack([1 + both.long(), accepted.sum(), *done.all(dim=0)]).long()
+
+
+# -----------------------------------------------------------------------------
+# the loops
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_id=None, generator=None,
+             compiler=None, speculative=False, stats=None, check_every=16):
+    """
+    Sample continuations of a batch of prompts (lists of token ids of any lengths) with the KV cache. Prompts are
+    left-padded so that every row's next token lands in the same cache slot; one forward over them fills the cache
+    (prefill), then decode_step feeds one token per row with fixed shapes and no host sync. compiler='inductor'
+    compiles the step and replays it as one CUDA graph on a GPU; another string names a torch.compile backend
+    ('aot_eager' in the CPU tests); None runs it eagerly. Yields a (B,) tensor of new tokens per step; a row that
+    produced eos_id keeps yielding it, and generation stops once every row has, checked every check_every tokens
+    (the loop's only host sync). When the cache is full, it restarts from the most recent half of the context.
+    speculative=True drafts each next token with the first MTP module and verifies it (speculative_step); stats, a
+    dict, then counts rounds, drafted and accepted tokens.
+    """
+    device, L, B = model.wte.weight.device, model.config.block_size, len(prompts)
+    lengths = torch.tensor([len(p) for p in prompts])
+    assert 0 < lengths.min() and lengths.max() < L, "prompts must hold 1 to block_size - 1 tokens"
+    assert model.mtp or not speculative, "speculative decoding drafts with the MTP modules: mtp_depth must be >= 1"
+    history = torch.zeros(B, int(lengths.max()), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        history[row, history.size(1) - len(prompt):] = torch.as_tensor(prompt)
+    history, pad = history.to(device), (history.size(1) - lengths).to(device)
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    # a cache as long as the prompts and their continuations need (attention reads all of it at every step),
+    # with one slot for a draft; block_size when they do not fit in it
+    L = min(L, history.size(1) + max_new_tokens + 1)
+    cache = model.new_cache(B, L, dtype, mtp=speculative)
+    cache["pad"].copy_(pad)
+    draws = 3 if speculative else 1  # Exp(1) noise per row and step: the draft, its replacement, the next token
+    zeros = torch.zeros(B, dtype=torch.long, device=device)
+    state = State(temperature, top_k, top_p, token=zeros, pos=torch.zeros(1, dtype=torch.long, device=device),
+                  done=torch.zeros(B, dtype=torch.bool, device=device),
+                  eos=torch.tensor(-1 if eos_id is None else eos_id, device=device),
+                  noise=torch.ones(B, draws, model.config.vocab_size, device=device) if temperature else None,
+                  uniform=torch.zeros(B, device=device),
+                  draft=torch.zeros(B, model.config.vocab_size, device=device) if speculative else None)
+    run = Run(model, cache, state, pad, generator, eos_id, dtype)
+    # a CUDA graph cannot hold a host sync: MoE layers without the grouped GEMM read their row counts on the host
+    graph = compiler == "inductor" and device.type == "cuda" and all(
+        grouped_mm_supported(model.wte.weight, m.gate_up) for m in model.modules() if isinstance(m, Experts))
+    loop = speculative_loop if speculative else plain_loop
+    yield from loop(run, history, max_new_tokens, compiled(run.step(speculative), compiler, graph), check_every,
+                    {} if stats is None else stats)
+
+
+@dataclass
+class Run:
+    """One generate call's model, cache and state, and its host-side steps: drawing noise, prefill and restarts."""
+    model: torch.nn.Module
+    cache: dict
+    state: State
+    pad: torch.Tensor      # (B,) each row's left padding in the first context
+    generator: torch.Generator
+    eos_id: int
+    dtype: torch.dtype     # the cache's (None: the parameters')
+
+    def step(self, speculative):
+        model, cache, state = self.model, self.cache, self.state
+        if speculative:
+            return lambda: speculative_step(model, cache, state)
+        return lambda: decode_step(model, cache, state)
+
+    def draw(self):
+        """Outside the graph: the generator's random numbers for the next step."""
+        if self.state.temperature:
+            self.state.noise.exponential_(generator=self.generator)
+            self.state.uniform.uniform_(generator=self.generator)
+
+    def prefill(self, history):
+        """One forward over the context: the cache, and the next token from the last position (and its draft)."""
+        model, cache, state = self.model, self.cache, self.state
+        pos = torch.arange(history.size(1), device=history.device)
+        h = model.hidden_states(history, model.decode_context(cache, pos), cache)
+        self.draw()
+        state.pos.fill_(history.size(1))
+        token = pick_token(model.logits(h[:, -1]), state)
+        if state.draft is not None:  # the draft over the whole context, for the token after the next
+            next_tokens = torch.cat([history[:, 1:], token[:, None]], dim=1)
+            state.draft.copy_(model.mtp[0].draft(model, cache, h, next_tokens, pos)[:, -1])
+        return token
+
+    def all_done(self):
+        """Every row has produced eos_id (a host sync)."""
+        return self.eos_id is not None and bool(self.state.done.all())
+
+    def restart(self, history, new):
+        """The cache is full: start again from the most recent half of the context."""
+        history = torch.cat([history, torch.stack(new, dim=1)], dim=1)
+        L = self.cache["max_len"]
+        shift = history.size(1) - L // 2
+        fresh = self.model.new_cache(len(history), L, self.dtype, "mtp" in self.cache)
+        for tensor, zero in zip(cache_tensors(self.cache), cache_tensors(fresh)):
+            tensor.copy_(zero)
+        self.cache["pad"].copy_((self.pad - shift).clamp(min=0))
+        return history[:, shift:]
+
+
+def plain_loop(run, history, max_new_tokens, step, check_every, stats):
+    token = run.prefill(history)
+    new = [token]  # the tokens after history; the last one is not in the cache yet
+    for i in range(max_new_tokens):
+        if i and history.size(1) + len(new) > run.cache["max_len"]:
+            history = run.restart(history, new)
+            token = run.prefill(history)
+            new = [token]
+        elif i:
+            run.draw()
+            token = step().clone()  # the graph overwrites its output at the next step
+            new.append(token)
+        yield token
+        if i % check_every == check_every - 1 and run.all_done():
+            return
+
+
+def speculative_loop(run, history, max_new_tokens, verify, check_every, stats):
+    """
+    Rounds of speculative_step, queued on the device before the host reads the oldest one's outcome, so that the
+    GPU need not wait for the host: one ahead, unless the host must undo rejected drafts from a copy (mixers that do
+    not rewind) between rounds.
+    """
+    model, cache, state, B, L = run.model, run.cache, run.state, len(history), run.cache["max_len"]
+    unrewound = unrewound_tensors(model, cache)
+    ahead = 0 if unrewound else 1
+    token = run.prefill(history)
+    new = [token]
+    yield token
+    produced, finished, queue = 1, run.all_done(), collections.deque()
+    while not finished and produced < max_new_tokens:
+        room = history.size(1) + len(new) + 2 * len(queue) + 1 <= L  # for the last token, its draft, and the queue's
+        if len(queue) <= ahead and room and produced + len(queue) < max_new_tokens:
+            run.draw()
+            saved = [tensor.clone() for tensor in unrewound + [state.token, state.pos]] if unrewound else []
+            tokens, summary = verify()
+            out = torch.cat([tokens.flatten(), summary])  # a copy: the graph overwrites its outputs next round
+            ready = torch.cuda.Event() if out.is_cuda else None
+            queue.append((out, out.to("cpu", non_blocking=ready is not None), ready, saved))
+            if ready is not None:
+                ready.record()
+            continue
+        if not queue:  # no room for a round: start again from the most recent half of the context
+            history = run.restart(history, new)
+            token = run.prefill(history)
+            new, produced, finished = [token], produced + 1, run.all_done()
+            yield token
+            continue
+        out, host, ready, saved = queue.popleft()
+        if ready is not None:
+            ready.synchronize()  # the round's outcome: the loop's one wait, with the next round already queued
+        n, accepted, *done_after = host[2 * B:].tolist()
+        tokens = out[:2 * B].view(B, 2)
+        if n == 1 and saved:  # undo the draft where mixers do not rewind, then feed the first token alone
+            *copies, token_before, pos_before = saved
+            for tensor, copy in zip(unrewound, copies):
+                tensor.copy_(copy)
+            h = model.hidden_states(token_before[:, None], model.decode_context(cache, pos_before), cache)
+            state.draft.copy_(model.mtp[0].draft(model, cache, h, tokens[:, :1], pos_before)[:, -1])
+        finished = run.eos_id is not None and bool(done_after[n - 1])
+        for key, value in (("rounds", 1), ("drafted", B), ("accepted", accepted)):
+            stats[key] = stats.get(key, 0) + value
+        for j in range(min(n, max_new_tokens - produced)):
+            new.append(tokens[:, j])
+            produced += 1
+            yield tokens[:, j]
+
+
+def unrewound_tensors(model, cache):
+    """
+    The cache tensors that decoding cannot rewind by position alone (a block whose `rewinds` is False: rolling
+    windows, recurrent states, Engram's last token ids), the MTP module's blocks included.
+    """
+    pairs = [*zip(model.blocks, cache["layers"]), *(zip(model.mtp[0].blocks, cache["mtp"]) if "mtp" in cache else [])]
+    return cache_tensors([layer for block, layer in pairs if not block.rewinds])
+
+
+def cache_tensors(cache):
+    """Every tensor of a decode cache (or of any nesting of dicts and lists), in a fixed order."""
+    if torch.is_tensor(cache):
+        return [cache]
+    items = cache.values() if isinstance(cache, dict) else cache if isinstance(cache, list) else []
+    return [tensor for item in items for tensor in cache_tensors(item)]
+
+
+# -----------------------------------------------------------------------------
+# compilation and graph capture
+
+def compiled(fn, compiler, graph):
+    """
+    fn, a function of no arguments with fixed shapes that reads and writes tensors in place, made fast:
+    compiler='inductor' compiles it, tuning its kernels' tile sizes by coordinate descent (as gpt-fast; at batch 1 a
+    decode step is many small matrix-vector products), and with graph=True (CUDA, no host sync in fn) replays it as
+    one CUDA graph (cuda_graph); another string names a torch.compile backend; None leaves fn as it is.
+    """
+    if not compiler:
+        return fn
+    if compiler != "inductor":
+        return torch.compile(fn, fullgraph=True, dynamic=False, backend=compiler)
+    fn = torch.compile(fn, fullgraph=True, dynamic=False, options={"coordinate_descent_tuning": True})
+    return cuda_graph(fn) if graph else fn
+
+
+def cuda_graph(fn):
+    """
+    fn replayed as one CUDA graph: a call is one launch, with no Python and no guard checks (torch.compile's own
+    CUDA graphs, mode='reduce-overhead', spend more host time per step than a small model's decode step takes on the
+    GPU at batch 1). Every call does fn's work once: the first runs fn (compiling it) on the side stream that the
+    second captures fn on before replaying it. Returns fn's output, the graph's own tensors after the first call,
+    overwritten by the next.
+    """
+    stream, graph, out, warm = torch.cuda.Stream(), None, None, False
+
+    def call():
+        nonlocal graph, out, warm
+        if graph is not None:
+            graph.replay()
+            return out
+        stream.wait_stream(torch.cuda.current_stream())
+        if not warm:  # compile, and let cuBLAS set up its workspace for the stream
+            with torch.cuda.stream(stream):
+                out, warm = fn(), True
+            torch.cuda.current_stream().wait_stream(stream)
+            return out
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            out = fn()
+        graph.replay()
+        return out
+
+    return call
