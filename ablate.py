@@ -1,7 +1,7 @@
 """
 Fixed-compute ablations: one train.py process per (run, seed), every run at the same budget, then a table.
 
-    python ablate.py config/sweep_gutenberg.py                 # the README's sweep
+    python ablate.py config/sweep_gutenberg.py                 # the variants at equal training FLOPs
     python ablate.py config/sweep_gutenberg.py --parallel=3    # three runs at a time on one GPU
     python ablate.py config/sweep_gutenberg.py --gpus=0,1      # split the runs over two GPUs
 
@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from configurator import fail, parse_config
+from configurator import fail, parse_config, save_plot
 
 # -----------------------------------------------------------------------------
 # defaults
@@ -153,15 +153,8 @@ def write_results():
 
 
 def plot_curves():
-    """<out_dir>/val.png: each run's val loss (first seed) against training FLOPs spent (needs matplotlib)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
-        return
-    fig, ax = plt.subplots(figsize=(8, 5))
+    """<out_dir>/val.png: each run's val loss (first seed) against training FLOPs spent."""
+    lines = []
     for i, label in enumerate(jobs):
         rows = next((rows for seed in seeds if (rows := read_log(label, seed))), [])
         head = next((row for row in rows if "params" in row), None)
@@ -169,15 +162,9 @@ def plot_curves():
         # squeeze the differences that matter into the bottom of the plot
         points = [(row["tokens"] * head["flops_per_token"], row["val_loss"]) for row in rows
                   if "val_loss" in row and row["tokens"] > 0] if head else []
-        if points:  # the default cycle has 10 colours: dashed lines after them
-            ax.plot(*zip(*points), marker="o", label=label, linestyle="-" if i < 10 else "--")
-    ax.set_xlabel("training FLOPs")
-    ax.set_ylabel("val loss (nats/token)")
-    ax.legend(fontsize=8)
-    ax.set_title(sweep)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "val.png"), dpi=120)
-    print(f"wrote {os.path.join(out_dir, 'val.png')}")
+        # the default cycle has 10 colours: dashed lines after them
+        lines.append((label, points, {"marker": "o", "linestyle": "-" if i < 10 else "--"}))
+    save_plot(os.path.join(out_dir, "val.png"), sweep, [("training FLOPs", "val loss (nats/token)", lines)])
 
 
 os.makedirs(out_dir, exist_ok=True)

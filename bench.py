@@ -11,7 +11,7 @@ and optionally a transformers reference model of the same shape, timed in the sa
     python bench.py config/gpt2_124m.py --compile=True --profile=True # + where the step's time goes, kernel by kernel
 
 Training steps run on random tokens (no dataset needed) exactly as in train.py: autocast, AdamW from optim.py
-(fused on CUDA), gradient clipping at 1.0. Decoding is greedy through model.generate, timed end to end (prefill
+(fused on CUDA), gradient clipping at 1.0. Decoding is greedy through decode.generate, timed end to end (prefill
 included) at batch 1 and decode_batch: plain, fast (the step in CUDA graphs) and speculative (with MTP); with
 decode_context, the steps alone at that context, with the cache's memory. A table is printed at the end and every
 figure is written to json_out. With --flops, only the accounting, from the shapes alone (no device, no weights).
@@ -28,6 +28,7 @@ from dataclasses import asdict, replace
 import torch
 
 from configurator import autocast, fail, nominal_peak_flops, parse_config, pick_device, pick_dtype, print0
+from decode import generate
 from model import GPT, GPTConfig, config_fields
 from optim import QKClip, clip_grad_norm_, configure_optimizers
 
@@ -42,7 +43,7 @@ compile = False               # torch.compile the model (and the reference)
 warmup = 3                    # untimed steps first; at least 10 with compile (compilation happens there)
 steps = 10                    # training steps per timed repeat
 repeats = 3                   # timed repeats; the median is reported
-decode = True                 # also time decoding with model.generate
+decode = True                 # also time decoding with decode.generate
 decode_batch = 1              # prompts decoded together (batch 1 is timed too; e.g. 64 for throughput)
 prompt_len = 16               # tokens per random prompt
 decode_tokens = 256           # new tokens per prompt
@@ -83,7 +84,7 @@ if flops:  # on the meta device: shapes without weights, so that even a large co
               "non-embedding": model.num_params(embedding=False),
               "embedding": model.num_params() - model.num_params(embedding=False),
               "MTP modules": sum(p.numel() for p in model.mtp.parameters()),  # training only: not in the total
-              "Engram tables": model.engram_table_params()}  # looked up, not multiplied: not in the total
+              "Engram tables": model.table_params()}  # looked up, not multiplied: not in the total
     parts = model.flops_breakdown(T)
     total = sum(parts.values())
     kv_dtype = "bfloat16" if dtype == "auto" else dtype  # the cache as a GPU keeps it, unless --dtype says otherwise
@@ -235,7 +236,7 @@ def measure(name, model, loss_of, with_decode):
         if qk_clip:
             qk_clip.clip()
 
-    tables = model.engram_table_params() if isinstance(model, GPT) else 0  # Engram's lookup tables, counted apart
+    tables = model.table_params() if isinstance(model, GPT) else 0  # Engram's lookup tables, counted apart
     print0(f"{name}: {(sum(p.numel() for p in model.parameters()) - tables) / 1e6:.2f}M parameters"
            + (f" + {tables / 1e6:.2f}M in Engram tables" if tables else "") + f", {warmup} warm-up steps"
            + (" (compiling)" if compile else ""))
@@ -274,26 +275,26 @@ def decode_speeds(name, model):
     batch 1 and decode_batch: 'plain' (the decode step eager), 'fast' (captured in CUDA graphs: CUDA only) and
     'speculative' (drafts from the MTP module, compiled on CUDA: mtp_depth > 0); its acceptance rate beside it.
     """
-    modes = {"plain": {}, **({"fast": dict(compile=True)} if cuda else {}),
-             **({"speculative": dict(compile=cuda, speculative=True)} if model.mtp else {})}
+    modes = {"plain": {}, **({"fast": dict(compiler="inductor")} if cuda else {}),
+             **({"speculative": dict(compiler="inductor" if cuda else None, speculative=True)} if model.mtp else {})}
     speeds = {}
     for batch in sorted({1, decode_batch}):
         prompts = torch.randint(model_config.vocab_size, (batch, prompt_len)).tolist()
         for mode, options in modes.items():
             stats, tokens = {}, []
 
-            def generate(n):
+            def decode_all(n):
                 tokens.clear()
                 with amp:
-                    for token in model.generate(prompts, n, temperature=0.0, stats=stats, **options):
+                    for token in generate(model, prompts, n, temperature=0.0, stats=stats, **options):
                         tokens.append(token)
 
             print0(f"{name}: decoding {batch} x {decode_tokens} tokens after {prompt_len}-token prompts, {mode}")
             # warm-up at the timed length: the cache is sized to prompt and continuation, so a shorter warm-up would
             # leave the compiled step of the timed cache shape to be compiled inside the timing
-            generate(decode_tokens)
+            decode_all(decode_tokens)
             stats.clear()
-            speeds[f"{mode} x{batch}"] = batch * decode_tokens / median_time(lambda: generate(decode_tokens), 1)
+            speeds[f"{mode} x{batch}"] = batch * decode_tokens / median_time(lambda: decode_all(decode_tokens), 1)
             accepted = f", {stats['accepted'] / stats['drafted']:.1%} of drafts accepted" if stats else ""
             if stats:
                 speeds[f"{mode} x{batch} acceptance"] = stats["accepted"] / stats["drafted"]
@@ -347,7 +348,7 @@ ceiling = None
 if cuda:  # what this GPU's bf16 tensor cores sustain: the honest denominator for MFU
     n = 8192
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    matmuls = 50  # ~0.1 s on an H100: enough for the clocks to settle during warm-up and for event timing
+    matmuls = 50  # enough for the clocks to settle during warm-up and for event timing to be precise
     print0(f"ceiling: timing {repeats} x {matmuls} bf16 matmuls of {n} x {n} x {n}")
     timed(lambda: a @ b, matmuls)
     ceiling = 2 * n**3 / median_time(lambda: a @ b, matmuls)

@@ -1,5 +1,5 @@
 """
-Plumbing shared by every stage: configuration, device and precision, checkpoints.
+Plumbing shared by every stage: configuration, device and precision, checkpoints and what lies beside them.
 
 Configuration works like nanoGPT's: each stage keeps its defaults as plain module-level
 assignments, then calls
@@ -14,6 +14,7 @@ import ast
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import time
 import uuid
@@ -159,17 +160,18 @@ def save_checkpoint(path, checkpoint):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint or stop with one line saying what is wrong with it."""
+    """Load a checkpoint (a file, or a folder's ckpt.pt), or raise ValueError saying in one line what is wrong."""
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
     if not os.path.isfile(path):
-        fail(f"no checkpoint at {path}")
+        raise ValueError(f"no checkpoint at {path}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, pickle of foreign objects, ...
-        fail(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        raise ValueError(f"checkpoint {path} is corrupt or truncated "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        fail(f"{path} is not a nanollm checkpoint")
+        raise ValueError(f"{path} is not a nanollm checkpoint")
     return checkpoint
 
 
@@ -223,3 +225,58 @@ def all_reduce_sum(*values, device="cpu"):
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
+
+
+# -----------------------------------------------------------------------------
+# outputs beside a checkpoint: the tokenizer, the log, the plots
+
+def copy_tokenizer(path, out_dir):
+    """Copy the files of Tokenizer.load(path) into out_dir, where the next stages look: none for 'gpt2', a HF
+    tokenizer.json with its tokenizer_config.json (its special tokens), or tokenizer.model; returns that name."""
+    if path == "gpt2":
+        return "gpt2"
+    hf = os.path.isdir(path) or path.endswith("tokenizer.json")
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    files = ({name: os.path.join(folder, name) for name in ("tokenizer.json", "tokenizer_config.json")} if hf
+             else {"tokenizer.model": path})
+    for name, source in files.items():
+        target = os.path.join(out_dir, name)
+        if os.path.isfile(source) and not (os.path.exists(target) and os.path.samefile(source, target)):
+            shutil.copyfile(source, target)
+    return "tokenizer.json" if hf else "tokenizer.model"
+
+
+def trim_log(path, step, keep):
+    """A run resumed at `step` forgets what the interrupted one logged after its checkpoint: of the rows at `step` it
+    keeps those where keep(row) (not the evaluation it redoes). A fresh run (step 0) starts an empty log."""
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            rows = [r for r in map(json.loads, f) if r["step"] < step or (r["step"] == step and keep(r))]
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def save_plot(path, title, panels):
+    """Line plots side by side in one png (needs matplotlib). panels: (x label, y label, lines) each, a line being
+    (label, [(x, y), ...], matplotlib style keywords); a line with no points is left out."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print0("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(2 + 5 * len(panels), 4.5), squeeze=False)
+    for ax, (x_label, y_label, lines) in zip(axes[0], panels):
+        for label, points, style in lines:
+            if points:
+                ax.plot(*zip(*points), label=label, **style)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(y_label)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print0(f"wrote {path}")

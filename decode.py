@@ -182,9 +182,12 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     # a CUDA graph cannot hold a host sync: MoE layers without the grouped GEMM read their row counts on the host
     graph = compiler == "inductor" and device.type == "cuda" and all(
         grouped_mm_supported(model.wte.weight, m.gate_up) for m in model.modules() if isinstance(m, Experts))
-    loop = speculative_loop if speculative else plain_loop
-    yield from loop(run, history, max_new_tokens, compiled(run.step(speculative), compiler, graph), check_every,
-                    {} if stats is None else stats)
+    if speculative:
+        verify = compiled(lambda: speculative_step(model, cache, state), compiler, graph)
+        yield from speculative_loop(run, history, max_new_tokens, verify, {} if stats is None else stats)
+    else:
+        yield from plain_loop(run, history, max_new_tokens, compiled(lambda: decode_step(model, cache, state),
+                                                                     compiler, graph), check_every)
 
 
 @dataclass
@@ -197,12 +200,6 @@ class Run:
     generator: torch.Generator
     eos_id: int
     dtype: torch.dtype     # the cache's (None: the parameters')
-
-    def step(self, speculative):
-        model, cache, state = self.model, self.cache, self.state
-        if speculative:
-            return lambda: speculative_step(model, cache, state)
-        return lambda: decode_step(model, cache, state)
 
     def draw(self):
         """Outside the graph: the generator's random numbers for the next step."""
@@ -239,7 +236,7 @@ class Run:
         return history[:, shift:]
 
 
-def plain_loop(run, history, max_new_tokens, step, check_every, stats):
+def plain_loop(run, history, max_new_tokens, step, check_every):
     token = run.prefill(history)
     new = [token]  # the tokens after history; the last one is not in the cache yet
     for i in range(max_new_tokens):
@@ -256,7 +253,7 @@ def plain_loop(run, history, max_new_tokens, step, check_every, stats):
             return
 
 
-def speculative_loop(run, history, max_new_tokens, verify, check_every, stats):
+def speculative_loop(run, history, max_new_tokens, verify, stats):
     """
     Rounds of speculative_step, queued on the device before the host reads the oldest one's outcome, so that the
     GPU need not wait for the host: one ahead, unless the host must undo rejected drafts from a copy (mixers that do

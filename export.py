@@ -7,12 +7,10 @@ Qwen3-MoE (softmax-routed MoE) or DeepSeek-V3 (MLA, sigmoid-routed MoE), whichev
 transformers then loads it with AutoModelForCausalLM.from_pretrained('out/quickstart_hf'). A model with no such
 family (MoBA, sliding or sparse spans, linear attention, hyper-connections, Engram, ...) stops with a one-line error.
 """
-import os
 import sys
 
-from configurator import load_checkpoint, parse_config
-from hf import to_hf
-from model import GPT, GPTConfig
+from configurator import copy_tokenizer, fail, parse_config
+from hf import load_model, to_hf
 
 # -----------------------------------------------------------------------------
 out_dir = "out"               # folder holding ckpt.pt (and tokenizer.model) written by train.py
@@ -21,13 +19,12 @@ hf_dir = ""                   # the folder to write; '' = out_dir + '_hf'
 config = parse_config({"out_dir": out_dir, "hf_dir": hf_dir}, sys.argv[1:])
 out_dir, hf_dir = config["out_dir"], config["hf_dir"] or config["out_dir"].rstrip("/") + "_hf"
 
-checkpoint = load_checkpoint(out_dir)
-model = GPT(GPTConfig(**checkpoint["model_config"]))
-model.load_state_dict(checkpoint["model"])
-# the tokenizer's files as they are ('gpt2' names tiktoken's encoding: nothing to copy)
-tokenizer_files = [os.path.join(out_dir, name) for name in (checkpoint["tokenizer"], "tokenizer_config.json")
-                   if os.path.isfile(os.path.join(out_dir, name))]
-family = to_hf(model, hf_dir, eos_id=checkpoint["eos_id"], tokenizer_files=tokenizer_files)
+try:
+    model, tokenizer_path, checkpoint = load_model(out_dir)
+    family = to_hf(model, hf_dir, eos_id=checkpoint["eos_id"])
+except (ValueError, ImportError) as e:
+    fail(str(e))
+copy_tokenizer(tokenizer_path, hf_dir)  # its files as they are
 if model.config.mtp_depth:
     print(f"note: the {model.config.mtp_depth} MTP module(s) are training-only and left out")
 print(f"wrote {hf_dir} ({family})")

@@ -4,24 +4,24 @@ ours in their format.
 
     model = from_hf("path/to/Qwen3-0.6B")            # config.json + *.safetensors (or pytorch_model*.bin)
     to_hf(model, "out/run_hf", eos_id=0)              # config.json, model.safetensors, generation_config.json
+    model, tokenizer_path, checkpoint = load_model("out/run")   # or load_model("hf:path/to/Qwen3-0.6B")
 
 Every family is our model with other names: q, k and v (our fused qkv rows, Qwen2's biases included), gate and up
 (our fused gate_up rows; stacked per routed expert), pre-norm RMSNorms, SwiGLU, RoPE with the half-split pairing of
 HF's rotate_half (their q and k weights are already permuted for it), QK-norm for Qwen3, MLA and a sigmoid-scored MoE
 with shared experts and a selection bias for DeepSeek-V3, whose interleaved rotary rows we reorder on the way in and
 out. Any config.json field or tensor that we cannot place, or that would change the math in a way we do not model
-(sliding windows, other RoPE scalings, biases elsewhere, ...), stops the load in one line rather than loading an
+(sliding windows, other RoPE scalings, biases elsewhere, ...), raises a one-line ValueError rather than loading an
 approximation. transformers itself is not needed; safetensors is.
 """
 import glob
 import json
 import os
-import shutil
 from dataclasses import fields, replace
 
 import torch
 
-from configurator import fail
+from configurator import load_checkpoint
 from model import GPT, GPTConfig, Router, rope_tables
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -120,7 +120,7 @@ def _interleaved_rows(config, name):
 def _read_config(path):
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
-        fail(f"no Hugging Face model at {path} (config.json missing)")
+        raise ValueError(f"no Hugging Face model at {path} (config.json missing)")
     with open(config_path) as f:
         return json.load(f)
 
@@ -137,7 +137,7 @@ def _rope_fields(path, c):
                (rope.get("mscale_all_dim") and not rope.get("mscale"), "mscale_all_dim without mscale")]
     for unsupported, what in refused:
         if unsupported:
-            fail(f"{path}: {what} is not supported")
+            raise ValueError(f"{path}: {what} is not supported")
     out = {"rope_theta": float(rope.get("rope_theta", c.get("rope_theta", 10000.0)))}
     if kind == "default":
         return out
@@ -159,16 +159,16 @@ def hf_config(path, block_size=0):
     c = _read_config(path)
     family = c.get("model_type")
     if family not in ARCHITECTURES:
-        fail(f"{path}: model_type '{family}' is not supported (supported: {', '.join(ARCHITECTURES)})")
+        raise ValueError(f"{path}: model_type '{family}' is not supported (supported: {', '.join(ARCHITECTURES)})")
     for key, value in FIXED.items():
         if key in c and c[key] != value:
-            fail(f"{path}: {key}={json.dumps(c[key])} is not supported")
+            raise ValueError(f"{path}: {key}={json.dumps(c[key])} is not supported")
     if any(t != "full_attention" for t in c.get("layer_types") or []):
-        fail(f"{path}: sliding windows (layer_types) are not supported")
+        raise ValueError(f"{path}: sliding windows (layer_types) are not supported")
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                 "rms_norm_eps", "max_position_embeddings"):
         if not isinstance(c.get(key), (int, float)):
-            fail(f"{path}: config.json has no {key}")
+            raise ValueError(f"{path}: config.json has no {key}")
     heads = c["num_attention_heads"]
     args = dict(block_size=block_size or c.get("max_position_embeddings"), vocab_size=c.get("vocab_size"),
                 n_layer=c.get("num_hidden_layers"), n_head=heads, n_embd=c.get("hidden_size"),
@@ -187,7 +187,7 @@ def hf_config(path, block_size=0):
     if family == "qwen3_moe":
         dense = c.get("mlp_only_layers") or []
         if dense != list(range(len(dense))):
-            fail(f"{path}: mlp_only_layers={dense} is not supported (only the first layers may be dense)")
+            raise ValueError(f"{path}: mlp_only_layers={dense} is not supported (only the first layers may be dense)")
         args.update(n_experts=c.get("num_experts") or c.get("num_local_experts"), moe_topk=c.get("num_experts_per_tok"),
                     moe_hidden=c.get("moe_intermediate_size"), moe_every=c.get("decoder_sparse_step", 1),
                     moe_first_dense=len(dense), router_renorm=c.get("norm_topk_prob", False))
@@ -195,9 +195,10 @@ def hf_config(path, block_size=0):
                  "decoder_sparse_step", "norm_topk_prob"}
     if family == "deepseek_v3":
         if c.get("rms_norm_eps") != 1e-6:  # transformers' latent norms (q_a, kv_a) keep 1e-6 whatever it says
-            fail(f"{path}: rms_norm_eps={c.get('rms_norm_eps')} is not supported (DeepSeek-V3's latent norms use 1e-6)")
+            raise ValueError(f"{path}: rms_norm_eps={c.get('rms_norm_eps')} is not supported "
+                             "(DeepSeek-V3's latent norms use 1e-6)")
         if c.get("num_key_value_heads", heads) != heads:
-            fail(f"{path}: num_key_value_heads != num_attention_heads is not supported for MLA")
+            raise ValueError(f"{path}: num_key_value_heads != num_attention_heads is not supported for MLA")
         args.update(attention="mla", q_lora_rank=c.get("q_lora_rank") or 0, kv_lora_rank=c.get("kv_lora_rank"),
                     qk_nope_head_dim=c.get("qk_nope_head_dim"), qk_rope_head_dim=c.get("qk_rope_head_dim"),
                     v_head_dim=c.get("v_head_dim"),  # MLA's head_dim only sets defaults; any value will do
@@ -213,11 +214,11 @@ def hf_config(path, block_size=0):
                  "first_k_dense_replace", "norm_topk_prob", "routed_scaling_factor", "n_group", "topk_group"}
     unknown = sorted(set(c) - used - IGNORED)
     if unknown:
-        fail(f"{path}: config field '{unknown[0]}' is not supported ({len(unknown)} unknown)")
+        raise ValueError(f"{path}: config field '{unknown[0]}' is not supported ({len(unknown)} unknown)")
     try:
         return GPTConfig(**args)
     except (TypeError, ValueError) as e:
-        fail(f"{path}: config.json: {type(e).__name__} {e}")
+        raise ValueError(f"{path}: config.json: {type(e).__name__} {e}") from None
 
 
 def _safetensors():
@@ -225,7 +226,7 @@ def _safetensors():
     try:
         import safetensors.torch
     except ImportError:
-        fail("Hugging Face weights need the safetensors package: pip install safetensors")
+        raise ImportError("Hugging Face weights need the safetensors package: pip install safetensors") from None
     return safetensors.torch
 
 
@@ -237,7 +238,7 @@ def read_hf_tensors(path):
     else:
         files = sorted(glob.glob(os.path.join(path, "*.bin")))
         if not files:
-            fail(f"no weights in {path} (*.safetensors or *.bin)")
+            raise ValueError(f"no weights in {path} (*.safetensors or *.bin)")
         shards = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
     return {name: tensor for shard in shards for name, tensor in shard.items()}
 
@@ -257,7 +258,7 @@ def load_hf_weights(model, path):
         stacked = isinstance(theirs[0], list)
         missing = [name for name in (sum(theirs, []) if stacked else theirs) if name not in tensors]
         if missing:
-            fail(f"{path}: tensor {missing[0]} is missing")
+            raise ValueError(f"{path}: tensor {missing[0]} is missing")
         if stacked:
             value = torch.stack([torch.cat([tensors.pop(name) for name in group]) for group in theirs])
         else:
@@ -265,17 +266,17 @@ def load_hf_weights(model, path):
         target = ours_by_name[ours]
         if value.shape != target.shape:
             what = f"{theirs[0][0]} ..." if stacked else " + ".join(theirs)
-            fail(f"{path}: {what} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
+            raise ValueError(f"{path}: {what} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
         order = _interleaved_rows(model.config, ours) if interleaved else None
         target.copy_(value if order is None else value[order])
     if tensors:
-        fail(f"{path}: cannot place tensor {next(iter(tensors))} ({len(tensors)} unplaced)")
+        raise ValueError(f"{path}: cannot place tensor {next(iter(tensors))} ({len(tensors)} unplaced)")
 
 
 def from_hf(path, block_size=0, dropout=0.0):
     """A GPT (fp32, eval mode) holding the HF checkpoint in folder `path` (dropout: for training it further)."""
     config = replace(hf_config(path, block_size), dropout=dropout)
-    with torch.device("meta"):  # no random init, which would take longer than the load (26 s of 31 for 0.6B on 2 cores)
+    with torch.device("meta"):  # no random init: for a large model it takes longer than the load
         model = GPT(config)
     marks = {name: dict(p.__dict__) for name, p in model.named_parameters()}  # logical_rows (model.py)
     model.to_empty(device="cpu")  # new tensors: ties and marks are to be put back
@@ -292,6 +293,19 @@ def from_hf(path, block_size=0, dropout=0.0):
     return model.eval()
 
 
+def load_model(source, block_size=0, dropout=0.0):
+    """The GPT of 'hf:FOLDER' (as from_hf) or of a checkpoint (a folder or its ckpt.pt), the path Tokenizer.load takes
+    for its tokenizer, and the checkpoint (None for a folder)."""
+    if source.startswith("hf:"):
+        return from_hf(source[3:], block_size, dropout), source[3:], None
+    checkpoint = load_checkpoint(source)
+    model = GPT(GPTConfig(**checkpoint["model_config"]))
+    model.load_state_dict(checkpoint["model"])
+    name = checkpoint["tokenizer"]
+    folder = source if os.path.isdir(source) else os.path.dirname(source)
+    return model, name if name == "gpt2" else os.path.join(folder, name), checkpoint
+
+
 # -----------------------------------------------------------------------------
 # export
 
@@ -301,7 +315,8 @@ def hf_family(config):
     defaults = GPTConfig(**{name: getattr(c, name) for name in EXPRESSED})  # the same, every other field at its default
     for f in fields(GPTConfig):  # MoBA, sliding or sparse spans, linear attention, hyper-connections, Engram, ...
         if f.name not in EXPRESSED | TRAINING_ONLY and getattr(c, f.name) != getattr(defaults, f.name):
-            fail(f"{f.name}={getattr(c, f.name)!r} has no Hugging Face equivalent: cannot export this model")
+            raise ValueError(f"{f.name}={getattr(c, f.name)!r} has no Hugging Face equivalent: "
+                             "cannot export this model")
     if c.attention == "mla":
         refused = [(c.n_experts and c.router_scoring != "sigmoid", "DeepSeek-V3's router scores with a sigmoid"),
                    (c.n_experts and not c.n_shared_experts, "DeepSeek-V3's MoE layers have shared experts"),
@@ -321,7 +336,7 @@ def hf_family(config):
         refused, family = [(True, f"attention='{c.attention}' has no Hugging Face equivalent")], None
     for unsupported, why in refused:
         if unsupported:
-            fail(f"cannot export this model: {why}")
+            raise ValueError(f"cannot export this model: {why}")
     return family
 
 
@@ -363,15 +378,16 @@ def _hf_json(config, family, dtype, eos_id):
 
 
 @torch.no_grad()
-def to_hf(model, out_dir, eos_id=None, tokenizer_files=()):
+def to_hf(model, out_dir, eos_id=None):
     """
     Write model as a HF folder of the family hf_family picks, loadable by transformers' AutoModelForCausalLM with no
-    custom code. MTP modules (training only) are left out. tokenizer_files are copied as they are.
+    custom code. MTP modules (training only) are left out.
     """
     c = model.config
     family = hf_family(c)
     if family == "qwen3_moe" and any(m.bias.any() for m in model.modules() if isinstance(m, Router)):
-        fail("cannot export this model: Qwen3-MoE has no router selection bias, and this model's is not zero")
+        raise ValueError("cannot export this model: Qwen3-MoE has no router selection bias, "
+                         "and this model's is not zero")
     ours_by_name = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     tensors = {}
     for ours, theirs in _layout(c).items():
@@ -392,6 +408,4 @@ def to_hf(model, out_dir, eos_id=None, tokenizer_files=()):
                           ("generation_config.json", {"eos_token_id": eos_id})):
         with open(os.path.join(out_dir, name), "w") as f:
             json.dump(content, f, indent=2)
-    for path in tokenizer_files:
-        shutil.copy(path, out_dir)
     return family

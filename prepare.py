@@ -2,8 +2,8 @@
 Turn raw text into token shards for training: read documents, hold some out for validation, train a tokenizer
 on the rest, tokenize everything on all cores and write data/<name>/ (see data/README.md for the layout).
 
-    python prepare.py                                    # offline: this Python's own standard library, ~30 MB
-    python prepare.py --dataset=tinyshakespeare          # also tinystories, fineweb_edu (downloaded once)
+    python prepare.py                                    # offline: this Python's own standard library
+    python prepare.py --dataset=tinyshakespeare          # also tinystories, fineweb_edu, or a URL (downloaded once)
     python prepare.py --input=books/ --strip_gutenberg=True --val_files=pg1342.txt
     python prepare.py --input=chats.jsonl --tokenizer=gpt2
 
@@ -15,50 +15,55 @@ import glob
 import hashlib
 import http.client
 import json
+import multiprocessing
 import os
 import platform
 import random
 import re
-import shutil
 import sys
 import sysconfig
 import time
 import urllib.error
 import urllib.request
 from datetime import datetime, timezone
-from multiprocessing import Pool
 
 import numpy as np
 from tqdm import tqdm
 
-from configurator import fail, parse_config
+from configurator import copy_tokenizer, fail, parse_config
 from tokenizer import Tokenizer
 
-defaults = dict(
-    dataset="pystdlib",        # pystdlib (offline) or a name in SOURCES (downloaded); ignored when --input is given
-    input="",                  # your own text instead: comma-separated files, folders (recursive) or globs
-    name="",                   # output folder under out_root; default: the dataset name or the input's basename
-    doc_separator="",          # split .txt files into documents at this string, e.g. '<|endoftext|>'
-    strip_gutenberg=False,     # drop Project Gutenberg's header and license from each .txt file
-    val_files="",              # comma-separated file basenames held out whole as the val split
-    val_fraction=0.02,         # otherwise this fraction of documents (at least one), chosen at random
-    seed=1337,                 # for the val choice and the document order
-    tokenizer="bpe",           # 'bpe' (trained here on the train split), 'gpt2', a tokenizer.model, or a HF folder
-    vocab_size=8192,           # of the trained bpe
-    shard_size=100_000_000,    # tokens per .bin file
-    out_root="data",
-    num_workers=0,             # tokenizing processes; 0 = one per core
-)
+# -----------------------------------------------------------------------------
+# defaults
+dataset = "pystdlib"          # pystdlib (offline), a name in SOURCES or the URL of a .txt, .jsonl or .parquet file
+                              # (downloaded once); ignored when --input is given
+input = ""                    # your own text instead: comma-separated files, folders (recursive) or globs
+name = ""                     # output folder under out_root; default: the dataset name or the input's basename
+doc_separator = ""            # split .txt files into documents at this string, e.g. '<|endoftext|>'
+strip_gutenberg = False       # drop Project Gutenberg's header and license from each .txt file
+val_files = ""                # comma-separated file basenames held out whole as the val split
+val_fraction = 0.02           # otherwise this fraction of documents (at least one), chosen at random
+seed = 1337                   # for the val choice and the document order
+tokenizer = "bpe"             # 'bpe' (trained here on the train split), 'gpt2', a tokenizer.model, or a HF folder
+vocab_size = 8192             # of the trained bpe
+shard_size = 100_000_000      # tokens per .bin file
+out_root = "data"
+num_workers = 0               # tokenizing processes; 0 = one per core
+# -----------------------------------------------------------------------------
+config = parse_config({k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))},
+                      sys.argv[1:])
+globals().update(config)
+started = time.time()
 
 HF = "https://huggingface.co/datasets"
 SOURCES = {
     # a speech is a document: the play is one file, and the val split needs more than one document
     "tinyshakespeare": dict(url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
                             doc_separator="\n\n"),
-    # the 19 MB validation file of TinyStories (22k stories) is plenty for small models; the train file is 1.9 GB
+    # the validation file of TinyStories is plenty for small models, and far smaller than the train file
     "tinystories": dict(url=f"{HF}/roneneldan/TinyStories/resolve/main/TinyStories-valid.txt",
                         doc_separator="<|endoftext|>"),
-    # the first of the 10B-token sample's parquet files: ~2 GB, ~700k web pages
+    # the first parquet file of the 10B-token sample
     "fineweb_edu": dict(url=f"{HF}/HuggingFaceFW/fineweb-edu/resolve/main/sample/10BT/000_00000.parquet"),
 }
 DOCS_PER_TASK = 16  # documents a worker tokenizes per task: IPC stays cheap, the work spreads evenly
@@ -120,7 +125,7 @@ GUTENBERG_START = re.compile(r"^\*\*\* ?START OF.*$", re.MULTILINE)
 GUTENBERG_END = re.compile(r"^\*\*\* ?END OF.*$", re.MULTILINE)
 
 
-def strip_gutenberg(text):
+def gutenberg_book(text):
     """The book between Project Gutenberg's '*** START OF ...' and '*** END OF ...' lines, with LF line ends.
     A file without the markers is kept whole: it is not a Gutenberg book, or it was stripped already."""
     text = text.replace("\r\n", "\n")
@@ -170,7 +175,7 @@ def read_documents(paths, doc_separator, gutenberg):
                          if line.strip()]
             else:
                 if gutenberg:
-                    text = strip_gutenberg(text)
+                    text = gutenberg_book(text)
                 # a separator usually sits on a line of its own: the line breaks around it are not the documents'
                 texts = [t.strip("\r\n") for t in text.split(doc_separator)] if doc_separator else [text]
         docs += [(os.path.basename(path), t) for t in texts if t.strip()]
@@ -208,12 +213,12 @@ def file_sha256(path):
     return digest.hexdigest()
 
 
-def download(url, path, sha256=None):
+def download(url, path):
     """Fetch url to path, once (path is the cache), and return the file's sha256.
 
     Bytes go to path + '.part'. When the connection breaks, the next attempt (or the next run) asks only for
     the missing bytes with an HTTP Range request; a server that ignores Range sends everything again. The file
-    is checked against sha256 when given, else against the sha256 the server publishes, if it does."""
+    is checked against the sha256 the server publishes, if it does."""
     if os.path.exists(path):
         return file_sha256(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -237,7 +242,7 @@ def download(url, path, sha256=None):
                 have = 0
             length = response.headers.get("Content-Length")
             total = have + int(length) if length else None
-            sha256 = sha256 or published_sha256(response.headers)
+            sha256 = published_sha256(response.headers)
             with open(part, "ab" if have else "wb") as f, \
                     tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
                 try:
@@ -258,12 +263,11 @@ def download(url, path, sha256=None):
     return actual
 
 
-def read_dataset(name, config):
-    source = SOURCES[name]
-    path = os.path.join(config["out_root"], "downloads", name, os.path.basename(source["url"]))
+def read_dataset(name, source):
+    """The documents of a file downloaded once into out_root/downloads/name/, and where they came from."""
+    path = os.path.join(out_root, "downloads", name, os.path.basename(source["url"]))
     sha256 = download(source["url"], path)
-    docs, skipped = read_documents([path], config["doc_separator"] or source.get("doc_separator", ""),
-                                   config["strip_gutenberg"])
+    docs, skipped = read_documents([path], doc_separator or source.get("doc_separator", ""), strip_gutenberg)
     return docs, {"dataset": name, "url": source["url"], "sha256": sha256, "files": 1, "skipped_non_utf8": skipped}
 
 
@@ -308,88 +312,79 @@ def write_split(pool, split, texts, out_dir, shard_size):
 
 
 # -----------------------------------------------------------------------------
+# the documents, their split, the tokenizer, the shards
 
-def main(argv):
-    config = parse_config(defaults, argv)
-    started = time.time()
+if input:
+    files = find_input_files(input)
+    docs, skipped = read_documents(files, doc_separator, strip_gutenberg)
+    source = {"input": input, "files": len(files), "skipped_non_utf8": skipped}
+    first = re.split(r"[*?[]", input.split(",")[0])[0]  # the first path, up to any glob pattern
+    default_name = os.path.splitext(os.path.basename(os.path.abspath(first)))[0]
+elif dataset == "pystdlib":
+    docs, source = read_pystdlib()
+    default_name = "pystdlib"
+elif dataset in SOURCES or "://" in dataset:
+    default_name = dataset if dataset in SOURCES else os.path.splitext(os.path.basename(dataset))[0]
+    docs, source = read_dataset(default_name, SOURCES.get(dataset, {"url": dataset}))
+else:
+    fail(f"unknown --dataset={dataset}: choose pystdlib, {', '.join(SOURCES)}, a URL, or use --input=PATH")
+if not docs:
+    fail(f"no documents in {input or dataset}: its files are empty or not UTF-8")
+print(f"read {len(docs):,} documents from {source['files']:,} files ({source['skipped_non_utf8']} not UTF-8)")
+out_dir = os.path.join(out_root, name or default_name)
 
-    if config["input"]:
-        files = find_input_files(config["input"])
-        docs, skipped = read_documents(files, config["doc_separator"], config["strip_gutenberg"])
-        source = {"input": config["input"], "files": len(files), "skipped_non_utf8": skipped}
-        first = re.split(r"[*?[]", config["input"].split(",")[0])[0]  # the first path, up to any glob pattern
-        name = os.path.splitext(os.path.basename(os.path.abspath(first)))[0]
-    elif config["dataset"] == "pystdlib":
-        docs, source = read_pystdlib()
-        name = "pystdlib"
-    elif config["dataset"] in SOURCES:
-        docs, source = read_dataset(config["dataset"], config)
-        name = config["dataset"]
+# shuffled so that val is a random sample and any stretch of train looks like the whole corpus
+random.Random(seed).shuffle(docs)
+if val_files:
+    held_out = set(filter(None, val_files.split(",")))
+    missing = held_out - {file for file, _ in docs}
+    if missing:
+        fail(f"--val_files: {', '.join(sorted(missing))} is not among the input's documents")
+    splits = {"train": [text for file, text in docs if file not in held_out],
+              "val": [text for file, text in docs if file in held_out]}
+else:
+    n_val = max(1, round(val_fraction * len(docs)))
+    splits = {"train": [text for _, text in docs[n_val:]], "val": [text for _, text in docs[:n_val]]}
+if not splits["train"]:
+    fail(f"no documents left to train on after the val split ({len(docs)} in all): "
+         "add files, or cut them into documents with --doc_separator")
+
+os.makedirs(out_dir, exist_ok=True)
+# an earlier run's files here would pass for this run's; meta.json comes last, so it marks a finished run
+for stale in glob.glob(os.path.join(out_dir, "*.bin")) + glob.glob(os.path.join(out_dir, "meta.json")):
+    os.remove(stale)
+try:
+    if tokenizer == "bpe":
+        print(f"training a {vocab_size}-token BPE on {len(splits['train']):,} train documents")
+        tok = Tokenizer.train(splits["train"], vocab_size, os.path.join(out_dir, "tokenizer.model"))
     else:
-        fail(f"unknown --dataset={config['dataset']}: choose pystdlib, {', '.join(SOURCES)}, or use --input=PATH")
-    if not docs:
-        fail(f"no documents in {config['input'] or config['dataset']}: its files are empty or not UTF-8")
-    print(f"read {len(docs):,} documents from {source['files']:,} files ({source['skipped_non_utf8']} not UTF-8)")
-    out_dir = os.path.join(config["out_root"], config["name"] or name)
+        tok = Tokenizer.load(tokenizer)
+except (ValueError, ImportError) as e:
+    fail(str(e))
+tokenizer_path = copy_tokenizer(tok.path, out_dir)  # train.py reads it here, as it is
+dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
 
-    # shuffled so that val is a random sample and any stretch of train looks like the whole corpus
-    random.Random(config["seed"]).shuffle(docs)
-    if config["val_files"]:
-        held_out = set(filter(None, config["val_files"].split(",")))
-        missing = held_out - {file for file, _ in docs}
-        if missing:
-            fail(f"--val_files: {', '.join(sorted(missing))} is not among the input's documents")
-        splits = {"train": [text for file, text in docs if file not in held_out],
-                  "val": [text for file, text in docs if file in held_out]}
-    else:
-        n_val = max(1, round(config["val_fraction"] * len(docs)))
-        splits = {"train": [text for _, text in docs[n_val:]], "val": [text for _, text in docs[:n_val]]}
-    if not splits["train"]:
-        fail(f"no documents left to train on after the val split ({len(docs)} in all): "
-             "add files, or cut them into documents with --doc_separator")
+# forked workers inherit this script's functions; spawned ones (macOS's default) would run the whole script again
+with multiprocessing.get_context("fork").Pool(num_workers or os.cpu_count(), start_worker, (tok.path, dtype)) as pool:
+    stats = {split: write_split(pool, split, texts, out_dir, shard_size) for split, texts in splits.items()}
 
-    os.makedirs(out_dir, exist_ok=True)
-    # an earlier run's files here would pass for this run's; meta.json comes last, so it marks a finished run
-    for stale in glob.glob(os.path.join(out_dir, "*.bin")) + glob.glob(os.path.join(out_dir, "meta.json")):
-        os.remove(stale)
-    model_path = os.path.join(out_dir, "tokenizer.model")
-    if config["tokenizer"] == "bpe":
-        print(f"training a {config['vocab_size']}-token BPE on {len(splits['train']):,} train documents")
-        tokenizer = Tokenizer.train(splits["train"], config["vocab_size"], model_path)
-    else:
-        tokenizer = Tokenizer.load(config["tokenizer"])
-        if tokenizer.kind == "bpe" and os.path.abspath(tokenizer.path) != os.path.abspath(model_path):
-            shutil.copyfile(tokenizer.path, model_path)
-        for name in ("tokenizer.json", "tokenizer_config.json") if tokenizer.kind == "hf" else ():  # as they are
-            if os.path.isfile(os.path.join(tokenizer.path, name)):
-                shutil.copy(os.path.join(tokenizer.path, name), out_dir)
-    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+meta = {
+    "tokenizer": tok.kind,
+    "tokenizer_path": tokenizer_path,
+    "vocab_size": tok.vocab_size,
+    "dtype": np.dtype(dtype).name,
+    "bos_id": tok.bos_id,
+    "eos_id": tok.eos_id,
+    "pad_id": tok.pad_id,
+    "special": tok.special,
+    "splits": stats,
+    "source": source,
+    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+}
+with open(os.path.join(out_dir, "meta.json"), "w") as f:
+    json.dump(meta, f, indent=2)
 
-    with Pool(config["num_workers"] or os.cpu_count(), start_worker, (tokenizer.path, dtype)) as pool:
-        stats = {split: write_split(pool, split, texts, out_dir, config["shard_size"])
-                 for split, texts in splits.items()}
-
-    meta = {
-        "tokenizer": tokenizer.kind,
-        "tokenizer_path": {"gpt2": "gpt2", "hf": "tokenizer.json"}.get(tokenizer.kind, "tokenizer.model"),
-        "vocab_size": tokenizer.vocab_size,
-        "dtype": np.dtype(dtype).name,
-        "bos_id": tokenizer.bos_id,
-        "eos_id": tokenizer.eos_id,
-        "pad_id": tokenizer.pad_id,
-        "special": tokenizer.special,
-        "splits": stats,
-        "source": source,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    with open(os.path.join(out_dir, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=2)
-
-    print(f"{'split':<6}{'documents':>12}{'tokens':>15}{'bytes':>15}{'bytes/token':>13}")
-    for split, s in stats.items():
-        print(f"{split:<6}{s['documents']:>12,}{s['tokens']:>15,}{s['bytes']:>15,}{s['bytes'] / s['tokens']:>13.2f}")
-    print(f"wrote {out_dir} ({tokenizer.kind} tokenizer, {tokenizer.vocab_size:,} ids) in {time.time() - started:.1f}s")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+print(f"{'split':<6}{'documents':>12}{'tokens':>15}{'bytes':>15}{'bytes/token':>13}")
+for split, s in stats.items():
+    print(f"{split:<6}{s['documents']:>12,}{s['tokens']:>15,}{s['bytes']:>15,}{s['bytes'] / s['tokens']:>13.2f}")
+print(f"wrote {out_dir} ({tok.kind} tokenizer, {tok.vocab_size:,} ids) in {time.time() - started:.1f}s")

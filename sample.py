@@ -12,9 +12,9 @@ import time
 
 import torch
 
-from configurator import autocast, fail, load_checkpoint, parse_config, pick_device, pick_dtype
-from hf import from_hf
-from model import GPT, GPTConfig
+from configurator import autocast, fail, parse_config, pick_device, pick_dtype
+from decode import generate
+from hf import load_model
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -43,16 +43,13 @@ device = pick_device(device)
 dtype = pick_dtype(device, dtype)
 amp = autocast(device, dtype)
 
-if init_from.startswith("hf:"):  # the folder's model and its own tokenizer, as they are
-    model, tokenizer = from_hf(init_from[3:], block_size), Tokenizer.load(init_from[3:])
-elif init_from == "resume":
-    checkpoint = load_checkpoint(out_dir)
-    model = GPT(GPTConfig(**checkpoint["model_config"]))
-    model.load_state_dict(checkpoint["model"])
-    name = checkpoint["tokenizer"]
-    tokenizer = Tokenizer.load(name if name == "gpt2" else os.path.join(out_dir, name))
-else:
+if init_from != "resume" and not init_from.startswith("hf:"):
     fail(f"unknown init_from '{init_from}' (choose resume or hf:FOLDER)")
+try:  # a checkpoint and the tokenizer beside it, or a Hugging Face folder's model and its own tokenizer, as they are
+    model, tokenizer_path, _ = load_model(out_dir if init_from == "resume" else init_from, block_size)
+    tokenizer = Tokenizer.load(tokenizer_path)
+except (ValueError, ImportError) as e:
+    fail(str(e))
 model.eval().to(device)
 if dtype != "float32":  # weights in bf16/fp16: autocast would cast every matrix again at every decode step
     model.cast_parameters(getattr(torch, dtype))
@@ -94,8 +91,8 @@ for i in range(num_samples):
     if stream:
         print(start, end="", flush=True)
     with amp:
-        for tokens in model.generate(prompts, max_new_tokens, temperature, top_k, top_p, eos, generator,
-                                     compile=compile, speculative=speculative, stats=stats):
+        for tokens in generate(model, prompts, max_new_tokens, temperature, top_k, top_p, eos, generator,
+                               compiler="inductor" if compile else None, speculative=speculative, stats=stats):
             if not stream:  # kept on the device until the end: no host sync per token
                 steps.append(tokens)
                 continue

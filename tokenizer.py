@@ -14,7 +14,7 @@ Text <-> token ids: one Tokenizer class over three backends.
 The first two give back exactly the text they were given, whitespace and all ('hf' as far as its own normalizer
 allows). encode() adds no special tokens and never makes one from text: "<|user|>" typed in a document is ordinary
 characters. decode() writes a special id as its marker text ("<|user|>", "<|endoftext|>", ...), so a decoded chat
-transcript shows its turns.
+transcript shows its turns. What cannot be loaded or trained raises a one-line ValueError.
 """
 import json
 import os
@@ -22,8 +22,6 @@ import re
 
 import sentencepiece as spm
 import tiktoken
-
-from configurator import fail
 
 CHAT_MARKERS = {"user": "<|user|>", "assistant": "<|assistant|>", "end": "<|end|>"}
 BPE_MARKERS = {"bos": "<|bos|>", "eos": "<|endoftext|>", "pad": "<|pad|>"}
@@ -87,8 +85,8 @@ class Tokenizer:
         write it to path and load it."""
         reserved = 1 + len(BPE_MARKERS) + len(CHAT_MARKERS) + 256  # unk, specials, one piece per byte
         if vocab_size <= reserved:
-            fail(f"vocab_size={vocab_size} is too small: {reserved} ids go to special tokens and the 256 byte pieces,"
-                 " and the rest to characters and merges (try 4096 or more)")
+            raise ValueError(f"vocab_size={vocab_size} is too small: {reserved} ids go to special tokens and the 256 "
+                             "byte pieces, and the rest to characters and merges (try 4096 or more)")
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         try:
             with open(path, "wb") as model_writer:
@@ -106,7 +104,8 @@ class Tokenizer:
                     control_symbols=list(CHAT_MARKERS.values()), minloglevel=2)
         except RuntimeError as e:  # the corpus needs more ids for its characters, or has too little text to merge
             os.remove(path)
-            fail(f"cannot train a tokenizer with vocab_size={vocab_size}: {str(e).split('] ')[-1].strip()}")
+            why = str(e).split("] ")[-1].strip()
+            raise ValueError(f"cannot train a tokenizer with vocab_size={vocab_size}: {why}") from None
         return cls.load(path)
 
     @classmethod
@@ -118,8 +117,8 @@ class Tokenizer:
             try:
                 gpt2 = tiktoken.get_encoding("gpt2")  # fetches two files once, then reads them from its cache
             except (OSError, ValueError, ImportError):  # no connection, a bad download, tiktoken without requests
-                fail("cannot load the gpt2 tokenizer files (offline?): set TIKTOKEN_CACHE_DIR to a folder holding"
-                     " tiktoken's cached gpt2 files, or connect to the internet once")
+                raise ValueError("cannot load the gpt2 tokenizer files (offline?): set TIKTOKEN_CACHE_DIR to a folder "
+                                 "holding tiktoken's cached gpt2 files, or connect to the internet once") from None
             added = [GPT2_PAD, *CHAT_MARKERS.values()]
             encoding = tiktoken.Encoding(
                 name="gpt2_chat", pat_str=gpt2._pat_str, mergeable_ranks=gpt2._mergeable_ranks,
@@ -129,15 +128,16 @@ class Tokenizer:
                        **{name: encoding.encode_single_token(marker) for name, marker in CHAT_MARKERS.items()}}
             return cls("gpt2", "gpt2", encoding, special)
         if not os.path.isfile(name_or_path):
-            fail(f"tokenizer {name_or_path} not found (give 'gpt2' or a tokenizer.model written by prepare.py)")
+            raise ValueError(f"tokenizer {name_or_path} not found "
+                             "(give 'gpt2' or a tokenizer.model written by prepare.py)")
         try:
             sp = spm.SentencePieceProcessor(model_file=name_or_path)
         except (OSError, RuntimeError):
-            fail(f"{name_or_path} is not a sentencepiece model")
+            raise ValueError(f"{name_or_path} is not a sentencepiece model") from None
         special = {"bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id(),
                    **{name: sp.piece_to_id(marker) for name, marker in CHAT_MARKERS.items()}}
         if min(special.values()) <= sp.unk_id():
-            fail(f"{name_or_path} lacks nanollm's special tokens: train it with prepare.py")
+            raise ValueError(f"{name_or_path} lacks nanollm's special tokens: train it with prepare.py")
         return cls("bpe", name_or_path, sp, special)
 
     @classmethod
@@ -148,11 +148,13 @@ class Tokenizer:
         """
         folder = path if os.path.isdir(path) else os.path.dirname(path)
         if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
-            fail(f"no tokenizer.json in {folder} (a sentencepiece-only folder: convert it with transformers first)")
+            raise ValueError(f"no tokenizer.json in {folder} "
+                             "(a sentencepiece-only folder: convert it with transformers first)")
         try:
             import tokenizers
         except ImportError:
-            fail("a Hugging Face tokenizer.json needs the tokenizers package: pip install tokenizers")
+            raise ImportError("a Hugging Face tokenizer.json needs the tokenizers package: "
+                              "pip install tokenizers") from None
         backend = tokenizers.Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
         backend.encode_special_tokens = True  # a marker typed in the text stays ordinary characters
         settings = {}
@@ -169,7 +171,7 @@ class Tokenizer:
             return found[0] if isinstance(found, list) else found  # several eos ids: the first ends our samples
         special = {name: token_id(name) for name in ("bos", "eos", "pad")}
         if special["eos"] is None:
-            fail(f"{folder}: no eos token (tokenizer_config.json eos_token, or config.json eos_token_id)")
+            raise ValueError(f"{folder}: no eos token (tokenizer_config.json eos_token, or config.json eos_token_id)")
         special.update({"pad": special["pad"] if special["pad"] is not None else special["eos"],
                         **{name: None for name in CHAT_MARKERS}})
         return cls("hf", folder, backend, special)
@@ -180,7 +182,7 @@ class Tokenizer:
             return self.backend.encode_ordinary(text)
         if self.kind == "hf":
             return self.backend.encode(text, add_special_tokens=False).ids
-        # no piece holds a '\n' (see training_lines), so line by line gives the same ids, several times faster
+        # no piece holds a '\n' (see training_lines), so line by line gives the same ids, and faster
         ids = []
         for line in self.backend.encode(escape(text).split("\n")):
             ids += line

@@ -13,7 +13,6 @@ Every setting below can be changed by a config file (config/*.py, plain assignme
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -23,10 +22,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import (all_reduce_sum, autocast, fail, init_processes, load_checkpoint, nominal_peak_flops,
-                          parse_config, pick_device, pick_dtype, print0, save_checkpoint, write_manifest)
-from hf import from_hf, hf_config
-from model import GPT, GPTConfig, aux_metrics, config_fields
+from configurator import (all_reduce_sum, autocast, copy_tokenizer, fail, init_processes, nominal_peak_flops,
+                          parse_config, pick_device, pick_dtype, print0, save_checkpoint, save_plot, trim_log,
+                          write_manifest)
+from evaluate import exact_bits_per_byte, task_accuracy
+from hf import load_model
+from model import GPT, GPTConfig, aux_metrics, config_fields, update_router_biases
 from optim import QKClip, clip_grad_norm_, configure_optimizers
 from tokenizer import Tokenizer
 
@@ -112,9 +113,10 @@ if vocab_size == 0:
     vocab_size = 64 * math.ceil(meta["vocab_size"] / 64)
 if vocab_size < meta["vocab_size"]:
     fail(f"vocab_size={vocab_size} is smaller than the dataset's vocabulary of {meta['vocab_size']}")
+tokenizer_path = "gpt2" if meta["tokenizer"] == "gpt2" else os.path.join(data_dir, meta["tokenizer_path"])
 
 # -----------------------------------------------------------------------------
-# the model's configuration: from the config, from the checkpoint being resumed, or from a Hugging Face folder
+# the model: from the config, from the checkpoint being resumed, or from a Hugging Face folder
 
 try:
     model_args = asdict(GPTConfig(**{**{k: config[k] for k in config_fields()}, "vocab_size": vocab_size}))
@@ -122,22 +124,27 @@ except ValueError as e:
     fail(f"model config: {e}")
 checkpoint_path = os.path.join(out_dir, "ckpt.pt")
 checkpoint = None
-if init_from == "resume" or eval_only:
-    checkpoint = load_checkpoint(checkpoint_path)
+try:
+    if init_from == "resume" or eval_only:
+        model, _, checkpoint = load_model(checkpoint_path)
+    elif init_from.startswith("hf:"):  # a Llama/Qwen3 folder's weights; block_size and dropout stay this run's
+        model = load_model(init_from, block_size, dropout)[0].train()
+    elif init_from == "scratch":
+        model = GPT(GPTConfig(**model_args))
+    else:
+        fail(f"unknown init_from '{init_from}' (choose scratch, resume or hf:FOLDER)")
+except (ValueError, ImportError) as e:
+    fail(str(e))
+if init_from.startswith("hf:") and not checkpoint and model.config.vocab_size < meta["vocab_size"]:
+    fail(f"{init_from[3:]} has {model.config.vocab_size} tokens, fewer than the dataset's {meta['vocab_size']}")
+if checkpoint and not eval_only:
     # the run continues the checkpoint's model (from scratch or from hf:); a model setting the config gives
     # explicitly must agree with it. Evaluating takes whatever the checkpoint holds.
     explicit = {key for key in config_fields() if config[key] != defaults[key]}
     for key, value in checkpoint["model_config"].items():
-        if not eval_only and key in explicit and model_args[key] != value:
+        if key in explicit and model_args[key] != value:
             fail(f"checkpoint {checkpoint_path} was trained with {key}={value!r}, but the config says {model_args[key]!r}")
-    model_args = checkpoint["model_config"]
-elif init_from.startswith("hf:"):  # a Llama/Qwen3 folder's model; block_size and dropout stay this run's
-    model_args = {**asdict(hf_config(init_from[3:], block_size)), "dropout": dropout}
-    if model_args["vocab_size"] < meta["vocab_size"]:
-        fail(f"{init_from[3:]} has {model_args['vocab_size']} tokens, fewer than the dataset's {meta['vocab_size']}")
-elif init_from != "scratch":
-    fail(f"unknown init_from '{init_from}' (choose scratch, resume or hf:FOLDER)")
-T = model_args["block_size"]
+T = model.config.block_size
 
 # -----------------------------------------------------------------------------
 # data: windows of block_size + 1 tokens from memory-mapped shards
@@ -209,16 +216,10 @@ def get_batch(step, micro):
 
 
 # -----------------------------------------------------------------------------
-# model and optimizer
+# optimizer
 
-if init_from.startswith("hf:") and not checkpoint:  # the folder's weights, with no random init before them
-    model = from_hf(init_from[3:], block_size, dropout).train().to(device)
-else:
-    model = GPT(GPTConfig(**model_args)).to(device)
-iter_num = 0
-if checkpoint:
-    model.load_state_dict(checkpoint["model"])
-    iter_num = checkpoint["step"]
+model.to(device)
+iter_num = checkpoint["step"] if checkpoint else 0
 try:
     optim = configure_optimizers(model, optimizer, learning_rate, weight_decay, (beta1, beta2), device_type,
                                  muon_lr, muon_momentum, muon_lr_scale)
@@ -301,110 +302,46 @@ def estimate_loss():
     return out
 
 
-@torch.no_grad()
-def exact_bits_per_byte(streams, n_bytes):
-    """
-    Total nats over every token of the streams (each starting after an end-of-document token, so that its
-    first token is predicted too), in non-overlapping block_size windows, over the UTF-8 bytes they encode,
-    divided by ln 2.
-    """
-    model.eval()
-    nats = 0.0
-    for tokens in streams:
-        tokens = np.concatenate([[meta["eos_id"]], tokens]).astype(np.int64)
-        starts = list(range(0, len(tokens) - 1, T))
-        for b in range(rank * batch_size, len(starts), world_size * batch_size):
-            x = torch.zeros(len(starts[b:b + batch_size]), T, dtype=torch.long)
-            y = torch.full_like(x, -1)  # -1: no target (the padding of the last, shorter window)
-            for row, s in enumerate(starts[b:b + batch_size]):
-                window = torch.from_numpy(tokens[s:s + T + 1])
-                x[row, :len(window) - 1], y[row, :len(window) - 1] = window[:-1], window[1:]
-            with amp:
-                loss = raw_model(x.to(device), y.to(device))[1]
-            nats += loss.item() * (y >= 0).sum().item()
-    model.train()
-    return all_reduce_sum(nats, device=device)[0] / n_bytes / math.log(2)
+def bits_per_byte(streams, n_bytes):
+    """evaluate.py's exact bits per byte of token streams, split over the processes (raw_model in eval mode)."""
+    return exact_bits_per_byte(raw_model, streams, n_bytes, meta["eos_id"], batch_size, amp, rank, world_size)
 
 
 def plot_log():
-    """out_dir/loss.png: train and val loss against steps and against tokens (needs matplotlib)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print0("matplotlib is not installed: no plot (pip install matplotlib)")
-        return
+    """out_dir/loss.png: train and val loss against steps and against tokens."""
     with open(os.path.join(out_dir, "log.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, x_key in zip(axes, ("step", "tokens")):
-        for key, label in (("loss", "train (each logged step)"), ("val_loss", "val")):
-            points = [(r[x_key], r[key]) for r in rows if key in r]
-            if points:
-                ax.plot(*zip(*points), label=label, marker="o" if key == "val_loss" else None)
-        ax.set_xlabel(x_key)
-        ax.set_ylabel("loss (nats/token)")
-        ax.legend()
-    fig.suptitle(out_dir)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=120)
-    print0(f"wrote {os.path.join(out_dir, 'loss.png')}")
-
-
-@torch.no_grad()
-def task_accuracy(path, tokenizer):
-    """
-    Multiple-choice accuracy on a JSONL file of {"context": str, "choices": [str, ...], "answer": index} lines (the
-    shape of HellaSwag, ARC, PIQA...). Each choice is scored by the log-likelihood of its tokens after the context,
-    both in total ('acc') and per UTF-8 byte of the choice ('acc_norm', which does not favour short choices, as in
-    lm-evaluation-harness); the highest score is the model's answer. Returns (acc, acc_norm, number of tasks).
-    """
-    with open(path, encoding="utf-8") as f:
-        tasks = [json.loads(line) for line in f if line.strip()]
-    model.eval()
-    correct = [0.0, 0.0]
-    for task in tasks[rank::world_size]:
-        context = [meta["eos_id"]] + tokenizer.encode(task["context"])
-        rows = [(context + tokenizer.encode(choice))[-(T + 1):] for choice in task["choices"]]  # the last T + 1 tokens
-        x = torch.zeros(len(rows), T, dtype=torch.long)
-        y = torch.full_like(x, -1)  # targets only on each choice's own tokens
-        for r, (row, choice) in enumerate(zip(rows, task["choices"])):
-            n_choice = len(tokenizer.encode(choice))
-            x[r, :len(row) - 1] = torch.tensor(row[:-1])
-            y[r, len(row) - 1 - n_choice:len(row) - 1] = torch.tensor(row[-n_choice:])
-        with amp:
-            logits = raw_model(x.to(device), y.to(device))[0].float()
-        y = y.to(device)
-        token_logprobs = logits.log_softmax(dim=-1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) * (y >= 0)
-        total = token_logprobs.sum(dim=1)  # (choices,)
-        per_byte = total / torch.tensor([max(1, len(c.encode("utf-8"))) for c in task["choices"]], device=device)
-        correct[0] += int(total.argmax().item() == task["answer"])
-        correct[1] += int(per_byte.argmax().item() == task["answer"])
-    model.train()
-    acc, acc_norm = all_reduce_sum(*correct, device=device)
-    return acc / len(tasks), acc_norm / len(tasks), len(tasks)
+    series = (("loss", "train (each logged step)", {}), ("val_loss", "val", {"marker": "o"}))
+    save_plot(os.path.join(out_dir, "loss.png"), out_dir, [
+        (x, "loss (nats/token)", [(label, [(r[x], r[key]) for r in rows if key in r], style)
+                                  for key, label, style in series]) for x in ("step", "tokens")])
 
 
 if plot:
     plot_log()
     raise SystemExit
 if eval_only:
-    val = exact_bits_per_byte(splits["val"], meta["splits"]["val"]["bytes"])
-    print0(f"exact val bits per byte: {val:.4f}")
-    tokenizer = Tokenizer.load(os.path.join(data_dir, meta["tokenizer_path"]) if meta["tokenizer"] != "gpt2" else "gpt2")
+    raw_model.eval()
+    print0(f"exact val bits per byte: {bits_per_byte(splits['val'], meta['splits']['val']['bytes']):.4f}")
+    if eval_file or eval_tasks:
+        try:
+            tokenizer = Tokenizer.load(tokenizer_path)
+        except (ValueError, ImportError) as e:
+            fail(str(e))
     if eval_file:
         if not os.path.isfile(eval_file):
             fail(f"eval_file {eval_file} not found")
         with open(eval_file, encoding="utf-8") as f:
             text = f.read()
-        bpb = exact_bits_per_byte([np.array(tokenizer.encode(text))], len(text.encode("utf-8")))
+        bpb = bits_per_byte([np.array(tokenizer.encode(text))], len(text.encode("utf-8")))
         print0(f"exact bits per byte of {eval_file}: {bpb:.4f}")
     for path in filter(None, eval_tasks.split(",")):
         if not os.path.isfile(path):
             fail(f"eval_tasks file {path} not found")
-        acc, acc_norm, n = task_accuracy(path, tokenizer)
-        print0(f"{path}: accuracy {acc:.4f}, length-normalized {acc_norm:.4f} ({n} tasks)")
+        with open(path, encoding="utf-8") as f:
+            tasks = [json.loads(line) for line in f if line.strip()]
+        acc, acc_norm = task_accuracy(raw_model, tasks, tokenizer, meta["eos_id"], amp, rank, world_size)
+        print0(f"{path}: accuracy {acc:.4f}, length-normalized {acc_norm:.4f} ({len(tasks)} tasks)")
     raise SystemExit
 
 # -----------------------------------------------------------------------------
@@ -413,19 +350,8 @@ if eval_only:
 log_path = os.path.join(out_dir, "log.jsonl")
 if master:
     os.makedirs(out_dir, exist_ok=True)
-    if meta["tokenizer"] != "gpt2":  # sample.py finds the tokenizer beside the checkpoint (a HF one with its settings)
-        for name in (meta["tokenizer_path"], "tokenizer_config.json"):
-            if os.path.isfile(os.path.join(data_dir, name)):
-                shutil.copy(os.path.join(data_dir, name), out_dir)
-    if iter_num > 0 and os.path.exists(log_path):
-        # a resumed run forgets what the interrupted one logged after its checkpoint (and re-evaluates its step)
-        with open(log_path) as f:
-            rows = [json.loads(line) for line in f]
-        kept = [json.dumps(r) + "\n" for r in rows if r["step"] < iter_num or (r["step"] == iter_num and "loss" in r)]
-        with open(log_path, "w") as f:
-            f.writelines(kept)
-    elif os.path.exists(log_path):
-        os.remove(log_path)
+    copy_tokenizer(tokenizer_path, out_dir)  # sample.py finds the tokenizer beside the checkpoint
+    trim_log(log_path, iter_num, lambda row: "loss" in row)
     # out_dir/run.json: config, code version, software, device, dataset; a resumed run keeps its id
     run_id = write_manifest(out_dir, config, device, meta_path, checkpoint.get("run_id") if checkpoint else None)
     if wandb_log:
@@ -473,7 +399,7 @@ def evaluate_and_save():
 
 n_active = raw_model.num_params(active=True)  # MoE: the parameters one token goes through
 active = f", {n_active / 1e6:.2f}M active per token" if n_active < raw_model.num_params() else ""
-n_engram = raw_model.engram_table_params()  # Engram's lookup tables, counted apart
+n_engram = raw_model.table_params()  # Engram's lookup tables, counted apart
 active += f"; + {n_engram / 1e6:.2f}M in Engram tables" if n_engram else ""
 print0(f"{raw_model.num_params() / 1e6:.2f}M parameters ({raw_model.num_params(embedding=False) / 1e6:.2f}M non-embedding{active}), "
        f"{n_windows} training windows of {T} tokens, {tokens_per_step} tokens per step, "
@@ -515,7 +441,7 @@ try:
         scaler.step(optim)
         scaler.update()
         optim.zero_grad(set_to_none=True)
-        raw_model.update_router_biases()  # MoE aux-loss-free balancing, from this step's loads (else nothing)
+        update_router_biases(raw_model)  # MoE aux-loss-free balancing, from this step's loads (else nothing)
         if clip_step:
             qk_clip.track(False)
             max_logit = qk_clip.clip()
@@ -551,7 +477,8 @@ try:
 except torch.OutOfMemoryError:
     fail(f"out of memory at step {iter_num}: lower batch_size and raise gradient_accumulation_steps to keep the tokens per step")
 
-val_bpb = exact_bits_per_byte(splits["val"], meta["splits"]["val"]["bytes"])
+raw_model.eval()
+val_bpb = bits_per_byte(splits["val"], meta["splits"]["val"]["bytes"])
 log({"step": iter_num, "tokens": iter_num * tokens_per_step, "exact_val_bpb": val_bpb})
 print0(f"done: {iter_num} steps, {iter_num * tokens_per_step:,} tokens in {time.time() - t0:.0f} s; "
        f"exact val bits per byte {val_bpb:.4f}; checkpoint {checkpoint_path}")

@@ -1,4 +1,4 @@
-# Pretraining for the GRPO recipe (README, "grpo.py: post-training"): a small model learns addition from the
+# Pretraining for the GRPO recipe (then config/grpo_addition.py): a small model learns addition from the
 # generated examples alone. Data:
 #   python grpo.py --mode=tasks --task=addition
 #   python prepare.py --input=data/tasks/addition_train.jsonl --name=addition --vocab_size=280
@@ -8,7 +8,7 @@ out_dir = "out/addition_pretrain"
 data_dir = "data/addition"
 n_layer = 6
 n_head = 6
-n_embd = 192                  # 2.7M parameters: on a GPU a step of this model costs hardly more than one of a smaller one
+n_embd = 192                  # 2.7M parameters: a step this small is latency-bound on a GPU, so narrower saves nothing
 block_size = 128              # about 7 problems of ~18 tokens per window
 batch_size = 64
 learning_rate = 1e-3

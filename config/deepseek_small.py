@@ -1,9 +1,9 @@
-# DeepSeek-V3 in miniature on the Gutenberg benchmark (see README): MLA, DeepSeekMoE with a sigmoid router and
+# DeepSeek-V3 in miniature on the Gutenberg benchmark: MLA, DeepSeekMoE with a sigmoid router and
 # auxiliary-loss-free balancing, and one MTP module, at the shape and schedule of config/gutenberg_small.py.
-# Matched to it: MLA with a full-rank query has the attention parameters of MHA (within 1%), the first layer is the
+# Matched to it: MLA with a full-rank query has nearly the attention parameters of MHA, the first layer is the
 # same dense SwiGLU, the MoE layers send every token through 1 shared + 3 of 16 routed experts of 352 = 1408, the
-# dense width. The MTP module is training work only (about 30% more FLOPs per token: one more block and a second
-# pass through the output head), dropped at inference.
+# dense width. The MTP module is training work only (one more block and a second pass through the output head per
+# token), dropped at inference.
 #   python train.py config/deepseek_small.py
 exec(open("config/gutenberg_small.py").read())  # its data, shape and schedule (run from the repository root)
 out_dir = "out/deepseek_small"

@@ -1,4 +1,4 @@
-# GRPO on the addition task, from config/addition_pretrain.py's model (the README's recipe).
+# GRPO on the addition task, from config/addition_pretrain.py's model.
 init_from = "out/addition_pretrain"
 out_dir = "out/grpo_addition"
 task = "addition"

@@ -1,6 +1,6 @@
-# The Gutenberg benchmark (see README): a ~25M non-embedding model, 8 layers x 512, one epoch over the
-# 93 training books (about 13.5M tokens) in epoch mode, on one GPU:
-#   python prepare.py --input=../shared/data/gutenberg --name=gutenberg --strip_gutenberg=True \
+# The Gutenberg benchmark: a ~25M non-embedding model, 8 layers x 512, one epoch over the training books in
+# epoch mode, on one GPU (the three --val_files are held out whole):
+#   python prepare.py --input=path/to/gutenberg --name=gutenberg --strip_gutenberg=True \
 #       --val_files=11-0.txt,pg1661.txt,pg1342.txt
 #   python train.py config/gutenberg_small.py
 out_dir = "out/gutenberg_small"
@@ -14,8 +14,8 @@ block_size = 1024
 
 sampler = "epoch"
 epochs = 1.0
-batch_size = 32                # 32 x 1024 = 32,768 tokens per step, about 410 steps
-learning_rate = 1e-3              # the best of 5e-4, 1e-3, 2e-3, 4e-3 for AdamW (README)
+batch_size = 32                # 32 x 1024 = 32,768 tokens per step
+learning_rate = 1e-3           # AdamW's peak lr, tuned at this shape
 warmup_iters = 40
 min_lr_frac = 0.0
 weight_decay = 0.1
@@ -24,6 +24,6 @@ eval_iters = 20
 
 # --optimizer=muon or muonclip: Muon's peak lr in Moonlight's units (muon_lr_scale='moonshot': an update RMS of
 # 0.2 x lr, as AdamW's). The Muon reference's 0.02-0.05 under modded-nanogpt's scale comes to 0.02-0.05 / (0.2 x
-# sqrt(512)) = 4.4e-3 to 1.1e-2 on these 512-wide matrices; on config/quickstart.py 3x AdamW's lr beat 1x (CPU).
+# sqrt(512)) = 4.4e-3 to 1.1e-2 on these 512-wide matrices.
 # With --muon_lr_scale=shape, set --muon_lr too (e.g. 0.02).
 muon_lr = 6e-3

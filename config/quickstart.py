@@ -1,4 +1,4 @@
-# A small model on the default offline dataset (python prepare.py): about 3 minutes on 2 CPU cores.
+# A small model on the default offline dataset (python prepare.py), trained on the CPU.
 #   python train.py config/quickstart.py
 out_dir = "out/quickstart"
 data_dir = "data/pystdlib"

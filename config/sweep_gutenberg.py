@@ -1,4 +1,4 @@
-# The fixed-compute sweep of the README (issue 9): each variant of config/gutenberg_small.py (8 x 512, context 1024)
+# The fixed-compute sweep: each variant of config/gutenberg_small.py (8 x 512, context 1024)
 # gets the training FLOPs of one epoch of the dense baseline, 204,496,896 FLOPs per token x 15,269,888 tokens: a
 # variant that costs more per token trains on fewer tokens. One seed each; then the baseline and the best three
 # again with a second seed, so that the table shows the noise. On one GPU, four small runs sharing it:

@@ -8,15 +8,10 @@ import time
 
 import torch
 
-from conftest import ROOT, run_stage
+from conftest import ROOT, read_log, run_stage
 from model import GPT, GPTConfig
 
 TINY = "--device=cpu --n_layer=2 --n_embd=32 --n_head=4 --block_size=32 --batch_size=4 --eval_iters=2 --log_interval=2"
-
-
-def read_log(path):
-    with open(os.path.join(path, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_dense_flops_per_token_equal_a_hand_count():

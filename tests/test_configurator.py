@@ -7,11 +7,12 @@ from configurator import load_checkpoint, parse_config, save_checkpoint
 DEFAULTS = {"n_layer": 12, "learning_rate": 6e-4, "compile": False, "out_dir": "out", "note": None}
 
 
-def error_of(call):
-    with pytest.raises(SystemExit) as stop:
+def error_of(call, stop=SystemExit):
+    """The one-line message of a config error (it stops the stage: 'error: ...') or of a checkpoint's ValueError."""
+    with pytest.raises(stop) as e:
         call()
-    message = str(stop.value.code)
-    assert message.startswith("error:") and "\n" not in message
+    message = str(e.value.code if stop is SystemExit else e.value)
+    assert message.startswith("error:") == (stop is SystemExit) and "\n" not in message
     return message
 
 
@@ -46,13 +47,13 @@ def test_checkpoints_round_trip_and_bad_files_stop_cleanly(tmp_path):
     loaded = load_checkpoint(str(path.parent))  # a folder means its ckpt.pt
     assert loaded["step"] == 7 and torch.equal(loaded["model"]["w"], torch.ones(3))
     assert not (tmp_path / "run" / "ckpt.pt.tmp").exists()
-    assert "no checkpoint" in error_of(lambda: load_checkpoint(str(tmp_path / "nowhere.pt")))
+    assert "no checkpoint" in error_of(lambda: load_checkpoint(str(tmp_path / "nowhere.pt")), ValueError)
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(path.read_bytes()[:200])
-    assert "corrupt or truncated" in error_of(lambda: load_checkpoint(str(truncated)))
+    assert "corrupt or truncated" in error_of(lambda: load_checkpoint(str(truncated)), ValueError)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint at all")
-    assert "corrupt or truncated" in error_of(lambda: load_checkpoint(str(garbage)))
+    assert "corrupt or truncated" in error_of(lambda: load_checkpoint(str(garbage)), ValueError)
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(2)}, foreign)
-    assert "not a nanollm checkpoint" in error_of(lambda: load_checkpoint(str(foreign)))
+    assert "not a nanollm checkpoint" in error_of(lambda: load_checkpoint(str(foreign)), ValueError)

@@ -5,15 +5,16 @@ import json
 import os
 import random
 import re
+import runpy
 import socket
 import subprocess
 import sys
 import threading
+from unittest import mock
 
 import numpy as np
 import pytest
 
-import prepare
 from tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,9 +36,15 @@ def write_corpus(folder, n=12):
     return docs
 
 
+def prepare(*argv):
+    """prepare.py in this process, as `python prepare.py *argv` runs it; an error is its SystemExit."""
+    with mock.patch.object(sys, "argv", ["prepare.py", *argv]):
+        runpy.run_path(os.path.join(ROOT, "prepare.py"), run_name="__main__")
+
+
 def run(tmp_path, *args):
-    """prepare.main with a tiny vocab into tmp_path/out; returns (meta, {split: decoded documents})."""
-    prepare.main([f"--out_root={tmp_path / 'out'}", "--name=t", "--vocab_size=300", "--num_workers=2", *args])
+    """prepare.py with a tiny vocab into tmp_path/out; returns (meta, {split: decoded documents})."""
+    prepare(f"--out_root={tmp_path / 'out'}", "--name=t", "--vocab_size=300", "--num_workers=2", *args)
     out = tmp_path / "out" / "t"
     meta = json.loads((out / "meta.json").read_text())
     tokenizer = Tokenizer.load(str(out / meta["tokenizer_path"]))
@@ -111,23 +118,23 @@ def test_jsonl_glob_and_doc_separator(tmp_path):
     assert sorted(docs["train"] + docs["val"]) == sorted(rows + [s.strip("\n") for s in stories])
 
 
-def test_pystdlib_reads_only_the_standard_library():
-    import tqdm.std
-    from pydoc_data.topics import topics
-    docs, source = prepare.read_pystdlib()
-    texts = {text for _, text in docs}
-    assert source["files"] > 500 and source["pydoc_topics"] == len(topics) and source["skipped_non_utf8"] >= 0
-    assert open(os.__file__, encoding="utf-8").read() in texts
-    assert topics["assert"] in texts
-    assert open(tqdm.std.__file__, encoding="utf-8").read() not in texts  # site-packages is not the stdlib
-
-
-def one_line_error(argv):
+def one_line_error(*argv):
     with pytest.raises(SystemExit) as excinfo:
-        prepare.main(argv)
+        prepare(*argv)
     message = str(excinfo.value.code)
     assert message.startswith("error: ") and "\n" not in message
     return message
+
+
+def test_pystdlib_reads_only_the_standard_library(capsys):
+    """The documents named in --val_files must be among those read: the standard library's os.py and pydoc's topic
+    texts are, a module of site-packages (tqdm's) is not."""
+    import tqdm._monitor
+    third_party = os.path.basename(tqdm._monitor.__file__)
+    message = one_line_error(f"--val_files=os.py,pydoc_topic_assert,{third_party}")
+    assert message == f"error: --val_files: {third_party} is not among the input's documents"
+    files = int(re.search(r"from ([\d,]+) files", capsys.readouterr().out)[1].replace(",", ""))
+    assert files > 500
 
 
 def test_errors(tmp_path, monkeypatch):
@@ -137,18 +144,18 @@ def test_errors(tmp_path, monkeypatch):
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"title": "no text"}\n')
     out = f"--out_root={tmp_path / 'out'}"
     corpus = f"--input={tmp_path / 'corpus'}"
-    assert "nowhere.txt" in one_line_error([out, f"--input={tmp_path / 'nowhere.txt'}"])
-    assert "no documents" in one_line_error([out, f"--input={tmp_path / 'empty'}"])
-    message = one_line_error([out, "--dataset=imaginary"])
+    assert "nowhere.txt" in one_line_error(out, f"--input={tmp_path / 'nowhere.txt'}")
+    assert "no documents" in one_line_error(out, f"--input={tmp_path / 'empty'}")
+    message = one_line_error(out, "--dataset=imaginary")
     assert "imaginary" in message and "tinyshakespeare" in message and "--input" in message
-    assert "missing.txt" in one_line_error([out, corpus, "--val_files=doc00.txt,missing.txt"])
-    assert "vocab_size=200" in one_line_error([out, corpus, "--vocab_size=200"])
-    assert "bad.jsonl line 2" in one_line_error([out, f"--input={tmp_path / 'bad.jsonl'}"])
-    assert "no documents left to train" in one_line_error([out, corpus, "--val_files=doc00.txt,doc01.txt,doc02.txt"])
-    assert "shard_sise" in one_line_error([out, corpus, "--shard_sise=10"])
+    assert "missing.txt" in one_line_error(out, corpus, "--val_files=doc00.txt,missing.txt")
+    assert "vocab_size=200" in one_line_error(out, corpus, "--vocab_size=200")
+    assert "bad.jsonl line 2" in one_line_error(out, f"--input={tmp_path / 'bad.jsonl'}")
+    assert "no documents left to train" in one_line_error(out, corpus, "--val_files=doc00.txt,doc01.txt,doc02.txt")
+    assert "shard_sise" in one_line_error(out, corpus, "--shard_sise=10")
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if pyarrow were not installed
     (tmp_path / "pages.parquet").write_bytes(b"PAR1")
-    assert "pip install pyarrow" in one_line_error([out, f"--input={tmp_path / 'pages.parquet'}"])
+    assert "pip install pyarrow" in one_line_error(out, f"--input={tmp_path / 'pages.parquet'}")
 
 
 def test_command_line_error_is_one_line():
@@ -161,7 +168,7 @@ def test_command_line_error_is_one_line():
 # -----------------------------------------------------------------------------
 # downloads, against a local server
 
-PAYLOAD = bytes(random.Random(0).randrange(256) for _ in range(300_000))
+PAYLOAD = "\n".join(make_doc(100 + i) for i in range(40)).encode()  # documents apart at blank lines
 PAYLOAD_SHA256 = hashlib.sha256(PAYLOAD).hexdigest()
 SHAKESPEARE = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 40
 
@@ -211,51 +218,57 @@ def server():
     httpd.server_close()
 
 
+def download(tmp_path, url):
+    """prepare.py --dataset=url; returns the meta.json it wrote and the cached download's path."""
+    meta, _ = run(tmp_path, f"--dataset={url}", "--doc_separator=\n\n")
+    name = url.rsplit("/", 1)[1]
+    return meta, tmp_path / "out" / "downloads" / os.path.splitext(name)[0] / name
+
+
 def test_download_resumes_a_broken_transfer(tmp_path, server):
     url, requests = server
-    path = tmp_path / "dl" / "file.bin"
-    assert prepare.download(f"{url}/flaky", str(path), sha256=PAYLOAD_SHA256) == PAYLOAD_SHA256
+    meta, path = download(tmp_path, f"{url}/flaky")
     assert path.read_bytes() == PAYLOAD and not os.path.exists(f"{path}.part")
+    assert meta["source"]["sha256"] == PAYLOAD_SHA256 and meta["splits"]["train"]["documents"] > 30
     assert requests == [("/flaky", None), ("/flaky", f"bytes={len(PAYLOAD) // 2}-")]
-    prepare.download(f"{url}/flaky", str(path))  # cached: no request
+    download(tmp_path, f"{url}/flaky")  # cached: no request
     assert len(requests) == 2
 
 
 def test_download_continues_a_part_file_or_restarts(tmp_path, server):
     url, requests = server
     for route, part in [("/file", PAYLOAD[:1000]), ("/norange", b"junk from an old server" * 100)]:
-        path = tmp_path / route.strip("/")
-        (tmp_path / f"{route.strip('/')}.part").write_bytes(part)
-        assert prepare.download(url + route, str(path)) == PAYLOAD_SHA256 and path.read_bytes() == PAYLOAD
+        folder = tmp_path / "out" / "downloads" / route.strip("/")
+        folder.mkdir(parents=True)
+        (folder / f"{route.strip('/')}.part").write_bytes(part)
+        meta, path = download(tmp_path, url + route)
+        assert meta["source"]["sha256"] == PAYLOAD_SHA256 and path.read_bytes() == PAYLOAD
     assert requests == [("/file", "bytes=1000-"), ("/norange", "bytes=2300-")]
 
 
 def test_download_checks_sha256(tmp_path, server):
     url, _ = server
-    for route, sha256 in [("/badsha", None), ("/file", "e" * 64), ("/redirect-bad", None)]:
-        path = tmp_path / route.strip("/")
-        with pytest.raises(SystemExit) as excinfo:
-            prepare.download(url + route, str(path), sha256=sha256)
-        assert "sha256" in str(excinfo.value) and "\n" not in str(excinfo.value)
-        assert not os.path.exists(path) and not os.path.exists(f"{path}.part")
-    assert prepare.download(f"{url}/redirect-good", str(tmp_path / "good")) == PAYLOAD_SHA256
+    for route in ("/badsha", "/redirect-bad"):  # the sha256 the server publishes does not match the file
+        message = one_line_error(f"--out_root={tmp_path}", f"--dataset={url}{route}")
+        assert "sha256" in message
+        folder = tmp_path / "downloads" / route.strip("/")
+        assert not os.path.exists(folder / route.strip("/")) and not os.path.exists(folder / f"{route.strip('/')}.part")
+    assert download(tmp_path, f"{url}/redirect-good")[0]["source"]["sha256"] == PAYLOAD_SHA256
 
 
 def test_download_offline_points_to_input(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed_port = s.getsockname()[1]
-    with pytest.raises(SystemExit) as excinfo:
-        prepare.download(f"http://127.0.0.1:{closed_port}/input.txt", str(tmp_path / "input.txt"))
-    assert "--input=PATH" in str(excinfo.value) and "\n" not in str(excinfo.value)
+    message = one_line_error(f"--out_root={tmp_path}", f"--dataset=http://127.0.0.1:{closed_port}/input.txt")
+    assert "--input=PATH" in message
 
 
-def test_dataset_download_is_cached(tmp_path, server, monkeypatch):
+def test_dataset_download_is_cached(tmp_path, server):
     url, requests = server
-    monkeypatch.setitem(prepare.SOURCES, "tinyshakespeare", dict(url=f"{url}/shakespeare.txt", doc_separator="\n\n"))
     for _ in range(2):
-        meta, docs = run(tmp_path, "--dataset=tinyshakespeare")
+        meta, docs = run(tmp_path, f"--dataset={url}/shakespeare.txt", "--doc_separator=\n\n")
     assert requests == [("/shakespeare.txt", None)]
     assert meta["source"]["sha256"] == hashlib.sha256(SHAKESPEARE.encode()).hexdigest()
     assert len(docs["train"]) + len(docs["val"]) == 80
-    assert os.path.exists(tmp_path / "out" / "downloads" / "tinyshakespeare" / "shakespeare.txt")
+    assert os.path.exists(tmp_path / "out" / "downloads" / "shakespeare" / "shakespeare.txt")

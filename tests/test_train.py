@@ -3,7 +3,6 @@ import hashlib
 import json
 import math
 import os
-import runpy
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, run_stage
+from conftest import ROOT, assert_resume_reproduces, read_log, run_stage, run_train
 from model import GPT, GPTConfig
 
 TINY = ["--device=cpu", "--n_layer=2", "--n_embd=32", "--n_head=4", "--block_size=32", "--batch_size=4",
@@ -22,11 +21,6 @@ TINY = ["--device=cpu", "--n_layer=2", "--n_embd=32", "--n_head=4", "--block_siz
 
 def train(data, out, *args, **kwargs):
     return run_stage("train.py", f"--data_dir={data}", f"--out_dir={out}", *TINY, *args, **kwargs)
-
-
-def read_log(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")
@@ -106,26 +100,23 @@ def test_sample_streams_text(trained):
 
 
 def test_kill_and_resume_reproduces_the_uninterrupted_run(tiny_data, tmp_path):
-    args = ["--max_iters=30", "--eval_interval=5", "--dropout=0.1"]
-    train(tiny_data, tmp_path / "whole", *args)
-    # kill a second run hard once it has saved a checkpoint, then resume it with the same command
-    killed = tmp_path / "killed"
-    cmd = [sys.executable, "train.py", f"--data_dir={tiny_data}", f"--out_dir={killed}", *TINY, *args]
-    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    while not (killed / "ckpt.pt").exists():
-        assert process.poll() is None, "the run ended before its first checkpoint"
-        time.sleep(0.005)
-    process.kill()
-    process.wait()
-    resumed_from = torch.load(killed / "ckpt.pt", weights_only=True)["step"]
-    assert 5 <= resumed_from < 30
-    train(tiny_data, killed, *args, "--init_from=resume")
-    whole = {r["step"]: r for r in read_log(tmp_path / "whole") if "loss" in r}
-    again = {r["step"]: r for r in read_log(killed) if "loss" in r}
-    assert sorted(again) == list(range(1, 31))
-    for step in range(resumed_from + 1, 31):
-        assert abs(whole[step]["loss"] - again[step]["loss"]) < 1e-6, step
+    args = ["--eval_interval=5", "--dropout=0.1"]
+
+    def kill(out):
+        """Kill the run hard once it has saved a checkpoint; it resumes with the same command."""
+        cmd = [sys.executable, "train.py", f"--data_dir={tiny_data}", f"--out_dir={out}", *TINY, *args,
+               "--max_iters=30"]
+        process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+        while not (out / "ckpt.pt").exists():
+            assert process.poll() is None, "the run ended before its first checkpoint"
+            time.sleep(0.005)
+        process.kill()
+        process.wait()
+        assert 5 <= torch.load(out / "ckpt.pt", weights_only=True)["step"] < 30
+
+    _, killed = assert_resume_reproduces(lambda out, *more: train(tiny_data, out, *args, *more), tmp_path, 30, kill,
+                                         tol=1e-6)
     assert len({row["run_id"] for row in read_log(killed)}) == 1  # the resumed run goes on as the same run
 
 
@@ -144,10 +135,8 @@ def test_two_process_ddp_equals_one_process(tiny_data, tmp_path):
 
 
 def test_epoch_sampler_visits_every_window_once_per_epoch(tiny_data, tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(sys, "argv", ["train.py", f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", *TINY,
-                                      "--max_iters=0", "--sampler=epoch", "--batch_size=3"])
-    train_py = runpy.run_path(os.path.join(ROOT, "train.py"))
+    train_py = run_train(monkeypatch, f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", *TINY, "--max_iters=0",
+                         "--sampler=epoch", "--batch_size=3")
     n, per_step = train_py["n_windows"], train_py["windows_per_step"]
     steps_per_epoch = n // per_step
     seen = [tuple(w) for step in range(steps_per_epoch) for w in zip(*train_py["training_windows"](step))]

@@ -1,0 +1,65 @@
+"""
+Evaluation that is exact rather than sampled: bits per byte over whole token streams, and multiple-choice accuracy.
+Both take a GPT in eval mode and split their work over the processes of a torchrun (rank, world_size); every
+process returns the same totals.
+"""
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from configurator import all_reduce_sum
+
+
+def batch_of(rows, T):
+    """(x, y) of token rows of at most T + 1 ids: inputs and next-token targets, -1 (no target) after a row's end."""
+    x = torch.zeros(len(rows), T, dtype=torch.long)
+    y = torch.full_like(x, -1)
+    for r, row in enumerate(rows):
+        x[r, :len(row) - 1], y[r, :len(row) - 1] = torch.as_tensor(row[:-1]), torch.as_tensor(row[1:])
+    return x, y
+
+
+@torch.no_grad()
+def exact_bits_per_byte(model, streams, n_bytes, eos_id, batch_size, amp=nullcontext(), rank=0, world_size=1):
+    """
+    Total nats over every token of the streams (each starting after an end-of-document token, so that its first
+    token is predicted too), in non-overlapping block_size windows, over the UTF-8 bytes they encode, divided by ln 2.
+    """
+    T, device, nats = model.config.block_size, model.wte.weight.device, 0.0
+    for tokens in streams:
+        tokens = np.concatenate([[eos_id], tokens]).astype(np.int64)
+        windows = [tokens[s:s + T + 1] for s in range(0, len(tokens) - 1, T)]
+        for b in range(rank * batch_size, len(windows), world_size * batch_size):
+            x, y = batch_of(windows[b:b + batch_size], T)
+            with amp:
+                loss = model(x.to(device), y.to(device))[1]  # the mean over the targets
+            nats += loss.item() * (y >= 0).sum().item()
+    return all_reduce_sum(nats, device=device)[0] / n_bytes / np.log(2)
+
+
+@torch.no_grad()
+def task_accuracy(model, tasks, tokenizer, eos_id, amp=nullcontext(), rank=0, world_size=1):
+    """
+    Multiple-choice accuracy on tasks {"context": str, "choices": [str, ...], "answer": index} (the shape of HellaSwag,
+    ARC, PIQA...). Each choice is scored by the log-likelihood of its tokens after the context, both in total ('acc')
+    and per UTF-8 byte of the choice ('acc_norm', which does not favour short choices, as in lm-evaluation-harness);
+    the highest score is the model's answer. Returns (acc, acc_norm).
+    """
+    T, device, correct = model.config.block_size, model.wte.weight.device, [0.0, 0.0]
+    for task in tasks[rank::world_size]:
+        context = [eos_id] + tokenizer.encode(task["context"])
+        choices = [tokenizer.encode(choice) for choice in task["choices"]]
+        rows = [(context + choice)[-(T + 1):] for choice in choices]  # the last T + 1 tokens
+        x, y = batch_of(rows, T)
+        for r, (row, choice) in enumerate(zip(rows, choices)):  # targets only on each choice's own tokens
+            y[r, :len(row) - 1 - len(choice)] = -1
+        with amp:
+            logits = model(x.to(device), y.to(device))[0].float()
+        y = y.to(device)
+        total = (logits.log_softmax(dim=-1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) * (y >= 0)).sum(dim=1)
+        per_byte = total / torch.tensor([max(1, len(c.encode("utf-8"))) for c in task["choices"]], device=device)
+        correct[0] += int(total.argmax().item() == task["answer"])
+        correct[1] += int(per_byte.argmax().item() == task["answer"])
+    acc, acc_norm = all_reduce_sum(*correct, device=device)
+    return acc / len(tasks), acc_norm / len(tasks)
