@@ -10,9 +10,13 @@ A sweep is a list of runs, each a label and train.py's command-line arguments; a
 <out_dir>/<label>-s<seed>. A run whose log.jsonl already holds its final exact val bits per byte is not run
 again, so an interrupted sweep continues where it stopped (an unfinished run resumes from its checkpoint), on
 this machine or on another one that has the sweep's out_dir. The results, <out_dir>/results.md and val.png, are
-made from the runs' log.jsonl files alone.
+made from the runs' log.jsonl files alone; a run that failed is named, with its train.log, and ablate.py exits 1.
+
+Stopping ablate.py (Ctrl-C, a kill, a time limit, on Linux even SIGKILL) sends each run a SIGINT: it saves a
+checkpoint at the end of its step and stops. A run that outlives it all the same holds its out_dir's lock, so that
+the sweep run again cannot start a second writer there.
 """
-import json
+import ctypes
 import math
 import os
 import re
@@ -21,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from configurator import fail, parse_config, save_plot
+from configurator import atomic_write, fail, lock_folder, parse_config, read_log, save_plot
 
 # -----------------------------------------------------------------------------
 # defaults
@@ -51,6 +55,8 @@ for run in runs:
     jobs[label.strip()] = args.split() + common.split()
 if not jobs:
     fail("no runs: set runs = ['label: config/x.py --key=value', ...] in a sweep config")
+if parallel < 1:
+    fail(f"parallel={parallel} must be at least 1 (runs at once per GPU)")
 budget = ([f"--train_flops={train_flops}"] if train_flops else [f"--train_tokens={train_tokens}"] if train_tokens
           else [f"--train_minutes={train_minutes}"] if train_minutes else [])
 
@@ -59,16 +65,32 @@ def run_dir(label, seed):
     return os.path.join(out_dir, f"{label}-s{seed}")
 
 
-def read_log(label, seed):
-    path = os.path.join(run_dir(label, seed), "log.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def run_log(label, seed):
+    try:  # a last line cut short by a crash is left out; a damaged one stops the sweep, naming it
+        return read_log(os.path.join(run_dir(label, seed), "log.jsonl"))
+    except ValueError as e:
+        fail(str(e))
 
 
 def finished(label, seed):
-    return any("exact_val_bpb" in row for row in read_log(label, seed))
+    return any("exact_val_bpb" in row for row in run_log(label, seed))
+
+
+SWEEP_PID = os.getpid()
+try:
+    PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux: a run outlives a SIGKILL of the sweep (its lock still holds)
+    PRCTL = None
+
+
+def start_run():
+    """preexec_fn of every run: a process group of its own, so that a Ctrl-C reaches it once (through ablate.py), and
+    on Linux a SIGINT from the kernel when ablate.py dies, even of a SIGKILL (prctl PR_SET_PDEATHSIG)."""
+    os.setpgid(0, 0)
+    if PRCTL is not None:
+        PRCTL(1, int(signal.SIGINT))  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != SWEEP_PID:  # ablate.py died before that
+            os._exit(1)
 
 
 def run_all(pairs):
@@ -86,14 +108,17 @@ def run_all(pairs):
                     label, seed = todo.pop(0)
                     folder = run_dir(label, seed)
                     os.makedirs(folder, exist_ok=True)
-                    resume = ["--init_from=resume"] if os.path.exists(os.path.join(folder, "ckpt.pt")) else []
+                    # a run continues from its checkpoint; one that saved none starts over
+                    saved = os.path.exists(os.path.join(folder, "ckpt.pt"))
+                    resume = ["--init_from=resume"] if saved else ["--overwrite=True"]
                     command = [sys.executable, "train.py", *jobs[label], *budget, f"--seed={seed}", f"--out_dir={folder}",
                                *resume]
                     env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": device} if device is not None else {}))
                     with open(os.path.join(folder, "train.log"), "a") as log:
                         log.write(" ".join(command) + "\n")
                         log.flush()
-                        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+                        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                   preexec_fn=start_run)
                     running[slot] = (process, label, seed)
             time.sleep(0.2)
             for slot, (process, label, seed) in list(running.items()):
@@ -103,9 +128,9 @@ def run_all(pairs):
                     if process.returncode != 0:
                         tqdm.write(f"{label} seed {seed} failed (exit {process.returncode}): "
                                    f"see {os.path.join(run_dir(label, seed), 'train.log')}")
-    finally:  # stopped (Ctrl-C, a kill, a time limit): stop the runs too; each resumes from its checkpoint next time
+    finally:  # stopped (Ctrl-C, a kill, a time limit): each run saves a checkpoint, stops, and resumes next time
         for process, _, _ in running.values():
-            process.terminate()
+            process.send_signal(signal.SIGINT)
         for process, _, _ in running.values():
             process.wait()
     bar.close()
@@ -113,7 +138,7 @@ def run_all(pairs):
 
 def summarize(label):
     """One table row for a run: its seeds' final exact val bits per byte, and their mean figures."""
-    logs = [rows for seed in seeds + repeat_seeds if (rows := read_log(label, seed)) and finished(label, seed)]
+    logs = [rows for seed in seeds + repeat_seeds if (rows := run_log(label, seed)) and finished(label, seed)]
     if not logs:
         return None
     head = next(row for row in logs[0] if "params" in row)
@@ -131,7 +156,10 @@ def summarize(label):
 
 
 def write_results():
+    """results.md and val.png of the finished runs (none: the previous ones stay); returns the table's rows."""
     rows = [row for label in jobs if (row := summarize(label))]
+    if not rows:
+        return rows
     per_run = (f"{train_flops:.3g} training FLOPs" if train_flops else f"{train_tokens:,} tokens" if train_tokens
                else f"{train_minutes} minutes of steps" if train_minutes else "each run its own")
     lines = [f"# {sweep}", "",
@@ -145,8 +173,8 @@ def write_results():
         memory = f"{r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] else "-"  # measured on CUDA only
         lines.append(f"| {r['label']} | {r['params'] / 1e6:.2f}M / {r['active_params'] / 1e6:.2f}M | {r['flops']:.3g} | "
                      f"{r['tokens']:,} | {bpb} | {speed} | {mfu} | {memory} |")
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    table = "\n".join(lines) + "\n"
+    atomic_write(os.path.join(out_dir, "results.md"), lambda f: f.write(table.encode()))
     print("\n".join(lines))
     plot_curves()
     return rows
@@ -156,7 +184,7 @@ def plot_curves():
     """<out_dir>/val.png: each run's val loss (first seed) against training FLOPs spent."""
     lines = []
     for i, label in enumerate(jobs):
-        rows = next((rows for seed in seeds if (rows := read_log(label, seed))), [])
+        rows = next((rows for seed in seeds if (rows := run_log(label, seed))), [])
         head = next((row for row in rows if "params" in row), None)
         # from the first evaluation after training began: the untrained model's loss (the same for all) would
         # squeeze the differences that matter into the bottom of the plot
@@ -167,12 +195,30 @@ def plot_curves():
     save_plot(os.path.join(out_dir, "val.png"), sweep, [("training FLOPs", "val loss (nats/token)", lines)])
 
 
-os.makedirs(out_dir, exist_ok=True)
-signal.signal(signal.SIGTERM, lambda *_: sys.exit("ablate.py: terminated"))  # a kill runs the finally above too
+for stop in (signal.SIGINT, signal.SIGTERM):  # runs the finally above too
+    signal.signal(stop, lambda signum, _: sys.exit(f"ablate.py: stopped by {signal.Signals(signum).name}; the same "
+                                                   "command continues the sweep"))
+started = []
 if not report_only:
-    run_all([(label, seed) for seed in seeds for label in jobs])
+    try:  # one sweep at a time in out_dir (each run locks its own folder too)
+        lock_folder(out_dir)
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    started = [(label, seed) for seed in seeds for label in jobs]
+    run_all(started)
     if repeat_best:
         first, *others = jobs
         best = sorted((label for label in others if summarize(label)), key=lambda label: summarize(label)["bpb"])
-        run_all([(label, seed) for seed in repeat_seeds for label in [first, *best[:repeat_best]]])
-write_results()
+        again = [(label, seed) for seed in repeat_seeds for label in [first, *best[:repeat_best]]]
+        run_all(again)
+        started += again
+try:
+    rows = write_results()
+except OSError as e:
+    fail(str(e))
+failed = [f"{label}-s{seed}" for label, seed in started if not finished(label, seed)]
+if failed:
+    fail(f"{len(failed)} of {len(started)} runs failed: {', '.join(failed)}; "
+         f"see {os.path.join(out_dir, '<run>', 'train.log')}")
+if not rows:
+    fail(f"no run in {out_dir} has finished: nothing to report")

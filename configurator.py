@@ -11,12 +11,15 @@ applied in order; `--key=value` arguments override them. A key the stage does no
 whose type does not match the default's, stops the program with a one-line error naming the key.
 """
 import ast
+import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
 import time
+import traceback
 import uuid
 from contextlib import nullcontext
 
@@ -57,13 +60,15 @@ def _parse_value(raw, default):
         return raw  # a bare word: the type check reports it
 
 
-def parse_config(defaults, argv, other_stage_keys_in_files=False):
+def parse_config(defaults, argv, other_stage_keys_in_files=False, with_given=False):
     """
     Apply config files and --key=value overrides to a dict of defaults; returns the new dict.
     other_stage_keys_in_files: a stage that reads another stage's config files (bench.py reads train.py's)
     skips the keys it does not know in those files; on its command line they still stop it.
+    with_given: return (config, given) instead, given being the set of keys that a file or the command line set,
+    even to the default's value (a resumed run checks those against its checkpoint).
     """
-    config = dict(defaults)
+    config, given = dict(defaults), set()
 
     def update(key, value, source):
         if key not in defaults:
@@ -71,6 +76,7 @@ def parse_config(defaults, argv, other_stage_keys_in_files=False):
                 return
             fail(f"unknown config key '{key}' (from {source})")
         config[key] = _check_type(key, value, defaults[key])
+        given.add(key)
 
     for arg in argv:
         if arg.startswith("--"):
@@ -81,29 +87,68 @@ def parse_config(defaults, argv, other_stage_keys_in_files=False):
                 raw = "True"
             update(key, _parse_value(raw, defaults.get(key)), "the command line")
         else:
-            if not os.path.isfile(arg):
-                fail(f"config file {arg} not found")
-            namespace = {}
-            with open(arg) as f:
-                exec(compile(f.read(), arg, "exec"), namespace)
-            for key, value in namespace.items():
+            for key, value in _run_config_file(arg).items():
                 if not key.startswith("_") and not callable(value) and type(value).__name__ != "module":
                     update(key, value, arg)
-    return config
+    return (config, given) if with_given else config
+
+
+def _run_config_file(path):
+    """The names a config file assigns, or stop with one line naming the file and the line that fails."""
+    if not os.path.isfile(path):
+        fail(f"config file {path} not found")
+    with open(path, "rb") as f:
+        source = f.read()
+    namespace = {}
+    try:
+        exec(compile(source, path, "exec"), namespace)
+    except SyntaxError as e:
+        fail(f"config file {path}, line {e.lineno}: {e.msg}")
+    except Exception as e:
+        line = next((frame.lineno for frame in reversed(traceback.extract_tb(e.__traceback__))
+                     if frame.filename == path), "?")
+        fail(f"config file {path}, line {line}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return namespace
+
+
+def check_settings(config, positive=(), non_negative=(), fractions=(), choices=None):
+    """Stop with one line at the first setting out of its range: positive keys must be > 0, non_negative ones >= 0,
+    fractions within [0, 1], and choices[key] lists the values a key may take."""
+    for key in (*positive, *non_negative, *fractions):
+        if isinstance(config[key], float) and not math.isfinite(config[key]):
+            fail(f"{key}={config[key]!r} must be a finite number")
+    for key in positive:
+        if not config[key] > 0:
+            fail(f"{key}={config[key]!r} must be positive")
+    for key in non_negative:
+        if not config[key] >= 0:
+            fail(f"{key}={config[key]!r} must not be negative")
+    for key in fractions:
+        if not 0 <= config[key] <= 1:
+            fail(f"{key}={config[key]!r} must lie between 0 and 1")
+    for key, allowed in (choices or {}).items():
+        if config[key] not in allowed:
+            fail(f"unknown {key} '{config[key]}' (choose {', '.join(allowed)})")
 
 
 # -----------------------------------------------------------------------------
 # device and precision
 
 def pick_device(device="auto"):
-    """'auto' picks CUDA, then Apple MPS, then the CPU."""
+    """'auto' picks CUDA, then Apple MPS, then the CPU; a device that is not here stops with one line."""
+    mps = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
     if device == "auto":
-        if torch.cuda.is_available():
-            device = "cuda"
-        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            device = "mps"
-        else:
-            device = "cpu"
+        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and not (kind == "cuda" and index.isdigit())):
+        fail(f"unknown device '{device}' (choose auto, cpu, cuda, cuda:N or mps)")
+    if kind == "cuda" and not torch.cuda.is_available():
+        fail(f"device='{device}', but this machine has no CUDA GPU that torch can use: use --device=cpu or "
+             "--device=auto")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        fail(f"device='{device}', but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if kind == "mps" and not mps:
+        fail("device='mps', but Apple's MPS is not available here: use --device=cpu or --device=auto")
     return device
 
 
@@ -121,8 +166,15 @@ def init_processes(device):
     return True, dist.get_rank(), dist.get_world_size(), device
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 def pick_dtype(device, dtype="auto"):
-    """bf16 where the GPU has it, fp16 on older GPUs (train.py then adds a GradScaler), fp32 elsewhere."""
+    """bf16 where the GPU has it, fp16 on older GPUs (train.py then adds a GradScaler), fp32 elsewhere. autocast
+    computes in bf16 or fp16, or not at all in fp32: any other name (float64 among them) stops rather than being
+    recorded and not used."""
+    if dtype not in DTYPES:
+        fail(f"unknown dtype '{dtype}' (choose {', '.join(DTYPES)})")
     if dtype != "auto":
         return dtype
     if device.startswith("cuda"):
@@ -151,12 +203,50 @@ def autocast(device, dtype):
 CHECKPOINT_FORMAT = "nanollm-1"
 
 
+def atomic_write(path, write):
+    """
+    write(f) into a temporary file of this process beside path, flushed to the disk, then renamed over path: a crash,
+    a kill or a full disk mid-write leaves the previous file as it was and no temporary file behind. A failed write
+    raises OSError with one line that names the file (and the full disk, when that is why).
+    """
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: as they are
+            raise
+        # the full disk may lie under another error: torch.save's writer reports the failed write as its own
+        chain, cause = [], e
+        while cause is not None and len(chain) < 10:
+            chain.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        full = any(getattr(c, "errno", None) == errno.ENOSPC or "No space left" in str(c) for c in chain)
+        reason = "the disk is full" if full else f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        error = OSError(f"could not write {path} ({reason}); the previous file is kept")
+        error.errno = errno.ENOSPC if full else getattr(e, "errno", None)
+        raise error from None
+    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:  # the rename itself reaches the disk
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def write_json(path, value):
+    """value as indented JSON, written atomically."""
+    atomic_write(path, lambda f: f.write(json.dumps(value, indent=1).encode()))
+
+
 def save_checkpoint(path, checkpoint):
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    """Write atomically (atomic_write): a crash or a full disk mid-write leaves the previous checkpoint intact."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save({"format": CHECKPOINT_FORMAT, **checkpoint}, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, **checkpoint}, f))
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -202,11 +292,36 @@ def write_manifest(out_dir, config, device, meta_path, run_id=None):
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, "run.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, "run.json"))
+    write_json(os.path.join(out_dir, "run.json"), manifest)
     return manifest["run_id"]
+
+
+LOCKS = {}  # folder -> the open lock file of this process that holds it until the process ends
+
+
+def lock_folder(folder):
+    """
+    One run owns a folder (out_dir): an exclusive lock on folder/.lock, held until this process ends; the operating
+    system releases it when the process dies, so that a kill -9 leaves nothing to clean up before a resume. A process
+    that holds it already keeps it. Raises ValueError if another process holds it, OSError (one line) if the folder
+    cannot be written.
+    """
+    import fcntl  # POSIX
+    if os.path.realpath(folder) in LOCKS:
+        return
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{folder} is a file, not a folder: choose another folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        f = open(os.path.join(folder, ".lock"), "a")
+    except OSError as e:
+        raise OSError(f"cannot write in {folder} ({e.strerror or e}): choose a folder you can write to") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ValueError(f"{folder} is in use by another run: wait for it to end, or choose another out_dir") from None
+    LOCKS[os.path.realpath(folder)] = f
 
 
 def is_master():
@@ -219,11 +334,12 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def all_reduce_sum(*values, device="cpu"):
-    """The sums of plain numbers over all processes (the numbers themselves in a single process), as a list."""
+def all_reduce_sum(*values, device="cpu", group=None):
+    """The sums of plain numbers over all processes (the numbers themselves in a single process), as a list; group: a
+    process group of its own (e.g. a gloo one on the CPU beside NCCL), whose backend takes tensors on `device`."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=group)
     return t.tolist()
 
 
@@ -242,19 +358,48 @@ def copy_tokenizer(path, out_dir):
     for name, source in files.items():
         target = os.path.join(out_dir, name)
         if os.path.isfile(source) and not (os.path.exists(target) and os.path.samefile(source, target)):
-            shutil.copyfile(source, target)
+            with open(source, "rb") as f:  # atomically: a crash mid-copy leaves the previous tokenizer
+                atomic_write(target, lambda out: shutil.copyfileobj(f, out))
     return "tokenizer.json" if hf else "tokenizer.model"
+
+
+def read_text(path, what="file"):
+    """The text of a UTF-8 file, or ValueError saying in one line why not (what names the file's role: 'eval_file')."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, IsADirectoryError):
+        raise ValueError(f"{what} {path} not found") from None
+    try:
+        return data.decode("utf-8").replace("\r\n", "\n")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{what} {path} line {line} is not UTF-8 text (byte {data[e.start]:#04x})") from None
+
+
+def read_log(path):
+    """The rows of a log.jsonl (none if it is missing); a last line cut short by a crash mid-append is left out."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().split("\n")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines) - 1:  # not the last line: the log is damaged, not cut
+                raise ValueError(f"{path} line {number} is not JSON: the log is damaged") from None
+    return rows
 
 
 def trim_log(path, step, keep):
     """A run resumed at `step` forgets what the interrupted one logged after its checkpoint: of the rows at `step` it
-    keeps those where keep(row) (not the evaluation it redoes). A fresh run (step 0) starts an empty log."""
-    rows = []
-    if os.path.exists(path):
-        with open(path) as f:
-            rows = [r for r in map(json.loads, f) if r["step"] < step or (r["step"] == step and keep(r))]
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    keeps those where keep(row) (not the evaluation it redoes). A fresh run (step 0) starts an empty log. Atomic."""
+    rows = [r for r in read_log(path) if r["step"] < step or (r["step"] == step and keep(r))]
+    atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
 
 
 def save_plot(path, title, panels):
@@ -277,6 +422,8 @@ def save_plot(path, title, panels):
         ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    finally:
+        plt.close(fig)
     print0(f"wrote {path}")

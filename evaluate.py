@@ -3,12 +3,13 @@ Evaluation that is exact rather than sampled: bits per byte over whole token str
 Both take a GPT in eval mode and split their work over the processes of a torchrun (rank, world_size); every
 process returns the same totals.
 """
+import json
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 
-from configurator import all_reduce_sum
+from configurator import all_reduce_sum, read_text
 
 
 def batch_of(rows, T):
@@ -36,6 +37,31 @@ def exact_bits_per_byte(model, streams, n_bytes, eos_id, batch_size, amp=nullcon
                 loss = model(x.to(device), y.to(device))[1]  # the mean over the targets
             nats += loss.item() * (y >= 0).sum().item()
     return all_reduce_sum(nats, device=device)[0] / n_bytes / np.log(2)
+
+
+def read_tasks(path):
+    """The tasks of a JSONL file, one per line, each of task_accuracy's shape with its answer among its choices; a
+    ValueError naming the file and line otherwise."""
+    tasks = []
+    for number, line in enumerate(read_text(path, "tasks file").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            task = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {number} is not JSON ({e.msg})") from None
+        choices = task.get("choices") if isinstance(task, dict) else None
+        if not (isinstance(choices, list) and choices and all(isinstance(choice, str) for choice in choices)
+                and isinstance(task.get("context"), str)):
+            raise ValueError(f"{path} line {number} is not a task: "
+                             '{"context": "...", "choices": ["...", ...], "answer": index}')
+        answer, n = task.get("answer"), len(choices)
+        if not (isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < n):
+            raise ValueError(f"{path} line {number}: answer {answer!r} is not the index of one of its {n} choices")
+        tasks.append(task)
+    if not tasks:
+        raise ValueError(f"tasks file {path} holds no task")
+    return tasks
 
 
 @torch.no_grad()

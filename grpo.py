@@ -8,14 +8,16 @@ Post-training on verifiable tasks: supervised fine-tuning (SFT) and GRPO, from a
     torchrun --standalone --nproc_per_node=2 grpo.py config/grpo_addition.py  # DDP
 
 GRPO's objective and its pieces are in rl.py (DeepSeekMath, arXiv 2402.03300 §4.1). Every default below can be
-changed by a config file and --key=value, as in train.py.
+changed by a config file and --key=value, as in train.py. One run owns its out_dir: a second run there is refused,
+and so is a fresh run into a folder that holds one unless overwrite=True. Ctrl-C stops at the end of the step with a
+checkpoint that --init_from=resume continues exactly.
 """
 import copy
-import importlib
 import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -24,12 +26,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import (all_reduce_sum, autocast, copy_tokenizer, fail, init_processes, parse_config, pick_device,
-                          pick_dtype, print0, save_checkpoint, save_plot, trim_log)
+from configurator import (all_reduce_sum, atomic_write, autocast, check_settings, copy_tokenizer, fail, init_processes,
+                          lock_folder, parse_config, pick_device, pick_dtype, print0, read_log, save_checkpoint,
+                          save_plot, trim_log)
 from hf import load_model
 from optim import clip_grad_norm_, configure_optimizers
-from rl import (ANSWER_MARKER, TASKS, extract_answer, group_advantages, has_format, layout, policy_loss, problems,
-                sample_completions, token_logprobs)
+from rl import (ANSWER_MARKER, TASKS, extract_answer, group_advantages, has_format, layout, load_reward, policy_loss,
+                problems, sample_completions, token_logprobs)
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -38,6 +41,7 @@ from tokenizer import Tokenizer
 mode = "grpo"                 # 'grpo'; 'sft' (on sft_data); 'eval' (held-out pass@1, pass@k); 'tasks' (write task files)
 init_from = "out"             # a folder (or ckpt.pt) of train.py or grpo.py, 'resume' (continue out_dir), or 'hf:FOLDER'
 out_dir = "out/grpo"          # checkpoint, log.jsonl and grpo.png go here
+overwrite = False             # a fresh run replaces the run (ckpt.pt, log.jsonl) that out_dir holds; else it stops
 tokenizer = ""                # tokenizer.model, 'gpt2' or a HF folder; '' = the one beside the checkpoint (hf: the folder's)
 block_size = 1024             # init_from='hf:...': the context the model is loaded with (0 = the folder's own), as sample.py
 # task and reward
@@ -87,12 +91,17 @@ defaults = {k: v for k, v in globals().items() if not k.startswith("_") and not 
 config = parse_config(defaults, sys.argv[1:])
 globals().update(config)
 EVAL_SEED = 0  # the held-out prompts of every evaluation, whatever the run's seed
-if mode not in ("grpo", "sft", "eval", "tasks"):
-    fail(f"unknown mode '{mode}' (choose grpo, sft, eval or tasks)")
-if task not in TASKS:
-    fail(f"unknown task '{task}' (choose {', '.join(TASKS)})")
-if loss_agg not in ("grpo", "dapo", "dr_grpo"):
-    fail(f"unknown loss_agg '{loss_agg}' (choose grpo, dapo or dr_grpo)")
+# every setting in its range before anything is loaded or written (0 stays valid where it means none or all)
+check_settings(config, positive=("eval_batch_size", "prompts_per_step", "group_size", "max_completion_length", "mu",
+                                 "batch_size", "eval_interval", "log_interval"),
+               non_negative=("n_eval", "eval_k", "n_task_examples", "block_size", "temperature", "eps", "eps_high",
+                             "beta", "micro_batch_size", "learning_rate", "weight_decay", "grad_clip", "warmup_iters",
+                             "max_iters", "max_minutes"),
+               fractions=("beta1", "beta2"),
+               choices={"mode": ("grpo", "sft", "eval", "tasks"), "task": tuple(TASKS),
+                        "loss_agg": ("grpo", "dapo", "dr_grpo")})
+if mode == "grpo" and group_size < 2:
+    fail(f"GRPO compares the completions of each prompt: group_size={group_size} must be at least 2")
 if mode == "grpo" and temperature <= 0:
     fail(f"GRPO samples its groups: temperature={temperature} must be above 0")
 eps_high = eps_high or eps
@@ -100,13 +109,16 @@ eps_high = eps_high or eps
 if mode == "tasks":
     # one file per side of the split; a row's "text" (prompt + response) is what prepare.py --input reads, its
     # "prompt" and "response" what --mode=sft reads
-    os.makedirs(task_dir, exist_ok=True)
     for side, n, side_seed in (("train", n_task_examples, seed), ("held_out", n_eval, EVAL_SEED)):
         path = os.path.join(task_dir, f"{task}_{side}.jsonl")
-        with open(path, "w") as f:
-            for prompt, answer in problems(task, side == "held_out", side_seed, n):
-                response = f"{ANSWER_MARKER} {answer}"
-                f.write(json.dumps({"prompt": prompt, "response": response, "text": prompt + response}) + "\n")
+        pairs = [(prompt, f"{ANSWER_MARKER} {answer}") for prompt, answer in problems(task, side == "held_out",
+                                                                                     side_seed, n)]
+        rows = "".join(json.dumps({"prompt": p, "response": r, "text": p + r}) + "\n" for p, r in pairs)
+        try:
+            os.makedirs(task_dir, exist_ok=True)
+            atomic_write(path, lambda f: f.write(rows.encode()))
+        except OSError as e:
+            fail(str(e))
         print(f"wrote {n:,} {task} problems to {path}")
     raise SystemExit
 
@@ -125,12 +137,33 @@ torch.manual_seed(seed + rank)
 torch.backends.cuda.matmul.allow_tf32 = True
 
 # -----------------------------------------------------------------------------
-# the policy: a checkpoint of train.py or grpo.py, this run's own checkpoint, or a Hugging Face folder
+# out_dir: this run's alone
 
 resume = init_from == "resume"
 checkpoint_path = os.path.join(out_dir, "ckpt.pt")
+log_path = os.path.join(out_dir, "log.jsonl")
+if mode != "eval":
+    if master:  # held until the process ends, however it ends
+        try:
+            lock_folder(out_dir)
+        except (ValueError, OSError) as e:
+            fail(str(e))
+    held = [os.path.basename(path) for path in (checkpoint_path, log_path) if os.path.isfile(path)
+            and os.path.getsize(path)]
+    if held and not resume and not overwrite:
+        fail(f"{out_dir} holds a run ({' and '.join(held)}): continue it with --init_from=resume, replace it with "
+             "--overwrite=True, or choose another --out_dir")
+
+# -----------------------------------------------------------------------------
+# the policy: a checkpoint of train.py or grpo.py, this run's own checkpoint, or a Hugging Face folder
+
 try:
     policy, tokenizer_path, checkpoint = load_model(checkpoint_path if resume else init_from, block_size)
+    made = checkpoint["config"].get("mode") if resume else mode  # train.py's config has no mode
+    if made != mode and mode != "eval":
+        raise ValueError(f"{checkpoint_path} is not a grpo.py --mode={mode} run: " + (
+            f"resume it with --mode={made}" if made else f"train.py wrote it; start from it with --init_from={out_dir} "
+            "and another out_dir, or resume it with train.py"))
     start_from = checkpoint["config"]["init_from"] if resume else init_from  # the reference model is this one
     tokenizer_path = tokenizer or tokenizer_path
     tok = Tokenizer.load(tokenizer_path)
@@ -150,7 +183,6 @@ policy.to(device).eval()
 if mode == "grpo" and beta > 0:
     reference = reference or copy.deepcopy(policy)
     reference.to(device).eval().requires_grad_(False)
-eval_problems = problems(task, True, EVAL_SEED, n_eval)
 
 
 def encode_prompt(text):
@@ -166,12 +198,31 @@ def encode_prompt(text):
     return ids
 
 
-if reward:
-    module_name, _, function_name = reward.partition(":")
-    try:
-        user_reward = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError, ValueError) as e:
-        fail(f"cannot load reward '{reward}' (module:function): {e}")
+eval_problems = problems(task, True, EVAL_SEED, n_eval)
+eval_prompts = [encode_prompt(p) for p, _ in eval_problems]  # and so their lengths are checked before the run
+try:
+    user_reward = load_reward(reward) if reward else None
+except ValueError as e:
+    fail(str(e))
+
+# SFT's pairs, read whole before anything is written
+if mode == "sft":
+    if not os.path.isfile(sft_data):
+        fail(f"sft_data {sft_data!r} not found: give a JSONL file of {{\"prompt\": ..., \"response\": ...}} rows")
+    pairs = []
+    with open(sft_data, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.decode("utf-8"))
+                pairs.append((encode_prompt(row["prompt"]), tok.encode(row["response"]) + [stop_id]))
+            except UnicodeDecodeError:
+                fail(f"{sft_data} line {number} is not UTF-8 text: save the file as UTF-8")
+            except (ValueError, KeyError, TypeError):
+                fail(f"{sft_data} line {number} is not a JSON object with 'prompt' and 'response' strings")
+    if not pairs:
+        fail(f"{sft_data} holds no prompt/response pair")
 
 
 def score(prompt, completion, answer):
@@ -179,7 +230,10 @@ def score(prompt, completion, answer):
     ids past the tokenizer's (the model's vocabulary is rounded up), which are no text."""
     text = tok.decode([i for i in completion if i != stop_id and i < tok.vocab_size])
     correct = extract_answer(text) == answer
-    r = float(user_reward(prompt, text)) if reward else float(correct)
+    try:
+        r = user_reward(prompt, text) if reward else float(correct)
+    except ValueError as e:  # not a finite number: the run stops before it trains on it
+        fail(str(e))
     return r + format_reward * has_format(text, task), correct
 
 
@@ -187,11 +241,10 @@ def score(prompt, completion, answer):
 def evaluate(k=0):
     """Greedy pass@1 on the held-out prompts, and with k > 0 sampled pass@k (one of k completions correct)."""
     generator = torch.Generator(device).manual_seed(seed + rank)
-    mine = eval_problems[rank::world_size]
+    mine, mine_prompts = eval_problems[rank::world_size], eval_prompts[rank::world_size]
     greedy = sampled = 0
     for start in range(0, len(mine), eval_batch_size):
-        chunk = mine[start:start + eval_batch_size]
-        prompts = [encode_prompt(p) for p, _ in chunk]
+        chunk, prompts = mine[start:start + eval_batch_size], mine_prompts[start:start + eval_batch_size]
         with amp:
             best = sample_completions(policy, prompts, 1, max_completion_length, 0.0, stop_id)
             tries = sample_completions(policy, prompts, k, max_completion_length, temperature, stop_id,
@@ -218,39 +271,97 @@ except ValueError as e:
     fail(str(e))
 iter_num = 0
 if resume:
-    optim.load_state_dict(checkpoint["optimizer"])
+    try:
+        optim.load_state_dict(checkpoint["optimizer"])
+    except (ValueError, KeyError) as e:
+        fail(f"the optimizer state in {checkpoint_path} does not fit optimizer={optimizer} ({e}): resume with the "
+             "run's own settings")
     iter_num = checkpoint["step"]
 model = DDP(policy, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None,
             broadcast_buffers=False) if ddp else policy
-log_path = os.path.join(out_dir, "log.jsonl")
+
 if master:
-    os.makedirs(out_dir, exist_ok=True)
-    saved_tokenizer = copy_tokenizer(tok.path, out_dir)  # sample.py and grpo.py find it beside the checkpoint
-    trim_log(log_path, iter_num, lambda row: "eval_accuracy" not in row)
+    try:
+        if overwrite and not resume and os.path.exists(checkpoint_path):
+            os.remove(checkpoint_path)  # the replaced run's (its log is emptied below): the folder holds one run
+        saved_tokenizer = copy_tokenizer(tok.path, out_dir)  # sample.py and grpo.py find it beside the checkpoint
+        trim_log(log_path, iter_num, lambda row: "eval_accuracy" not in row)
+    except (ValueError, OSError) as e:
+        fail(str(e))
+
+
+def diverged(what):
+    """Stop before a NaN or an infinity is logged or saved: the last checkpoint stays as it was."""
+    kept = f"{checkpoint_path} is kept as it was" if os.path.exists(checkpoint_path) else "nothing was saved"
+    fail(f"{what} at step {iter_num}: training diverged; {kept} (lower learning_rate, or look at the reward)")
 
 
 def log(row):
+    """Append a row to log.jsonl on process 0; every process stops at a non-finite value (they all have it)."""
+    bad = [key for key, value in row.items() if isinstance(value, float) and not math.isfinite(value)]
+    if bad:
+        diverged(f"{bad[0]} is {row[bad[0]]}")
     if master:
         with open(log_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
 
+def check_weights():
+    """Every process checks its replica: all of them stop together."""
+    if not all(t.isfinite().all() for t in policy.state_dict().values() if t.is_floating_point()):
+        diverged("a weight is not finite")
+
+
+def save():
+    """This step's checkpoint, atomically, of finite weights only; at step 0 the model is init_from's own."""
+    if iter_num == 0:
+        return
+    check_weights()
+    if master:
+        try:
+            save_checkpoint(checkpoint_path, {
+                "model": policy.state_dict(), "optimizer": optim.state_dict(), "model_config": asdict(policy.config),
+                "config": {**config, "init_from": start_from}, "step": iter_num, "eos_id": tok.eos_id,
+                "tokenizer": saved_tokenizer})
+        except OSError as e:
+            fail(str(e))
+
+
 def evaluate_and_save():
+    if iter_num > 0:
+        check_weights()  # before the evaluation of a diverged model is logged
     if n_eval:
         accuracy = evaluate()["pass@1"]
         print0(f"step {iter_num}: held-out greedy accuracy {accuracy:.4f}")
         log({"step": iter_num, "eval_accuracy": accuracy})
-    if master and iter_num > 0:
-        save_checkpoint(checkpoint_path, {
-            "model": policy.state_dict(), "optimizer": optim.state_dict(), "model_config": asdict(policy.config),
-            "config": {**config, "init_from": start_from}, "step": iter_num, "eos_id": tok.eos_id,
-            "tokenizer": saved_tokenizer})
+    save()
+
+
+interrupts = []  # Ctrl-C (SIGINT) was pressed: the run stops at the end of the step, with a checkpoint
+
+
+def interrupted():
+    """Whether any process had a Ctrl-C: every process asks at the same step boundary, so they all stop there."""
+    return all_reduce_sum(float(bool(interrupts)), device=device)[0] > 0
+
+
+def finish(stopped):
+    """The last line of an interrupted run, and the process group's end (the DDP wrapper first: pytorch#56297)."""
+    global model
+    if stopped:
+        print0(f"interrupted at step {iter_num}: " + (f"saved {checkpoint_path}; resume with --init_from=resume"
+               if iter_num else "no step trained, so nothing to save"), file=sys.stderr)
+    if ddp:
+        if stopped:
+            dist.barrier()  # no process exits (which makes torchrun stop the others) before process 0 has saved
+        del model
+        dist.destroy_process_group()
+    raise SystemExit(130 if stopped else 0)  # 130: the shell's code for a Ctrl-C
 
 
 def plot():
     """out_dir/grpo.png: each step's mean reward (or SFT loss) and the held-out accuracy."""
-    with open(log_path) as f:
-        rows = [json.loads(line) for line in f]
+    rows = read_log(log_path)
     lines = [(label, [(r["step"], r[key]) for r in rows if key in r], {"marker": "o"} if key == "eval_accuracy" else {})
              for key, label in (("reward", "mean reward of the rollouts"), ("loss", "SFT loss"),
                                 ("eval_accuracy", "held-out greedy accuracy"))]
@@ -267,20 +378,12 @@ def optimizer_step(step):
     optim.zero_grad(set_to_none=True)
 
 
+signal.signal(signal.SIGINT, lambda signum, frame: interrupts.append(signum))
+
 # -----------------------------------------------------------------------------
 # SFT: the next-token loss on the response tokens (and the stop token) of prompt/response pairs
 
 if mode == "sft":
-    if not os.path.isfile(sft_data):
-        fail(f"sft_data {sft_data!r} not found: give a JSONL file of {{\"prompt\": ..., \"response\": ...}} rows")
-    pairs = []
-    with open(sft_data) as f:
-        for number, line in enumerate(f, 1):
-            try:
-                row = json.loads(line)
-                pairs.append((encode_prompt(row["prompt"]), tok.encode(row["response"]) + [stop_id]))
-            except (ValueError, KeyError, TypeError):
-                fail(f"{sft_data} line {number} is not a JSON object with 'prompt' and 'response' strings")
     epoch_orders = {}
 
     def pair(i):
@@ -293,12 +396,16 @@ if mode == "sft":
     per_process = batch_size // world_size
     t_last = time.time()
     while True:
+        stopped = interrupted()
+        if stopped:
+            save()
+            break
         if iter_num % eval_interval == 0 or iter_num == max_iters:
             evaluate_and_save()
         if iter_num >= max_iters:
             break
-        first = iter_num * batch_size + rank * per_process
-        batch = [pair(i) for i in range(first, first + per_process)]
+        offset = iter_num * batch_size + rank * per_process
+        batch = [pair(i) for i in range(offset, offset + per_process)]
         idx, targets = layout([p for p, _ in batch], [r for _, r in batch], tok.pad_id)
         policy.train()
         with amp:
@@ -313,9 +420,9 @@ if mode == "sft":
             print0(f"step {iter_num}: loss {loss:.4f}, {dt * 1000:.0f} ms/step")
             log({"step": iter_num, "loss": loss, "step_s": dt})
             t_last = time.time()
-    if master:
+    if master and not stopped:
         plot()
-    raise SystemExit
+    finish(stopped)
 
 # -----------------------------------------------------------------------------
 # GRPO
@@ -329,6 +436,10 @@ while True:
     # with max_minutes, every process stops at the first step where process 0 has run out of time
     over = float(master and time.time() - t_start > 60 * max_minutes)
     out_of_time = max_minutes > 0 and all_reduce_sum(over, device=device)[0]
+    stopped = interrupted()
+    if stopped:
+        save()
+        break
     if iter_num % eval_interval == 0 or iter_num == max_iters or out_of_time:
         evaluate_and_save()
     if iter_num >= max_iters or out_of_time:
@@ -406,15 +517,12 @@ while True:
                f"zero-variance groups {int(n_zero)}, rollout {row['rollout_s'] * 1000:.0f} ms "
                f"({row['rollout_tokens_per_s']:,.0f} tokens/s), update {row['update_s'] * 1000:.0f} ms")
         log(row)
-if master:
-    with open(log_path) as f:
-        rows = [json.loads(line) for line in f]
+if master and not stopped:
+    rows = read_log(log_path)
     accuracy = [r["eval_accuracy"] for r in rows if "eval_accuracy" in r]
     speed = [r["rollout_tokens_per_s"] for r in rows if "rollout_tokens_per_s" in r]
     print(f"done: step {iter_num} after {time.time() - t_start:.0f} s of GRPO"
           + (f"; held-out greedy accuracy {accuracy[0]:.4f} -> {accuracy[-1]:.4f}" if accuracy else "")
           + (f"; rollouts {sum(speed) / len(speed):,.0f} tokens/s (mean over steps)" if speed else ""))
     plot()
-if ddp:
-    del model  # the DDP wrapper before the process group, as in train.py (pytorch#56297)
-    dist.destroy_process_group()
+finish(stopped)

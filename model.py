@@ -25,7 +25,6 @@ The order below is bottom-up, as in nanoGPT: config, shared pieces, attention, f
 block, the model. Each variant is written plainly here; its fast path, where it has one, is in kernels.py.
 """
 import math
-import re
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -1468,12 +1467,10 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, cache=None, cache_pos=None):
         """
-        idx (B, T) token ids. Training: targets (B, T) with -1 where no loss is wanted.
-        Decoding: cache from new_cache() and cache_pos (T,) the cache slots of these tokens.
-        Returns logits (B, T, V) (only the last position when there are no targets), the mean loss
-        (or None) and a dict of auxiliary losses and metrics that variants fill. In training mode the loss is the
-        training objective: the next-token loss plus the weighted auxiliary losses (ctx.losses), each also in the
-        dict (aux['lm_loss'] then holds the next-token loss alone); in eval mode it is the next-token loss only.
+        idx (B, T) token ids; targets (B, T), -1 where no loss is wanted; decoding: cache (new_cache) and cache_pos (T,)
+        the slots of these tokens. Returns logits (B, T, V) (the last position only without targets), the loss (or
+        None) and the dict of metrics and auxiliary losses that variants fill. Training, the loss adds the weighted
+        auxiliary losses (ctx.losses) to the next-token loss, which aux['lm_loss'] then holds alone.
         """
         B, T = idx.shape
         if cache is None:
@@ -1521,9 +1518,8 @@ class GPT(nn.Module):
 
     def new_cache(self, batch, max_len, dtype=None, mtp=False):
         """
-        A static-shape cache for `batch` rows of up to `max_len` tokens (max_len <= block_size); mtp=True adds one for
-        the first MTP module's blocks (speculative decoding's draft). Decoding writes it in place, so that its tensors
-        keep their addresses, as a captured CUDA graph needs.
+        A static-shape cache for `batch` rows of up to `max_len` <= block_size tokens, written in place (a captured CUDA
+        graph needs fixed addresses); mtp=True adds the first MTP module's (speculative decoding's draft).
         """
         assert max_len <= self.config.block_size
         device, dtype = self.wte.weight.device, dtype or self.wte.weight.dtype
@@ -1535,9 +1531,8 @@ class GPT(nn.Module):
 
     def cast_parameters(self, dtype):
         """
-        For inference in dtype (bf16 on a GPU): the parameters in place, ties kept; the buffers (RoPE tables, router
-        state) stay fp32. Under autocast, fp32 weights are cast at every matmul of every decode step: at batch 1 that
-        reads and writes more memory than the step's own work does.
+        For inference in dtype (bf16 on a GPU): the parameters in place, ties kept, the buffers (RoPE tables, router
+        state) in fp32; under autocast, fp32 weights would be cast again at every matmul of every decode step.
         """
         for p in self.parameters():
             p.data = p.data.to(dtype)
@@ -1602,16 +1597,3 @@ class GPT(nn.Module):
         """kv_cache_bytes at block_size, per token, at dtype_bytes per number (2: bf16)."""
         dtype = {1: torch.float8_e4m3fn, 2: torch.bfloat16, 4: torch.float32}[dtype_bytes]
         return self.kv_cache_bytes(self.config.block_size, dtype) / self.config.block_size
-
-
-def aux_metrics(aux):
-    """
-    The aux dict's tensors as plain numbers for a log (a float each, a list for each MoE layer's expert loads), and
-    a one-line summary of the floats, each averaged over layers ('moe3/dropped' and 'moe5/dropped': 'moe/dropped').
-    """
-    metrics = {key: value.tolist() for key, value in aux.items() if torch.is_tensor(value)}
-    by_name = {}
-    for key, value in metrics.items():
-        if isinstance(value, float):
-            by_name.setdefault(re.sub(r"\d+/", "/", key), []).append(value)
-    return metrics, ", ".join(f"{name} {sum(values) / len(values):.4g}" for name, values in by_name.items())

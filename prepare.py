@@ -1,6 +1,7 @@
 """
 Turn raw text into token shards for training: read documents, hold some out for validation, train a tokenizer
-on the rest, tokenize everything on all cores and write data/<name>/ (see data/README.md for the layout).
+on the rest, tokenize everything on all cores and write data/<name>/ (see data/README.md for the layout). The
+dataset is built beside that folder and replaces it only once complete: a failed or interrupted run changes nothing.
 
     python prepare.py                                    # offline: this Python's own standard library
     python prepare.py --dataset=tinyshakespeare          # also tinystories, fineweb_edu, or a URL (downloaded once)
@@ -11,6 +12,7 @@ on the rest, tokenize everything on all cores and write data/<name>/ (see data/R
 "text" is one document) and .parquet files (a "text" column; needs pyarrow), folders of them, and globs.
 Every document is followed by the end-of-document token in the shards.
 """
+import errno
 import glob
 import hashlib
 import http.client
@@ -20,6 +22,8 @@ import os
 import platform
 import random
 import re
+import shutil
+import signal
 import sys
 import sysconfig
 import time
@@ -30,7 +34,7 @@ from datetime import datetime, timezone
 import numpy as np
 from tqdm import tqdm
 
-from configurator import copy_tokenizer, fail, parse_config
+from configurator import copy_tokenizer, fail, lock_folder, parse_config, write_json
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -73,12 +77,9 @@ DOCS_PER_TASK = 16  # documents a worker tokenizes per task: IPC stays cheap, th
 # reading documents: lists of (file basename, text)
 
 def read_text(path):
-    """A file's text exactly as stored (no newline translation, BOM dropped), or None if it is not UTF-8."""
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            return f.read()
-    except UnicodeDecodeError:
-        return None
+    """A file's text exactly as stored (no newline translation, BOM dropped); UnicodeDecodeError if it is not UTF-8."""
+    with open(path, "rb") as f:
+        return f.read().decode("utf-8-sig")
 
 
 def read_pystdlib():
@@ -94,10 +95,12 @@ def read_pystdlib():
             if not name.endswith(".py") or path == os.path.join(stdlib, "pydoc_data", "topics.py"):
                 continue
             files += 1
-            text = read_text(path)
-            if text is None:
+            try:
+                text = read_text(path)
+            except UnicodeDecodeError:
                 skipped += 1  # a few test files are deliberately in other encodings
-            elif text.strip():
+                continue
+            if text.strip():
                 docs.append((name, text))
     docs += [(f"pydoc_topic_{key}", text) for key, text in sorted(topics.items())]
     source = {"dataset": "pystdlib", "python": platform.python_version(), "stdlib": stdlib, "files": files,
@@ -153,22 +156,30 @@ def parquet_texts(path):
         import pyarrow.parquet as pq
     except ImportError:
         fail(f"reading {path} needs pyarrow: pip install pyarrow")
-    # batch by batch, so the whole file is never in memory twice (as Arrow data and as Python strings)
-    batches = pq.ParquetFile(path).iter_batches(columns=["text"])
-    return [text for batch in batches for text in batch.column(0).to_pylist()]
+    try:
+        # batch by batch, so the whole file is never in memory twice (as Arrow data and as Python strings)
+        batches = pq.ParquetFile(path).iter_batches(columns=["text"])
+        return [text or "" for batch in batches for text in batch.column(0).to_pylist()]  # a null row: no text
+    except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid and ArrowIOError are these
+        fail(f"{path} is not a parquet file with a 'text' column ({str(e).splitlines()[0][:120]})")
 
 
 def read_documents(paths, doc_separator, gutenberg):
-    """Documents of .txt, .jsonl and .parquet files, and how many files were skipped for not being UTF-8."""
-    docs, skipped = [], 0
+    """Documents of .txt, .jsonl and .parquet files. A file that is not UTF-8 stops the run: a corpus of the
+    user's own is never cut short silently."""
+    docs = []
     for path in paths:
         if path.endswith(".parquet"):
             texts = parquet_texts(path)
         else:
-            text = read_text(path)
-            if text is None:
-                skipped += 1
-                continue
+            try:
+                text = read_text(path)
+            except UnicodeDecodeError as e:
+                line = e.object.count(b"\n", 0, e.start) + 1
+                fail(f"{path} line {line} is not UTF-8 (byte 0x{e.object[e.start]:02x}): convert the file, "
+                     "e.g. with iconv -f latin1 -t utf-8, or leave it out")
+            except OSError as e:
+                fail(f"cannot read {path}: {e.strerror or e}")
             if path.endswith(".jsonl"):
                 # split on '\n' only: str.splitlines() would also cut at U+2028 inside a JSON string
                 texts = [jsonl_text(path, number, line) for number, line in enumerate(text.split("\n"), 1)
@@ -179,7 +190,7 @@ def read_documents(paths, doc_separator, gutenberg):
                 # a separator usually sits on a line of its own: the line breaks around it are not the documents'
                 texts = [t.strip("\r\n") for t in text.split(doc_separator)] if doc_separator else [text]
         docs += [(os.path.basename(path), t) for t in texts if t.strip()]
-    return docs, skipped
+    return docs
 
 
 # -----------------------------------------------------------------------------
@@ -267,8 +278,8 @@ def read_dataset(name, source):
     """The documents of a file downloaded once into out_root/downloads/name/, and where they came from."""
     path = os.path.join(out_root, "downloads", name, os.path.basename(source["url"]))
     sha256 = download(source["url"], path)
-    docs, skipped = read_documents([path], doc_separator or source.get("doc_separator", ""), strip_gutenberg)
-    return docs, {"dataset": name, "url": source["url"], "sha256": sha256, "files": 1, "skipped_non_utf8": skipped}
+    docs = read_documents([path], doc_separator or source.get("doc_separator", ""), strip_gutenberg)
+    return docs, {"dataset": name, "url": source["url"], "sha256": sha256, "files": 1}
 
 
 # -----------------------------------------------------------------------------
@@ -276,6 +287,8 @@ def read_dataset(name, source):
 
 def start_worker(tokenizer_path, dtype):
     global worker_tokenizer, worker_dtype
+    # Ctrl-C reaches every process of the terminal's group: the main process alone stops the run, in one line
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     worker_tokenizer, worker_dtype = Tokenizer.load(tokenizer_path), dtype
 
 
@@ -288,7 +301,14 @@ def tokenize(texts):
     return np.array(ids, dtype=worker_dtype), sum(len(text.encode("utf-8")) for text in texts)
 
 
-def write_split(pool, split, texts, out_dir, shard_size):
+def close_shard(shard):
+    """Close a shard once its bytes are on the disk: meta.json, written after, never lists a shard still in flight."""
+    shard.flush()
+    os.fsync(shard.fileno())
+    shard.close()
+
+
+def write_split(pool, split, texts, folder, shard_size):
     """Tokenize one split and stream its ids into split_000.bin, split_001.bin, ...: no shard sits in memory."""
     tasks = [texts[i:i + DOCS_PER_TASK] for i in range(0, len(texts), DOCS_PER_TASK)]
     shards, shard, room, tokens, size = [], None, 0, 0, 0
@@ -299,90 +319,144 @@ def write_split(pool, split, texts, out_dir, shard_size):
             while len(ids):
                 if room == 0:
                     if shard:
-                        shard.close()
+                        close_shard(shard)
                     shards.append(f"{split}_{len(shards):03d}.bin")
-                    shard = open(os.path.join(out_dir, shards[-1]), "wb")
+                    shard = open(os.path.join(folder, shards[-1]), "wb")
                     room = shard_size
                 head, ids = ids[:room], ids[room:]
                 head.tofile(shard)
                 room -= len(head)
             bar.update(len(task))
-    shard.close()
+    close_shard(shard)
     return {"tokens": tokens, "bytes": size, "documents": len(texts), "shards": shards}
 
 
 # -----------------------------------------------------------------------------
-# the documents, their split, the tokenizer, the shards
+# the settings and the dataset folder, checked before anything is read or written
 
+if shard_size < 1:
+    fail(f"--shard_size={shard_size}: a shard holds at least one token")
+if num_workers < 0:
+    fail(f"--num_workers={num_workers}: give a number of processes, or 0 for one per core")
+if not 0 <= val_fraction < 1:
+    fail(f"--val_fraction={val_fraction}: give the share of documents held out for val, at least 0 and below 1")
 if input:
-    files = find_input_files(input)
-    docs, skipped = read_documents(files, doc_separator, strip_gutenberg)
-    source = {"input": input, "files": len(files), "skipped_non_utf8": skipped}
     first = re.split(r"[*?[]", input.split(",")[0])[0]  # the first path, up to any glob pattern
     default_name = os.path.splitext(os.path.basename(os.path.abspath(first)))[0]
-elif dataset == "pystdlib":
-    docs, source = read_pystdlib()
-    default_name = "pystdlib"
-elif dataset in SOURCES or "://" in dataset:
-    default_name = dataset if dataset in SOURCES else os.path.splitext(os.path.basename(dataset))[0]
-    docs, source = read_dataset(default_name, SOURCES.get(dataset, {"url": dataset}))
+elif dataset == "pystdlib" or dataset in SOURCES:
+    default_name = dataset
+elif "://" in dataset:
+    default_name = os.path.splitext(os.path.basename(dataset))[0]
 else:
     fail(f"unknown --dataset={dataset}: choose pystdlib, {', '.join(SOURCES)}, a URL, or use --input=PATH")
-if not docs:
-    fail(f"no documents in {input or dataset}: its files are empty or not UTF-8")
-print(f"read {len(docs):,} documents from {source['files']:,} files ({source['skipped_non_utf8']} not UTF-8)")
 out_dir = os.path.join(out_root, name or default_name)
+work = out_dir + ".tmp"  # where the new dataset is built (see below)
+for folder in (out_dir, work):
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        fail(f"{folder} is a file, not a folder: move it away or choose another --name")
+if os.path.exists(out_dir):
+    # the new dataset replaces the folder whole: only what an earlier run of this script wrote may go
+    foreign = sorted(f for f in os.listdir(out_dir)
+                     if not re.fullmatch(r"(train|val)_\d+\.bin|meta\.json|tokenizer(\.model|\.json|_config\.json)", f))
+    if foreign:
+        fail(f"{out_dir} holds files prepare.py did not write ({', '.join(foreign[:3])}): "
+             "move them away or choose another --name")
 
-# shuffled so that val is a random sample and any stretch of train looks like the whole corpus
-random.Random(seed).shuffle(docs)
-if val_files:
-    held_out = set(filter(None, val_files.split(",")))
-    missing = held_out - {file for file, _ in docs}
-    if missing:
-        fail(f"--val_files: {', '.join(sorted(missing))} is not among the input's documents")
-    splits = {"train": [text for file, text in docs if file not in held_out],
-              "val": [text for file, text in docs if file in held_out]}
-else:
-    n_val = max(1, round(val_fraction * len(docs)))
-    splits = {"train": [text for _, text in docs[n_val:]], "val": [text for _, text in docs[:n_val]]}
-if not splits["train"]:
-    fail(f"no documents left to train on after the val split ({len(docs)} in all): "
-         "add files, or cut them into documents with --doc_separator")
+# -----------------------------------------------------------------------------
+# the documents, their split, the tokenizer, the shards: built in work/new, beside out_dir, which they replace
+# only once complete, so that a failure, a full disk or Ctrl-C leaves the earlier dataset as it was
 
-os.makedirs(out_dir, exist_ok=True)
-# an earlier run's files here would pass for this run's; meta.json comes last, so it marks a finished run
-for stale in glob.glob(os.path.join(out_dir, "*.bin")) + glob.glob(os.path.join(out_dir, "meta.json")):
-    os.remove(stale)
+new, old = os.path.join(work, "new"), os.path.join(work, "old")
+owner = False  # whether this run holds work (and removes it at the end)
+interrupt = signal.getsignal(signal.SIGINT)  # given back after the swap, which ignores Ctrl-C (for in-process callers)
 try:
-    if tokenizer == "bpe":
-        print(f"training a {vocab_size}-token BPE on {len(splits['train']):,} train documents")
-        tok = Tokenizer.train(splits["train"], vocab_size, os.path.join(out_dir, "tokenizer.model"))
+    tok = Tokenizer.load(tokenizer) if tokenizer != "bpe" else None
+    try:
+        lock_folder(work)
+    except ValueError:
+        fail(f"another prepare.py is writing {out_dir}: wait for it to end, or choose another --name")
+    owner = True
+    if os.path.isdir(old) and not os.path.exists(out_dir):  # a run killed between the two renames of its swap
+        os.rename(old, out_dir)
+    for leftover in (new, old):  # of a killed run
+        shutil.rmtree(leftover, ignore_errors=True)
+    os.makedirs(new)
+
+    if input:
+        files = find_input_files(input)
+        docs = read_documents(files, doc_separator, strip_gutenberg)
+        source = {"input": input, "files": len(files)}
+    elif dataset == "pystdlib":
+        docs, source = read_pystdlib()
     else:
-        tok = Tokenizer.load(tokenizer)
-except (ValueError, ImportError) as e:
+        docs, source = read_dataset(default_name, SOURCES.get(dataset, {"url": dataset}))
+    if not docs:
+        fail(f"no documents in {input or dataset}: its files are empty")
+    skipped = f" ({source['skipped_non_utf8']} not UTF-8, skipped)" if "skipped_non_utf8" in source else ""
+    print(f"read {len(docs):,} documents from {source['files']:,} files{skipped}")
+
+    # shuffled so that val is a random sample and any stretch of train looks like the whole corpus
+    random.Random(seed).shuffle(docs)
+    if val_files:
+        held_out = set(filter(None, val_files.split(",")))
+        missing = held_out - {file for file, _ in docs}
+        if missing:
+            fail(f"--val_files: {', '.join(sorted(missing))} is not among the input's documents")
+        splits = {"train": [text for file, text in docs if file not in held_out],
+                  "val": [text for file, text in docs if file in held_out]}
+    else:
+        n_val = max(1, round(val_fraction * len(docs)))
+        splits = {"train": [text for _, text in docs[n_val:]], "val": [text for _, text in docs[:n_val]]}
+    if not splits["train"]:
+        fail(f"no documents left to train on after the val split ({len(docs)} in all): "
+             "add files, or cut them into documents with --doc_separator")
+
+    if tok is None:
+        print(f"training a {vocab_size}-token BPE on {len(splits['train']):,} train documents")
+        tok = Tokenizer.train(splits["train"], vocab_size, os.path.join(new, "tokenizer.model"))
+    tokenizer_path = copy_tokenizer(tok.path, new)  # train.py reads it here, as it is
+    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+
+    # forked workers inherit this script's functions; spawned ones (macOS's default) would run the whole script again
+    workers = num_workers or os.cpu_count()
+    with multiprocessing.get_context("fork").Pool(workers, start_worker, (tok.path, dtype)) as pool:
+        stats = {split: write_split(pool, split, texts, new, shard_size) for split, texts in splits.items()}
+
+    meta = {
+        "tokenizer": tok.kind,
+        "tokenizer_path": tokenizer_path,
+        "vocab_size": tok.vocab_size,
+        "dtype": np.dtype(dtype).name,
+        "bos_id": tok.bos_id,
+        "eos_id": tok.eos_id,
+        "pad_id": tok.pad_id,
+        "special": tok.special,
+        "splits": stats,
+        "source": source,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json(os.path.join(new, "meta.json"), meta)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the new dataset is complete: the swap runs to its end
+    if os.path.exists(out_dir):
+        os.rename(out_dir, old)
+    os.rename(new, out_dir)
+except (ValueError, ImportError) as e:  # a tokenizer that cannot be loaded or trained
     fail(str(e))
-tokenizer_path = copy_tokenizer(tok.path, out_dir)  # train.py reads it here, as it is
-dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
-
-# forked workers inherit this script's functions; spawned ones (macOS's default) would run the whole script again
-with multiprocessing.get_context("fork").Pool(num_workers or os.cpu_count(), start_worker, (tok.path, dtype)) as pool:
-    stats = {split: write_split(pool, split, texts, out_dir, shard_size) for split, texts in splits.items()}
-
-meta = {
-    "tokenizer": tok.kind,
-    "tokenizer_path": tokenizer_path,
-    "vocab_size": tok.vocab_size,
-    "dtype": np.dtype(dtype).name,
-    "bos_id": tok.bos_id,
-    "eos_id": tok.eos_id,
-    "pad_id": tok.pad_id,
-    "special": tok.special,
-    "splits": stats,
-    "source": source,
-    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-}
-with open(os.path.join(out_dir, "meta.json"), "w") as f:
-    json.dump(meta, f, indent=2)
+except (KeyboardInterrupt, OSError) as e:
+    kept = f"the dataset in {out_dir} is unchanged" if os.path.isdir(out_dir) else "no dataset was written"
+    if isinstance(e, KeyboardInterrupt):
+        fail(f"interrupted; {kept}")
+    if e.errno == errno.ENOSPC or "the disk is full" in str(e):
+        why = f"could not write {out_dir} (the disk is full)"
+    elif e.errno is None:  # one line of configurator's already (lock_folder, write_json)
+        why = str(e)
+    else:
+        why = f"could not write {out_dir} ({e.strerror})"
+    fail(f"{why}; {kept}")
+finally:
+    if owner:
+        shutil.rmtree(work, ignore_errors=True)  # the unfinished dataset, or the replaced one
+    signal.signal(signal.SIGINT, interrupt)
 
 print(f"{'split':<6}{'documents':>12}{'tokens':>15}{'bytes':>15}{'bytes/token':>13}")
 for split, s in stats.items():

@@ -1,6 +1,7 @@
 """
-GRPO's pieces, each a function of its inputs (grpo.py runs them): verifiable tasks, group advantages, the layout of
-prompt + completion rows, token log-probabilities, the k3 KL and the clipped policy loss, and grouped sampling.
+GRPO's pieces, each a function of its inputs (grpo.py runs them): verifiable tasks, a user's reward, group advantages,
+the layout of prompt + completion rows, token log-probabilities, the k3 KL and the clipped policy loss, and grouped
+sampling.
 
 GRPO (DeepSeekMath, arXiv 2402.03300 §4.1): for each prompt q, sample a group of G completions from the policy as it
 was before this step (pi_old), score them, and give every token of completion i the advantage
@@ -9,6 +10,9 @@ min(rho_t A_i, clip(rho_t, 1 - eps, 1 + eps_high) A_i) - beta KL_t, with rho_t =
 a per-token ratio and KL_t = pi_ref / pi - log(pi_ref / pi) - 1 (the k3 estimator, >= 0) against a frozen copy of
 the starting policy.
 """
+import importlib
+import math
+import numbers
 import random
 import re
 import zlib
@@ -63,6 +67,36 @@ def extract_answer(completion):
 def has_format(completion, task):
     """The completion is exactly the marker and an answer-shaped text (a stop token is cut off before this)."""
     return re.fullmatch(rf"\s*{ANSWER_MARKER} {ANSWER_SHAPES[task]}\s*", completion) is not None
+
+
+def load_reward(spec):
+    """
+    A user's reward 'module:function', a function (prompt, completion) -> float of the two texts, as a function that
+    returns its value as a float, or raises ValueError in one line that names the reward and its contract when it
+    raises, returns something that is not a number (a string, None), or a NaN or an infinity (which would train the
+    weights to NaN).
+    """
+    module_name, _, function_name = spec.partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except Exception as e:  # not found, or the module itself fails on import
+        raise ValueError(f"cannot load reward '{spec}' (module:function): {type(e).__name__}: {e}") from None
+    contract = f"reward '{spec}' must be a function (prompt, completion) -> float"
+    if not callable(function):
+        raise ValueError(f"{contract}, not a {type(function).__name__}")
+
+    def reward(prompt, completion):
+        try:
+            value = function(prompt, completion)
+        except Exception as e:
+            message = str(e).splitlines()[0][:200] if str(e) else ""
+            raise ValueError(f"{contract}: it raised {type(e).__name__}: {message} "
+                             f"(prompt {repr(prompt)[:80]})") from None
+        if not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"{contract} with a finite value: it returned {repr(value)[:80]} "
+                             f"({type(value).__name__}) for prompt {repr(prompt)[:80]}")
+        return float(value)
+    return reward
 
 
 # -----------------------------------------------------------------------------

@@ -6,13 +6,12 @@ Sample from a trained model, streaming the text as it is produced.
     python sample.py --init_from=hf:path/to/Qwen3-0.6B --start="The capital of France is" --block_size=512
     python sample.py --out_dir=out/deepseek_small --prompts_file=prompts.txt --compile=True --speculative=True
 """
-import os
 import sys
 import time
 
 import torch
 
-from configurator import autocast, fail, parse_config, pick_device, pick_dtype
+from configurator import autocast, check_settings, fail, parse_config, pick_device, pick_dtype, read_text
 from decode import generate
 from hf import load_model
 from tokenizer import Tokenizer
@@ -39,12 +38,26 @@ stream = True                 # print a single prompt's text as it comes (a host
 config = parse_config({k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))},
                       sys.argv[1:])
 globals().update(config)
+if init_from != "resume" and not init_from.startswith("hf:"):
+    fail(f"unknown init_from '{init_from}' (choose resume or hf:FOLDER)")
+# 0 stays valid for top_k (all tokens) and temperature (greedy); top_p is the share of probability kept
+check_settings(config, positive=("num_samples", "max_new_tokens"), non_negative=("top_k", "block_size", "temperature"),
+               fractions=("top_p",))
+
+try:  # the prompts, before a model is loaded
+    if start.startswith("FILE:"):
+        start = read_text(start[5:], "prompt file")
+    starts = [start]
+    if prompts_file:
+        starts = [line for line in read_text(prompts_file, "prompts file").split("\n") if line.strip()]
+except ValueError as e:
+    fail(str(e))
+if not starts:
+    fail(f"{prompts_file} holds no prompt")
+
 device = pick_device(device)
 dtype = pick_dtype(device, dtype)
 amp = autocast(device, dtype)
-
-if init_from != "resume" and not init_from.startswith("hf:"):
-    fail(f"unknown init_from '{init_from}' (choose resume or hf:FOLDER)")
 try:  # a checkpoint and the tokenizer beside it, or a Hugging Face folder's model and its own tokenizer, as they are
     model, tokenizer_path, _ = load_model(out_dir if init_from == "resume" else init_from, block_size)
     tokenizer = Tokenizer.load(tokenizer_path)
@@ -54,19 +67,6 @@ model.eval().to(device)
 if dtype != "float32":  # weights in bf16/fp16: autocast would cast every matrix again at every decode step
     model.cast_parameters(getattr(torch, dtype))
 
-if start.startswith("FILE:"):
-    if not os.path.isfile(start[5:]):
-        fail(f"prompt file {start[5:]} not found")
-    with open(start[5:], encoding="utf-8") as f:
-        start = f.read()
-starts = [start]
-if prompts_file:
-    if not os.path.isfile(prompts_file):
-        fail(f"prompts file {prompts_file} not found")
-    with open(prompts_file, encoding="utf-8") as f:
-        starts = [line.rstrip("\n") for line in f if line.strip()]
-    if not starts:
-        fail(f"{prompts_file} holds no prompt")
 if speculative and not model.config.mtp_depth:
     fail("--speculative=True drafts with the model's MTP modules: this model has mtp_depth=0")
 # documents follow an end-of-document token in training, so a prompt begins a fresh document after one;

@@ -9,12 +9,20 @@ Several GPUs (or CPU processes) on one machine, through torchrun and DDP:
 
 Every setting below can be changed by a config file (config/*.py, plain assignments) and then by
 --key=value on the command line; so can every field of GPTConfig in model.py.
+
+One run owns its out_dir: a fresh run into a folder that holds a run stops, unless --init_from=resume continues it
+or --overwrite=True replaces it. Every setting and the whole dataset are checked before out_dir changes; Ctrl-C
+saves a checkpoint at the end of the step, from which --init_from=resume continues exactly.
 """
+import hashlib
 import json
 import math
 import os
+import re
+import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict
 
 import numpy as np
@@ -22,13 +30,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import (all_reduce_sum, autocast, copy_tokenizer, fail, init_processes, nominal_peak_flops,
-                          parse_config, pick_device, pick_dtype, print0, save_checkpoint, save_plot, trim_log,
-                          write_manifest)
-from evaluate import exact_bits_per_byte, task_accuracy
+from configurator import (all_reduce_sum, autocast, check_settings, copy_tokenizer, fail, init_processes, lock_folder,
+                          nominal_peak_flops, parse_config, pick_device, pick_dtype, print0, read_log, read_text,
+                          save_checkpoint, save_plot, trim_log, write_manifest)
+from evaluate import exact_bits_per_byte, read_tasks, task_accuracy
 from hf import load_model
-from model import GPT, GPTConfig, aux_metrics, config_fields, update_router_biases
-from optim import QKClip, clip_grad_norm_, configure_optimizers
+from model import GPT, GPTConfig, config_fields, update_router_biases
+from optim import MUON_LR_SCALES, OPTIMIZERS, QKClip, clip_grad_norm_, configure_optimizers
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -37,6 +45,7 @@ from tokenizer import Tokenizer
 out_dir = "out"               # checkpoints, log.jsonl and plots go here
 data_dir = "data/pystdlib"    # a folder written by prepare.py (meta.json + .bin shards)
 init_from = "scratch"         # 'scratch', 'resume' (continue the run saved in out_dir/ckpt.pt) or 'hf:FOLDER'
+overwrite = False             # a fresh run may replace the run that out_dir holds (else it stops, saying so)
 eval_interval = 250           # evaluate and save a checkpoint every this many steps
 eval_iters = 20               # batches per split in each periodic evaluation
 log_interval = 10             # print the training loss every this many steps
@@ -76,7 +85,7 @@ decay_frac = 0.2              # wsd: the final fraction of steps that decays the
 min_lr_frac = 0.1             # the learning rate at the end, as a fraction of learning_rate
 # system
 device = "auto"               # 'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = "auto"                # 'auto' (bf16 on GPUs that have it, else fp16; fp32 on CPU), or a torch dtype name
+dtype = "auto"                # 'auto' (bf16 on GPUs that have it, else fp16; fp32 on CPU), float32, bfloat16, float16
 compile = False               # torch.compile the model
 seed = 1337
 peak_flops = 0.0              # per-device peak for MFU; 0 = a known figure for the GPU, none on CPU
@@ -84,70 +93,237 @@ peak_flops = 0.0              # per-device peak for MFU; 0 = a known figure for 
 defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 defaults.update(config_fields())
 defaults["vocab_size"] = 0    # 0 = the dataset's vocabulary, rounded up to a multiple of 64
-config = parse_config(defaults, sys.argv[1:])
+config, given = parse_config(defaults, sys.argv[1:], with_given=True)
 globals().update(config)
+# -----------------------------------------------------------------------------
+# every setting is checked before anything is read or written
+
+check_settings(config,
+               positive=("batch_size", "gradient_accumulation_steps", "eval_iters", "eval_interval", "log_interval",
+                         "qk_clip_tau", "qk_clip_interval"),
+               non_negative=("max_iters", "warmup_iters", "epochs", "train_flops", "train_tokens", "train_minutes",
+                             "learning_rate", "weight_decay", "grad_clip", "muon_lr", "peak_flops", "vocab_size"),
+               fractions=("beta1", "beta2", "muon_momentum", "decay_frac", "min_lr_frac"),
+               choices={"sampler": ("random", "epoch"), "lr_schedule": ("cosine", "wsd"), "optimizer": OPTIMIZERS,
+                        "muon_lr_scale": tuple(MUON_LR_SCALES)})
+if init_from not in ("scratch", "resume") and not init_from.startswith("hf:"):
+    fail(f"unknown init_from '{init_from}' (choose scratch, resume or hf:FOLDER)")
+if wandb_log:
+    try:
+        import wandb
+    except ImportError:
+        fail("wandb_log=True needs wandb: pip install wandb, or leave wandb_log off")
+checkpoint_path = os.path.join(out_dir, "ckpt.pt")
+log_path = os.path.join(out_dir, "log.jsonl")
+
+
+def plot_log():
+    """out_dir/loss.png: train and val loss against steps and against tokens."""
+    rows = read_log(log_path)
+    if not rows:
+        raise ValueError(f"no log at {log_path} to plot: train a run there first, or set --out_dir")
+    series = (("loss", "train (each logged step)", {}), ("val_loss", "val", {"marker": "o"}))
+    save_plot(os.path.join(out_dir, "loss.png"), out_dir, [
+        (x, "loss (nats/token)", [(label, [(r[x], r[key]) for r in rows if key in r], style)
+                                  for key, label, style in series]) for x in ("step", "tokens")])
+
+
+if plot:
+    try:
+        plot_log()
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    raise SystemExit
+if eval_only:  # its inputs are read now: a bad file stops the run before the model is evaluated
+    try:
+        eval_text = read_text(eval_file, "eval_file") if eval_file else None
+        tasks = {path: read_tasks(path) for path in filter(None, eval_tasks.split(","))}
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    if eval_text == "":
+        fail(f"eval_file {eval_file} is empty")
 # -----------------------------------------------------------------------------
 # processes, device, precision
 
-ddp, rank, world_size, device = init_processes(pick_device(device))
+device = pick_device(device)
+dtype = pick_dtype(device, dtype)
+ddp, rank, world_size, device = init_processes(device)
 device_type = device.split(":")[0]
 if gradient_accumulation_steps % world_size:
     fail(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world_size} processes")
 gradient_accumulation_steps //= world_size
 master = rank == 0
-dtype = pick_dtype(device, dtype)
 amp = autocast(device, dtype)
 torch.manual_seed(seed + rank)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
+# the processes' agreements (an error of the master, Ctrl-C) go through the CPU: a gloo group beside NCCL's, so that
+# they never wait for the GPU's queue
+control = dist.new_group(backend="gloo") if ddp and device_type == "cuda" else None
+
+
+def on_master(action):
+    """action() on the master alone (it writes out_dir): its result there; its one-line error stops every process."""
+    error = result = None
+    if master:
+        try:
+            result = action()
+        except (ValueError, OSError) as e:
+            error = str(e)
+    if ddp:
+        errors = [error]
+        dist.broadcast_object_list(errors, src=0, group=control)
+        error = errors[0]
+    if error:
+        fail(error)
+    return result
+
 
 # -----------------------------------------------------------------------------
-# the dataset written by prepare.py
+# the dataset written by prepare.py, checked whole: meta.json, every shard's size, every token id
 
 meta_path = os.path.join(data_dir, "meta.json")
 if not os.path.isfile(meta_path):
     fail(f"no dataset in {data_dir} (meta.json missing): run prepare.py first, or set --data_dir")
-with open(meta_path) as f:
-    meta = json.load(f)
+try:
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+except ValueError as e:  # not JSON, or not UTF-8
+    fail(f"{meta_path} is damaged ({e}): run prepare.py again")
+meta_types = {"tokenizer": str, "tokenizer_path": str, "vocab_size": int, "eos_id": int, "dtype": str,
+              **{f"splits.{split}.{field}": kind for split in ("train", "val")
+                 for field, kind in (("shards", list), ("tokens", int), ("bytes", int))}}
+for key, kind in meta_types.items():
+    value = meta
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        fail(f"{meta_path} is incomplete or damaged ({key} is {value!r}): run prepare.py again")
+if meta["dtype"] not in ("uint16", "uint32"):
+    fail(f"{meta_path} is damaged (dtype {meta['dtype']!r}, not uint16 or uint32): run prepare.py again")
+tokenizer_path = "gpt2" if meta["tokenizer"] == "gpt2" else os.path.join(data_dir, meta["tokenizer_path"])
+if tokenizer_path != "gpt2" and not os.path.exists(tokenizer_path):
+    fail(f"{tokenizer_path}, the tokenizer that meta.json names, is missing: run prepare.py again")
+itemsize = np.dtype(meta["dtype"]).itemsize
+shard_paths = []
+for split in ("train", "val"):
+    tokens = 0
+    for name in meta["splits"][split]["shards"]:
+        path = os.path.join(data_dir, str(name))
+        size = os.path.getsize(path) if os.path.isfile(path) else None
+        problem = ("is missing" if size is None else "is empty" if size == 0 else
+                   f"holds {size} bytes, not a whole number of {meta['dtype']} tokens" if size % itemsize else "")
+        if problem:
+            fail(f"{path} {problem}: the dataset is damaged; run prepare.py again")
+        tokens += size // itemsize
+        shard_paths.append(path)
+    if tokens != meta["splits"][split]["tokens"]:
+        fail(f"the {split} shards of {data_dir} hold {tokens} tokens, meta.json says "
+             f"{meta['splits'][split]['tokens']}: the dataset is damaged; run prepare.py again")
+
+
+def largest_id(path, chunk=1 << 24):
+    """The largest token id of a shard, read in chunks of its memory map: memory stays flat however large it is."""
+    shard = np.memmap(path, dtype=meta["dtype"], mode="r")
+    return max(int(shard[i:i + chunk].max()) for i in range(0, len(shard), chunk))
+
+
+# each process reads its share of the shards: one process finds a shard's largest id, the others add 0
+for path, top in zip(shard_paths, all_reduce_sum(*[largest_id(path) if i % world_size == rank else 0
+                                                    for i, path in enumerate(shard_paths)], group=control)):
+    if top >= meta["vocab_size"]:
+        fail(f"{path} holds token id {int(top)}, beyond the vocabulary of {meta['vocab_size']} in meta.json: the "
+             "shards and meta.json do not belong together; run prepare.py again")
+# the dataset's identity goes into the checkpoint, so that a resume on another one stops: meta.json records the
+# tokenizer, the shards and their token counts; its creation time is left out, so that the same data prepared
+# again is the same dataset
+dataset = {"sha256": hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "created"},
+                                               sort_keys=True).encode()).hexdigest(),
+           "vocab_size": meta["vocab_size"], "data_dir": os.path.abspath(data_dir)}
 if vocab_size == 0:
     vocab_size = 64 * math.ceil(meta["vocab_size"] / 64)
 if vocab_size < meta["vocab_size"]:
     fail(f"vocab_size={vocab_size} is smaller than the dataset's vocabulary of {meta['vocab_size']}")
-tokenizer_path = "gpt2" if meta["tokenizer"] == "gpt2" else os.path.join(data_dir, meta["tokenizer_path"])
 
 # -----------------------------------------------------------------------------
-# the model: from the config, from the checkpoint being resumed, or from a Hugging Face folder
+# out_dir: one run owns it, and a fresh run does not replace a run unless asked
+
+
+def claim_out_dir():
+    lock_folder(out_dir)
+    if init_from == "resume" or overwrite:
+        return
+    if os.path.isfile(checkpoint_path):
+        raise ValueError(f"{out_dir} holds a run (ckpt.pt): continue it with --init_from=resume, replace it with "
+                         "--overwrite=True, or choose another --out_dir")
+    if os.path.isfile(log_path) and os.path.getsize(log_path):
+        raise ValueError(f"{out_dir} holds the log.jsonl of a run that saved no checkpoint: replace it with "
+                         "--overwrite=True, or choose another --out_dir")
+
 
 try:
     model_args = asdict(GPTConfig(**{**{k: config[k] for k in config_fields()}, "vocab_size": vocab_size}))
 except ValueError as e:
     fail(f"model config: {e}")
-checkpoint_path = os.path.join(out_dir, "ckpt.pt")
+if init_from == "resume" and not eval_only and not os.path.isfile(checkpoint_path):
+    fail(f"no checkpoint at {checkpoint_path} to resume: start the run without --init_from=resume, or set --out_dir")
+if not eval_only:
+    on_master(claim_out_dir)
+
+# -----------------------------------------------------------------------------
+# the model: from the config, from the checkpoint being resumed, or from a Hugging Face folder
+
 checkpoint = None
 try:
     if init_from == "resume" or eval_only:
         model, _, checkpoint = load_model(checkpoint_path)
     elif init_from.startswith("hf:"):  # a Llama/Qwen3 folder's weights; block_size and dropout stay this run's
         model = load_model(init_from, block_size, dropout)[0].train()
-    elif init_from == "scratch":
-        model = GPT(GPTConfig(**model_args))
     else:
-        fail(f"unknown init_from '{init_from}' (choose scratch, resume or hf:FOLDER)")
-except (ValueError, ImportError) as e:
+        model = GPT(GPTConfig(**model_args))
+except (ValueError, ImportError, OSError) as e:
     fail(str(e))
 if init_from.startswith("hf:") and not checkpoint and model.config.vocab_size < meta["vocab_size"]:
     fail(f"{init_from[3:]} has {model.config.vocab_size} tokens, fewer than the dataset's {meta['vocab_size']}")
 if checkpoint and not eval_only:
-    # the run continues the checkpoint's model (from scratch or from hf:); a model setting the config gives
-    # explicitly must agree with it. Evaluating takes whatever the checkpoint holds.
-    explicit = {key for key in config_fields() if config[key] != defaults[key]}
-    for key, value in checkpoint["model_config"].items():
-        if key in explicit and model_args[key] != value:
-            fail(f"checkpoint {checkpoint_path} was trained with {key}={value!r}, but the config says {model_args[key]!r}")
+    # the run continues its own checkpoint, on its own dataset, with its model (from scratch or from hf:): a model
+    # setting that a config file or the command line gives must agree with it. Evaluating takes any checkpoint.
+    if "mode" in checkpoint["config"]:
+        fail(f"{checkpoint_path} was written by grpo.py, whose runs train.py does not continue: resume it with "
+             "grpo.py --init_from=resume, or train in another --out_dir")
+    trained_on = checkpoint.get("dataset")
+    if trained_on and trained_on["sha256"] != dataset["sha256"]:
+        fail(f"{checkpoint_path} was trained on the dataset in {trained_on['data_dir']} (a vocabulary of "
+             f"{trained_on['vocab_size']}, meta.json sha256 {trained_on['sha256'][:12]}), not on {data_dir} (a "
+             f"vocabulary of {meta['vocab_size']}, sha256 {dataset['sha256'][:12]}): resume with "
+             f"--data_dir={trained_on['data_dir']}, or start a new run in another --out_dir")
+    saved = checkpoint["model_config"]
+    explicit = sorted(given & set(saved))
+    try:
+        wanted = asdict(GPTConfig(**{**saved, **{key: model_args[key] for key in explicit}}))
+    except ValueError as e:
+        fail(f"model config: {e}")
+    for key in explicit:
+        if wanted[key] != saved[key]:
+            fail(f"checkpoint {checkpoint_path} was trained with {key}={saved[key]!r}, but the config says "
+                 f"{key}={config[key]!r}: resume with the checkpoint's value, or start a new run in another --out_dir")
 T = model.config.block_size
 
 # -----------------------------------------------------------------------------
 # data: windows of block_size + 1 tokens from memory-mapped shards
+
+
+def aux_metrics(aux):
+    """
+    The aux dict's tensors as plain numbers for a log (a float each, a list for each MoE layer's expert loads), and
+    a one-line summary of the floats, each averaged over layers ('moe3/dropped' and 'moe5/dropped': 'moe/dropped').
+    """
+    metrics = {key: value.tolist() for key, value in aux.items() if torch.is_tensor(value)}
+    by_name = {}
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            by_name.setdefault(re.sub(r"\d+/", "/", key), []).append(value)
+    return metrics, ", ".join(f"{name} {sum(values) / len(values):.4g}" for name, values in by_name.items())
 
 
 def open_split(split):
@@ -174,22 +350,18 @@ _epoch_orders = {}
 
 def training_windows(step):
     """(shard, offset) of all windows_per_step windows of one optimizer step, the same whatever the world size."""
-    if sampler == "epoch":
-        first = step * windows_per_step
-        ids = []
-        for g in range(first, first + windows_per_step):
-            epoch = g // n_windows
-            if epoch not in _epoch_orders:
-                _epoch_orders.clear()
-                _epoch_orders[epoch] = np.random.default_rng([seed, epoch]).permutation(n_windows)
-            ids.append(_epoch_orders[epoch][g % n_windows])
-        shard = np.searchsorted(window_starts, ids, side="right") - 1
-        return shard, (np.array(ids) - window_starts[shard]) * T
     if sampler == "random":
         return random_windows(splits["train"], np.random.default_rng([seed, step]), windows_per_step)
-    fail(f"unknown sampler '{sampler}' (choose random or epoch)")
-
-
+    first = step * windows_per_step  # 'epoch'
+    ids = []
+    for g in range(first, first + windows_per_step):
+        epoch = g // n_windows
+        if epoch not in _epoch_orders:
+            _epoch_orders.clear()
+            _epoch_orders[epoch] = np.random.default_rng([seed, epoch]).permutation(n_windows)
+        ids.append(_epoch_orders[epoch][g % n_windows])
+    shard = np.searchsorted(window_starts, ids, side="right") - 1
+    return shard, (np.array(ids) - window_starts[shard]) * T
 def random_windows(shards, rng, n):
     """n windows at uniformly random offsets over all shards."""
     sizes = np.array([len(s) - T for s in shards])
@@ -249,7 +421,9 @@ if compile:
     model = torch.compile(model)
 if ddp:
     # broadcast_buffers=False: MoE routers count their experts' load in buffers, per process, until
-    # update_router_biases sums them over processes; rank 0's counts must not overwrite the others'
+    # update_router_biases sums them over processes; rank 0's counts must not overwrite the others' (torch's
+    # deprecation warning says as much: its replacement still syncs buffers once, so it is silenced)
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
     model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None,
                 broadcast_buffers=False)
 flops_per_token = raw_model.flops_per_token(T)
@@ -275,10 +449,8 @@ def get_lr(step):
         if step < decay_start:
             return learning_rate
         return learning_rate - (learning_rate - min_lr) * (step - decay_start) / max(1, max_iters - decay_start)
-    if lr_schedule == "cosine":
-        progress = min(1.0, (step - warmup_iters) / max(1, max_iters - warmup_iters))
-        return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
-    fail(f"unknown lr_schedule '{lr_schedule}' (choose cosine or wsd)")
+    progress = min(1.0, (step - warmup_iters) / max(1, max_iters - warmup_iters))  # 'cosine'
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
 # -----------------------------------------------------------------------------
@@ -307,79 +479,78 @@ def bits_per_byte(streams, n_bytes):
     return exact_bits_per_byte(raw_model, streams, n_bytes, meta["eos_id"], batch_size, amp, rank, world_size)
 
 
-def plot_log():
-    """out_dir/loss.png: train and val loss against steps and against tokens."""
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    series = (("loss", "train (each logged step)", {}), ("val_loss", "val", {"marker": "o"}))
-    save_plot(os.path.join(out_dir, "loss.png"), out_dir, [
-        (x, "loss (nats/token)", [(label, [(r[x], r[key]) for r in rows if key in r], style)
-                                  for key, label, style in series]) for x in ("step", "tokens")])
-
-
-if plot:
-    plot_log()
-    raise SystemExit
 if eval_only:
     raw_model.eval()
     print0(f"exact val bits per byte: {bits_per_byte(splits['val'], meta['splits']['val']['bytes']):.4f}")
-    if eval_file or eval_tasks:
+    if eval_text is not None or tasks:
         try:
             tokenizer = Tokenizer.load(tokenizer_path)
         except (ValueError, ImportError) as e:
             fail(str(e))
-    if eval_file:
-        if not os.path.isfile(eval_file):
-            fail(f"eval_file {eval_file} not found")
-        with open(eval_file, encoding="utf-8") as f:
-            text = f.read()
-        bpb = bits_per_byte([np.array(tokenizer.encode(text))], len(text.encode("utf-8")))
+    if eval_text is not None:
+        bpb = bits_per_byte([np.array(tokenizer.encode(eval_text))], len(eval_text.encode("utf-8")))
         print0(f"exact bits per byte of {eval_file}: {bpb:.4f}")
-    for path in filter(None, eval_tasks.split(",")):
-        if not os.path.isfile(path):
-            fail(f"eval_tasks file {path} not found")
-        with open(path, encoding="utf-8") as f:
-            tasks = [json.loads(line) for line in f if line.strip()]
-        acc, acc_norm = task_accuracy(raw_model, tasks, tokenizer, meta["eos_id"], amp, rank, world_size)
-        print0(f"{path}: accuracy {acc:.4f}, length-normalized {acc_norm:.4f} ({len(tasks)} tasks)")
+    for path, path_tasks in tasks.items():
+        acc, acc_norm = task_accuracy(raw_model, path_tasks, tokenizer, meta["eos_id"], amp, rank, world_size)
+        print0(f"{path}: accuracy {acc:.4f}, length-normalized {acc_norm:.4f} ({len(path_tasks)} tasks)")
     raise SystemExit
 
 # -----------------------------------------------------------------------------
-# logging and checkpoints
+# logging and checkpoints: nothing is written before this point
 
-log_path = os.path.join(out_dir, "log.jsonl")
-if master:
-    os.makedirs(out_dir, exist_ok=True)
-    copy_tokenizer(tokenizer_path, out_dir)  # sample.py finds the tokenizer beside the checkpoint
+
+def start_run():
+    """The run's files in out_dir, where sample.py finds the tokenizer beside the checkpoint; returns the run id."""
+    if init_from != "resume" and os.path.exists(checkpoint_path):  # --overwrite=True: the old run's must not pass
+        os.remove(checkpoint_path)                                  # for this one's
+    copy_tokenizer(tokenizer_path, out_dir)
     trim_log(log_path, iter_num, lambda row: "loss" in row)
     # out_dir/run.json: config, code version, software, device, dataset; a resumed run keeps its id
-    run_id = write_manifest(out_dir, config, device, meta_path, checkpoint.get("run_id") if checkpoint else None)
-    if wandb_log:
-        import wandb
-        wandb.init(project=wandb_project, name=wandb_run_name or None, config=config)
+    return write_manifest(out_dir, config, device, meta_path, checkpoint.get("run_id") if checkpoint else None)
+
+
+run_id = on_master(start_run)
+if master and wandb_log:
+    wandb.init(project=wandb_project, name=wandb_run_name or None, config=config)
+saved_step = checkpoint["step"] if checkpoint else None  # the step that ckpt.pt holds
 
 
 def log(row):
     if master:
-        with open(log_path, "a") as f:
-            f.write(json.dumps({**row, "run_id": run_id}) + "\n")
+        try:
+            with open(log_path, "a") as f:
+                f.write(json.dumps({**row, "run_id": run_id}) + "\n")
+        except OSError as e:
+            fail(f"could not append to {log_path} ({e.strerror})")
         if wandb_log:
             wandb.log(row, step=row["step"])
 
 
+def check_finite(losses):
+    """Nothing non-finite is saved: unless the losses and every weight are finite, the run stops, keeping ckpt.pt."""
+    bad = [name for name, value in losses.items() if not math.isfinite(value)]
+    if not torch.stack([t.isfinite().all() for t in raw_model.state_dict().values() if t.is_floating_point()]).all():
+        bad.append("weights")
+    if bad:
+        kept = f"{checkpoint_path} keeps step {saved_step}" if saved_step is not None else "nothing was saved"
+        fail(f"the {' and the '.join(bad)} became non-finite at step {iter_num}: {kept}; lower learning_rate, or "
+             "raise warmup_iters")
+
+
 def save():
+    global saved_step
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
     rngs = [None] * world_size
     if ddp:
         dist.all_gather_object(rngs, rng)
     else:
         rngs = [rng]
-    if master:
-        save_checkpoint(checkpoint_path, {
-            "model": raw_model.state_dict(), "optimizer": optim.state_dict(), "scaler": scaler.state_dict(),
-            "model_config": asdict(raw_model.config), "config": config, "step": iter_num, "rng": rngs,
-            "tokenizer": meta["tokenizer_path"], "eos_id": meta["eos_id"], "run_id": run_id,
-            "timed_max_iters": max_iters if train_minutes > 0 and not time_steps else 0})
+    on_master(lambda: save_checkpoint(checkpoint_path, {
+        "model": raw_model.state_dict(), "optimizer": optim.state_dict(), "scaler": scaler.state_dict(),
+        "model_config": asdict(raw_model.config), "config": config, "step": iter_num, "rng": rngs,
+        "tokenizer": meta["tokenizer_path"], "eos_id": meta["eos_id"], "run_id": run_id, "dataset": dataset,
+        "timed_max_iters": max_iters if train_minutes > 0 and not time_steps else 0}))
+    saved_step = iter_num
 
 
 def evaluate_and_save():
@@ -388,10 +559,29 @@ def evaluate_and_save():
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device_type == "cuda" else 0.0
     print0(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, val bpb {val_bpb:.4f}"
            + (f", peak memory {peak_mem:.1f} GiB" if peak_mem else ""))
+    check_finite({"val loss": losses["val"], "train loss": losses["train"]})
     log({"step": iter_num, "tokens": iter_num * tokens_per_step, "train_loss": losses["train"],
          "val_loss": losses["val"], "val_bpb": val_bpb, "peak_mem_gib": peak_mem})
     if iter_num > 0:
         save()
+
+
+interrupted = done = False  # Ctrl-C (SIGINT) was pressed; the steps are done
+
+
+def on_interrupt(signum, frame):
+    """Ctrl-C: the run stops at the end of its step with a checkpoint; after the last step, at once."""
+    global interrupted
+    if done:
+        kept = f"{checkpoint_path} holds step {saved_step}" if saved_step is not None else "nothing was trained"
+        fail(f"interrupted after the last step ({kept}): the final exact val bits per byte was not computed; "
+             "--eval_only=True computes it")
+    interrupted = True
+
+
+def interrupt_agreed():
+    """Whether any process was interrupted: a sum over them at every step, so that all stop at the same step."""
+    return all_reduce_sum(float(interrupted), group=control)[0] > 0 if ddp else interrupted
 
 
 # -----------------------------------------------------------------------------
@@ -412,6 +602,8 @@ log({"step": iter_num, "params": raw_model.num_params(), "active_params": n_acti
 x, y = get_batch(iter_num, 0)
 t0, t_last, steps_since_log, first_iter = time.time(), time.time(), 0, iter_num
 max_logit = None  # muonclip: each layer's largest attention logit at the last measured step
+stopped = False  # by Ctrl-C, at the step boundary the processes agreed on
+previous_handler = signal.signal(signal.SIGINT, on_interrupt)
 try:
     while True:
         lr = get_lr(iter_num)
@@ -420,6 +612,12 @@ try:
         if iter_num % eval_interval == 0 or iter_num == max_iters:
             evaluate_and_save()
         if iter_num >= max_iters:
+            break
+        if interrupt_agreed():
+            if saved_step != iter_num and iter_num > first_iter:
+                check_finite({"training loss": loss.item() * gradient_accumulation_steps})
+                save()
+            stopped = True
             break
         clip_step = qk_clip is not None and iter_num % qk_clip_interval == 0
         if clip_step:  # QK-Clip measures the logits of this step's own forward passes
@@ -458,9 +656,7 @@ try:
             print0(f"wall-clock budget of {train_minutes} min at {per_step * 1000:.0f} ms/step: {max_iters} steps")
         if iter_num % log_interval == 0 or iter_num == max_iters:
             train_loss = loss.item() * gradient_accumulation_steps  # the last micro-batch's loss; .item() waits for the GPU
-            if not math.isfinite(train_loss):
-                fail(f"the training loss became {train_loss} at step {iter_num} (checked every {log_interval} steps): "
-                     "lower learning_rate, or raise warmup_iters")
+            check_finite({"training loss": train_loss})
             dt = time.time() - t_last
             tokens_per_s = steps_since_log * tokens_per_step / dt
             mfu = flops_per_token * tokens_per_s / world_size / peak_flops if peak_flops else 0.0
@@ -474,19 +670,29 @@ try:
             if summary:
                 print0(f"    {summary}")
             t_last, steps_since_log = time.time(), 0
+    if not stopped:
+        done = True
+        raw_model.eval()
+        val_bpb = bits_per_byte(splits["val"], meta["splits"]["val"]["bytes"])
+        log({"step": iter_num, "tokens": iter_num * tokens_per_step, "exact_val_bpb": val_bpb})
+        print0(f"done: {iter_num} steps, {iter_num * tokens_per_step:,} tokens in {time.time() - t0:.0f} s; "
+               f"exact val bits per byte {val_bpb:.4f}; "
+               + (f"checkpoint {checkpoint_path}" if saved_step is not None else "no step trained, so no checkpoint"))
+        if master:
+            plot_log()
 except torch.OutOfMemoryError:
     fail(f"out of memory at step {iter_num}: lower batch_size and raise gradient_accumulation_steps to keep the tokens per step")
-
-raw_model.eval()
-val_bpb = bits_per_byte(splits["val"], meta["splits"]["val"]["bytes"])
-log({"step": iter_num, "tokens": iter_num * tokens_per_step, "exact_val_bpb": val_bpb})
-print0(f"done: {iter_num} steps, {iter_num * tokens_per_step:,} tokens in {time.time() - t0:.0f} s; "
-       f"exact val bits per byte {val_bpb:.4f}; checkpoint {checkpoint_path}")
-if master:
-    plot_log()
+except (ValueError, OSError) as e:  # the plot
+    fail(str(e))
+finally:
+    signal.signal(signal.SIGINT, previous_handler)
 if ddp:
     # free the DDP wrapper first: its reducer must not hold the last reference to the process group, whose
     # destructor, run from there with the GIL held, can deadlock with a gloo thread that needs it (pytorch#56297)
     del model
     dist.barrier()  # every rank done with its collectives before any tears its process group down
     dist.destroy_process_group()
+if stopped:
+    print0(f"interrupted at step {iter_num}: " + (f"saved {checkpoint_path}; resume with --init_from=resume"
+           if saved_step == iter_num else "no step trained, so nothing to save"), file=sys.stderr)
+    raise SystemExit(130)

@@ -1,4 +1,5 @@
 """Fixed-compute accounting and ablations: FLOPs by hand, budgets, the sweep runner, the task scorer."""
+import fcntl
 import json
 import os
 import signal
@@ -6,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import ROOT, read_log, run_stage
@@ -83,9 +85,12 @@ parallel = 2
     mean = (bpb["narrow-s1"] + bpb["narrow-s2"]) / 2
     assert f"{mean:.4f} ± " in narrow and "(2 seeds)" in narrow
     assert (out / "val.png").exists()
-    # interrupt: one run lost its final evaluation; running the sweep again redoes only that one
+    # interrupt: one run lost its final evaluation; running the sweep again redoes only that one (and another run's
+    # log ends in a line cut short by a crash mid-append, which is left out)
     log = out / "deep-s1" / "log.jsonl"
     log.write_text("".join(line for line in log.read_text().splitlines(True) if "exact_val_bpb" not in line))
+    with open(out / "narrow-s1" / "log.jsonl", "a") as f:
+        f.write('{"step": 10, "lo')
     commands = {p: (out / p / "train.log").read_text().count("train.py") for p in finished}
     run_stage("ablate.py", str(sweep))
     for p in finished:
@@ -120,7 +125,10 @@ def test_task_scorer_picks_the_most_likely_choice(tiny_data, tmp_path):
     assert f"{path}: accuracy 0.5000" in result.stdout  # right on the 3 planted best, wrong on the 3 worst
 
 
-def test_a_killed_sweep_stops_its_runs(tiny_data, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
+def test_a_killed_sweep_stops_its_runs_at_a_checkpoint(tiny_data, tmp_path, stop):
+    """SIGTERM: ablate.py passes a Ctrl-C on to its runs and waits for them; SIGKILL (the OOM killer, timeout -s KILL):
+    the kernel sends it (Linux). Either way each run saves a checkpoint and stops."""
     sweep = tmp_path / "sweep.py"
     sweep.write_text(f"""
 out_dir = {str(tmp_path / 'out')!r}
@@ -131,7 +139,7 @@ train_tokens = 10_000_000
                               stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     log = tmp_path / "out" / "long-s1337" / "log.jsonl"
     deadline = time.time() + 120
-    while not (log.exists() and "tokens_per_s" in log.read_text()) and time.time() < deadline:
+    while not (log.exists() and '"tokens_per_s":' in log.read_text()) and time.time() < deadline:
         time.sleep(0.2)  # until the run is training
     assert log.exists(), "the run never started"
 
@@ -147,6 +155,38 @@ train_tokens = 10_000_000
         return alive
 
     assert runs_alive()
-    ablate.send_signal(signal.SIGTERM)
+    ablate.send_signal(stop)
     assert ablate.wait(timeout=30) != 0
+    deadline = time.time() + 30
+    while runs_alive() and time.time() < deadline:
+        time.sleep(0.1)
     assert not runs_alive()
+    assert "interrupted at step" in (log.parent / "train.log").read_text()
+    assert torch.load(log.parent / "ckpt.pt", weights_only=True)["step"] > 0
+
+
+def test_a_sweep_whose_runs_all_fail_exits_1_naming_them(tiny_data, tmp_path):
+    """A typo'd key, and a run folder that another writer holds (a run that outlived a killed sweep): neither run
+    starts, the previous table stays, and ablate.py exits 1 naming both and their logs."""
+    out = tmp_path / "out"
+    sweep = tmp_path / "sweep.py"
+    sweep.write_text(f"""
+out_dir = {str(out)!r}
+runs = ["typo: --n_layers=3", "held: "]
+common = "--data_dir={tiny_data} {TINY}"
+train_tokens = 1280
+seeds = [1]
+parallel = 2
+""")
+    (out / "held-s1").mkdir(parents=True)
+    (out / "results.md").write_text("the previous table\n")
+    with open(out / "held-s1" / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = run_stage("ablate.py", str(sweep), check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (f"error: 2 of 2 runs failed: typo-s1, held-s1; see "
+                                                      f"{out / '<run>' / 'train.log'}")
+    assert "unknown config key 'n_layers'" in (out / "typo-s1" / "train.log").read_text()
+    assert "is in use by another run" in (out / "held-s1" / "train.log").read_text()
+    assert (out / "results.md").read_text() == "the previous table\n"
+    assert not (out / "held-s1" / "log.jsonl").exists()

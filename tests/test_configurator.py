@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from configurator import load_checkpoint, parse_config, save_checkpoint
+from configurator import (check_settings, load_checkpoint, lock_folder, parse_config, pick_device, pick_dtype,
+                          save_checkpoint)
 
 DEFAULTS = {"n_layer": 12, "learning_rate": 6e-4, "compile": False, "out_dir": "out", "note": None}
 
@@ -57,3 +58,37 @@ def test_checkpoints_round_trip_and_bad_files_stop_cleanly(tmp_path):
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(2)}, foreign)
     assert "not a nanollm checkpoint" in error_of(lambda: load_checkpoint(str(foreign)), ValueError)
+
+
+def test_given_keys_and_config_files_that_fail(tmp_path):
+    config_file = tmp_path / "c.py"
+    config_file.write_text("n_layer = 12\n")  # the default's value, but given
+    config, given = parse_config(DEFAULTS, [str(config_file), "--compile"], with_given=True)
+    assert given == {"n_layer", "compile"} and config["n_layer"] == 12
+    config_file.write_text("n_layer = 4\nlearning_rate = (1e-3\n")
+    message = error_of(lambda: parse_config(DEFAULTS, [str(config_file)]))
+    assert message.startswith(f"error: config file {config_file}, line 2:")
+    config_file.write_text("n_layer = 4\nlearning_rate = lr / 10\n")
+    assert error_of(lambda: parse_config(DEFAULTS, [str(config_file)])) == (
+        f"error: config file {config_file}, line 2: NameError: name 'lr' is not defined")
+
+
+def test_settings_out_of_range_devices_and_dtypes_stop_in_one_line():
+    config = {"batch_size": 0, "seed": -1, "frac": 1.5, "schedule": "cosin"}
+    assert error_of(lambda: check_settings(config, positive=["batch_size"])) == "error: batch_size=0 must be positive"
+    assert "seed=-1 must not be negative" in error_of(lambda: check_settings(config, non_negative=["seed"]))
+    assert "frac=1.5 must lie between 0 and 1" in error_of(lambda: check_settings(config, fractions=["frac"]))
+    assert "unknown schedule 'cosin' (choose cosine, wsd)" in error_of(
+        lambda: check_settings(config, choices={"schedule": ("cosine", "wsd")}))
+    assert "unknown dtype 'fp16' (choose auto, float32, bfloat16, float16)" in error_of(
+        lambda: pick_dtype("cpu", "fp16"))
+    assert "unknown device 'gpu'" in error_of(lambda: pick_device("gpu"))
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in error_of(lambda: pick_device("cuda:0"))
+
+
+def test_a_folder_lock_is_held_once_per_process_and_a_file_is_no_folder(tmp_path):
+    lock_folder(str(tmp_path / "run"))
+    lock_folder(str(tmp_path / "run"))  # this process holds it already
+    (tmp_path / "file").write_text("x")
+    assert "is a file, not a folder" in error_of(lambda: lock_folder(str(tmp_path / "file")), ValueError)

@@ -1,9 +1,12 @@
 """GRPO: its pieces (rl.py) against hand computations, a tiny model learning a rewarded token, SFT, and the stage end to
-end (logs, checkpoints, resume, eval, DDP, bad input)."""
+end (logs, checkpoints, resume after a Ctrl-C, eval, DDP, bad settings, inputs, rewards and folders)."""
+import fcntl
 import json
 import math
 import os
+import runpy
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import asdict
@@ -12,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import configurator
 from conftest import ROOT, assert_resume_reproduces, read_log, run_stage
 from configurator import save_checkpoint
 from model import GPT, GPTConfig
@@ -206,12 +210,62 @@ def test_sft_loss_is_the_mean_over_response_tokens_only(batch):
 
 STAGE = ["--device=cpu", "--task=addition", "--n_eval=8", "--eval_batch_size=4", "--max_completion_length=6",
          "--prompts_per_step=4", "--group_size=4", "--learning_rate=1e-3", "--warmup_iters=0"]
-REWARD_MODULE = "def longer(prompt, completion):\n    return float(len(completion))\n"
+REWARD_MODULE = """
+import math, os, signal
+calls = 0
 
 
-def grpo(*args, reward_dir=None, **kwargs):
-    env = {"PYTHONPATH": str(reward_dir)} if reward_dir else None
-    return run_stage("grpo.py", *STAGE, *args, env=env, **kwargs)
+def longer(prompt, completion):
+    return float(len(completion))
+
+
+def ctrl_c(prompt, completion):
+    \"\"\"longer, and a Ctrl-C to this process at its CTRL_C_AT-th call (on process CTRL_C_RANK of a torchrun)\"\"\"
+    global calls
+    calls += 1
+    if calls == int(os.environ["CTRL_C_AT"]) and os.environ.get("RANK", "0") == os.environ.get("CTRL_C_RANK", "0"):
+        os.kill(os.getpid(), signal.SIGINT)
+    return float(len(completion))
+
+
+def nan_every_third(prompt, completion):
+    global calls
+    calls += 1
+    return math.nan if calls % 3 == 0 else 1.0
+
+
+def text(prompt, completion):
+    return "1.0"
+
+
+def nothing(prompt, completion):
+    return None
+
+
+def raises(prompt, completion):
+    raise KeyError("answer")
+"""
+
+
+def grpo(*args, reward_dir=None, env=None, **kwargs):
+    return run_stage("grpo.py", *STAGE, *args, env={**({"PYTHONPATH": str(reward_dir)} if reward_dir else {}),
+                                                    **(env or {})}, **kwargs)
+
+
+def grpo_here(monkeypatch, *args):
+    """grpo.py in this process (a new one costs seconds of imports): the message it stops with, or its exit code."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["grpo.py", *STAGE, *args])
+    monkeypatch.setattr(configurator, "LOCKS", {})  # the locks it takes, released below
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        runpy.run_path(os.path.join(ROOT, "grpo.py"))
+    except SystemExit as stop:
+        return stop.code
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        for lock in configurator.LOCKS.values():
+            lock.close()
 
 
 @pytest.fixture(scope="module")
@@ -227,11 +281,25 @@ def start(tiny_data, tmp_path_factory):
     return root
 
 
-def test_grpo_runs_logs_checkpoints_and_resumes_exactly(start, tmp_path):
-    common = [f"--init_from={start / 'base'}", "--reward=my_reward:longer", "--beta=0.04", "--eval_interval=2",
-              "--temperature=1.5"]
-    full, _ = assert_resume_reproduces(lambda out, *more: grpo(*common, f"--out_dir={out}", *more, reward_dir=start),
-                                       tmp_path, 4, 2, keys=("reward", "kl", "completion_len"))
+def test_grpo_runs_logs_checkpoints_and_resumes_exactly_after_a_ctrl_c(start, tmp_path):
+    common = [f"--init_from={start / 'base'}", "--beta=0.04", "--eval_interval=2", "--temperature=1.5"]
+
+    def run(out, *more, reward="longer", **kwargs):
+        return grpo(*common, f"--reward=my_reward:{reward}", f"--out_dir={out}", *more, reward_dir=start, **kwargs)
+
+    def ctrl_c(out):
+        """A Ctrl-C amid step 3's rollouts (after 8 + 16 + 16 + 8 reward calls: evaluations at steps 0 and 2, 16
+        rollouts a step): the step ends, is saved, and the run exits 130 with one line; then a crash amid an append
+        leaves a partial last line in the log, which the resume leaves out."""
+        result = run(out, "--max_iters=4", reward="ctrl_c", env={"CTRL_C_AT": "55"}, check=False)
+        assert result.returncode == 130, result.stderr[-3000:]
+        assert result.stderr.strip().splitlines()[-1] == (f"interrupted at step 3: saved {out / 'ckpt.pt'}; resume "
+                                                          "with --init_from=resume")
+        assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3
+        with open(out / "log.jsonl", "a") as f:
+            f.write('{"step": 4, "rew')
+
+    full, _ = assert_resume_reproduces(run, tmp_path, 4, ctrl_c, keys=("reward", "kl", "completion_len"))
     rows = read_log(full)
     steps = [r for r in rows if "reward" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
@@ -265,20 +333,81 @@ def test_eval_sft_and_task_modes(start):
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 40
 
 
-def test_two_process_ddp(start):
+def test_two_process_ddp_stops_on_a_ctrl_c_of_either_process(start):
+    """A Ctrl-C to process 1 amid step 2 (its 4 evaluation prompts, then 8 rollouts a step): both processes end the
+    step, process 0 saves it, and both exit."""
     out = start / "ddp"
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "grpo.py", *STAGE,
-         f"--init_from={start / 'base'}", "--reward=my_reward:longer", f"--out_dir={out}", "--max_iters=2",
+         f"--init_from={start / 'base'}", "--reward=my_reward:ctrl_c", f"--out_dir={out}", "--max_iters=4",
          "--eval_interval=2", "--temperature=1.5"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(start)})
-    assert result.returncode == 0, result.stderr[-3000:]
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(start), "CTRL_C_AT": "15", "CTRL_C_RANK": "1"})
+    assert result.returncode != 0 and f"interrupted at step 2: saved {out / 'ckpt.pt'}" in result.stderr, \
+        result.stderr[-3000:]
     steps = [r for r in read_log(out) if "reward" in r]
     assert [r["step"] for r in steps] == [1, 2] and steps[0]["completion_len"] > 0
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
 
 
 def test_bad_inputs_give_one_line_errors(start, tmp_path):
     result = grpo(f"--init_from={start / 'base'}", "--reward=nowhere:nothing", f"--out_dir={tmp_path}", check=False)
     assert result.returncode == 1 and "cannot load reward" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_settings_inputs_and_folders_are_checked_before_out_dir_changes(start, tmp_path, monkeypatch, one_thread):
+    """Each refusal is one line, and the folder of a train.py run given as out_dir is as it was after all of them."""
+    run = tmp_path / "run"
+    shutil.copytree(start / "base", run)
+    (run / "log.jsonl").write_text('{"step": 0, "val_loss": 6.0}\n')
+    before = {path.name: path.read_bytes() for path in run.iterdir()}
+    latin1, malformed = tmp_path / "latin1.jsonl", tmp_path / "malformed.jsonl"
+    latin1.write_bytes(b'{"prompt": "1 + 1 = ?\\n", "response": "#### 2"}\n{"prompt": "caf\xe9", "response": "x"}\n')
+    malformed.write_text('{"prompt": "1 + 1 = ?\\n", "response": "#### 2"}\n\n{"prompt": "2 + 2 = ?\\n"}\n')
+    base = f"--init_from={start / 'base'}"
+    for args, expected in [
+        (["--group_size=1"], "group_size=1 must be at least 2"),
+        (["--max_completion_length=0"], "max_completion_length=0 must be positive"),
+        (["--prompts_per_step=-4"], "prompts_per_step=-4 must be positive"),
+        (["--mode=sft", "--batch_size=0"], "batch_size=0 must be positive"),
+        (["--eval_interval=0"], "eval_interval=0 must be positive"),
+        (["--mode=eval", "--eval_batch_size=0"], "eval_batch_size=0 must be positive"),
+        (["--micro_batch_size=-1"], "micro_batch_size=-1 must not be negative"),
+        (["--loss_agg=ppo"], "unknown loss_agg 'ppo' (choose grpo, dapo, dr_grpo)"),
+        ([base], f"{run} holds a run (ckpt.pt and log.jsonl): continue it with --init_from=resume, replace it with "
+                 "--overwrite=True"),
+        (["--init_from=resume"], "is not a grpo.py --mode=grpo run: train.py wrote it"),
+        ([base, "--overwrite=True", "--mode=sft", f"--sft_data={latin1}"], f"{latin1} line 2 is not UTF-8 text"),
+        ([base, "--overwrite=True", "--mode=sft", f"--sft_data={malformed}"],
+         f"{malformed} line 3 is not a JSON object with 'prompt' and 'response' strings"),
+    ]:
+        message = grpo_here(monkeypatch, f"--out_dir={run}", *args)
+        assert message.startswith("error: ") and expected in message and "\n" not in message, (args, message)
+    with open(run / ".lock", "a") as held:  # another run holds the folder
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert "is in use by another run" in grpo_here(monkeypatch, f"--out_dir={run}", base, "--overwrite=True")
+    assert {path.name: path.read_bytes() for path in run.iterdir() if path.name != ".lock"} == before
+
+
+def test_rewards_must_be_finite_numbers_and_weights_finite_to_be_saved(start, tmp_path, monkeypatch, one_thread):
+    monkeypatch.syspath_prepend(str(start))
+    base = [f"--init_from={start / 'base'}", "--max_iters=2"]
+    contract = "must be a function (prompt, completion) -> float"
+    for function, said in (("nan_every_third", "with a finite value: it returned nan (float)"),
+                           ("text", "with a finite value: it returned '1.0' (str)"),
+                           ("nothing", "with a finite value: it returned None (NoneType)"),
+                           ("raises", "-> float: it raised KeyError: 'answer'")):
+        out = tmp_path / function
+        message = grpo_here(monkeypatch, *base, f"--reward=my_reward:{function}", f"--out_dir={out}")
+        assert message.startswith(f"error: reward 'my_reward:{function}' {contract}") and said in message, message
+        assert "\n" not in message and not (out / "ckpt.pt").exists()
+    # a learning rate that blows the weights up: step 1 is saved, step 2's weights are not finite and are not
+    out = tmp_path / "diverged"
+    message = grpo_here(monkeypatch, *base, "--reward=my_reward:longer", "--learning_rate=1e30", "--max_iters=3",
+                        "--eval_interval=1", f"--out_dir={out}")
+    assert message == (f"error: a weight is not finite at step 2: training diverged; {out / 'ckpt.pt'} is kept as it "
+                       "was (lower learning_rate, or look at the reward)")
+    checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
+    assert checkpoint["step"] == 1 and all(t.isfinite().all() for t in checkpoint["model"].values())
+    assert [r["step"] for r in read_log(out) if "eval_accuracy" in r] == [0, 1]

@@ -184,6 +184,54 @@ def test_export_refusals_are_one_line(tiny_model, tmp_path):
         assert f.name in error(lambda: hf.hf_family(changed))
 
 
+def test_export_writes_whole_folders_or_nothing(tiny_model, tmp_path, monkeypatch):
+    """export.py refuses an hf_dir that is a file or inside the run folder, and a write that fails (a read-only or full
+    disk, injected) leaves no folder, no temporary one, and a previous export as it was."""
+    import os
+    import runpy
+    import sys
+    import safetensors.torch
+    from configurator import save_checkpoint
+    from conftest import ROOT
+    run, exported = tmp_path / "run", tmp_path / "run_hf"
+    model = tiny_model()
+    save_checkpoint(str(run / "ckpt.pt"), {"model": model.state_dict(), "tokenizer": "gpt2", "eos_id": 0,
+                                           "model_config": dataclasses.asdict(model.config)})
+
+    def export(hf_dir):
+        monkeypatch.setattr(sys, "argv", ["export.py", f"--out_dir={run}", f"--hf_dir={hf_dir}"])
+        with pytest.raises(SystemExit) as stop:
+            runpy.run_path(os.path.join(ROOT, "export.py"))
+            raise SystemExit(0)
+        return stop.value.code
+
+    def files(folder):
+        return {path.relative_to(tmp_path): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+    (tmp_path / "a_file").write_text("mine")
+    before = files(tmp_path)
+    assert export(tmp_path / "a_file") == (f"error: hf_dir {tmp_path / 'a_file'} is a file, not a folder: choose "
+                                           "another hf_dir")
+    for inside in (run, run / "hf"):
+        assert export(inside).startswith(f"error: hf_dir {inside} is inside the run folder {run}: choose one outside")
+    assert files(tmp_path) == before
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(safetensors.torch, "save_file", read_only)
+        assert export(exported) == f"error: could not write {exported} (Read-only file system); nothing was written"
+    assert files(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["a_file", "run"]
+    assert export(exported) == 0
+    assert sorted(os.listdir(exported)) == ["config.json", "generation_config.json", "model.safetensors"]
+    before = files(tmp_path)
+    with monkeypatch.context() as patch:
+        patch.setattr(safetensors.torch, "save_file", read_only)
+        assert export(exported).endswith("(Read-only file system); nothing was written")
+    assert files(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["a_file", "run", "run_hf"]
+
+
 def tokenizer_folder(path, vocab_size):
     """A byte-level BPE tokenizer.json trained on a little text, as HF folders hold them, with an eos marker."""
     import tokenizers

@@ -1,20 +1,27 @@
-"""prepare.py on tiny corpora: shards agree with meta.json, splits, input formats, downloads, one-line errors."""
+"""prepare.py on tiny corpora: shards agree with meta.json, splits, input formats, downloads, one-line errors, and
+nothing of an earlier dataset lost to a bad setting, a failed or interrupted re-run or a full disk."""
+import errno
+import fcntl
 import hashlib
 import http.server
+import importlib.util
 import json
 import os
 import random
 import re
 import runpy
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from unittest import mock
 
 import numpy as np
 import pytest
 
+from conftest import run_stage
 from tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,12 +133,12 @@ def one_line_error(*argv):
     return message
 
 
-def test_pystdlib_reads_only_the_standard_library(capsys):
+def test_pystdlib_reads_only_the_standard_library(tmp_path, capsys):
     """The documents named in --val_files must be among those read: the standard library's os.py and pydoc's topic
     texts are, a module of site-packages (tqdm's) is not."""
     import tqdm._monitor
     third_party = os.path.basename(tqdm._monitor.__file__)
-    message = one_line_error(f"--val_files=os.py,pydoc_topic_assert,{third_party}")
+    message = one_line_error(f"--out_root={tmp_path}", f"--val_files=os.py,pydoc_topic_assert,{third_party}")
     assert message == f"error: --val_files: {third_party} is not among the input's documents"
     files = int(re.search(r"from ([\d,]+) files", capsys.readouterr().out)[1].replace(",", ""))
     assert files > 500
@@ -163,6 +170,163 @@ def test_command_line_error_is_one_line():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.startswith("error: unknown --dataset=imaginary") and result.stderr.count("\n") == 1
+
+
+# -----------------------------------------------------------------------------
+# nothing lost: bad settings, a failed or interrupted re-run, a full disk leave the earlier dataset as it was
+
+def files_under(folder):
+    """{relative path: bytes} of every file under folder (none if it is missing)."""
+    return {os.path.relpath(os.path.join(root, name), folder): open(os.path.join(root, name), "rb").read()
+            for root, _, names in os.walk(folder) for name in names}
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """A small dataset of several shards in tmp_path/out/t, from tmp_path/corpus: returns (out_root, its files)."""
+    write_corpus(tmp_path / "corpus", n=8)
+    run(tmp_path, f"--input={tmp_path / 'corpus'}", "--shard_size=300")
+    return tmp_path / "out", files_under(tmp_path / "out")
+
+
+def again(tmp_path, *args):
+    """The one-line error of a re-run into tmp_path/out/t."""
+    return one_line_error(f"--out_root={tmp_path / 'out'}", "--name=t", f"--input={tmp_path / 'corpus'}",
+                          "--vocab_size=300", *args)
+
+
+def test_invalid_numbers_stop_before_anything_is_written(tmp_path):
+    """Case 1 (shard_size 0 wrote empty shards without end) and negative num_workers; 0 workers is one per core."""
+    write_corpus(tmp_path / "corpus", n=4)
+    for arg, message in [("--shard_size=0", "--shard_size=0: a shard holds at least one token"),
+                         ("--shard_size=-5", "--shard_size=-5: a shard holds at least one token"),
+                         ("--num_workers=-1", "--num_workers=-1: give a number of processes, or 0 for one per core"),
+                         ("--val_fraction=1.0", "--val_fraction=1.0: give the share of documents held out for val, "
+                                                "at least 0 and below 1")]:
+        assert again(tmp_path, arg) == f"error: {message}"
+        assert not os.path.exists(tmp_path / "out")
+    meta, _ = run(tmp_path, f"--input={tmp_path / 'corpus'}", "--num_workers=0")
+    assert meta["splits"]["train"]["documents"] == 3
+
+
+def test_failed_rerun_keeps_the_dataset(tmp_path, dataset):
+    """Case 2: a re-run that fails (a bad vocab_size, a missing tokenizer file, bad input) changes nothing: not the
+    shards, not meta.json, not tokenizer.model, and leaves no temporary folder."""
+    out_root, before = dataset
+    out = out_root / "t"
+    assert len([f for f in before if f.startswith("t/train_")]) > 1
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": "cut sho')
+    for args, message in [
+            (["--vocab_size=200"], "error: vocab_size=200 is too small"),
+            ([f"--tokenizer={tmp_path / 'missing.model'}"], f"error: tokenizer {tmp_path / 'missing.model'} not found"),
+            ([f"--input={tmp_path / 'bad.jsonl'}"], f"error: {tmp_path / 'bad.jsonl'} line 2 is not a JSON object"),
+            (["--val_files=doc00.txt,nowhere.txt"], "error: --val_files: nowhere.txt is not among")]:
+        assert again(tmp_path, *args).startswith(message)
+        assert files_under(out_root) == before
+    # a run killed between the two renames of its swap: the next run puts the earlier dataset back
+    os.makedirs(out_root / "t.tmp" / "new")
+    (out_root / "t.tmp" / "new" / "train_000.bin").write_bytes(b"unfinished")
+    os.rename(out, out_root / "t.tmp" / "old")
+    assert again(tmp_path, "--vocab_size=200").startswith("error: vocab_size=200 is too small")
+    assert files_under(out_root) == before
+    # a file of the user's in the folder, or a file in its place: refused, kept
+    (out / "notes.txt").write_text("mine")
+    assert again(tmp_path) == (f"error: {out} holds files prepare.py did not write (notes.txt): move them away or "
+                               "choose another --name")
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    for folder in ("f", "t.tmp"):
+        (out_root / folder).write_text("not a folder")
+        assert again(tmp_path, f"--name={folder.removesuffix('.tmp')}") == \
+            f"error: {out_root / folder} is a file, not a folder: move it away or choose another --name"
+        (out_root / folder).unlink()
+    assert files_under(out_root) == before
+    # a re-run that succeeds replaces the folder whole: no shard of the earlier dataset stays
+    run(tmp_path, f"--input={tmp_path / 'corpus'}")
+    assert sorted(files_under(out_root)) == ["t/meta.json", "t/tokenizer.model", "t/train_000.bin", "t/val_000.bin"]
+
+
+def test_second_prepare_on_a_dataset_is_refused(tmp_path, dataset):
+    """Case 2: while one prepare.py builds a dataset (it holds the lock of the folder beside it), a second one into
+    the same folder stops in one line and touches neither that folder nor the dataset."""
+    out_root, before = dataset
+    os.makedirs(out_root / "t.tmp")
+    with open(out_root / "t.tmp" / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = run_stage("prepare.py", f"--input={tmp_path / 'corpus'}", f"--out_root={out_root}", "--name=t",
+                           check=False, timeout=120)
+    assert result.returncode == 1 and result.stderr == \
+        f"error: another prepare.py is writing {out_root / 't'}: wait for it to end, or choose another --name\n"
+    assert files_under(out_root) == {**before, "t.tmp/.lock": b""}
+
+
+def test_full_disk_keeps_the_dataset(tmp_path, dataset, monkeypatch):
+    """Case 12: a full disk while writing a shard or meta.json (atomically, by configurator.write_json): one line,
+    the earlier dataset as it was, no temporary files; a later run, with space again, succeeds."""
+    out_root, before = dataset
+    out = out_root / "t"
+    fsync = os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    for fails_on in (".bin", "meta.json"):
+        monkeypatch.setattr(os, "fsync", lambda fd: (full if fails_on in os.readlink(f"/proc/self/fd/{fd}")
+                                                     else fsync)(fd))
+        assert again(tmp_path) == f"error: could not write {out} (the disk is full); the dataset in {out} is unchanged"
+        assert files_under(out_root) == before
+        message = one_line_error(f"--out_root={out_root}", "--name=u", f"--input={tmp_path / 'corpus'}",
+                                 "--vocab_size=300")
+        assert message == f"error: could not write {out_root / 'u'} (the disk is full); no dataset was written"
+        assert files_under(out_root) == before
+    monkeypatch.setattr(os, "fsync", fsync)
+    run(tmp_path, f"--input={tmp_path / 'corpus'}")
+    assert sorted(files_under(out_root)) == ["t/meta.json", "t/tokenizer.model", "t/train_000.bin", "t/val_000.bin"]
+
+
+def test_ctrl_c_keeps_the_dataset(tmp_path, dataset):
+    """Case 15: Ctrl-C (SIGINT to the terminal's process group) while the workers tokenize: one line, no traceback of
+    the main process or of a worker, every worker gone, the earlier dataset as it was, no temporary folder."""
+    out_root, before = dataset
+    base = [make_doc(i, lines=60) for i in range(50)]
+    (tmp_path / "big.txt").write_text("\f".join(f"{i} {base[i % 50]}" for i in range(1000)))
+    prepare_py = subprocess.Popen(
+        [sys.executable, "prepare.py", f"--input={tmp_path / 'big.txt'}", "--doc_separator=\f", "--name=t",
+         f"--out_root={out_root}", f"--tokenizer={out_root / 't' / 'tokenizer.model'}", "--num_workers=2",
+         "--shard_size=1000"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    first_shard = out_root / "t.tmp" / "new" / "train_000.bin"
+    while not os.path.exists(first_shard) and prepare_py.poll() is None:
+        time.sleep(0.005)
+    os.killpg(prepare_py.pid, signal.SIGINT)
+    _, stderr = prepare_py.communicate(timeout=60)
+    assert prepare_py.returncode == 1 and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert stderr.endswith(f"\nerror: interrupted; the dataset in {out_root / 't'} is unchanged\n"), stderr
+    with pytest.raises(ProcessLookupError):  # no process of the group is left: the pool's workers were stopped
+        os.killpg(prepare_py.pid, 0)
+    assert files_under(out_root) == before
+
+
+def test_input_that_is_not_utf8_or_not_readable(tmp_path):
+    """Case 21: a file of the user's that is not UTF-8 stops the run (it was skipped) with the file and line; so
+    does a malformed JSONL line, and a parquet file that is not one."""
+    write_corpus(tmp_path / "corpus", n=3)
+    latin1 = tmp_path / "corpus" / "latin1.txt"
+    latin1.write_bytes("line one\nline two\ncaf\xe9 au lait\n".encode("latin-1"))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_bytes('{"text": "fine"}\n\n{"text": "na\xefve"}\n'.encode("latin-1"))
+    advice = "convert the file, e.g. with iconv -f latin1 -t utf-8, or leave it out"
+    out = f"--out_root={tmp_path / 'out'}"
+    message = one_line_error(out, f"--input={tmp_path / 'corpus'}")
+    assert message == f"error: {latin1} line 3 is not UTF-8 (byte 0xe9): {advice}"
+    assert one_line_error(out, f"--input={rows}") == f"error: {rows} line 3 is not UTF-8 (byte 0xef): {advice}"
+    rows.write_text('{"text": "fine"}\n{"text": "cut sho')
+    assert one_line_error(out, f"--input={rows}") == f"error: {rows} line 2 is not a JSON object with a 'text' string"
+    if importlib.util.find_spec("pyarrow"):
+        (tmp_path / "pages.parquet").write_bytes(b"PAR1 but no more")
+        message = one_line_error(out, f"--input={tmp_path / 'pages.parquet'}")
+        assert message.startswith(f"error: {tmp_path / 'pages.parquet'} is not a parquet file with a 'text' column (")
+    assert files_under(tmp_path / "out") == {}
 
 
 # -----------------------------------------------------------------------------

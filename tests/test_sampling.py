@@ -1,14 +1,17 @@
 """Fast sampling: the static decode step of every architecture, its capture as one graph, batched decoding,
 exponential-race sampling, and self-speculative decoding with the MTP modules."""
 import json
+import os
+import runpy
 import shutil
+import sys
 from dataclasses import asdict
 
 import pytest
 import torch
 
 from configurator import save_checkpoint
-from conftest import FAMILY_VARIANTS, VARIANTS, run_stage
+from conftest import FAMILY_VARIANTS, ROOT, VARIANTS, run_stage
 from decode import State, generate, speculative_step, exponential_race, sample_next, sampling_probs
 from model import GPT, GPTConfig
 
@@ -192,3 +195,24 @@ def test_sample_stage_decodes_a_batch_and_speculates(tiny_data, tmp_path):
     assert "of drafts accepted" in speculative.stderr and "3 rows" in plain.stderr
     error = run_stage("sample.py", f"--out_dir={tmp_path / 'dense'}", *args, "--speculative=True", check=False)
     assert error.returncode == 1 and "mtp_depth=0" in error.stderr.strip().splitlines()[-1]
+
+
+def test_sample_stage_refuses_bad_settings_and_files_in_one_line(tmp_path, monkeypatch):
+    """Checked before a model is loaded (there is none here); top_k=0 (all tokens) and temperature=0 (greedy) stay
+    valid, and reach the model's loading."""
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(b"alice reads\nbob writes 3 caf\xe9s\n")
+    for args, expected in [(["--max_new_tokens=0"], "max_new_tokens=0 must be positive"),
+                           (["--num_samples=-1"], "num_samples=-1 must be positive"),
+                           (["--top_k=-5"], "top_k=-5 must not be negative"),
+                           (["--temperature=-0.5"], "temperature=-0.5 must not be negative"),
+                           (["--top_p=-0.1"], "top_p=-0.1 must lie between 0 and 1"),
+                           (["--top_p=1.5"], "top_p=1.5 must lie between 0 and 1"),
+                           ([f"--prompts_file={latin1}"], f"prompts file {latin1} is not UTF-8 text"),
+                           ([f"--start=FILE:{latin1}"], f"prompt file {latin1} is not UTF-8 text"),
+                           ([f"--prompts_file={tmp_path / 'no.txt'}"], f"prompts file {tmp_path / 'no.txt'} not found"),
+                           (["--top_k=0", "--temperature=0"], f"no checkpoint at {tmp_path / 'none'}")]:
+        monkeypatch.setattr(sys, "argv", ["sample.py", f"--out_dir={tmp_path / 'none'}", "--device=cpu", *args])
+        with pytest.raises(SystemExit) as stop:
+            runpy.run_path(os.path.join(ROOT, "sample.py"))
+        assert stop.value.code.startswith(f"error: {expected}") and "\n" not in stop.value.code, stop.value.code

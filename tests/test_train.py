@@ -1,8 +1,14 @@
-"""train.py end to end on the CPU: learning, checkpoints, resume, DDP, exact evaluation, sampling, bad input."""
+"""train.py end to end on the CPU: learning, checkpoints, resume, DDP, exact evaluation, sampling, bad input, and
+what it refuses or survives (other datasets, occupied folders, damaged data, divergence, full disks, Ctrl-C)."""
+import errno
 import hashlib
+import importlib.util
+import io
 import json
 import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -12,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import configurator
 from conftest import ROOT, assert_resume_reproduces, read_log, run_stage, run_train
 from model import GPT, GPTConfig
 
@@ -134,9 +141,10 @@ def test_two_process_ddp_equals_one_process(tiny_data, tmp_path):
     assert abs(read_log(tmp_path / "one")[-2]["val_loss"] - read_log(tmp_path / "two")[-2]["val_loss"]) < 1e-5
 
 
-def test_epoch_sampler_visits_every_window_once_per_epoch(tiny_data, tmp_path, monkeypatch):
+def test_epoch_sampler_visits_every_window_once_per_epoch(tiny_data, tmp_path, monkeypatch, capsys):
     train_py = run_train(monkeypatch, f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", *TINY, "--max_iters=0",
                          "--sampler=epoch", "--batch_size=3")
+    assert "no step trained, so no checkpoint" in capsys.readouterr().out and not (tmp_path / "ckpt.pt").exists()
     n, per_step = train_py["n_windows"], train_py["windows_per_step"]
     steps_per_epoch = n // per_step
     seen = [tuple(w) for step in range(steps_per_epoch) for w in zip(*train_py["training_windows"](step))]
@@ -164,3 +172,282 @@ def test_bad_inputs_give_one_line_errors(trained, tiny_data, tmp_path):
     diverged = train(tiny_data, tmp_path / "nan", "--learning_rate=1e30", "--warmup_iters=0", "--max_iters=20",
                      "--grad_clip=0", "--eval_interval=100", check=False)
     one_line_error(diverged, "at step")
+
+
+# -----------------------------------------------------------------------------
+# nothing lost: every refusal is one line, before anything in out_dir changes (in this process where no real signal
+# or second process is needed)
+
+QUICK = ["--batch_size=4", "--eval_iters=1", "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3"]
+
+
+@pytest.fixture(scope="module")
+def small_run(tiny_data, tmp_path_factory):
+    """A 2-step run with its checkpoint at step 2; tests change copies of it (run_copy)."""
+    out = tmp_path_factory.mktemp("small_run")
+    with pytest.MonkeyPatch.context() as mp:
+        run_train(mp, f"--data_dir={tiny_data}", f"--out_dir={out}", *QUICK, "--max_iters=2", "--eval_interval=2")
+    return out
+
+
+@pytest.fixture
+def run_copy(small_run, tmp_path):
+    return shutil.copytree(small_run, tmp_path / "run")
+
+
+def snapshot(folder):
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}
+
+
+def stops(monkeypatch, *args):
+    """train.py in this process stops with one line 'error: ...': returns it."""
+    with pytest.raises(SystemExit) as e:
+        run_train(monkeypatch, *QUICK, *args)
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def test_a_resume_on_another_dataset_stops_before_the_folder_changes(tiny_data, run_copy, tmp_path, monkeypatch):
+    other = shutil.copytree(tiny_data, tmp_path / "other")  # another tokenizer's dataset: a larger vocabulary
+    meta = json.loads((other / "meta.json").read_text())
+    (other / "meta.json").write_text(json.dumps({**meta, "vocab_size": 512}))
+    before = snapshot(run_copy)
+    message = stops(monkeypatch, f"--data_dir={other}", f"--out_dir={run_copy}", "--init_from=resume", "--max_iters=4")
+    assert f"was trained on the dataset in {tiny_data} (a vocabulary of 400" in message
+    assert f"resume with --data_dir={tiny_data}" in message
+    assert snapshot(run_copy) == before  # its log, tokenizer and checkpoint as they were
+    # the same data prepared again (only meta.json's creation time differs) is the same dataset
+    (other / "meta.json").write_text(json.dumps({**meta, "created": "2000-01-01T00:00:00+00:00"}))
+    run_train(monkeypatch, *QUICK, f"--data_dir={other}", f"--out_dir={run_copy}", "--init_from=resume",
+              "--max_iters=3")
+    assert torch.load(run_copy / "ckpt.pt", weights_only=True)["step"] == 3
+
+
+def test_a_diverging_run_never_saves_non_finite_weights(tiny_data, run_copy, monkeypatch):
+    # the evaluation at step 4 is not a logged step: the weights are checked there all the same
+    before = (run_copy / "ckpt.pt").read_bytes()
+    message = stops(monkeypatch, f"--data_dir={tiny_data}", f"--out_dir={run_copy}", "--init_from=resume",
+                    "--learning_rate=1e38", "--warmup_iters=0", "--grad_clip=0", "--max_iters=6", "--eval_interval=4",
+                    "--log_interval=100")
+    assert "became non-finite at step 4" in message and f"{run_copy / 'ckpt.pt'} keeps step 2" in message
+    assert (run_copy / "ckpt.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("bad, words", [
+    ("--lr_schedule=cosin", "unknown lr_schedule 'cosin' (choose cosine, wsd)"),
+    ("--sampler=epochs", "unknown sampler 'epochs' (choose random, epoch)"),
+    ("--wandb_log=True", "wandb_log=True needs wandb: pip install wandb"),
+    ("--batch_size=0", "batch_size=0 must be positive"),
+    ("--gradient_accumulation_steps=-2", "gradient_accumulation_steps=-2 must be positive"),
+    ("--eval_iters=0", "eval_iters=0 must be positive"),
+    ("--eval_interval=-1", "eval_interval=-1 must be positive"),
+    ("--log_interval=0", "log_interval=0 must be positive"),
+    ("--device=cuda", "no CUDA GPU that torch can use: use --device=cpu"),
+    ("--dtype=fp16", "unknown dtype 'fp16' (choose auto, float32, bfloat16, float16)"),
+    ("--dtype=float64", "unknown dtype 'float64' (choose auto, float32, bfloat16, float16)"),
+    ("--n_layer=12", "trained with n_layer=2, but the config says n_layer=12"),  # the default's value, given
+    ("--init_from=scratch", "holds a run (ckpt.pt): continue it with --init_from=resume, replace it with --overwrite"),
+])
+def test_bad_settings_stop_before_the_folder_changes(tiny_data, run_copy, monkeypatch, bad, words):
+    if bad == "--wandb_log=True" and importlib.util.find_spec("wandb"):
+        pytest.skip("wandb is installed here")
+    if bad == "--device=cuda" and torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    before = snapshot(run_copy)
+    message = stops(monkeypatch, f"--data_dir={tiny_data}", f"--out_dir={run_copy}", "--init_from=resume",
+                    "--max_iters=4", bad)
+    assert words in message, message
+    assert snapshot(run_copy) == before
+
+
+def test_a_fresh_run_into_a_run_replaces_it_only_when_asked(tiny_data, run_copy, tmp_path, monkeypatch):
+    log_only = shutil.copytree(run_copy, tmp_path / "log_only")  # a run that stopped before its first checkpoint
+    (log_only / "ckpt.pt").unlink()
+    assert "holds the log.jsonl of a run that saved no checkpoint: replace it with --overwrite=True" in stops(
+        monkeypatch, f"--data_dir={tiny_data}", f"--out_dir={log_only}")
+    old_id = read_log(run_copy)[0]["run_id"]
+    run_train(monkeypatch, *QUICK, f"--data_dir={tiny_data}", f"--out_dir={run_copy}", "--max_iters=1",
+              "--eval_interval=5", "--overwrite=True")  # refused without --overwrite=True (the test above)
+    rows = read_log(run_copy)
+    assert rows[0]["run_id"] != old_id and {row["run_id"] for row in rows} == {rows[0]["run_id"]}
+    assert torch.load(run_copy / "ckpt.pt", weights_only=True)["step"] == 1
+
+
+def damage(folder, how):
+    """Damage a copy of a dataset folder as a crash, a disk or a hand would."""
+    meta = json.loads((folder / "meta.json").read_text())
+    shard = folder / "train_000.bin"
+    if how == "odd-sized shard":
+        shard.write_bytes(shard.read_bytes() + b"\0")
+    elif how == "empty shard":
+        (folder / "val_000.bin").write_bytes(b"")
+    elif how == "missing shard":
+        shard.unlink()
+    elif how == "missing tokenizer":
+        (folder / "tokenizer.model").unlink()
+    elif how == "invalid meta.json":
+        (folder / "meta.json").write_text('{"vocab_size": 400,')
+    elif how == "incomplete meta.json":
+        del meta["splits"]["val"]["bytes"]
+        (folder / "meta.json").write_text(json.dumps(meta))
+    elif how == "token counts":
+        meta["splits"]["train"]["tokens"] += 1
+        (folder / "meta.json").write_text(json.dumps(meta))
+    elif how == "id beyond the vocabulary":
+        ids = np.fromfile(shard, dtype=np.uint16)
+        ids[len(ids) // 2] = 4000
+        ids.tofile(shard)
+
+
+@pytest.mark.parametrize("how, words", [
+    ("odd-sized shard", "train_000.bin holds 2 * N + 1 bytes, not a whole number of uint16 tokens"),
+    ("empty shard", "val_000.bin is empty: the dataset is damaged; run prepare.py again"),
+    ("missing shard", "train_000.bin is missing: the dataset is damaged; run prepare.py again"),
+    ("missing tokenizer", "tokenizer.model, the tokenizer that meta.json names, is missing"),
+    ("invalid meta.json", "meta.json is damaged (Expecting"),
+    ("incomplete meta.json", "meta.json is incomplete or damaged (splits.val.bytes is None)"),
+    ("token counts", "the train shards of"),
+    ("id beyond the vocabulary", "train_000.bin holds token id 4000, beyond the vocabulary of 400 in meta.json"),
+])
+def test_a_damaged_dataset_stops_before_training_and_before_out_dir_exists(tiny_data, tmp_path, monkeypatch, how,
+                                                                              words):
+    data = shutil.copytree(tiny_data, tmp_path / "data")
+    damage(data, how)
+    if how == "odd-sized shard":
+        words = words.replace("2 * N + 1", str((data / "train_000.bin").stat().st_size))
+    message = stops(monkeypatch, f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}")
+    assert words in message, message
+    assert not (tmp_path / "out").exists()
+
+
+class FullDisk(io.FileIO):
+    """A file on a disk that fills up after its first 1000 bytes."""
+    def write(self, data):
+        data, room = bytes(data), 1000 - self.tell()
+        if len(data) > room:
+            super().write(data[:max(0, room)])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(data)
+
+
+def test_a_full_disk_stops_the_run_and_keeps_the_checkpoint(tiny_data, run_copy, monkeypatch):
+    real_open = open
+    monkeypatch.setattr(configurator, "open", lambda path, mode="r", *args, **kwargs: FullDisk(path, "w")
+                        if ".tmp." in str(path) and "ckpt.pt" in str(path) else real_open(path, mode, *args, **kwargs),
+                        raising=False)
+    before = (run_copy / "ckpt.pt").read_bytes()
+    message = stops(monkeypatch, f"--data_dir={tiny_data}", f"--out_dir={run_copy}", "--init_from=resume",
+                    "--max_iters=3", "--eval_interval=3")
+    assert message == f"error: could not write {run_copy / 'ckpt.pt'} (the disk is full); the previous file is kept"
+    assert (run_copy / "ckpt.pt").read_bytes() == before and not list(run_copy.glob("*.tmp*"))
+
+
+def test_a_partial_last_log_line_does_not_block_a_resume(tiny_data, run_copy, monkeypatch):
+    with open(run_copy / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 4.1')  # a crash during an append
+    run_train(monkeypatch, *QUICK, f"--data_dir={tiny_data}", f"--out_dir={run_copy}", "--init_from=resume",
+              "--max_iters=3")
+    assert [row["step"] for row in read_log(run_copy) if "loss" in row] == [1, 2, 3]
+
+
+def test_an_out_dir_that_cannot_be_written_stops_in_one_line(tiny_data, tmp_path, monkeypatch):
+    taken = tmp_path / "a_file"
+    taken.write_text("not a folder")
+    assert "a_file is a file, not a folder" in stops(monkeypatch, f"--data_dir={tiny_data}", f"--out_dir={taken}")
+    assert taken.read_text() == "not a folder"
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()  # tests run as root, whom chmod does not stop: the file system refuses instead
+    real_open = open
+
+    def refuse(path, mode="r", *args, **kwargs):
+        if str(path).startswith(str(read_only)) and set(mode) & set("wax+"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(configurator, "open", refuse, raising=False)
+    message = stops(monkeypatch, f"--data_dir={tiny_data}", f"--out_dir={read_only}")
+    assert f"cannot write in {read_only} (Read-only file system)" in message
+    assert not list(read_only.iterdir())
+
+
+def test_other_kinds_of_misuse_stop_in_one_line(tiny_data, run_copy, tmp_path, monkeypatch):
+    assert f"no log at {tmp_path / 'log.jsonl'} to plot" in stops(monkeypatch, f"--out_dir={tmp_path}", "--plot=True")
+    nowhere = tmp_path / "nowhere"
+    assert f"no checkpoint at {nowhere / 'ckpt.pt'} to resume" in stops(monkeypatch, f"--data_dir={tiny_data}",
+                                                                        f"--out_dir={nowhere}", "--init_from=resume")
+    assert not nowhere.exists()
+    # a grpo.py folder (its checkpoint's config has grpo.py's mode)
+    grpo = shutil.copytree(run_copy, tmp_path / "grpo")
+    checkpoint = torch.load(grpo / "ckpt.pt", weights_only=True)
+    configurator.save_checkpoint(str(grpo / "ckpt.pt"),
+                                 {**checkpoint, "config": {**checkpoint["config"], "mode": "grpo"}})
+    assert "was written by grpo.py" in stops(monkeypatch, f"--data_dir={tiny_data}", f"--out_dir={grpo}",
+                                             "--init_from=resume")
+    # eval_only's inputs: a file that is not UTF-8, task lines that are not JSON or whose answer is not a choice
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("café".encode("latin-1"))
+    evaluate = [f"--data_dir={tiny_data}", f"--out_dir={run_copy}", "--eval_only=True"]
+    assert f"eval_file {latin} is not UTF-8 text (byte 3 is 0xe9)" in stops(monkeypatch, *evaluate,
+                                                                             f"--eval_file={latin}")
+    tasks = tmp_path / "tasks.jsonl"
+    for line, words in [('{"context": "a", "choices": ["b", "c"], "answer": 2}', "line 2: answer 2 is not the index"),
+                        ('{"context": "a", "choices": ["b"', "line 2 is not JSON")]:
+        tasks.write_text('{"context": "a", "choices": ["b", "c"], "answer": 0}\n' + line + "\n")
+        assert f"{tasks} {words}" in stops(monkeypatch, *evaluate, f"--eval_tasks={tasks}")
+
+
+# -----------------------------------------------------------------------------
+# real signals to real processes: Ctrl-C, and a second run on a folder in use
+
+# wsd without its decay: the lr does not depend on max_iters, so that a run stopped early trains as the whole one
+SIGINT_RUN = ["--batch_size=4", "--eval_iters=1", "--log_interval=1", "--eval_interval=1000", "--warmup_iters=2",
+              "--learning_rate=3e-3", "--lr_schedule=wsd", "--decay_frac=0.0", "--dropout=0.1"]
+
+
+def wait_for(path, text, process):
+    while not (path.exists() and text in path.read_text()):
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.01)
+
+
+def test_ctrl_c_saves_at_the_step_boundary_and_the_resume_continues_exactly(tiny_data, tmp_path, monkeypatch,
+                                                                            one_thread):
+    args = [f"--data_dir={tiny_data}", *SIGINT_RUN]
+
+    def interrupt(out):
+        process = subprocess.Popen([sys.executable, "train.py", *TINY[:5], *args, f"--out_dir={out}",
+                                    "--max_iters=10000"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        wait_for(out / "log.jsonl", "params", process)  # it holds out_dir: a second run there stops (even asked to
+        manifest = (out / "run.json").read_text()        # replace it), and changes nothing
+        with pytest.raises(SystemExit, match=f"^error: {out} is in use by another run: wait for it to end"):
+            run_train(monkeypatch, *args, f"--out_dir={out}", "--overwrite=True")
+        assert (out / "run.json").read_text() == manifest
+        wait_for(out / "log.jsonl", '"loss"', process)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+        step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+        assert process.returncode == 130 and 1 <= step < 12
+        assert stderr == f"interrupted at step {step}: saved {out / 'ckpt.pt'}; resume with --init_from=resume\n"
+        assert [row["step"] for row in read_log(out) if "loss" in row][-1] == step
+
+    assert_resume_reproduces(lambda out, *more: run_train(monkeypatch, *args, f"--out_dir={out}", *more), tmp_path,
+                             12, interrupt)
+
+
+def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    torchrun = subprocess.Popen(  # in a session of its own: Ctrl-C signals the whole group, as a terminal does
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *TINY[:5],
+         f"--data_dir={tiny_data}", *SIGINT_RUN, "--gradient_accumulation_steps=2", f"--out_dir={out}",
+         "--max_iters=10000"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    wait_for(out / "log.jsonl", '"loss"', torchrun)
+    os.killpg(torchrun.pid, signal.SIGINT)
+    _, stderr = torchrun.communicate(timeout=60)
+    checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
+    step = checkpoint["step"]
+    assert len(checkpoint["rng"]) == 2  # both ranks took part in the save: they stopped at the same step
+    assert stderr.count(f"interrupted at step {step}: saved {out / 'ckpt.pt'}; resume with --init_from=resume") == 1
+    assert 'train.py", line' not in stderr  # no traceback of a rank (torchrun prints its own, being signalled too)
+    assert [row["step"] for row in read_log(out) if "loss" in row] == list(range(1, step + 1))
