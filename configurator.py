@@ -60,23 +60,27 @@ def _parse_value(raw, default):
         return raw  # a bare word: the type check reports it
 
 
+COMMAND_LINE = "the command line"  # where a --key=value came from
+
+
 def parse_config(defaults, argv, other_stage_keys_in_files=False, with_given=False):
     """
     Apply config files and --key=value overrides to a dict of defaults; returns the new dict.
     other_stage_keys_in_files: a stage that reads another stage's config files (bench.py reads train.py's)
     skips the keys it does not know in those files; on its command line they still stop it.
-    with_given: return (config, given) instead, given being the set of keys that a file or the command line set,
-    even to the default's value (a resumed run checks those against its checkpoint).
+    with_given: return (config, given) instead, given mapping each key that a file or the command line set, even to
+    the default's value, to where its value came from: the file's path, or COMMAND_LINE (a resumed run checks those
+    keys against its checkpoint; train.py lets a step count on the command line win over a config file's).
     """
-    config, given = dict(defaults), set()
+    config, given = dict(defaults), {}
 
     def update(key, value, source):
         if key not in defaults:
-            if other_stage_keys_in_files and source != "the command line":
+            if other_stage_keys_in_files and source != COMMAND_LINE:
                 return
             fail(f"unknown config key '{key}' (from {source})")
         config[key] = _check_type(key, value, defaults[key])
-        given.add(key)
+        given[key] = source
 
     for arg in argv:
         if arg.startswith("--"):
@@ -85,7 +89,7 @@ def parse_config(defaults, argv, other_stage_keys_in_files=False, with_given=Fal
                 if not isinstance(defaults.get(key), bool):
                     fail(f"config key '{key}' needs a value: --{key}=...")
                 raw = "True"
-            update(key, _parse_value(raw, defaults.get(key)), "the command line")
+            update(key, _parse_value(raw, defaults.get(key)), COMMAND_LINE)
         else:
             for key, value in _run_config_file(arg).items():
                 if not key.startswith("_") and not callable(value) and type(value).__name__ != "module":

@@ -4,6 +4,7 @@ on the rest, tokenize everything on all cores and write data/<name>/ (see data/R
 dataset is built beside that folder and replaces it only once complete: a failed or interrupted run changes nothing.
 
     python prepare.py                                    # offline: this Python's own standard library
+    python prepare.py --dataset=gutenberg                # the benchmark's 96 books, checked against their sha256
     python prepare.py --dataset=tinyshakespeare          # also tinystories, fineweb_edu, or a URL (downloaded once)
     python prepare.py --input=books/ --strip_gutenberg=True --val_files=pg1342.txt
     python prepare.py --input=chats.jsonl --tokenizer=gpt2
@@ -39,8 +40,8 @@ from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 # defaults
-dataset = "pystdlib"          # pystdlib (offline), a name in SOURCES or the URL of a .txt, .jsonl or .parquet file
-                              # (downloaded once); ignored when --input is given
+dataset = "pystdlib"          # pystdlib (offline), gutenberg (the benchmark), a name in SOURCES or the URL of a .txt,
+                              # .jsonl or .parquet file (downloaded once); ignored when --input is given
 input = ""                    # your own text instead: comma-separated files, folders (recursive) or globs
 name = ""                     # output folder under out_root; default: the dataset name or the input's basename
 doc_separator = ""            # split .txt files into documents at this string, e.g. '<|endoftext|>'
@@ -53,6 +54,9 @@ vocab_size = 8192             # of the trained bpe
 shard_size = 100_000_000      # tokens per .bin file
 out_root = "data"
 num_workers = 0               # tokenizing processes; 0 = one per core
+gutenberg_url = "https://raw.githubusercontent.com/RU-ECE/ECE451-Parallel/c58dca3a6abedd8041057571c247e9a393cc3b4d"
+                              # where --dataset=gutenberg fetches the books from (a mirror of that commit)
+gutenberg_books = ""          # a list of 'sha256  path' lines under gutenberg_url; default: config/gutenberg.sha256
 # -----------------------------------------------------------------------------
 config = parse_config({k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))},
                       sys.argv[1:])
@@ -70,6 +74,11 @@ SOURCES = {
     # the first parquet file of the 10B-token sample
     "fineweb_edu": dict(url=f"{HF}/HuggingFaceFW/fineweb-edu/resolve/main/sample/10BT/000_00000.parquet"),
 }
+# The Gutenberg benchmark: the 96 books listed in config/gutenberg.sha256, unmodified Project Gutenberg files kept
+# in RU-ECE/ECE451-Parallel (a course repository) at the commit of gutenberg_url, with their paths under it. Two
+# books there marked "COPYRIGHTED Project Gutenberg eBook" (#16 and #5200) are not among them.
+GUTENBERG_BOOKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "gutenberg.sha256")
+GUTENBERG_VAL = "11-0.txt,pg1661.txt,pg1342.txt"  # Alice, The Adventures of Sherlock Holmes, Pride and Prejudice
 DOCS_PER_TASK = 16  # documents a worker tokenizes per task: IPC stays cheap, the work spreads evenly
 
 
@@ -282,6 +291,35 @@ def read_dataset(name, source):
     return docs, {"dataset": name, "url": source["url"], "sha256": sha256, "files": 1}
 
 
+def read_gutenberg():
+    """The benchmark's books, each fetched once into out_root/downloads/gutenberg/ and checked against its sha256,
+    then read exactly as --input=<a folder of them> --strip_gutenberg=True reads them: the same documents, in the
+    same order, so the same shards."""
+    listing = gutenberg_books or GUTENBERG_BOOKS
+    try:
+        with open(listing) as f:
+            books = [line.split() for line in f if line.strip()]
+    except OSError as e:
+        fail(f"cannot read the list of books {listing} ({e.strerror})")
+    if not books or any(len(book) != 2 or not re.fullmatch(r"[0-9a-f]{64}", book[0]) for book in books):
+        fail(f"{listing} is not a list of 'sha256  path' lines")
+    folder = os.path.join(out_root, "downloads", "gutenberg")
+    paths = []
+    for sha256, book in books:
+        path = os.path.join(folder, os.path.basename(book))
+        if os.path.exists(path) and file_sha256(path) != sha256:
+            os.remove(path)  # changed since it was checked: fetched again
+        url = f"{gutenberg_url.rstrip('/')}/{book}"
+        actual = download(url, path)
+        if actual != sha256:
+            os.remove(path)
+            fail(f"{os.path.basename(book)} from {url} is not the benchmark's book (sha256 {actual}, expected "
+                 f"{sha256}); deleted it, no dataset written")
+        paths.append(path)
+    docs = read_documents(sorted(paths), doc_separator, True)
+    return docs, {"dataset": "gutenberg", "url": gutenberg_url, "files": len(paths)}
+
+
 # -----------------------------------------------------------------------------
 # tokenizing on all cores into shards
 
@@ -343,12 +381,12 @@ if not 0 <= val_fraction < 1:
 if input:
     first = re.split(r"[*?[]", input.split(",")[0])[0]  # the first path, up to any glob pattern
     default_name = os.path.splitext(os.path.basename(os.path.abspath(first)))[0]
-elif dataset == "pystdlib" or dataset in SOURCES:
+elif dataset in ("pystdlib", "gutenberg") or dataset in SOURCES:
     default_name = dataset
 elif "://" in dataset:
     default_name = os.path.splitext(os.path.basename(dataset))[0]
 else:
-    fail(f"unknown --dataset={dataset}: choose pystdlib, {', '.join(SOURCES)}, a URL, or use --input=PATH")
+    fail(f"unknown --dataset={dataset}: choose pystdlib, gutenberg, {', '.join(SOURCES)}, a URL, or use --input=PATH")
 out_dir = os.path.join(out_root, name or default_name)
 work = out_dir + ".tmp"  # where the new dataset is built (see below)
 for folder in (out_dir, work):
@@ -388,6 +426,9 @@ try:
         source = {"input": input, "files": len(files)}
     elif dataset == "pystdlib":
         docs, source = read_pystdlib()
+    elif dataset == "gutenberg":
+        docs, source = read_gutenberg()
+        val_files = val_files or GUTENBERG_VAL
     else:
         docs, source = read_dataset(default_name, SOURCES.get(dataset, {"url": dataset}))
     if not docs:

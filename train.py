@@ -30,9 +30,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import (all_reduce_sum, autocast, check_settings, copy_tokenizer, fail, init_processes, lock_folder,
-                          nominal_peak_flops, parse_config, pick_device, pick_dtype, print0, read_log, read_text,
-                          save_checkpoint, save_plot, trim_log, write_manifest)
+from configurator import (COMMAND_LINE, all_reduce_sum, autocast, check_settings, copy_tokenizer, fail, init_processes,
+                          lock_folder, nominal_peak_flops, parse_config, pick_device, pick_dtype, print0, read_log,
+                          read_text, save_checkpoint, save_plot, trim_log, write_manifest)
 from evaluate import exact_bits_per_byte, read_tasks, task_accuracy
 from hf import load_model
 from model import GPT, GPTConfig, config_fields, update_router_biases
@@ -60,7 +60,8 @@ wandb_run_name = ""
 batch_size = 16               # sequences per micro-step per process
 sampler = "random"            # 'random': windows at random offsets (nanoGPT); 'epoch': every window once per epoch
 epochs = 0.0                  # > 0 sets max_iters to this many passes over the training windows
-gradient_accumulation_steps = 1  # micro-steps per optimizer step, summed over all processes
+gradient_accumulation_steps = 1  # micro-steps per optimizer step, summed over all processes (rounded up to a multiple
+                                 # of them: each process takes at least one)
 # optimizer
 optimizer = "adamw"           # 'adamw'; 'muon': Muon on the hidden matrices, AdamW on the rest; 'muonclip': muon + QK-Clip
 learning_rate = 6e-4          # peak lr of AdamW, and of Muon too under muon_lr_scale='moonshot'
@@ -94,7 +95,6 @@ defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 defaults.update(config_fields())
 defaults["vocab_size"] = 0    # 0 = the dataset's vocabulary, rounded up to a multiple of 64
 config, given = parse_config(defaults, sys.argv[1:], with_given=True)
-globals().update(config)
 # -----------------------------------------------------------------------------
 # every setting is checked before anything is read or written
 
@@ -106,6 +106,25 @@ check_settings(config,
                fractions=("beta1", "beta2", "muon_momentum", "decay_frac", "min_lr_frac"),
                choices={"sampler": ("random", "epoch"), "lr_schedule": ("cosine", "wsd"), "optimizer": OPTIMIZERS,
                         "muon_lr_scale": tuple(MUON_LR_SCALES)})
+# the number of steps: max_iters, or a budget that sets it. One given on the command line wins over a config file's
+# budget (the benchmark configs train an epoch; --max_iters=2 tries one out); two given there contradict each other
+budgets = ("epochs", "train_flops", "train_tokens", "train_minutes")
+steps_given = [key for key in ("max_iters", *budgets)
+               if given.get(key) == COMMAND_LINE and (key == "max_iters" or config[key] > 0)]
+
+
+def setting(key):
+    """key=value as one types it: train_flops=3.1e+15, not 3100000000000000.0."""
+    return f"{key}={config[key]:.12g}" if isinstance(config[key], float) else f"{key}={config[key]}"
+
+
+if len(steps_given) > 1:
+    fail(" and ".join(f"--{setting(key)}" for key in steps_given) + " each set the number of steps: give one of them")
+for key in budgets:
+    if steps_given and key not in steps_given and config[key] > 0:
+        print0(f"--{setting(steps_given[0])} overrides {setting(key)} from {given[key]}")
+        config[key] = defaults[key]
+globals().update(config)
 if init_from not in ("scratch", "resume") and not init_from.startswith("hf:"):
     fail(f"unknown init_from '{init_from}' (choose scratch, resume or hf:FOLDER)")
 if wandb_log:
@@ -149,9 +168,7 @@ device = pick_device(device)
 dtype = pick_dtype(device, dtype)
 ddp, rank, world_size, device = init_processes(device)
 device_type = device.split(":")[0]
-if gradient_accumulation_steps % world_size:
-    fail(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world_size} processes")
-gradient_accumulation_steps //= world_size
+gradient_accumulation_steps = -(-gradient_accumulation_steps // world_size)  # per process, rounded up
 master = rank == 0
 amp = autocast(device, dtype)
 torch.manual_seed(seed + rank)
@@ -182,9 +199,25 @@ def on_master(action):
 # -----------------------------------------------------------------------------
 # the dataset written by prepare.py, checked whole: meta.json, every shard's size, every token id
 
+DATASETS = ("gutenberg", "tinyshakespeare", "tinystories", "fineweb_edu")  # what prepare.py --dataset=NAME downloads
+
+
+def prepare_command(folder):
+    """The prepare.py command that writes a dataset into folder: by name for pystdlib and the DATASETS, else from
+    the user's own text."""
+    root, name = os.path.split(os.path.normpath(folder))
+    out_root = "" if root == "data" else f" --out_root={root or '.'}"
+    if name == "pystdlib":
+        return f"python prepare.py{out_root}"
+    if name in DATASETS:
+        return f"python prepare.py --dataset={name}{out_root}"
+    return f"python prepare.py --input=path/to/your/text --name={name}{out_root}"
+
+
 meta_path = os.path.join(data_dir, "meta.json")
 if not os.path.isfile(meta_path):
-    fail(f"no dataset in {data_dir} (meta.json missing): run prepare.py first, or set --data_dir")
+    fail(f"no dataset in {data_dir} (meta.json missing): make it with `{prepare_command(data_dir)}`, or set "
+         "--data_dir")
 try:
     with open(meta_path, encoding="utf-8") as f:
         meta = json.load(f)
@@ -298,7 +331,7 @@ if checkpoint and not eval_only:
              f"vocabulary of {meta['vocab_size']}, sha256 {dataset['sha256'][:12]}): resume with "
              f"--data_dir={trained_on['data_dir']}, or start a new run in another --out_dir")
     saved = checkpoint["model_config"]
-    explicit = sorted(given & set(saved))
+    explicit = sorted(given.keys() & set(saved))
     try:
         wanted = asdict(GPTConfig(**{**saved, **{key: model_args[key] for key in explicit}}))
     except ValueError as e:
@@ -343,6 +376,10 @@ window_starts = np.concatenate([[0], np.cumsum(windows_per_shard)])
 n_windows = int(window_starts[-1])
 windows_per_step = batch_size * gradient_accumulation_steps * world_size
 tokens_per_step = windows_per_step * T
+if gradient_accumulation_steps * world_size != config["gradient_accumulation_steps"] and not eval_only:
+    print0(f"gradient_accumulation_steps={config['gradient_accumulation_steps']} rounded up to "
+           f"{gradient_accumulation_steps * world_size}, a multiple of the {world_size} processes: "
+           f"{tokens_per_step:,} tokens per step")
 if epochs > 0:
     max_iters = int(epochs * n_windows // windows_per_step)
 _epoch_orders = {}

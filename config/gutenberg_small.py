@@ -1,7 +1,6 @@
 # The Gutenberg benchmark: a ~25M non-embedding model, 8 layers x 512, one epoch over the training books in
-# epoch mode, on one GPU (the three --val_files are held out whole):
-#   python prepare.py --input=path/to/gutenberg --name=gutenberg --strip_gutenberg=True \
-#       --val_files=11-0.txt,pg1661.txt,pg1342.txt
+# epoch mode, on one GPU (three whole books are held out as val):
+#   python prepare.py --dataset=gutenberg     # fetches and checks the 96 books, writes data/gutenberg
 #   python train.py config/gutenberg_small.py
 out_dir = "out/gutenberg_small"
 data_dir = "data/gutenberg"

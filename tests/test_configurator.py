@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from configurator import (check_settings, load_checkpoint, lock_folder, parse_config, pick_device, pick_dtype,
-                          save_checkpoint)
+from configurator import (COMMAND_LINE, check_settings, load_checkpoint, lock_folder, parse_config, pick_device,
+                          pick_dtype, save_checkpoint)
 
 DEFAULTS = {"n_layer": 12, "learning_rate": 6e-4, "compile": False, "out_dir": "out", "note": None}
 
@@ -64,7 +64,9 @@ def test_given_keys_and_config_files_that_fail(tmp_path):
     config_file = tmp_path / "c.py"
     config_file.write_text("n_layer = 12\n")  # the default's value, but given
     config, given = parse_config(DEFAULTS, [str(config_file), "--compile"], with_given=True)
-    assert given == {"n_layer", "compile"} and config["n_layer"] == 12
+    assert given == {"n_layer": str(config_file), "compile": COMMAND_LINE} and config["n_layer"] == 12
+    _, given = parse_config(DEFAULTS, ["--n_layer=3", str(config_file)], with_given=True)  # the last one wins
+    assert given == {"n_layer": str(config_file)}
     config_file.write_text("n_layer = 4\nlearning_rate = (1e-3\n")
     message = error_of(lambda: parse_config(DEFAULTS, [str(config_file)]))
     assert message.startswith(f"error: config file {config_file}, line 2:")

@@ -337,10 +337,26 @@ PAYLOAD_SHA256 = hashlib.sha256(PAYLOAD).hexdigest()
 SHAKESPEARE = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 40
 
 
+def gutenberg_file(number, marker="*** "):
+    """A small Project Gutenberg file as the benchmark's are stored: a BOM, CRLF, header and license around the book
+    (some files write the markers without the space)."""
+    book = f"{marker}START OF THE PROJECT GUTENBERG EBOOK {number} ***\n\n{make_doc(200 + number, lines=40)}\n" \
+           f"{marker}END OF THE PROJECT GUTENBERG EBOOK {number} ***\n"
+    text = f"The Project Gutenberg eBook of {number}\n\nThis eBook is for the use of anyone anywhere\n{book}License\n"
+    return ("\ufeff" + text).replace("\n", "\r\n").encode()
+
+
+# the three val books under their benchmark names, and train books, at paths like the source repository's
+BOOKS = {f"/books/data/{path}": gutenberg_file(number, marker) for number, (path, marker) in enumerate([
+    ("books/11-0.txt", "*** "), ("pg1661.txt", "*** "), ("pg1342.txt", "***"), ("books/74-0.txt", "*** "),
+    ("books/pg768.txt", "***"), ("pg108.txt", "*** ")])}
+
+
 @pytest.fixture
 def server():
-    """A local server: /file honours Range, /flaky breaks off its first response halfway, /norange ignores Range,
-    /badsha publishes a wrong sha256, /redirect-good and /redirect-bad redirect to /file as Hugging Face does."""
+    """A local server: /books/... serves BOOKS, /file honours Range, /flaky breaks off its first response halfway,
+    /norange ignores Range, /badsha publishes a wrong sha256, /redirect-good and /redirect-bad redirect to /file as
+    Hugging Face does."""
     requests, calls = [], {}
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -354,7 +370,10 @@ def server():
                 self.send_header("X-Linked-ETag", f'"{sha}"')
                 self.end_headers()
                 return
-            body = SHAKESPEARE.encode() if self.path == "/shakespeare.txt" else PAYLOAD
+            if self.path.startswith("/books/") and self.path not in BOOKS:
+                self.send_error(404)
+                return
+            body = {"/shakespeare.txt": SHAKESPEARE.encode(), **BOOKS}.get(self.path, PAYLOAD)
             start = int(re.match(r"bytes=(\d+)-", self.headers.get("Range") or "bytes=0-")[1])
             if self.path == "/norange":
                 start = 0
@@ -436,3 +455,74 @@ def test_dataset_download_is_cached(tmp_path, server):
     assert meta["source"]["sha256"] == hashlib.sha256(SHAKESPEARE.encode()).hexdigest()
     assert len(docs["train"]) + len(docs["val"]) == 80
     assert os.path.exists(tmp_path / "out" / "downloads" / "shakespeare" / "shakespeare.txt")
+
+
+def gutenberg(tmp_path, url, *args, sha256=None):
+    """prepare.py --dataset=gutenberg from url/books with BOOKS as the list of books (their sha256, or these)."""
+    sha256 = {path: hashlib.sha256(body).hexdigest() for path, body in BOOKS.items()} | (sha256 or {})
+    sums = tmp_path / "books.sha256"
+    sums.write_text("".join(f"{sha256[path]}  {path.removeprefix('/books/')}\n" for path in BOOKS))
+    prepare("--dataset=gutenberg", f"--gutenberg_url={url}/books/", f"--gutenberg_books={sums}",
+            f"--out_root={tmp_path / 'out'}", "--vocab_size=300", "--num_workers=2", *args)
+
+
+def test_gutenberg_download_equals_the_folder_and_resumes(tmp_path, server):
+    """--dataset=gutenberg makes the same shards and tokenizer, byte for byte, as the benchmark command on a folder of
+    the same files; a second run fetches only the books missing from the cache or changed in it."""
+    url, requests = server
+    gutenberg(tmp_path, url)
+    assert sorted(path for path, _ in requests) == sorted(BOOKS)
+    (tmp_path / "folder").mkdir()
+    for path, body in BOOKS.items():
+        (tmp_path / "folder" / os.path.basename(path)).write_bytes(body)
+    prepare(f"--input={tmp_path / 'folder'}", "--name=folder", "--strip_gutenberg=True",
+            "--val_files=11-0.txt,pg1661.txt,pg1342.txt", f"--out_root={tmp_path / 'out'}", "--vocab_size=300",
+            "--num_workers=2")
+    downloaded, folder = (files_under(tmp_path / "out" / name) for name in ("gutenberg", "folder"))
+    metas = [json.loads(files.pop("meta.json")) for files in (downloaded, folder)]
+    assert sorted(downloaded) == ["tokenizer.model", "train_000.bin", "val_000.bin"] and downloaded == folder
+    meta = metas[0]
+    assert meta["splits"] == metas[1]["splits"] and meta["source"] == {"dataset": "gutenberg", "url": f"{url}/books/",
+                                                                       "files": 6}
+    assert (meta["splits"]["train"]["documents"], meta["splits"]["val"]["documents"]) == (3, 3)
+    cache = tmp_path / "out" / "downloads" / "gutenberg"
+    assert files_under(cache) == {os.path.basename(path): body for path, body in BOOKS.items()}
+    (cache / "pg1661.txt").unlink()
+    (cache / "74-0.txt").write_bytes(b"changed")
+    del requests[:]
+    gutenberg(tmp_path, url, "--name=again")
+    assert sorted(path for path, _ in requests) == ["/books/data/books/74-0.txt", "/books/data/pg1661.txt"]
+    again = files_under(tmp_path / "out" / "again")
+    assert json.loads(again.pop("meta.json"))["splits"] == meta["splits"] and again == downloaded
+
+
+def test_gutenberg_checksum_failure_and_offline(tmp_path, server):
+    """A book that is not the one listed stops the run in one line naming it, and no dataset is written; so does a
+    server that cannot be reached."""
+    url, _ = server
+    wrong = {"/books/data/pg108.txt": "0" * 64}
+    with pytest.raises(SystemExit) as excinfo:
+        gutenberg(tmp_path, url, sha256=wrong)
+    actual = hashlib.sha256(BOOKS["/books/data/pg108.txt"]).hexdigest()
+    assert excinfo.value.code == (f"error: pg108.txt from {url}/books/data/pg108.txt is not the benchmark's book "
+                                  f"(sha256 {actual}, expected {'0' * 64}); deleted it, no dataset written")
+    assert sorted(os.listdir(tmp_path / "out")) == ["downloads"]
+    assert "pg108.txt" not in os.listdir(tmp_path / "out" / "downloads" / "gutenberg")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    # the benchmark's own list, from a server that is not there
+    message = one_line_error("--dataset=gutenberg", f"--gutenberg_url=http://127.0.0.1:{closed_port}",
+                             f"--out_root={tmp_path / 'offline'}")
+    assert message.startswith(f"error: cannot download http://127.0.0.1:{closed_port}/data/books/11-0.txt (")
+    assert "offline?" in message
+    assert os.listdir(tmp_path / "offline") == ["downloads"]
+
+
+def test_gutenberg_list():
+    """The benchmark's list: 96 books of distinct names, the three val books among them, no copyrighted one."""
+    with open(os.path.join(ROOT, "config", "gutenberg.sha256")) as f:
+        books = [line.split() for line in f]
+    names = [os.path.basename(path) for _, path in books]
+    assert len(books) == len(set(names)) == 96 and all(re.fullmatch(r"[0-9a-f]{64}", sha) for sha, _ in books)
+    assert {"11-0.txt", "pg1661.txt", "pg1342.txt"} <= set(names) and not {"16-0.txt", "pg5200.txt"} & set(names)

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import runpy
 import shutil
 import signal
 import subprocess
@@ -139,6 +140,29 @@ def test_two_process_ddp_equals_one_process(tiny_data, tmp_path):
     for name in one:
         assert torch.allclose(one[name], two[name], atol=1e-5, rtol=0), name
     assert abs(read_log(tmp_path / "one")[-2]["val_loss"] - read_log(tmp_path / "two")[-2]["val_loss"]) < 1e-5
+
+
+def test_torchrun_on_more_processes_than_accumulation_steps_rounds_them_up(tiny_data, tmp_path, monkeypatch, capsys,
+                                                                           one_thread):
+    """The quickstart config under torchrun on 2 processes, its gradient_accumulation_steps=1 being fewer: one
+    micro-step each, and the run equals one process's with gradient_accumulation_steps=2 (the same windows)."""
+    args = [f"--data_dir={tiny_data}", *TINY, "--max_iters=2", "--eval_interval=2", "--eval_iters=1"]
+    # a short monitor interval: torchrun notices at once that its processes are done
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--monitor-interval=0.05",
+                          "--nproc_per_node=2", "train.py", "config/quickstart.py", f"--out_dir={tmp_path / 'two'}",
+                          *args], cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         timeout=120)
+    assert two.returncode == 0, two.stderr[-3000:]
+    # 2 micro-steps of 4 windows of 32 tokens
+    assert "gradient_accumulation_steps=1 rounded up to 2, a multiple of the 2 processes: 256 tokens per step\n" \
+        in two.stdout
+    run_train(monkeypatch, "config/quickstart.py", f"--out_dir={tmp_path / 'one'}", *args,
+              "--gradient_accumulation_steps=2")
+    assert "rounded up" not in capsys.readouterr().out
+    assert read_log(tmp_path / "two")[0]["tokens_per_step"] == read_log(tmp_path / "one")[0]["tokens_per_step"] == 256
+    one, two = (torch.load(tmp_path / run / "ckpt.pt", weights_only=True)["model"] for run in ("one", "two"))
+    for name in one:
+        assert torch.allclose(one[name], two[name], atol=1e-5, rtol=0), name
 
 
 def test_epoch_sampler_visits_every_window_once_per_epoch(tiny_data, tmp_path, monkeypatch, capsys):
@@ -387,13 +411,53 @@ def test_other_kinds_of_misuse_stop_in_one_line(tiny_data, run_copy, tmp_path, m
     latin = tmp_path / "latin1.txt"
     latin.write_bytes("café".encode("latin-1"))
     evaluate = [f"--data_dir={tiny_data}", f"--out_dir={run_copy}", "--eval_only=True"]
-    assert f"eval_file {latin} is not UTF-8 text (byte 3 is 0xe9)" in stops(monkeypatch, *evaluate,
-                                                                             f"--eval_file={latin}")
+    assert f"eval_file {latin} line 1 is not UTF-8 text (byte 0xe9)" in stops(monkeypatch, *evaluate,
+                                                                               f"--eval_file={latin}")
     tasks = tmp_path / "tasks.jsonl"
     for line, words in [('{"context": "a", "choices": ["b", "c"], "answer": 2}', "line 2: answer 2 is not the index"),
                         ('{"context": "a", "choices": ["b"', "line 2 is not JSON")]:
         tasks.write_text('{"context": "a", "choices": ["b", "c"], "answer": 0}\n' + line + "\n")
         assert f"{tasks} {words}" in stops(monkeypatch, *evaluate, f"--eval_tasks={tasks}")
+
+
+@pytest.mark.parametrize("in_file, on_command_line, steps", [
+    ("epochs=1", "--max_iters=2", 2), ("train_flops=1e+15", "--max_iters=3", 3),
+    ("train_tokens=1000000", "--max_iters=2", 2), ("train_minutes=0.5", "--max_iters=2", 2),
+    ("epochs=1", "--train_tokens=384", 3),  # 3 steps of 4 x 32 tokens
+])
+def test_a_step_count_on_the_command_line_wins_over_a_config_files_budget(tiny_data, tmp_path, monkeypatch, capsys,
+                                                                          one_thread, in_file, on_command_line, steps):
+    config_file = tmp_path / "budget.py"
+    config_file.write_text(f"sampler = 'epoch'\n{in_file}\n")
+    train_py = run_train(monkeypatch, str(config_file), f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'out'}",
+                         *QUICK, on_command_line, "--eval_interval=1000")
+    assert f"{on_command_line} overrides {in_file} from {config_file}\n" in capsys.readouterr().out
+    key = in_file.split("=")[0]
+    assert train_py["max_iters"] == train_py["iter_num"] == steps and train_py["config"][key] == 0
+    assert read_log(tmp_path / "out")[-1]["step"] == steps
+
+
+def test_two_step_counts_on_the_command_line_stop_in_one_line(tiny_data, tmp_path, monkeypatch):
+    assert stops(monkeypatch, f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", "--max_iters=2", "--epochs=1") == \
+        "error: --max_iters=2 and --epochs=1 each set the number of steps: give one of them"
+    assert "--train_flops=1e+15 and --train_minutes=2 each set" in stops(
+        monkeypatch, f"--data_dir={tiny_data}", "--train_flops=1e15", "--train_minutes=2")
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_missing_dataset_names_the_command_that_makes_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where no dataset is
+    for folder, command in [("data/pystdlib", "python prepare.py"),
+                            ("data/gutenberg", "python prepare.py --dataset=gutenberg"),
+                            ("data/tinystories/", "python prepare.py --dataset=tinystories"),
+                            ("elsewhere/gutenberg", "python prepare.py --dataset=gutenberg --out_root=elsewhere"),
+                            ("data/books", "python prepare.py --input=path/to/your/text --name=books"),
+                            ("books", "python prepare.py --input=path/to/your/text --name=books --out_root=.")]:
+        monkeypatch.setattr(sys, "argv", ["train.py", "--device=cpu", f"--data_dir={folder}"])
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(os.path.join(ROOT, "train.py"))
+        assert str(e.value.code) == (f"error: no dataset in {folder} (meta.json missing): make it with `{command}`, "
+                                     "or set --data_dir")
 
 
 # -----------------------------------------------------------------------------
