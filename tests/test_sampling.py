@@ -208,8 +208,8 @@ def test_sample_stage_refuses_bad_settings_and_files_in_one_line(tmp_path, monke
                            (["--temperature=-0.5"], "temperature=-0.5 must not be negative"),
                            (["--top_p=-0.1"], "top_p=-0.1 must lie between 0 and 1"),
                            (["--top_p=1.5"], "top_p=1.5 must lie between 0 and 1"),
-                           ([f"--prompts_file={latin1}"], f"prompts file {latin1} is not UTF-8 text"),
-                           ([f"--start=FILE:{latin1}"], f"prompt file {latin1} is not UTF-8 text"),
+                           ([f"--prompts_file={latin1}"], f"prompts file {latin1} line 2 is not UTF-8 text"),
+                           ([f"--start=FILE:{latin1}"], f"prompt file {latin1} line 2 is not UTF-8 text"),
                            ([f"--prompts_file={tmp_path / 'no.txt'}"], f"prompts file {tmp_path / 'no.txt'} not found"),
                            (["--top_k=0", "--temperature=0"], f"no checkpoint at {tmp_path / 'none'}")]:
         monkeypatch.setattr(sys, "argv", ["sample.py", f"--out_dir={tmp_path / 'none'}", "--device=cpu", *args])
