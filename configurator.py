@@ -1,14 +1,10 @@
 """
 Plumbing shared by every stage: configuration, device and precision, checkpoints and what lies beside them.
 
-Configuration works like nanoGPT's: each stage keeps its defaults as plain module-level
-assignments, then calls
-
-    config = parse_config(defaults, sys.argv[1:])
-
-Positional arguments are config files (plain Python files of assignments, e.g. config/quickstart.py),
-applied in order; `--key=value` arguments override them. A key the stage does not know, or a value
-whose type does not match the default's, stops the program with a one-line error naming the key.
+Configuration works like nanoGPT's: a stage keeps its defaults as plain module-level assignments, then calls
+`config = parse_config(defaults, sys.argv[1:])`. Positional arguments are config files (plain Python files of
+assignments, e.g. config/quickstart.py), applied in order; `--key=value` arguments override them. A key the stage
+does not know, or a value whose type does not match the default's, stops the program with a one-line error.
 """
 import ast
 import errno
@@ -33,31 +29,14 @@ def fail(message):
 
 
 def _check_type(key, value, default):
-    """Return value converted to the default's type, or stop naming the key."""
+    """Return value converted to the default's type (an int where a float is due; a bool is no number), or stop."""
     if default is None or value is None:
         return value
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-    elif isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif isinstance(value, type(default)):
-        return value
+    number = isinstance(default, (int, float)) and not isinstance(default, bool)
+    kind = (int, float) if isinstance(default, float) else int if number else type(default)
+    if isinstance(value, kind) and not (number and isinstance(value, bool)):
+        return float(value) if isinstance(default, float) else value
     fail(f"config key '{key}' expects {type(default).__name__}, got {type(value).__name__} {value!r}")
-
-
-def _parse_value(raw, default):
-    """A command-line string becomes a Python value: strings stay raw, everything else is a literal."""
-    if isinstance(default, str):
-        return raw
-    try:
-        return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return raw  # a bare word: the type check reports it
 
 
 COMMAND_LINE = "the command line"  # where a --key=value came from
@@ -65,12 +44,11 @@ COMMAND_LINE = "the command line"  # where a --key=value came from
 
 def parse_config(defaults, argv, other_stage_keys_in_files=False, with_given=False):
     """
-    Apply config files and --key=value overrides to a dict of defaults; returns the new dict.
-    other_stage_keys_in_files: a stage that reads another stage's config files (bench.py reads train.py's)
-    skips the keys it does not know in those files; on its command line they still stop it.
-    with_given: return (config, given) instead, given mapping each key that a file or the command line set, even to
-    the default's value, to where its value came from: the file's path, or COMMAND_LINE (a resumed run checks those
-    keys against its checkpoint; train.py lets a step count on the command line win over a config file's).
+    Apply config files and --key=value overrides to a dict of defaults; returns the new dict. With
+    other_stage_keys_in_files, a stage that reads another stage's config files (bench.py reads train.py's) skips the
+    keys it does not know in those files (not on its command line). with_given: return (config, given), given mapping
+    each key that a file or the command line set (even to the default's value) to its source: the file's path, or
+    COMMAND_LINE (a resumed run checks those keys against its checkpoint; a step count on the command line wins).
     """
     config, given = dict(defaults), {}
 
@@ -89,7 +67,11 @@ def parse_config(defaults, argv, other_stage_keys_in_files=False, with_given=Fal
                 if not isinstance(defaults.get(key), bool):
                     fail(f"config key '{key}' needs a value: --{key}=...")
                 raw = "True"
-            update(key, _parse_value(raw, defaults.get(key)), COMMAND_LINE)
+            try:  # strings stay raw, everything else is a literal; a bare word stays a string for the type check
+                value = raw if isinstance(defaults.get(key), str) else ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = raw
+            update(key, value, COMMAND_LINE)
         else:
             for key, value in _run_config_file(arg).items():
                 if not key.startswith("_") and not callable(value) and type(value).__name__ != "module":
@@ -117,19 +99,15 @@ def _run_config_file(path):
 
 def check_settings(config, positive=(), non_negative=(), fractions=(), choices=None):
     """Stop with one line at the first setting out of its range: positive keys must be > 0, non_negative ones >= 0,
-    fractions within [0, 1], and choices[key] lists the values a key may take."""
-    for key in (*positive, *non_negative, *fractions):
-        if isinstance(config[key], float) and not math.isfinite(config[key]):
-            fail(f"{key}={config[key]!r} must be a finite number")
-    for key in positive:
-        if not config[key] > 0:
-            fail(f"{key}={config[key]!r} must be positive")
-    for key in non_negative:
-        if not config[key] >= 0:
-            fail(f"{key}={config[key]!r} must not be negative")
-    for key in fractions:
-        if not 0 <= config[key] <= 1:
-            fail(f"{key}={config[key]!r} must lie between 0 and 1")
+    fractions within [0, 1] (all of them finite), and choices[key] lists the values a key may take."""
+    rules = (((*positive, *non_negative, *fractions), "must be a finite number",
+              lambda v: not isinstance(v, float) or math.isfinite(v)), (positive, "must be positive", lambda v: v > 0),
+             (non_negative, "must not be negative", lambda v: v >= 0),
+             (fractions, "must lie between 0 and 1", lambda v: 0 <= v <= 1))
+    for keys, rule, ok in rules:
+        for key in keys:
+            if not ok(config[key]):
+                fail(f"{key}={config[key]!r} {rule}")
     for key, allowed in (choices or {}).items():
         if config[key] not in allowed:
             fail(f"unknown {key} '{config[key]}' (choose {', '.join(allowed)})")
@@ -157,10 +135,8 @@ def pick_device(device="auto"):
 
 
 def init_processes(device):
-    """
-    Under torchrun (RANK set): join the process group (NCCL on GPUs, gloo on CPUs) and take this process's GPU.
-    Returns (ddp, rank, world_size, device); one process alone gets (False, 0, 1, device).
-    """
+    """Under torchrun (RANK set): join the process group (NCCL on GPUs, gloo on CPUs) and take this process's GPU.
+    Returns (ddp, rank, world_size, device); one process alone gets (False, 0, 1, device)."""
     if "RANK" not in os.environ:
         return False, 0, 1, device
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
@@ -181,24 +157,18 @@ def pick_dtype(device, dtype="auto"):
         fail(f"unknown dtype '{dtype}' (choose {', '.join(DTYPES)})")
     if dtype != "auto":
         return dtype
-    if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"
+    return ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.startswith("cuda") else "float32"
 
 
 def nominal_peak_flops(device):
     """Dense bf16 tensor-core peak from the data sheets, for MFU; 0 where unknown (CPUs, other GPUs)."""
-    if not device.startswith("cuda"):
-        return 0.0
-    name = torch.cuda.get_device_name(device)
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else ""
     return next((flops for gpu, flops in {"H100": 989e12, "H200": 989e12, "A100": 312e12}.items() if gpu in name), 0.0)
 
 
 def autocast(device, dtype):
     """The autocast context for a device and dtype name; a no-op in fp32."""
-    if dtype == "float32":
-        return nullcontext()
-    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
+    return nullcontext() if dtype == "float32" else torch.autocast(device.split(":")[0], getattr(torch, dtype))
 
 
 # -----------------------------------------------------------------------------
@@ -208,11 +178,9 @@ CHECKPOINT_FORMAT = "nanollm-1"
 
 
 def atomic_write(path, write):
-    """
-    write(f) into a temporary file of this process beside path, flushed to the disk, then renamed over path: a crash,
-    a kill or a full disk mid-write leaves the previous file as it was and no temporary file behind. A failed write
-    raises OSError with one line that names the file (and the full disk, when that is why).
-    """
+    """write(f) into a temporary file of this process beside path, flushed to the disk, then renamed over path: a
+    crash, a kill or a full disk mid-write leaves the previous file as it was and no temporary file behind. A failed
+    write raises OSError with one line that names the file (and the full disk, when that is why)."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -270,12 +238,10 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def write_manifest(out_dir, config, device, meta_path, run_id=None):
-    """
-    out_dir/run.json: what it takes to reproduce the run, with a run id that every log.jsonl row repeats (a resumed
-    run keeps its id: pass the checkpoint's). Holds the fully resolved config, the code's git commit and whether
-    the tree had uncommitted changes, torch and CUDA versions, the device, and a hash of the dataset's meta.json
-    (which records its tokenizer, shards and token counts). Returns the run id.
-    """
+    """out_dir/run.json: what it takes to reproduce the run, with a run id that every log.jsonl row repeats (a resumed
+    run passes its checkpoint's): the resolved config, the git commit and whether the tree had uncommitted changes,
+    torch and CUDA versions, the device, and a hash of the dataset's meta.json (its tokenizer, shards and token
+    counts). Returns the run id."""
     def git(*args):
         try:
             return subprocess.run(["git", *args], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
@@ -285,16 +251,14 @@ def write_manifest(out_dir, config, device, meta_path, run_id=None):
     commit = git("rev-parse", "HEAD")
     with open(meta_path, "rb") as f:
         meta_hash = hashlib.sha256(f.read()).hexdigest()
-    manifest = {
-        "run_id": run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
-        "config": config, "git_commit": commit or None,
-        "git_dirty": bool(git("status", "--porcelain")) if commit else None,
-        "torch": torch.__version__, "cuda": torch.version.cuda,
-        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else device,
-        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-        "data_meta": os.path.abspath(meta_path), "data_meta_sha256": meta_hash,
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
+    manifest = {"run_id": run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+                "config": config, "git_commit": commit or None,
+                "git_dirty": bool(git("status", "--porcelain")) if commit else None,
+                "torch": torch.__version__, "cuda": torch.version.cuda,
+                "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else device,
+                "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                "data_meta": os.path.abspath(meta_path), "data_meta_sha256": meta_hash,
+                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, "run.json"), manifest)
     return manifest["run_id"]
@@ -304,12 +268,9 @@ LOCKS = {}  # folder -> the open lock file of this process that holds it until t
 
 
 def lock_folder(folder):
-    """
-    One run owns a folder (out_dir): an exclusive lock on folder/.lock, held until this process ends; the operating
-    system releases it when the process dies, so that a kill -9 leaves nothing to clean up before a resume. A process
-    that holds it already keeps it. Raises ValueError if another process holds it, OSError (one line) if the folder
-    cannot be written.
-    """
+    """One run owns a folder (out_dir): an exclusive lock on folder/.lock, held until this process ends (the system
+    releases it when the process dies: a kill -9 leaves nothing to clean up before a resume); a process that holds it
+    keeps it. Raises ValueError if another process holds it, OSError (one line) if the folder cannot be written."""
     import fcntl  # POSIX
     if os.path.realpath(folder) in LOCKS:
         return
@@ -328,13 +289,9 @@ def lock_folder(folder):
     LOCKS[os.path.realpath(folder)] = f
 
 
-def is_master():
-    """True on the process that logs and saves (rank 0, or the only process)."""
-    return int(os.environ.get("RANK", 0)) == 0
-
-
 def print0(*args, **kwargs):
-    if is_master():
+    """print on the process that logs and saves (rank 0, or the only process)."""
+    if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)
 
 
@@ -421,8 +378,7 @@ def save_plot(path, title, panels):
         for label, points, style in lines:
             if points:
                 ax.plot(*zip(*points), label=label, **style)
-        ax.set_xlabel(x_label)
-        ax.set_ylabel(y_label)
+        ax.set(xlabel=x_label, ylabel=y_label)
         ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()

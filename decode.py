@@ -20,10 +20,8 @@ from model import Experts
 # sampling
 
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, noise=None):
-    """
-    Next token ids (B,) from last-position logits (B, V): greedy at temperature 0, else top-k and nucleus sampling,
-    drawn by the exponential race with Exp(1) noise (B, V): the generator's, or `noise` (a captured graph's input).
-    """
+    """Next token ids (B,) from last-position logits (B, V): greedy at temperature 0, else top-k and nucleus sampling
+    by the exponential race with Exp(1) noise (B, V), the generator's or `noise` (a captured graph's input)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     if noise is None:
@@ -46,11 +44,9 @@ def sampling_probs(logits, temperature, top_k=0, top_p=1.0):
 
 
 def exponential_race(weights, noise):
-    """
-    A sample of each row of weights (..., V) >= 0, proportionally, without torch.multinomial's host sync: with
+    """A sample of each row of weights (..., V) >= 0, proportionally, without torch.multinomial's host sync: with
     E_i ~ Exp(1) independent (noise), E_i / w_i ~ Exp(w_i), and the smallest is index i with probability
-    w_i / sum(w), so argmax w_i / E_i is the sample (the Gumbel-max trick in another form). Zero weights never win.
-    """
+    w_i / sum(w), so argmax w_i / E_i is the sample (the Gumbel-max trick in another form). Zero weights never win."""
     return (weights / noise.clamp(min=torch.finfo(torch.float32).tiny)).argmax(dim=-1)
 
 
@@ -73,10 +69,8 @@ class State:
 
 
 def pick_token(logits, state):
-    """
-    The next token of each row from its logits (B, V), with the noise state.noise[:, 0]; a row that is done stays at
-    state.eos, and is done once it produces it. Written to state.token and returned.
-    """
+    """The next token of each row from its logits (B, V) and the noise state.noise[:, 0], written to state.token and
+    returned; a row that is done stays at state.eos, and is done once it produces it."""
     noise = None if state.temperature == 0 else state.noise[:, 0]
     token = sample_next(logits, state.temperature, state.top_k, state.top_p, noise=noise)
     token = torch.where(state.done, state.eos, token)
@@ -94,25 +88,20 @@ def decode_step(model, cache, state):
 
 def speculative_step(model, cache, state):
     """
-    One round of self-speculative decoding. Draft a token from the logits state.draft (B, V), and verify it with one
-    forward of the main model over each row's last token and the draft, at slots state.pos and the next. Exact
+    One round of self-speculative decoding: draft a token from the logits state.draft (B, V), verify it with one
+    forward of the main model over each row's last token and the draft (slots state.pos and the next). Exact
     (Leviathan et al. 2023, arXiv 2211.17192, §2.3): greedy, the draft is accepted when it is the main model's argmax;
     sampling, with probability min(1, p/q) (p the main model's distribution, q the draft's, both after temperature,
-    top-k and top-p), and a rejected draft is replaced by a sample of max(0, p - q), so that every token is a sample
-    of p. Every row keeps the first of the two tokens after its last one (the draft or its replacement), and all keep
-    the second (a sample of p after the draft) when every row accepted (or is done). The MTP module then drafts
-    after both positions at once: its draft after the first is the next round's if the rows keep one token, and
-    the one after the second if they keep two; the cache entries of a position not kept are overwritten by the
-    next round. The state advances on the device, so that the host can queue the next round before it reads
-    this one's outcome. Returns the two tokens (B, 2) and, for the host, how many the rows keep (1 or 2), how
-    many drafts were accepted, and whether every row is done after each of the two tokens (4,).
+    top-k and top-p), a rejected draft replaced by a sample of max(0, p - q), so that every token is a sample of p.
+    Every row keeps the first of the two tokens after its last one; all keep the second when every row accepted (or
+    is done). The MTP module drafts after both positions at once, for whichever the rows keep; the cache entries of
+    a position not kept are overwritten next round. The state advances on the device, so that the host can queue the
+    next round before it reads this one's outcome. Returns the tokens (B, 2) and, for the host, (4,): how many the rows
+    keep (1 or 2), how many drafts were accepted, and whether every row is done after each of the two tokens.
     """
     s, noise = state, state.noise
-    if s.temperature == 0:
-        draft = s.draft.argmax(dim=-1)
-    else:
-        q = sampling_probs(s.draft, s.temperature, s.top_k, s.top_p)  # (B, V)
-        draft = exponential_race(q, noise[:, 0])
+    q = None if s.temperature == 0 else sampling_probs(s.draft, s.temperature, s.top_k, s.top_p)  # (B, V)
+    draft = s.draft.argmax(dim=-1) if q is None else exponential_race(q, noise[:, 0])
     pos = s.pos + torch.arange(2, device=draft.device)
     h = model.hidden_states(torch.stack([s.token, draft], dim=1), model.decode_context(cache, pos), cache)
     logits = model.logits(h)  # (B, 2, V)
@@ -132,9 +121,8 @@ def speculative_step(model, cache, state):
     tokens = torch.stack([first, second], dim=1)
     both = (accepted | s.done).all()
     drafts = model.mtp[0].draft(model, cache, h, tokens, pos, last=2)  # (B, 2, V)
-    s.draft.copy_(torch.where(both, drafts[:, 1], drafts[:, 0]))
-    s.token.copy_(torch.where(both, second, first))
-    s.done.copy_(torch.where(both, done[:, 1], done[:, 0]))
+    for kept, pair in ((s.draft, drafts), (s.token, tokens), (s.done, done)):  # after the second or the first
+        kept.copy_(torch.where(both, pair[:, 1], pair[:, 0]))
     s.pos += 1 + both.long()
     return tokens, torch.stack([1 + both.long(), accepted.sum(), *done.all(dim=0)]).long()
 
@@ -148,15 +136,14 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     """
     Sample continuations of a batch of prompts (lists of token ids of any lengths) with the KV cache. Prompts are
     left-padded so that every row's next token lands in the same cache slot; one forward over them fills the cache
-    (prefill), then decode_step feeds one token per row with fixed shapes and no host sync. compiler='inductor'
-    compiles the step and replays it as one CUDA graph on a GPU; another string names a torch.compile backend
-    ('aot_eager' in the CPU tests); None runs it eagerly. Yields a (B,) tensor of new tokens per step; a row that
-    produced eos_id keeps yielding it, and generation stops once every row has, checked every check_every tokens
-    (the loop's only host sync). When the cache is full, it restarts from the most recent half of the context.
-    speculative=True drafts each next token with the first MTP module and verifies it (speculative_step); stats, a
-    dict, then counts rounds, drafted and accepted tokens.
+    (prefill), then decode_step feeds one token per row with fixed shapes and no host sync. compiler: see compiled
+    ('aot_eager' in the CPU tests). Yields a (B,) tensor of new tokens per step; a row that produced eos_id keeps
+    yielding it, and generation stops once every row has, checked every check_every tokens (the loop's only host
+    sync). When the cache is full, it restarts from the most recent half of the context. speculative=True drafts each
+    next token with the first MTP module and verifies it (speculative_step); stats, a dict, then counts rounds,
+    drafted and accepted tokens.
     """
-    device, L, B = model.wte.weight.device, model.config.block_size, len(prompts)
+    device, L, B, V = model.wte.weight.device, model.config.block_size, len(prompts), model.config.vocab_size
     lengths = torch.tensor([len(p) for p in prompts])
     assert 0 < lengths.min() and lengths.max() < L, "prompts must hold 1 to block_size - 1 tokens"
     assert model.mtp or not speculative, "speculative decoding drafts with the MTP modules: mtp_depth must be >= 1"
@@ -167,27 +154,26 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
     # a cache as long as the prompts and their continuations need (attention reads all of it at every step),
     # with one slot for a draft; block_size when they do not fit in it
-    L = min(L, history.size(1) + max_new_tokens + 1)
-    cache = model.new_cache(B, L, dtype, mtp=speculative)
+    cache = model.new_cache(B, min(L, history.size(1) + max_new_tokens + 1), dtype, mtp=speculative)
     cache["pad"].copy_(pad)
     draws = 3 if speculative else 1  # Exp(1) noise per row and step: the draft, its replacement, the next token
-    zeros = torch.zeros(B, dtype=torch.long, device=device)
-    state = State(temperature, top_k, top_p, token=zeros, pos=torch.zeros(1, dtype=torch.long, device=device),
+    state = State(temperature, top_k, top_p, token=torch.zeros(B, dtype=torch.long, device=device),
+                  pos=torch.zeros(1, dtype=torch.long, device=device),
                   done=torch.zeros(B, dtype=torch.bool, device=device),
                   eos=torch.tensor(-1 if eos_id is None else eos_id, device=device),
-                  noise=torch.ones(B, draws, model.config.vocab_size, device=device) if temperature else None,
+                  noise=torch.ones(B, draws, V, device=device) if temperature else None,
                   uniform=torch.zeros(B, device=device),
-                  draft=torch.zeros(B, model.config.vocab_size, device=device) if speculative else None)
+                  draft=torch.zeros(B, V, device=device) if speculative else None)
     run = Run(model, cache, state, pad, generator, eos_id, dtype)
     # a CUDA graph cannot hold a host sync: MoE layers without the grouped GEMM read their row counts on the host
     graph = compiler == "inductor" and device.type == "cuda" and all(
         grouped_mm_supported(model.wte.weight, m.gate_up) for m in model.modules() if isinstance(m, Experts))
+    step_fn = speculative_step if speculative else decode_step
+    step = compiled(lambda: step_fn(model, cache, state), compiler, graph)
     if speculative:
-        verify = compiled(lambda: speculative_step(model, cache, state), compiler, graph)
-        yield from speculative_loop(run, history, max_new_tokens, verify, {} if stats is None else stats)
+        yield from speculative_loop(run, history, max_new_tokens, step, {} if stats is None else stats)
     else:
-        yield from plain_loop(run, history, max_new_tokens, compiled(lambda: decode_step(model, cache, state),
-                                                                     compiler, graph), check_every)
+        yield from plain_loop(run, history, max_new_tokens, step, check_every)
 
 
 @dataclass
@@ -225,7 +211,7 @@ class Run:
         return self.eos_id is not None and bool(self.state.done.all())
 
     def restart(self, history, new):
-        """The cache is full: start again from the most recent half of the context."""
+        """The cache is full: start again from the most recent half of the context; returns it and its next token."""
         history = torch.cat([history, torch.stack(new, dim=1)], dim=1)
         L = self.cache["max_len"]
         shift = history.size(1) - L // 2
@@ -233,7 +219,7 @@ class Run:
         for tensor, zero in zip(cache_tensors(self.cache), cache_tensors(fresh)):
             tensor.copy_(zero)
         self.cache["pad"].copy_((self.pad - shift).clamp(min=0))
-        return history[:, shift:]
+        return history[:, shift:], self.prefill(history[:, shift:])
 
 
 def plain_loop(run, history, max_new_tokens, step, check_every):
@@ -241,8 +227,7 @@ def plain_loop(run, history, max_new_tokens, step, check_every):
     new = [token]  # the tokens after history; the last one is not in the cache yet
     for i in range(max_new_tokens):
         if i and history.size(1) + len(new) > run.cache["max_len"]:
-            history = run.restart(history, new)
-            token = run.prefill(history)
+            history, token = run.restart(history, new)
             new = [token]
         elif i:
             run.draw()
@@ -254,13 +239,13 @@ def plain_loop(run, history, max_new_tokens, step, check_every):
 
 
 def speculative_loop(run, history, max_new_tokens, verify, stats):
-    """
-    Rounds of speculative_step, queued on the device before the host reads the oldest one's outcome, so that the
-    GPU need not wait for the host: one ahead, unless the host must undo rejected drafts from a copy (mixers that do
-    not rewind) between rounds.
-    """
+    """Rounds of speculative_step, queued on the device before the host reads the oldest one's outcome, so that the
+    GPU need not wait for the host: one ahead, unless the host must undo rejected drafts between rounds from copies
+    of the cache tensors that cannot rewind by position alone (blocks with `rewinds` False: rolling windows,
+    recurrent states, Engram's last token ids), the MTP module's included."""
     model, cache, state, B, L = run.model, run.cache, run.state, len(history), run.cache["max_len"]
-    unrewound = unrewound_tensors(model, cache)
+    blocks = [*zip(model.blocks, cache["layers"]), *zip(model.mtp[0].blocks, cache["mtp"])]
+    unrewound = cache_tensors([layer for block, layer in blocks if not block.rewinds])
     ahead = 0 if unrewound else 1
     token = run.prefill(history)
     new = [token]
@@ -279,8 +264,7 @@ def speculative_loop(run, history, max_new_tokens, verify, stats):
                 ready.record()
             continue
         if not queue:  # no room for a round: start again from the most recent half of the context
-            history = run.restart(history, new)
-            token = run.prefill(history)
+            history, token = run.restart(history, new)
             new, produced, finished = [token], produced + 1, run.all_done()
             yield token
             continue
@@ -304,15 +288,6 @@ def speculative_loop(run, history, max_new_tokens, verify, stats):
             yield tokens[:, j]
 
 
-def unrewound_tensors(model, cache):
-    """
-    The cache tensors that decoding cannot rewind by position alone (a block whose `rewinds` is False: rolling
-    windows, recurrent states, Engram's last token ids), the MTP module's blocks included.
-    """
-    pairs = [*zip(model.blocks, cache["layers"]), *(zip(model.mtp[0].blocks, cache["mtp"]) if "mtp" in cache else [])]
-    return cache_tensors([layer for block, layer in pairs if not block.rewinds])
-
-
 def cache_tensors(cache):
     """Every tensor of a decode cache (or of any nesting of dicts and lists), in a fixed order."""
     if torch.is_tensor(cache):
@@ -325,12 +300,10 @@ def cache_tensors(cache):
 # compilation and graph capture
 
 def compiled(fn, compiler, graph):
-    """
-    fn, a function of no arguments with fixed shapes that reads and writes tensors in place, made fast:
-    compiler='inductor' compiles it, tuning its kernels' tile sizes by coordinate descent (as gpt-fast; at batch 1 a
-    decode step is many small matrix-vector products), and with graph=True (CUDA, no host sync in fn) replays it as
-    one CUDA graph (cuda_graph); another string names a torch.compile backend; None leaves fn as it is.
-    """
+    """fn (no arguments, fixed shapes, tensors read and written in place) made fast: compiler='inductor' compiles it,
+    tuning tile sizes by coordinate descent (as gpt-fast: at batch 1 a decode step is many small matrix-vector
+    products), and with graph=True (CUDA, no host sync in fn) replays it as one CUDA graph; another string names a
+    torch.compile backend; None leaves fn as it is."""
     if not compiler:
         return fn
     if compiler != "inductor":
@@ -340,13 +313,10 @@ def compiled(fn, compiler, graph):
 
 
 def cuda_graph(fn):
-    """
-    fn replayed as one CUDA graph: a call is one launch, with no Python and no guard checks (torch.compile's own
-    CUDA graphs, mode='reduce-overhead', spend more host time per step than a small model's decode step takes on the
-    GPU at batch 1). Every call does fn's work once: the first runs fn (compiling it) on the side stream that the
-    second captures fn on before replaying it. Returns fn's output, the graph's own tensors after the first call,
-    overwritten by the next.
-    """
+    """fn replayed as one CUDA graph: a call is one launch, no Python and no guard checks (torch.compile's
+    mode='reduce-overhead' spends more host time per step than a small model's decode step takes on the GPU at
+    batch 1). Every call does fn's work once: the first runs fn (compiling it) on a side stream, the second captures
+    fn there and replays it. Returns fn's output: after the first call the graph's tensors, overwritten by the next."""
     stream, graph, out, warm = torch.cuda.Stream(), None, None, False
 
     def call():

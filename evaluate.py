@@ -23,10 +23,8 @@ def batch_of(rows, T):
 
 @torch.no_grad()
 def exact_bits_per_byte(model, streams, n_bytes, eos_id, batch_size, amp=nullcontext(), rank=0, world_size=1):
-    """
-    Total nats over every token of the streams (each starting after an end-of-document token, so that its first
-    token is predicted too), in non-overlapping block_size windows, over the UTF-8 bytes they encode, divided by ln 2.
-    """
+    """Total nats over every token of the streams (each starting after an end-of-document token, so that its first
+    token is predicted too), in non-overlapping block_size windows, per UTF-8 byte they encode, divided by ln 2."""
     T, device, nats = model.config.block_size, model.wte.weight.device, 0.0
     for tokens in streams:
         tokens = np.concatenate([[eos_id], tokens]).astype(np.int64)
@@ -66,12 +64,10 @@ def read_tasks(path):
 
 @torch.no_grad()
 def task_accuracy(model, tasks, tokenizer, eos_id, amp=nullcontext(), rank=0, world_size=1):
-    """
-    Multiple-choice accuracy on tasks {"context": str, "choices": [str, ...], "answer": index} (the shape of HellaSwag,
-    ARC, PIQA...). Each choice is scored by the log-likelihood of its tokens after the context, both in total ('acc')
-    and per UTF-8 byte of the choice ('acc_norm', which does not favour short choices, as in lm-evaluation-harness);
-    the highest score is the model's answer. Returns (acc, acc_norm).
-    """
+    """Multiple-choice accuracy on tasks {"context": str, "choices": [str, ...], "answer": index} (HellaSwag's shape,
+    ARC's, PIQA's): each choice is scored by the log-likelihood of its tokens after the context, in total ('acc') and
+    per UTF-8 byte of the choice ('acc_norm', which does not favour short choices, as lm-evaluation-harness); the
+    highest score is the model's answer. Returns (acc, acc_norm)."""
     T, device, correct = model.config.block_size, model.wte.weight.device, [0.0, 0.0]
     for task in tasks[rank::world_size]:
         context = [eos_id] + tokenizer.encode(task["context"])

@@ -2,10 +2,9 @@
 Fast paths of model.py, one floor down: what each computes is written plainly in model.py (the reference each is
 tested against); here is how to compute it fast. FlexAttention plumbing and its block masks, MoBA's block-by-block
 attention, a permutation whose backward is a gather, grouped attention for decoding with fewer key heads, the
-experts' grouped GEMM, and a cross-entropy that never keeps an fp32 copy of the logits.
-
-FlexAttention (torch.nn.attention.flex_attention) is imported by the spans that use it, when one is built: importing
-it loads torch._dynamo, seconds at every program start. Nothing here imports or compiles while torch.compile traces.
+experts' grouped GEMM, a cross-entropy that never keeps an fp32 copy of the logits, chunked linear attention.
+FlexAttention is imported by the spans that use it, when one is built (importing it loads torch._dynamo: seconds);
+nothing here imports or compiles while torch.compile traces.
 """
 import functools
 import math
@@ -15,12 +14,9 @@ import torch.nn.functional as F
 
 
 def cross_entropy(logits, targets):
-    """
-    Mean of -log softmax(logits)[target] over the rows whose target is not -1, in fp32: F.cross_entropy with
-    ignore_index=-1, written as logsumexp minus the target's logit, picked by a comparison instead of a gather, so
-    that torch.compile reads the logits (N, V) once forward and once backward (softmax minus one-hot) and never
-    keeps an fp32 copy of them.
-    """
+    """F.cross_entropy(logits, targets, ignore_index=-1) in fp32, as logsumexp minus the target's logit picked by a
+    comparison instead of a gather, so that torch.compile reads the logits (N, V) once forward and once backward
+    (softmax minus one-hot) and never keeps an fp32 copy of them."""
     logits = logits.float()
     is_target = torch.arange(logits.size(-1), device=logits.device) == targets[:, None]  # (N, V)
     losses = logits.logsumexp(dim=-1) - torch.where(is_target, logits, 0.0).sum(dim=-1)
@@ -29,11 +25,8 @@ def cross_entropy(logits, targets):
 
 
 class Permute(torch.autograd.Function):
-    """
-    x[order] for a permutation `order` of x's rows, with inverse = its inverse: the backward is the gather
-    grad[inverse], where autograd's own backward of x[order] is a scatter-add with atomics that first sorts the
-    indices. MoBA's pairs and MoE's tokens use it.
-    """
+    """x[order] for a permutation `order` of x's rows and its `inverse`: the backward is the gather grad[inverse], not
+    autograd's scatter-add with atomics that first sorts the indices. MoBA's pairs and MoE's tokens use it."""
 
     @staticmethod
     def forward(ctx, x, order, inverse):
@@ -59,9 +52,9 @@ def grouped_attention(q, k, v, mask, scale=None):
     """
     Softmax attention of q (B, n_head, T, d) over k and v (B, n_kv_head, S, d), fewer key heads than query heads,
     under a boolean mask (T, S), (B|1, 1, T, S) or (B, n_head, T, S): the query heads that share a key head are rows
-    of one matmul against it, in the input dtype with the softmax in fp32. SDPA with enable_gqa and a mask takes its
-    math fallback on CUDA (the efficient kernel has no GQA), which copies the keys and values once per query head and
-    multiplies in fp32. Worth it from two query tokens on (speculative rounds); for one, inductor fuses the fallback.
+    of one matmul against it, in the input dtype with the softmax in fp32. On CUDA, SDPA with enable_gqa and a mask
+    takes its math fallback, which copies keys and values per query head and multiplies in fp32. Worth it from two
+    query tokens on (speculative rounds); for one, inductor fuses the fallback.
     """
     B, H, T, d = q.shape
     kv_heads, S = k.shape[1], k.shape[2]
@@ -89,14 +82,10 @@ compiled_flex_attention = None
 
 
 def flex(q, k, v, block_mask, scale, return_lse=False):
-    """
-    FlexAttention: its fused kernel on CUDA (eager FlexAttention would materialize every score), eager elsewhere.
-    return_lse=True also returns each query's log-sum-exp of its scores (B, n_head, T), which gradients flow through.
-    """
+    """FlexAttention: its fused kernel on CUDA (eager FlexAttention would materialize every score), eager elsewhere.
+    return_lse=True also returns each query's log-sum-exp of its scores (B, n_head, T), which gradients flow through."""
     global compiled_flex_attention
-    # on the CPU, inside a compiled model, inductor's FlexAttention lowering miscomputed transposed views of q, k and
-    # v (torch 2.13), so it gets contiguous copies; on CUDA the views are right and save the copies
-    if not q.is_cuda:
+    if not q.is_cuda:  # in a compiled model, inductor's CPU lowering miscomputes transposed views (torch 2.13)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     attend = torch.nn.attention.flex_attention.flex_attention  # inside a compiled model, inductor fuses it
     if q.is_cuda and not torch.compiler.is_compiling():  # an eager model on CUDA: FlexAttention compiled alone
@@ -121,9 +110,9 @@ def moba_attention(q, k, v, top, real, size, scale):
     """
     MoBA's training attention through FlexAttention as the paper computes it (arXiv 2502.13189 §2.3): every query
     attends its own block of `size` keys causally and, apart, each earlier block it chose (top (B, H, T, m) block
-    indices, real: whether each is a block); the partial results then merge by their log-sum-exps into the one softmax
-    over all of them. For the second part the (query, chosen block) pairs are sorted by block, so that a tile of 128
-    pairs meets a block or two; tiles of the queries themselves would meet the union of all their choices.
+    indices, real: whether each is a block); the parts merge by their log-sum-exps into one softmax over all. For the
+    second part the (query, chosen block) pairs are sorted by block, so that a tile of 128 pairs meets a block or
+    two; tiles of the queries themselves would meet the union of all their choices.
     """
     B, H, T, d = q.shape
     own = static_block_mask(("moba", size), lambda q_pos, k_pos: (k_pos <= q_pos) & (k_pos // size == q_pos // size),
@@ -154,8 +143,8 @@ def pair_block_mask(block, S, size):
     """
     The BlockMask of sorted (query, key block) pairs, block (B, H, P) each pair's key block of `size` keys (-1: none),
     over S keys: a tile of 128 pairs visits the key tiles from its first block's to its last's; the mask_mod keeps
-    each pair's own block. Built from both sides at once, where BlockMask.from_kv_blocks would find the pair tiles
-    visiting each key tile (for the backward) by sorting a dense tile map.
+    each pair's own block. Built from both sides at once: BlockMask.from_kv_blocks would find the pair tiles visiting
+    each key tile (for the backward) by sorting a dense tile map.
     """
     B, H, P = block.shape
     tile, key_tiles = 128, math.ceil(S / 128)  # FlexAttention's default BLOCK_SIZE

@@ -1,28 +1,26 @@
 """
-nanollm model: a modern decoder-only transformer in one file. Every architecture variant sits behind a flag of
-`GPTConfig` and is one small class found by searching its flag; a reader who ignores a flag never reads its code.
+nanollm model: a modern decoder-only transformer in one file. Every variant is a flag of `GPTConfig` and one small
+class found by searching its flag; a reader who ignores a flag never reads its code.
 
 Dense baseline (Llama-style): pre-norm blocks with RMSNorm (Zhang & Sennrich 2019); rotary position embeddings
 (RoFormer, arXiv 2104.09864) stretched by Llama 3.1's or YaRN's scaling (arXiv 2309.00071); grouped-query attention
 (`n_kv_head`; arXiv 2305.13245) with optional QK-norm (arXiv 2302.05442) and Qwen2's q/k/v biases; SwiGLU
 (arXiv 2002.05202); tied embeddings; a static-shape KV cache for left-padded batches (decode.py decodes with it).
 
-DeepSeek family: multi-head latent attention (`attention='mla'`; DeepSeek-V2, arXiv 2405.04434 §2.1);
-mixture-of-experts (`n_experts`; DeepSeekMoE arXiv 2401.06066, DeepSeek-V3 arXiv 2412.19437 §2.1.2) with shared
-experts, Llama 4 interleaving, softmax or sigmoid routing, group-limited routing, capacity, and the balance losses of
-Switch (arXiv 2101.03961), ST-MoE (arXiv 2202.08906) and DeepSeek-V3, or its loss-free bias balancing;
-multi-token prediction (`mtp_depth`; DeepSeek-V3 §2.2).
+DeepSeek family: latent attention (`attention='mla'`; DeepSeek-V2, arXiv 2405.04434 §2.1); mixture-of-experts
+(`n_experts`; DeepSeekMoE arXiv 2401.06066, DeepSeek-V3 arXiv 2412.19437 §2.1.2) with shared experts, Llama 4
+interleaving, softmax, sigmoid or group-limited routing, capacity, the balance losses of Switch (arXiv 2101.03961),
+ST-MoE (arXiv 2202.08906) and DeepSeek-V3 or its loss-free bias; multi-token prediction (`mtp_depth`; V3 §2.2).
 
-Attention family: spans, which keys a softmax query sees (`attn_span`: full, sliding window (arXiv 2004.05150),
-block-sparse (arXiv 1904.10509), MoBA (arXiv 2502.13189)); gated attention (`attn_gate`; arXiv 2505.06708); linear
-attention (`attention='linear'`: elu + 1, arXiv 2006.16236, or Gated DeltaNet, arXiv 2412.06464); hybrid layer
-patterns (`attn_pattern`).
+Attention family: spans (`attn_span`: full, sliding window (arXiv 2004.05150), block-sparse (arXiv 1904.10509),
+MoBA (arXiv 2502.13189)); gated attention (`attn_gate`; arXiv 2505.06708); linear attention (`attention='linear'`:
+elu + 1, arXiv 2006.16236; Gated DeltaNet, arXiv 2412.06464); hybrid layer patterns (`attn_pattern`).
 
 Residual streams and memory: hyper-connections (`residual='hc'`; arXiv 2409.19606) and their manifold-constrained
 form (`residual='mhc'`; arXiv 2512.24880); Engram's hashed n-gram memory (`engram_layers`; arXiv 2601.07372).
 
-The order below is bottom-up, as in nanoGPT: config, shared pieces, attention, feed-forward, residual and memory,
-block, the model. Each variant is written plainly here; its fast path, where it has one, is in kernels.py.
+Bottom-up, as in nanoGPT: config, shared pieces, attention, feed-forward, residual and memory, block, the model.
+Each variant is written plainly here; its fast path, if any, is in kernels.py.
 """
 import math
 from dataclasses import dataclass, field, fields
@@ -71,9 +69,8 @@ class GPTConfig:
     attn_gate_at: str = "output"  # attn_gate: on each head's attention 'output' (the paper's G1) or its 'value' (G2)
     linear_kind: str = "elu"    # attention='linear': 'elu' (Katharopoulos et al.) or 'gated_deltanet' (Qwen3-Next's)
     linear_chunk: int = 64      # attention='linear': chunk length of the chunked training form
-    attn_pattern: str = ""      # mixer per layer, one letter each, repeated over depth: G full, S sliding,
-                                # B block-sparse, M MoBA (softmax, `attention`'s projections), L linear;
-                                # '' = every layer `attention` and attn_span
+    attn_pattern: str = ""      # a letter per layer, repeated over depth: G full, S sliding, B block-sparse, M MoBA
+                                # (softmax, `attention`'s projections), L linear; '' = `attention` and attn_span
     # MLA (attention='mla')
     q_lora_rank: int = 0        # rank of the low-rank query projection; 0 = a full-rank query
     kv_lora_rank: int = 0       # width of the cached key/value latent; 0 = 4 * head_dim (DeepSeek-V2's ratio)
@@ -118,13 +115,10 @@ class GPTConfig:
     tie_embeddings: bool = True  # the output head shares the token embedding matrix
 
     def __post_init__(self):
-        if self.n_kv_head == 0:
-            self.n_kv_head = self.n_head
-        if self.mlp_hidden == 0:
-            self.mlp_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64)
-        if self.head_dim == 0:
-            if self.n_embd % self.n_head:
-                raise ValueError("n_embd must be a multiple of n_head (or set head_dim)")
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.mlp_hidden = self.mlp_hidden or 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        if not self.head_dim:
+            require(self.n_embd % self.n_head == 0, "n_embd must be a multiple of n_head (or set head_dim)")
             self.head_dim = self.n_embd // self.n_head
         if self.rope_scaling != "none":
             self.rope_low_rotations = self.rope_low_rotations or 1.0
@@ -221,13 +215,10 @@ def yarn_mscale(factor, mscale):
 
 
 def rope_tables(config):
-    """
-    cos and sin of position * frequency, (block_size, rope_dim/2) each, in fp32. The frequencies theta^(-2i/d) are
-    stretched for a longer context by rope_scaling: dims that turn more than rope_high_rotations times over
-    rope_original_len tokens keep theirs, those turning fewer than rope_low_rotations times are divided by rope_factor,
-    and those between blend the two, linearly in turns (Llama 3.1's low/high_freq_factor) or in dimension index
-    (YaRN's "NTK-by-parts", arXiv 2309.00071 §3.2, which also scales both tables, and so the logits, by its temperature).
-    """
+    """cos and sin of position * frequency theta^(-2i/d), (block_size, rope_dim/2) each, fp32. rope_scaling stretches
+    them: dims turning more than rope_high_rotations times over rope_original_len tokens keep theirs, those under
+    rope_low_rotations are divided by rope_factor, those between blend the two, linearly in turns (Llama 3.1) or in
+    dim index (YaRN's "NTK-by-parts", arXiv 2309.00071 §3.2, which also scales both tables by its temperature)."""
     c, d = config, config.rope_dim
     freqs = c.rope_theta ** -(torch.arange(0, d, 2, dtype=torch.float32) / d)
     temperature = 1.0
@@ -235,7 +226,7 @@ def rope_tables(config):
         turns = c.rope_original_len / (2 * math.pi / freqs)
         keep = ((turns - c.rope_low_rotations) / (c.rope_high_rotations - c.rope_low_rotations)).clamp(0, 1)
     elif c.rope_scaling == "yarn":
-        def dim_turning(turns):  # the (fractional) pair index whose frequency turns `turns` times over the original context
+        def dim_turning(turns):  # the (fractional) pair index turning `turns` times over the original context
             return d * math.log(c.rope_original_len / (turns * 2 * math.pi)) / (2 * math.log(c.rope_theta))
         first = max(math.floor(dim_turning(c.rope_high_rotations)), 0)
         last = min(math.ceil(dim_turning(c.rope_low_rotations)), d - 1)
@@ -248,10 +239,8 @@ def rope_tables(config):
 
 
 def apply_rope(x, cos, sin):
-    """
-    Rotate pairs (x_i, x_{i+d/2}) of x (B, T, heads, d) by their angles; cos/sin are (T, d/2) or (B, T, d/2). In fp32,
-    cast back to x's dtype, as Meta's Llama reference does: compiled, the rotation in bf16 gets a slower backward.
-    """
+    """Rotate pairs (x_i, x_{i+d/2}) of x (B, T, heads, d) by cos/sin (T, d/2) or (B, T, d/2), in fp32 as Meta's
+    Llama reference does (compiled, a bf16 rotation gets a slower backward), cast back to x's dtype."""
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
@@ -275,13 +264,9 @@ class Context:
 
 @torch.no_grad()
 def max_attention_logits(q, k, mask=None, chunk=256):
-    """
-    Each head's largest pre-softmax logit q.k / sqrt(head_dim) under the causal mask, over the whole batch: what
-    scaled_dot_product_attention computes from q (B, n_head, T, d) and k (B, n_kv_head, T, d) but never exposes.
-    A span's mask, (T, T) or (B, n_head, T, T), replaces the causal one: only the logits its queries see count.
-    For QK-Clip (optim.py). Returns (n_head,) in fp32; chunked over queries, so that at most B*n_head*chunk*T
-    logits exist at once.
-    """
+    """For QK-Clip (optim.py): each head's largest logit q.k / sqrt(d) over the batch, which SDPA never exposes, of
+    q (B, n_head, T, d), k (B, n_kv_head, T, d), causal or under a span's mask (T, T) or (B, n_head, T, T).
+    (n_head,) fp32; chunked over queries, at most B*n_head*chunk*T logits at once."""
     B, H, T, d = q.shape
     q = q.unflatten(1, (k.size(1), H // k.size(1)))  # (B, n_kv_head, group, T, d): heads sharing a key head
     k = k.unsqueeze(2)  # (B, n_kv_head, 1, T, d)
@@ -298,15 +283,14 @@ def max_attention_logits(q, k, mask=None, chunk=256):
 
 
 # Spans: which keys each softmax query sees. Any projection (CausalSelfAttention, MLA) runs with any span: the
-# projection makes q, k and v and owns its cache layout; the span attends (training: SDPA's fused causal kernels for
-# 'full', FlexAttention block masks on CUDA or a boolean mask for SDPA elsewhere for the others) and, when decoding,
-# stores the new tokens' cache entries and says which cached slots each new token sees.
+# projection makes q, k, v and owns its cache layout; the span attends (SDPA's causal kernels for 'full', else
+# FlexAttention on CUDA or masked SDPA) and, decoding, stores the new cache entries and says which slots each sees.
 
 class FullSpan:
     """Causal attention over every past position, through SDPA's fused kernels (is_causal)."""
     use_flex = None  # the masked spans: None = FlexAttention on CUDA, masked SDPA elsewhere; True/False forces one
-    # each position's cache entries sit in their own slot and masks hide the later slots, so that decoding rewinds by
-    # its position alone (speculative decoding's rejected drafts); a mixer without the attribute is taken not to
+    # a position's entries have their own slot and masks hide later ones, so decoding rewinds by position alone
+    # (speculative decoding's rejected drafts); a mixer without this attribute does not rewind
     rewinds = True
 
     def __init__(self, config):
@@ -321,10 +305,8 @@ class FullSpan:
         return {}
 
     def update(self, cache, new, dim, ctx):
-        """
-        Decoding: write the new tokens' cache entries (name -> tensor, time along dim) into cache; return the cached
-        tensors to attend over, in the order of new, and the mask (B, 1, T, slots) of what each new token sees.
-        """
+        """Decoding: write new's entries (name -> tensor, time along dim) into cache; return the cached tensors to
+        attend over, in new's order, and the mask (B, 1, T, slots) of what each new token sees."""
         for name, tensor in new.items():
             cache[name].index_copy_(dim, ctx.cache_pos, tensor)
         return [cache[name] for name in new], self.decode_mask(ctx)
@@ -334,7 +316,10 @@ class FullSpan:
 
     def attend(self, q, k, v, ctx, mask=None, scale=None, dropout=0.0):
         """q (B, n_head, T, d), k and v (B, key heads, S, d) -> (B, n_head, T, d_v); mask None = training."""
-        if mask is not None and k.size(1) != q.size(1) and q.size(2) > 1 and not dropout:
+        # decoding (a mask) with grouped keys, or in fp32 on CUDA: SDPA's memory-efficient kernel, its fp32 choice,
+        # rejects the arbitrary stride that inductor gives a one-token query's length-1 dimension
+        if mask is not None and not dropout and (k.size(1) != q.size(1) and q.size(2) > 1 or
+                                                 q.is_cuda and q.dtype == torch.float32):
             return grouped_attention(q, k, v, mask, scale)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
                                               dropout_p=dropout, enable_gqa=k.size(1) != q.size(1))
@@ -381,11 +366,8 @@ class MaskedSpan(FullSpan):
 
 
 class SlidingSpan(MaskedSpan):
-    """
-    Sliding-window attention (Longformer, arXiv 2004.05150; Mistral 7B): a query sees the `window` latest positions,
-    itself included. Decoding keeps a rolling cache of `window` slots (position p in slot p % window): memory
-    O(window), not O(context).
-    """
+    """Sliding-window attention (Longformer, arXiv 2004.05150; Mistral 7B): a query sees the `window` latest
+    positions, itself included. Decoding keeps a rolling cache of `window` slots (position p in slot p % window)."""
     rewinds = False  # a later position overwrites the slot of one the window still needs
 
     def __init__(self, config):
@@ -403,8 +385,7 @@ class SlidingSpan(MaskedSpan):
         return {"slot_pos": torch.full((self.cache_len(max_len),), -1, dtype=torch.long, device=device)}  # -1: empty
 
     def update(self, cache, new, dim, ctx):
-        # attend over the rolling cache and the new tokens together, then keep the newest: a chunk longer than the
-        # window still sees, at each token, its own window (part of which it overwrites)
+        # attend over the cache and the new tokens, then keep the newest: each token of a long chunk sees its window
         slots, T = cache["slot_pos"].numel(), ctx.cache_pos.numel()
         k_slot = torch.cat([cache["slot_pos"], ctx.cache_pos])  # (slots + T,) cache slot (position + pad) of each key
         q_slot = ctx.cache_pos[:, None]
@@ -423,11 +404,8 @@ class SlidingSpan(MaskedSpan):
 
 
 class BlockSparseSpan(MaskedSpan):
-    """
-    Block-sparse causal attention (Sparse Transformer, arXiv 1904.10509, at block granularity; BigBird's global
-    block): positions fall in blocks of sparse_block; a query sees, causally, its own block and the sparse_local - 1
-    before it, plus every sparse_stride-th block counted from the first (block 0 doubles as an attention sink).
-    """
+    """Block-sparse causal attention by blocks of sparse_block (Sparse Transformer, arXiv 1904.10509; BigBird's
+    global block): a query sees its block, the sparse_local - 1 before it and every sparse_stride-th from block 0."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -448,12 +426,9 @@ class BlockSparseSpan(MaskedSpan):
 
 
 class MoBASpan(FullSpan):
-    """
-    Mixture of Block Attention (MoBA, Lu et al. 2025, arXiv 2502.13189 §2.2): keys fall in blocks of moba_block; a
-    query sees its own block causally, plus the moba_topk - 1 earlier blocks whose mean-pooled keys score highest
-    against it (q . mean(k), per query head, no parameters). Its own block is always chosen: its mean would hold
-    future keys. The choice passes no gradient. Decoding scores the block means of the cached keys.
-    """
+    """Mixture of Block Attention (MoBA, Lu et al. 2025, arXiv 2502.13189 §2.2): keys fall in blocks of moba_block; a
+    query sees its own block, always (its mean would hold future keys) and causally, plus the moba_topk - 1 earlier
+    blocks whose mean keys score highest, q . mean(k) per query head, without parameters or gradient."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -466,21 +441,16 @@ class MoBASpan(FullSpan):
 
     @torch.no_grad()
     def past_blocks(self, q, k, q_pos, k_pos):
-        """
-        The moba_topk - 1 earlier complete blocks whose mean keys score highest against each query, (B, n_head, T, m)
-        indices, and whether each is real (a query in an early block has fewer blocks before it); positions q_pos
-        (B|1, T), k_pos (B|1, S).
-        """
+        """The moba_topk - 1 earlier blocks whose mean keys score highest against each query, (B, n_head, T, m), and
+        whether each is real (an early block has fewer before it); positions q_pos (B|1, T), k_pos (B|1, S)."""
         B, H, T, _ = q.shape
         n = math.ceil(k.size(2) / self.block)
-        # each block's keys summed by a matmul with the block membership (B|1, blocks, S), where a scatter-add would
-        # have all of a block's keys add into the same addresses; left padding (negative positions) is in no block
+        # block sums by a matmul with the membership (B|1, blocks, S), not a contended scatter-add; padding: no block
         member = (k_pos // self.block)[:, None, :] == torch.arange(n, device=q.device)[:, None]
         means = (member[:, None].float() @ k.float() / self.block).repeat_interleave(H // k.size(1), dim=1)
         q_block = (q_pos // self.block)[:, None, :, None]  # (B|1, 1, T, 1)
         scores = (q.float() @ means.mT).masked_fill(torch.arange(n, device=q.device) >= q_block, float("-inf"))
-        # the best m by repeated argmax, which torch.compile fuses, where topk is a library kernel that it does not;
-        # the i-th pick is real when the query has more than i past blocks
+        # the best m by repeated argmax, which torch.compile fuses (topk, a library kernel, it does not)
         m = min(self.topk - 1, n)
         top = torch.empty(B, H, T, 0, dtype=torch.long, device=q.device)
         for _ in range(m):
@@ -505,7 +475,7 @@ class MoBASpan(FullSpan):
             pos = torch.arange(q.size(2), device=q.device)[None]
             if q.is_cuda if self.use_flex is None else self.use_flex:  # block by block (kernels.moba_attention)
                 return moba_attention(q, k, v, *self.past_blocks(q, k, pos, pos), self.block, scale)
-            mask = self.mask(self.chosen_blocks(q, k, pos, pos), pos, pos)
+            mask = self.logit_mask(q, k)
         else:  # decoding: positions count from each row's first token
             q_pos = ctx.cache_pos[None, :] - ctx.pad[:, None]
             k_pos = torch.arange(k.size(2), device=q.device)[None, :] - ctx.pad[:, None]
@@ -528,12 +498,9 @@ SPANS = {"full": FullSpan, "sliding": SlidingSpan, "sparse": BlockSparseSpan, "m
 
 
 class AttentionGate(nn.Module):
-    """
-    Gated attention (Qiu et al. 2025, Qwen, arXiv 2505.06708): y * sigmoid(x W), x the layer's input, one gate per
-    head ('headwise') or per channel ('elementwise'), on each head's attention output (G1, the paper's best) or on its
-    values (G2). No bias: at initialization the gate is sigmoid(x W) with W ~ N(0, 0.02), about 0.5 everywhere, so
-    the gated layer starts at about half the ungated one's output (exactly half with W = 0).
-    """
+    """Gated attention (Qiu et al. 2025, Qwen, arXiv 2505.06708): y * sigmoid(x W), x the layer's input, one gate per
+    head ('headwise') or channel ('elementwise'), on each head's output (G1, the paper's best) or values (G2). No
+    bias: W ~ N(0, 0.02) starts the gate near 0.5, the layer at about half the ungated output."""
 
     def __init__(self, config, heads, head_dim):
         super().__init__()
@@ -550,10 +517,7 @@ class AttentionGate(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    """
-    Multi-head attention with n_kv_head key/value heads (MHA, GQA, MQA), RoPE, optional QK-norm and gate, over the
-    keys its span (SPANS) lets each query see.
-    """
+    """Attention with n_kv_head key/value heads (MHA, GQA, MQA), RoPE, optional QK-norm and gate, over its span."""
 
     def __init__(self, config, span="full"):
         super().__init__()
@@ -584,8 +548,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, ctx, cache=None):
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
-                                     self.n_kv_head * self.head_dim], dim=-1)
+        q, k, v = self.qkv(x).split([self.n_head * self.head_dim] + 2 * [self.n_kv_head * self.head_dim], dim=-1)
         q = apply_rope(self.q_norm(q.view(B, T, self.n_head, self.head_dim)), ctx.cos, ctx.sin)
         k = apply_rope(self.k_norm(k.view(B, T, self.n_kv_head, self.head_dim)), ctx.cos, ctx.sin)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
@@ -608,13 +571,9 @@ class CausalSelfAttention(nn.Module):
 
     @torch.no_grad()
     def qk_clip(self, max_logits, tau):
-        """
-        QK-Clip (Kimi K2, arXiv 2507.20534 §2.1), after an optimizer step: each head whose largest logit
-        max_logits (n_head,) exceeded tau gets its logits scaled by gamma = tau / max_logit. A key head of its own
-        (MHA) and the query head take sqrt(gamma) each; a key head shared by a group (GQA, MQA) stays untouched and
-        the query head takes all of gamma, so that the group's other heads keep their logits. RoPE is a rotation:
-        it commutes with the scaling.
-        """
+        """QK-Clip (Kimi K2, arXiv 2507.20534 §2.1), after an optimizer step: a head whose largest logit max_logits
+        exceeded tau has its logits scaled by gamma = tau / max_logit: sqrt(gamma) each to query and key of its own
+        (MHA), or all to the query, the shared key head (GQA, MQA) untouched. RoPE, a rotation, commutes with it."""
         assert isinstance(self.q_norm, nn.Identity), "QK-norm normalizes away any scaling of the q and k weights"
         gamma = (max_logits.new_tensor(tau) / max_logits.clamp(min=tau))[:, None, None]  # x / x: 1 exactly
         if self.n_kv_head == self.n_head:
@@ -627,13 +586,9 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLA(nn.Module):
-    """
-    Multi-head latent attention (DeepSeek-V2, arXiv 2405.04434 §2.1): each token leaves one small latent, from which
-    every head's keys and values are up-projected, plus one rotary key shared by all heads (decoupled RoPE: a
-    rotation cannot be folded through the up-projection, so position rides on separate dims). The cache holds only
-    the normalized latent and the rotated shared key: kv_lora_rank + qk_rope_head_dim numbers per token and layer.
-    Any span (SPANS) decides which cached tokens each query sees; an attn_gate gates each head's output.
-    """
+    """Multi-head latent attention (DeepSeek-V2, arXiv 2405.04434 §2.1): each token caches one small latent, which
+    every head's keys and values are up-projected from, and one rotary key all heads share (decoupled RoPE: a
+    rotation cannot fold through the up-projection). Any span (SPANS); attn_gate gates each head's output."""
 
     def __init__(self, config, span="full"):
         super().__init__()
@@ -708,11 +663,9 @@ class MLA(nn.Module):
                                 self.dropout if self.training else 0.0)
 
     def absorbed(self, q_nope, q_rope, latent, k_rope, ctx, mask):
-        """
-        Decoding form (DeepSeek-V2 §2.1.2): q^C . (W_UK c) = (W_UK^T q^C) . c, so W_UK folds into the query and
-        W_UV applies after attention, which then runs over the cached latents themselves: one key head of
-        kv_lora_rank + rope dims shared by all query heads (MQA), with the latent as its value.
-        """
+        """Decoding form (DeepSeek-V2 §2.1.2): q^C . (W_UK c) = (W_UK^T q^C) . c, so W_UK folds into the query and
+        W_UV applies after attention over the cached latents: one key head (latent + rope dims) shared by all query
+        heads (MQA), the latent its value."""
         w_uk, w_uv = self.kv_b.weight.view(self.n_head, -1, self.rank).split([self.nope, self.v_dim], dim=1)
         q_latent = torch.einsum("bthn,hnr->bhtr", q_nope, w_uk)  # (B, n_head, T, kv_lora_rank)
         q = torch.cat([q_latent, q_rope.transpose(1, 2)], dim=-1)  # (B, n_head, T, rank + rope)
@@ -722,17 +675,13 @@ class MLA(nn.Module):
 
     @torch.no_grad()
     def qk_clip(self, max_logits, tau):
-        """
-        QK-Clip (Kimi K2, arXiv 2507.20534 §2.1) for MLA: head h's logit is q^C.k^C + q^R.k^R, where the rotary key
-        k^R is shared by all heads. q^C and k^C (head h's rows of q_b and kv_b) take sqrt(gamma) each, q^R all of
-        gamma, and k^R (in kv_a) stays untouched, so that both parts of head h's logits scale by gamma = tau / max_logit
-        and no other head's change.
-        """
+        """QK-Clip for MLA: head h's logit is q^C.k^C + q^R.k^R, k^R shared by all heads. q^C and k^C (head h's rows
+        of q_b, kv_b) take sqrt(gamma) each, q^R all of gamma, k^R (kv_a) nothing: no other head's logits change."""
         gamma = (max_logits.new_tensor(tau) / max_logits.clamp(min=tau))[:, None, None]  # (n_head, 1, 1)
         q_nope, q_rope = self.q_b.weight.view(self.n_head, self.nope + self.rope, -1).split([self.nope, self.rope], 1)
         k_nope = self.kv_b.weight.view(self.n_head, self.nope + self.v_dim, -1)[:, :self.nope]
-        q_nope.mul_(gamma.sqrt())
-        k_nope.mul_(gamma.sqrt())
+        for w in (q_nope, k_nope):
+            w.mul_(gamma.sqrt())
         q_rope.mul_(gamma)
 
 
@@ -740,11 +689,9 @@ class MLA(nn.Module):
 # linear attention: a recurrent state instead of a KV cache
 
 def linear_attention_recurrent(q, k, v, state):
-    """
-    Causal linear attention o_t = q_t S_t, S_t = S_{t-1} + k_t v_t^T, one token at a time: what decoding runs, and the
-    reference of the chunked form that trains (kernels.linear_attention_chunked).
-    q, k (B, H, T, d_k), v (B, H, T, d_v), state (B, H, d_k, d_v) -> o (B, H, T, d_v), the state after the last token.
-    """
+    """Causal linear attention o_t = q_t S_t, S_t = S_{t-1} + k_t v_t^T, token by token: decoding's form and the
+    reference of kernels.linear_attention_chunked. q, k (B, H, T, d_k), v (B, H, T, d_v), state (B, H, d_k, d_v)
+    -> o (B, H, T, d_v), the state after the last token."""
     outputs = []
     for t in range(q.size(2)):
         state = state + k[:, :, t, :, None] * v[:, :, t, None, :]
@@ -753,12 +700,9 @@ def linear_attention_recurrent(q, k, v, state):
 
 
 def gated_delta_rule_recurrent(q, k, v, beta, g, state):
-    """
-    The gated delta rule (Gated DeltaNet, arXiv 2412.06464 §3) S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T,
-    o_t = S_t^T q_t, with a_t = exp(g_t), one token at a time: decay, read what k_t retrieves, write the difference.
-    What decoding runs, and the reference of the chunked form that trains (kernels.gated_delta_rule_chunked).
-    q, k (B, H, T, d_k), v (B, H, T, d_v), beta and g (B, H, T), state (B, H, d_k, d_v); fp32.
-    """
+    """The gated delta rule (Gated DeltaNet, arXiv 2412.06464 §3), token by token, as decoding runs it and as the
+    reference of kernels.gated_delta_rule_chunked: S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T,
+    o_t = S_t^T q_t, a_t = exp(g_t). Shapes as linear_attention_recurrent's, beta and g (B, H, T); fp32."""
     outputs = []
     for t in range(q.size(2)):
         state = state * g[:, :, t, None, None].exp()
@@ -770,12 +714,9 @@ def gated_delta_rule_recurrent(q, k, v, beta, g, state):
 
 
 class LinearAttention(nn.Module):
-    """
-    Causal linear attention (Katharopoulos et al. 2020, arXiv 2006.16236 §3.2): softmax(q . k) becomes
-    phi(q) . phi(k) with phi = elu + 1 > 0, so attention is a running sum, o_t = phi(q_t) S_t / (phi(q_t) . z_t) with
-    S_t = sum phi(k_j) v_j^T, z_t = sum phi(k_j) (carried as one more value column of ones). Trained in chunks,
-    decoded with the state (n_head x head_dim x (head_dim + 1) fp32 numbers, whatever the context). No RoPE.
-    """
+    """Causal linear attention (Katharopoulos et al. 2020, arXiv 2006.16236 §3.2): softmax(q . k) becomes
+    phi(q) . phi(k), phi = elu + 1 > 0, a running sum o_t = phi(q_t) S_t / (phi(q_t) . z_t), S_t = sum phi(k_j)
+    v_j^T, z_t = sum phi(k_j) (a value column of ones). Trained in chunks, decoded with the state. No RoPE."""
 
     def __init__(self, config, span="full"):  # span: linear attention sees every past token, through its state
         super().__init__()
@@ -803,15 +744,12 @@ class LinearAttention(nn.Module):
                 k = k * (ctx.cache_pos[None, :] >= ctx.pad[:, None])[:, None, :, None]
             v = torch.cat([v.float(), torch.ones_like(v[..., :1], dtype=torch.float32)], dim=-1)  # + the normalizer
             state = cache["state"] if cache is not None else q.new_zeros(B, self.n_head, k.size(-1), v.size(-1))
-            if T == 1:
-                o, state = linear_attention_recurrent(q, k, v, state)
-            else:
-                o, state = linear_attention_chunked(q, k, v, state, self.chunk)
+            o, state = (linear_attention_recurrent(q, k, v, state) if T == 1
+                        else linear_attention_chunked(q, k, v, state, self.chunk))
             if cache is not None:
                 cache["state"].copy_(state)
             y = o[..., :-1] / (o[..., -1:] + 1e-6)  # (B, H, T, head_dim)
-        y = y.type_as(x).transpose(1, 2).reshape(B, T, -1)
-        return F.dropout(self.proj(y), self.dropout, self.training)
+        return F.dropout(self.proj(y.type_as(x).transpose(1, 2).reshape(B, T, -1)), self.dropout, self.training)
 
     def attention_flops(self, T):
         """Forward FLOPs per token of the recurrent form: write k v^T and read q S, per head."""
@@ -819,13 +757,10 @@ class LinearAttention(nn.Module):
 
 
 class GatedDeltaNet(nn.Module):
-    """
-    Gated DeltaNet (Yang, Kautz, Hatamizadeh, arXiv 2412.06464, ICLR 2025; the linear layers of Qwen3-Next): per head
-    a d_k x d_v state that decays by a_t = exp(g_t) and is corrected by the delta rule toward v_t at key k_t with
-    strength b_t. q, k, v come through a causal depthwise convolution (kernel 4) and SiLU, q and k L2-normalized;
-    g_t = -exp(A_log) softplus(a_t + dt_bias) (Mamba-2's parametrization), b_t = sigmoid; the output is RMS-normalized
-    per head and gated by SiLU(z). Decoding keeps the state and the convolution's last 3 inputs, whatever the context.
-    """
+    """Gated DeltaNet (Yang, Kautz, Hatamizadeh, arXiv 2412.06464; Qwen3-Next's linear layers): per head a d_k x d_v
+    state decays by a_t = exp(g_t) and moves by the delta rule toward v_t at key k_t with strength b_t. q, k, v pass
+    a causal depthwise convolution (kernel 4) and SiLU, q and k L2-normalized; g_t = -exp(A_log) softplus(a_t +
+    dt_bias) (Mamba-2's), b_t = sigmoid; the output is RMS-normalized per head and gated by SiLU(z)."""
     conv_size = 4
 
     def __init__(self, config, span="full"):  # span: the state sees every past token
@@ -847,9 +782,8 @@ class GatedDeltaNet(nn.Module):
         self.dropout = config.dropout
 
     def new_cache(self, batch, max_len, dtype, device):
-        return {"state": torch.zeros(batch, self.n_head, self.head_dim, self.head_dim, device=device),
-                "conv": torch.zeros(batch, 3 * self.n_head * self.head_dim, self.conv_size - 1, dtype=dtype,
-                                    device=device)}
+        conv = torch.zeros(batch, 3 * self.n_head * self.head_dim, self.conv_size - 1, dtype=dtype, device=device)
+        return {"state": torch.zeros(batch, self.n_head, self.head_dim, self.head_dim, device=device), "conv": conv}
 
     def forward(self, x, ctx, cache=None):
         B, T, _ = x.shape
@@ -870,10 +804,8 @@ class GatedDeltaNet(nn.Module):
             q = F.normalize(q.float(), dim=-1, eps=1e-6) * d ** -0.5
             k = F.normalize(k.float(), dim=-1, eps=1e-6)
             state = cache["state"] if cache is not None else q.new_zeros(B, H, d, d)
-            if T == 1:
-                o, state = gated_delta_rule_recurrent(q, k, v.float(), beta, g, state)
-            else:
-                o, state = gated_delta_rule_chunked(q, k, v.float(), beta, g, state, self.chunk)
+            args = (q, k, v.float(), beta, g, state)
+            o, state = gated_delta_rule_recurrent(*args) if T == 1 else gated_delta_rule_chunked(*args, self.chunk)
             if cache is not None:
                 cache["state"].copy_(state)
         y = self.norm(o.type_as(x).transpose(1, 2)) * F.silu(z.view(B, T, H, d))  # (B, T, H, d)
@@ -908,10 +840,8 @@ class SwiGLU(nn.Module):
 
 
 class Router(nn.Module):
-    """
-    Token-choice top-k routing in fp32 (DeepSeek-V3, arXiv 2412.19437 §2.1.2): softmax or sigmoid affinities; the
-    experts are chosen by affinity plus a balancing bias, the gates come from the affinities alone.
-    """
+    """Token-choice top-k routing in fp32 (DeepSeek-V3, arXiv 2412.19437 §2.1.2): softmax or sigmoid affinities; the
+    experts are chosen by affinity plus a balancing bias, the gates come from the affinities alone."""
 
     def __init__(self, config):
         super().__init__()
@@ -954,10 +884,8 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """
-    n_experts SwiGLU FFNs with stacked (n_experts, out, in) weights, run on token rows sorted by expert: one grouped
-    GEMM per matrix (torch._grouped_mm) where supported, else one matmul per expert on its contiguous slice.
-    """
+    """n_experts SwiGLU FFNs, weights stacked (n_experts, out, in), on token rows sorted by expert: one grouped GEMM
+    per matrix (torch._grouped_mm) where supported, else one matmul per expert on its slice."""
 
     def __init__(self, config):
         super().__init__()
@@ -970,14 +898,11 @@ class Experts(nn.Module):
 
     def forward(self, x, counts):
         """x (M, d) rows grouped by expert, counts (n_experts,) rows per expert -> (M, d)."""
-        if grouped_mm_supported(x, self.gate_up) if self.grouped is None else self.grouped:
-            def matmul(a, w):
-                return grouped_mm(a, w, counts)
-        else:
-            sizes = counts.tolist()  # one host sync per layer (a graph break under torch.compile)
+        grouped = grouped_mm_supported(x, self.gate_up) if self.grouped is None else self.grouped
+        sizes = None if grouped else counts.tolist()  # one host sync per layer (a graph break under torch.compile)
 
-            def matmul(a, w):
-                return torch.cat([a_e @ w_e.T for a_e, w_e in zip(a.split(sizes), w)])
+        def matmul(a, w):
+            return grouped_mm(a, w, counts) if grouped else torch.cat([s @ e.T for s, e in zip(a.split(sizes), w)])
         gate, up = matmul(x, self.gate_up).chunk(2, dim=-1)
         return matmul(F.silu(gate) * up, self.down)
 
@@ -994,12 +919,9 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    """
-    Mixture-of-experts feed-forward: n_shared_experts that every token goes through, plus moe_topk of n_experts
-    fine-grained routed experts per token (DeepSeekMoE, arXiv 2401.06066), with the balancing losses of Switch
-    (arXiv 2101.03961), ST-MoE (arXiv 2202.08906) and DeepSeek-V3 (arXiv 2412.19437 §2.1.2), and Switch's capacity.
-    Writes its metrics and losses to ctx.aux under "moe<layer>/".
-    """
+    """Mixture-of-experts feed-forward (DeepSeekMoE, arXiv 2401.06066): n_shared_experts for every token, moe_topk of
+    n_experts fine-grained routed ones; the balancing losses of Switch (arXiv 2101.03961), ST-MoE (arXiv 2202.08906)
+    and DeepSeek-V3 (§2.1.2), and Switch's capacity. Metrics go to ctx.aux under "moe<layer>/"."""
 
     def __init__(self, config, layer):
         super().__init__()
@@ -1022,8 +944,7 @@ class MoE(nn.Module):
         by_score = slot_score.argsort(descending=True, stable=True)
         order = by_score[slot_expert[by_score].argsort(stable=True)]  # (N * k,) slots in expert order
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
-        # (E,) slots per expert, counted by a comparison: compiled for CUDA, index_add_ becomes a sorted index_put
-        # that adds each expert's thousands of slots one after another
+        # (E,) slots per expert by a comparison: compiled for CUDA, index_add_ would add each slot one after another
         counts = (slot_expert[:, None] == torch.arange(E, device=x.device)).sum(dim=0)
         dropped = torch.zeros((), device=x.device)
         if self.training and self.capacity_factor > 0:  # evaluation and decoding stay dropless
@@ -1054,8 +975,7 @@ class MoE(nn.Module):
         losses = {
             # Switch/GShard: E * sum_i f_i P_i, f_i the share of slots, P_i the mean probability: 1 when balanced
             "aux_loss": E * (load * probs.mean(dim=0)).sum(),
-            # DeepSeek-V3 eq. 17-20, per sequence: f_i = E / (k T) * its slots of expert i, P_i the sequence's mean
-            # probability of i; the mean over sequences, 1 when balanced
+            # DeepSeek-V3 eq. 17-20 per sequence (f_i = E / (k T) * slots of i, P_i its mean probability), averaged
             "seq_aux_loss": (E / (k * T) * per_sequence * probs.view(B, T, E).mean(dim=1)).sum(dim=1).mean(),
             # ST-MoE: the squared log-partition of the router logits keeps them small
             "z_loss": logits.logsumexp(dim=-1).square().mean(),
@@ -1073,12 +993,9 @@ class MoE(nn.Module):
 
 @torch.no_grad()
 def update_router_biases(model):
-    """
-    Auxiliary-loss-free balancing (DeepSeek-V3 §2.1.2), for the training loop to call after each optimizer step:
-    every router's selection bias moves by bias_update_rate toward balance (down for the experts that got more
-    than the mean load, up for the others), from the slots counted over the step's micro-batches and summed
-    over DDP processes, so that every replica moves alike. Nothing to do when bias_update_rate = 0.
-    """
+    """Auxiliary-loss-free balancing (DeepSeek-V3 §2.1.2), after each optimizer step: each router's selection bias
+    moves by bias_update_rate toward balance (down above the mean load, up below), from the slots counted over the
+    step's micro-batches and summed over DDP processes, so that every replica moves alike."""
     routers = [m for m in model.modules() if isinstance(m, Router) and m.bias_rate]
     if not routers:
         return
@@ -1094,11 +1011,8 @@ def update_router_biases(model):
 # residual and memory
 
 class Residual(nn.Module):
-    """
-    The standard pre-norm residual around a sublayer: x + f(x), f holding the sublayer's own norm. No parameters.
-    A residual class also turns the embedding into its streams and the streams into the last hidden state: here the
-    one stream is x itself.
-    """
+    """The standard pre-norm residual x + f(x), f holding the sublayer's norm. A residual class also expands the
+    embedding into its streams and reduces them to the last hidden state: here the one stream is x itself."""
 
     def __init__(self, config, sublayer):
         super().__init__()
@@ -1119,16 +1033,11 @@ class Residual(nn.Module):
 
 
 class HyperConnections(nn.Module):
-    """
-    Hyper-connections around one sublayer (Zhu et al., ICLR 2025, arXiv 2409.19606), residual='hc': the residual is
-    n = hc_streams streams H (B, T, n, d); the sublayer reads h = sum_j pre_j H_j and the streams become
-    H'_i = sum_j res_ij H_j + post_i f(h). Each of pre, post and res is a static learned value plus a dynamic one,
-    gain * tanh(norm(H_j) W), computed from each stream j (the paper's DHC). The init (pre one-hot on stream
-    sublayer mod n, res = I, post = 1, W = 0) gives every stream the same x + f(x): the standard pre-norm residual,
-    exactly (GPT reads out the mean of the streams).
-    """
-    # the dynamic part's scale: the papers' s_alpha, s_beta (mHC: alpha) start at 0.01 and are learned; times weights
-    # that start at zero, a learned scale gets no gradient at step 0, so the scale stays fixed and the weights learn
+    """Hyper-connections (Zhu et al., ICLR 2025, arXiv 2409.19606), residual='hc': n = hc_streams streams
+    H (B, T, n, d); the sublayer reads h = sum_j pre_j H_j, the streams become H'_i = sum_j res_ij H_j + post_i f(h).
+    pre, post and res are each a static learned value plus a dynamic one, gain * tanh(norm(H_j) W), from each stream
+    j (DHC). The init (pre one-hot on stream sublayer mod n, res = I, post = 1, W = 0) is the standard residual."""
+    # fixed, where the papers learn it (s_alpha, s_beta; mHC's alpha): times zero-init weights it gets no gradient
     gain = 0.01
 
     def __init__(self, config, sublayer):
@@ -1185,15 +1094,11 @@ class HyperConnections(nn.Module):
 
 
 class ManifoldHyperConnections(HyperConnections):
-    """
-    Manifold-constrained hyper-connections (DeepSeek mHC, arXiv 2512.24880), residual='mhc': the mappings come from
-    all streams at once, x = RMSNorm(vec H) (n*d); pre = sigmoid(.), post = 2 sigmoid(.), and res is made doubly
-    stochastic (entries >= 0, rows and columns summing to 1) by hc_sinkhorn_iters Sinkhorn-Knopp iterations. Why:
-    HC's unconstrained res matrices multiply over depth, and their product can grow or shrink the signal without bound
-    (the paper measures gains of thousands); doubly stochastic matrices are closed under products, have spectral norm
-    <= 1 and keep the streams' mean, so the residual path stays bounded at any depth. At init (W = 0; pre summing to 1,
-    weighted toward stream sublayer mod n; post = 1; res near I) every stream carries the standard residual.
-    """
+    """Manifold-constrained hyper-connections (DeepSeek mHC, arXiv 2512.24880), residual='mhc': mappings from all
+    streams at once, x = RMSNorm(vec H) (n*d); pre = sigmoid(.), post = 2 sigmoid(.), res made doubly stochastic by
+    hc_sinkhorn_iters Sinkhorn-Knopp iterations: HC's free res matrices multiply over depth and can grow or shrink
+    the signal without bound; doubly stochastic ones are closed under products, have spectral norm <= 1 and keep the
+    streams' mean. The init (W = 0, pre toward stream sublayer mod n, res near I) is the standard residual."""
 
     def initial_mappings(self, d, sublayer):
         n = self.n
@@ -1210,11 +1115,8 @@ class ManifoldHyperConnections(HyperConnections):
 
 
 def sinkhorn(logits, iters):
-    """
-    Sinkhorn-Knopp on exp(logits) (..., n, n): rows, then columns, scaled to sum 1, iters times; in log space (a
-    logsumexp per row and column) so that large logits do not overflow. Columns sum to 1 exactly, rows nearly;
-    gradients flow through the unrolled loop.
-    """
+    """Sinkhorn-Knopp on exp(logits) (..., n, n): rows, then columns, scaled to sum 1, iters times, in log space so
+    that large logits do not overflow. Columns sum to 1 exactly, rows nearly; gradients flow through the loop."""
     for _ in range(iters):
         logits = logits - logits.logsumexp(dim=-1, keepdim=True)
         logits = logits - logits.logsumexp(dim=-2, keepdim=True)
@@ -1228,17 +1130,12 @@ ENGRAM_PAD = -1  # Engram's token id for "no token": before a sequence's start, 
 
 
 class Engram(nn.Module):
-    """
-    Conditional memory by hashed n-gram lookup (DeepSeek Engram, arXiv 2601.07372), on the layers in
-    engram_layers. At position t, the n-gram of token ids ending at t, for each n in engram_orders, is mixed into one
-    int64 (the XOR of id_{t-m} times an odd multiplier c_m per offset m and layer, wrapping) and hashed by
-    engram_heads functions, modulo a distinct prime each, into its own rows of one table; the rows found, concatenated
-    (engram_dim), give a key and a value. The value enters each residual stream h through a gate from the context,
-    sigmoid(signed sqrt(norm(key) . norm(h) / sqrt(d))), before the block's attention. Only the current and earlier
-    tokens are read. The table trains by sparse rows (optim.py), so that a step touches only the rows its batch looked
-    up. Left out from the paper: the tokenizer's id compression and the short causal convolution after the gate.
-    Decoding keeps the last max order - 1 token ids in the layer's cache.
-    """
+    """Conditional memory by hashed n-gram lookup (DeepSeek Engram, arXiv 2601.07372) on engram_layers. At position
+    t, the n-gram of ids ending at t, for each n in engram_orders, is mixed into one int64 (the XOR of id_{t-m} times
+    an odd multiplier c_m per offset m and layer, wrapping) and hashed by engram_heads functions, modulo a distinct
+    prime each, into its own rows of one table; the rows found, concatenated (engram_dim), give a key and a value.
+    The value enters each stream h before attention, gated by sigmoid(signed sqrt(norm(key) . norm(h) / sqrt(d))).
+    Trained by sparse rows (optim.py). Left out: the tokenizer's id compression, the convolution after the gate."""
     rewinds = False  # its cache is a window of the last ids, which a rejected draft would have moved
 
     def __init__(self, config, layer):
@@ -1275,10 +1172,8 @@ class Engram(nn.Module):
         return {"engram_tokens": torch.full((batch, self.context), ENGRAM_PAD, device=device)}  # no ids yet
 
     def window(self, idx, ctx=None, cache=None):
-        """
-        The ids idx (B, T) after the `context` ids before them, (B, context + T), with ENGRAM_PAD where there is none
-        (a sequence start, a row's left padding); decoding reads the ids before from the cache and writes it.
-        """
+        """The ids idx (B, T) after the `context` ids before them, (B, context + T), with ENGRAM_PAD where there is
+        none (a sequence start, a row's left padding); decoding reads the ids before from the cache and writes it."""
         if cache is None:
             return F.pad(idx, (self.context, 0), value=ENGRAM_PAD)
         idx = idx.masked_fill(ctx.cache_pos[None, :] < ctx.pad[:, None], ENGRAM_PAD)
@@ -1298,8 +1193,7 @@ class Engram(nn.Module):
 
     def forward(self, x, ctx, cache=None):
         """x (B, T, d), or (B, T, n, d) streams -> x with the memory added, the same shape."""
-        # inductor cannot produce a sparse gradient: under torch.compile, a lookup with gradients runs eagerly (a graph
-        # break); without (decoding, evaluation) it compiles with the rest, so that a decode step is one graph
+        # inductor makes no sparse gradient: a lookup with gradients runs eager (a graph break), one without compiles
         rows = self.rows(self.window(ctx.idx, ctx, cache))
         lookup = eager(F.embedding) if torch.is_grad_enabled() else F.embedding
         memory = lookup(rows, self.table.weight, sparse=True).flatten(2)  # (B, T, engram_dim)
@@ -1332,10 +1226,8 @@ MIXERS = {"mha": CausalSelfAttention, "mla": MLA, "elu": LinearAttention, "gated
 
 
 class Block(nn.Module):
-    """
-    Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); the config picks both for layer `layer`, the
-    residual around each (standard, or hyper-connections over streams), and a memory before them (Engram).
-    """
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); the config picks both for layer `layer`,
+    the residual around each (standard, or hyper-connections over streams), and a memory before them (Engram)."""
 
     def __init__(self, config, layer):
         super().__init__()
@@ -1376,11 +1268,9 @@ def matmul_flops(module):
 
 
 class MTP(nn.Module):
-    """
-    One multi-token prediction depth (DeepSeek-V3, arXiv 2412.19437 §2.2): the previous depth's hidden state at
-    position i and the embedding of token i + depth, each RMS-normalized, concatenated and projected back to
-    n_embd, then mtp_blocks blocks of its own; the model's embedding and output head are shared.
-    """
+    """One multi-token prediction depth (DeepSeek-V3, arXiv 2412.19437 §2.2): the previous depth's hidden state at
+    position i and the embedding of token i + depth, each RMS-normalized, concatenated and projected back to n_embd,
+    then mtp_blocks blocks of its own; the model's embedding and output head are shared."""
 
     def __init__(self, config, depth):
         super().__init__()
@@ -1401,11 +1291,8 @@ class MTP(nn.Module):
         return self.residual.reduce(x)
 
     def draft(self, model, cache, hidden, tokens, cache_pos, last=1):
-        """
-        Speculative decoding's draft (decode.py), from the first depth: at cache slots cache_pos (T,), from the main
-        model's hidden states there (B, T, n_embd) and the token after each (B, T); writes its cache (cache['mtp'])
-        and returns its logits (B, last, V) for the tokens after the last `last` of them.
-        """
+        """Speculative decoding's draft (decode.py), writing cache['mtp']: logits (B, last, V) at the last `last` of
+        the slots cache_pos (T,), from the main model's hidden states there (B, T, n_embd) and next tokens (B, T)."""
         h = self(hidden, model.wte(tokens), model.decode_context(cache, cache_pos), cache["mtp"])
         return model.lm_head(self.norm(h[:, -last:]))
 
@@ -1414,12 +1301,9 @@ class MTP(nn.Module):
 
 
 def mtp_loss(model, h, idx, targets, ctx):
-    """
-    ctx.losses['mtp_loss'] = (mtp_lambda / mtp_depth) * the sum over depths k of the loss of predicting token
-    i + k + 1 at position i, from MTP module k's view of position i: depth k - 1's hidden state h there and the
-    embedding of token i + k (teacher forcing); one position shorter at each depth. Each depth's loss also goes to
-    ctx.aux['mtp<k>/loss'].
-    """
+    """ctx.losses['mtp_loss'] = mtp_lambda / mtp_depth * the sum over depths k of the loss of predicting token
+    i + k + 1 at position i from depth k - 1's hidden state h there and the embedding of token i + k (teacher
+    forcing), one position shorter at each depth; each depth's loss also goes to ctx.aux['mtp<k>/loss']."""
     total = 0.0
     for k, module in enumerate(model.mtp, start=1):
         T = idx.size(1) - k
@@ -1445,14 +1329,12 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.mtp = nn.ModuleList(MTP(config, depth) for depth in range(1, config.mtp_depth + 1))
-        # training objectives beyond the next token's, each adding to ctx.losses
-        self.objectives = [mtp_loss] if config.mtp_depth else []
+        self.objectives = [mtp_loss] if config.mtp_depth else []  # beyond the next token's, adding to ctx.losses
         cos, sin = rope_tables(config)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.apply(self._init_weights)
-        # matrices that write into the residual stream get a depth-scaled init (GPT-2 paper §2.3):
-        # 2 * n_layer of them add up along the stream, so each gets std / sqrt(2 * n_layer)
+        # GPT-2 §2.3: the 2 * n_layer matrices writing into the residual stream add up, so each gets std / sqrt(that)
         for p in self.parameters():
             if getattr(p, "writes_residual", False):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
@@ -1466,12 +1348,9 @@ class GPT(nn.Module):
             module.init_weights()
 
     def forward(self, idx, targets=None, cache=None, cache_pos=None):
-        """
-        idx (B, T) token ids; targets (B, T), -1 where no loss is wanted; decoding: cache (new_cache) and cache_pos (T,)
-        the slots of these tokens. Returns logits (B, T, V) (the last position only without targets), the loss (or
-        None) and the dict of metrics and auxiliary losses that variants fill. Training, the loss adds the weighted
-        auxiliary losses (ctx.losses) to the next-token loss, which aux['lm_loss'] then holds alone.
-        """
+        """idx (B, T) token ids; targets (B, T), -1 where no loss is wanted; decoding: cache (new_cache), the tokens'
+        slots cache_pos (T,). Returns logits (B, T, V) (the last position only without targets), the loss (or None)
+        and aux (metrics, auxiliary losses); training, the loss is aux['lm_loss'] (next token) plus ctx.losses."""
         B, T = idx.shape
         if cache is None:
             assert T <= self.config.block_size, f"sequence of {T} tokens exceeds block_size {self.config.block_size}"
@@ -1509,18 +1388,14 @@ class GPT(nn.Module):
 
     def decode_context(self, cache, cache_pos):
         """The Context of tokens at cache slots cache_pos (T,), computed on the device (no host sync)."""
-        # left padding: row b starts at slot cache.pad[b]; its positions count from there
-        pos = (cache_pos[None, :] - cache["pad"][:, None]).clamp(min=0)  # (B, T)
-        slots = torch.arange(cache["max_len"], device=cache_pos.device)
-        visible = (slots[None, None, :] <= cache_pos[None, :, None]) & (slots[None, None, :] >= cache["pad"][:, None, None])
-        return Context(cos=self.cos[pos], sin=self.sin[pos], cache_pos=cache_pos, mask=visible.unsqueeze(1),
-                       pad=cache["pad"])
+        pad, slots = cache["pad"], torch.arange(cache["max_len"], device=cache_pos.device)
+        pos = (cache_pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T): left padding, row b starts at slot pad[b]
+        visible = (slots[None, None, :] <= cache_pos[None, :, None]) & (slots[None, None, :] >= pad[:, None, None])
+        return Context(cos=self.cos[pos], sin=self.sin[pos], cache_pos=cache_pos, mask=visible.unsqueeze(1), pad=pad)
 
     def new_cache(self, batch, max_len, dtype=None, mtp=False):
-        """
-        A static-shape cache for `batch` rows of up to `max_len` <= block_size tokens, written in place (a captured CUDA
-        graph needs fixed addresses); mtp=True adds the first MTP module's (speculative decoding's draft).
-        """
+        """A static-shape cache for `batch` rows of up to `max_len` <= block_size tokens, written in place (a CUDA
+        graph needs fixed addresses); mtp=True adds the first MTP module's, speculative decoding's draft."""
         assert max_len <= self.config.block_size
         device, dtype = self.wte.weight.device, dtype or self.wte.weight.dtype
         cache = {"layers": [block.new_cache(batch, max_len, dtype, device) for block in self.blocks],
@@ -1530,10 +1405,8 @@ class GPT(nn.Module):
         return cache
 
     def cast_parameters(self, dtype):
-        """
-        For inference in dtype (bf16 on a GPU): the parameters in place, ties kept, the buffers (RoPE tables, router
-        state) in fp32; under autocast, fp32 weights would be cast again at every matmul of every decode step.
-        """
+        """For inference in dtype (bf16 on a GPU): the parameters in place, ties kept, buffers (RoPE tables, router
+        state) in fp32; under autocast, fp32 weights would be cast again at every matmul of every decode step."""
         for p in self.parameters():
             p.data = p.data.to(dtype)
         return self
@@ -1542,13 +1415,11 @@ class GPT(nn.Module):
     # accounting
 
     def num_params(self, embedding=True, active=False):
-        """
-        Parameter count of the model that runs at inference (a tied head counted once; the MTP modules, unused there,
-        left out). embedding=False leaves out the token embedding (and an untied output head); active=True counts
-        only the moe_topk of n_experts routed experts that one token goes through (DeepSeek-V3's "activated").
-        Lookup tables (Engram's), memory looked up rather than computed with, are counted apart: table_params().
-        """
-        n = sum(p.numel() for p in self.parameters()) - sum(p.numel() for p in self.mtp.parameters()) - self.table_params()
+        """Parameters of the model that runs at inference: a tied head once, no MTP modules, no lookup tables (apart:
+        table_params). embedding=False leaves out the token embedding (and an untied head); active=True counts only
+        the moe_topk of n_experts routed experts a token goes through (DeepSeek-V3's "activated")."""
+        n = sum(p.numel() for p in self.parameters()) - sum(p.numel() for p in self.mtp.parameters())
+        n -= self.table_params()
         if not embedding:
             n -= self.wte.weight.numel() + (0 if self.config.tie_embeddings else self.lm_head.weight.numel())
         if active:
@@ -1560,16 +1431,11 @@ class GPT(nn.Module):
         return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding) and m.sparse)
 
     def flops_breakdown(self, seq_len=None):
-        """
-        Training FLOPs per token (forward + backward = 3 x forward) by part of the model: 2 per weight of every matmul
-        a token goes through (of the routed experts, moe_topk), plus each mixer's attention_flops ('attention
-        scores'): a softmax query takes 2 * (query-key dims) FLOPs per key for q.k and 2 * (value dims) for the
-        weighted sum of values, over the keys its span lets it see (full causal attention: t + 1 keys at position t,
-        (T + 1) / 2 on average; sliding, block-sparse, MoBA: only those), and linear attention its recurrent form's
-        state reads and writes. Hyper-connections and Engram count their own (an Engram table is looked up, not
-        multiplied); norms and biases are left out. 'head' is the output head, tied or not; 'mtp' is all the MTP
-        modules' work, their pass through the shared head included. MTP depth k runs on T - k positions, counted as T.
-        """
+        """Training FLOPs per token (3 x forward) by part: 2 per weight of every matmul a token goes through (of the
+        routed experts, moe_topk's), each mixer's attention_flops ('attention scores': per key its span lets a query
+        see, 2 per query-key dim for q.k and per value dim for the weighted sum; linear attention its state's reads
+        and writes), and the residual's and Engram's own (lookups cost none); norms and biases left out. 'head': the
+        output head, tied or not; 'mtp': all MTP modules' work, their head included, depth k's T - k tokens as T."""
         T = seq_len or self.config.block_size
         parts = dict.fromkeys(["attention projections", "attention scores", "mlp", "moe", "hyper-connections",
                                "engram", "head", "mtp"], 0)
@@ -1585,11 +1451,9 @@ class GPT(nn.Module):
         return sum(self.flops_breakdown(seq_len).values())
 
     def kv_cache_bytes(self, context, dtype=torch.bfloat16):
-        """
-        Bytes of one sequence's decode cache at `context` tokens, all layers together, in dtype: per token and layer
-        2 * n_kv_head * head_dim numbers for MHA, GQA and MQA, kv_lora_rank + qk_rope_head_dim for MLA, for at most
-        `window` tokens on sliding layers; linear layers keep a state of fixed size (fp32), whatever the context.
-        """
+        """Bytes of one sequence's decode cache at `context` tokens, in dtype: per token and layer 2 * n_kv_head *
+        head_dim (MHA, GQA, MQA) or kv_lora_rank + qk_rope_head_dim (MLA), up to `window` tokens on sliding layers;
+        linear layers keep a fixed-size fp32 state."""
         caches = [block.attn.new_cache(1, context, dtype, "meta") for block in self.blocks]
         return sum(t.numel() * t.element_size() for cache in caches for t in cache.values() if t.is_floating_point())
 

@@ -1,18 +1,14 @@
 """
-Optimizers shared by train.py and grpo.py.
-
-configure_optimizers builds the parameter groups once, so that every stage trains the same way:
+Optimizers shared by train.py and grpo.py; configure_optimizers builds the parameter groups for every stage alike:
 - 'adamw': AdamW (Loshchilov & Hutter 2019) on everything, with weight decay on matrices (every >= 2-D weight:
   linear layers and embeddings) and none on vectors (norm gains), fused into one kernel on CUDA.
 - 'muon': Muon (Keller Jordan, "Muon: An optimizer for hidden layers in neural networks", 2024) on the hidden
   matrices, AdamW as above on the rest: embeddings, output head, routers, norms and every other vector.
-- 'muonclip': Muon plus QK-Clip (Kimi K2, arXiv 2507.20534 §2.1), which the stage applies after each optimizer
-  step through QKClip below, because it needs the attention logits of the step's forward passes.
-Under any of them, Engram tables (model.py) train by sparse rows with SparseAdam; stages clip gradients with
-clip_grad_norm_ below, which takes their sparse gradients too.
-
-Every parameter group may carry 'lr_ratio', its peak learning rate over the stage's `learning_rate`: the stage's
-schedule sets group['lr'] = lr * group.get('lr_ratio', 1), so that Muon and AdamW warm up and decay together.
+- 'muonclip': Muon plus QK-Clip (Kimi K2, arXiv 2507.20534 §2.1), which the stage applies after each step through
+  QKClip, because it needs the attention logits of the step's forward passes.
+Under any of them Engram tables (model.py) train by sparse rows with SparseAdam, and clip_grad_norm_ takes their
+sparse gradients. A group's 'lr_ratio' is its peak learning rate over the stage's `learning_rate`: the schedule
+sets group['lr'] = lr * group.get('lr_ratio', 1), so that Muon and AdamW warm up and decay together.
 """
 import math
 
@@ -25,11 +21,9 @@ import torch.nn as nn
 # Muon
 
 def orthogonalize(G, steps=5):
-    """
-    U V^T of G = U S V^T, approximately, by the Newton-Schulz quintic iteration of Keller Jordan's Muon: its
-    coefficients (3.4445, -4.7750, 2.0315) trade exactness for speed, leaving singular values between about 0.7
-    and 1.2 instead of exactly 1, which training does not notice. In bf16; batched over leading dimensions.
-    """
+    """U V^T of G = U S V^T, approximately, by the Newton-Schulz quintic iteration of Keller Jordan's Muon: its
+    coefficients trade exactness for speed, leaving singular values between about 0.7 and 1.2 instead of exactly 1,
+    which training does not notice. In bf16; batched over leading dimensions."""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.bfloat16()
     tall = G.size(-2) > G.size(-1)
@@ -55,15 +49,13 @@ class Muon(torch.optim.Optimizer):
     """
     MomentUm Orthogonalized by Newton-Schulz (Keller Jordan 2024) for weight matrices (out, in), or stacks of them
     (experts, out, in): Nesterov momentum, then each matrix's update replaced by its nearest semi-orthogonal matrix,
-    scaled by the lr_scale rule, with decoupled weight decay p <- p (1 - lr wd).
-
-    A fused matrix says how its rows split into logical matrices with a `logical_rows` attribute (q | k | v,
-    gate | up); each part is orthogonalized and scaled on its own, while the momentum covers the whole parameter.
-
-    Under torch.distributed (DDP has already averaged the gradients), every rank keeps every momentum buffer,
-    which is cheap and makes rank 0's state_dict complete for any world size; the Newton-Schulz work is shared
-    out: of the matrices of each shape, rank r updates numbers r, r + world, ..., and all_gather hands the
-    updated matrices to every rank (the scheme of modded-nanogpt), in the background of the next shape's work.
+    scaled by the lr_scale rule, with decoupled weight decay p <- p (1 - lr wd). A fused matrix marks how its rows
+    split into logical matrices (`logical_rows`: q | k | v, gate | up); each part is orthogonalized and scaled alone
+    (the momentum covers the whole parameter).
+    Under torch.distributed (gradients already averaged), every rank keeps every momentum buffer (cheap, and rank 0's
+    state_dict is complete for any world size) and the Newton-Schulz work is shared out: of the matrices of each
+    shape, rank r updates numbers r, r + world, ..., and all_gather hands them to every rank (modded-nanogpt's
+    scheme), in the background of the next shape's work.
     """
 
     def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0, lr_scale="shape"):
@@ -108,15 +100,12 @@ class Muon(torch.optim.Optimizer):
 
 
 class Optimizers:
-    """
-    Torch optimizers over disjoint parameters (muon, adamw, sparse_adam) behind the interface of a single one: each
-    is an attribute under its name, and its state sits under that name in state_dict.
-    """
+    """Torch optimizers over disjoint parameters (muon, adamw, sparse_adam) behind the interface of a single one: each
+    is an attribute under its name, and its state sits under that name in state_dict."""
 
     def __init__(self, **parts):
         self.parts = parts
-        for name, part in parts.items():
-            setattr(self, name, part)
+        vars(self).update(parts)
 
     @property
     def param_groups(self):  # read afresh: load_state_dict replaces the group dicts
@@ -139,10 +128,8 @@ class Optimizers:
 
 
 def clip_grad_norm_(parameters, max_norm):
-    """
-    torch.nn.utils.clip_grad_norm_ (scale all gradients so that their global L2 norm is at most max_norm; returns
-    the norm before clipping) for gradients that may be sparse, as the Engram tables' are, which torch's cannot take.
-    """
+    """torch.nn.utils.clip_grad_norm_ (scale all gradients so that their global L2 norm is at most max_norm; returns
+    the norm before clipping) for gradients that may be sparse, as the Engram tables' are, which torch's cannot take."""
     params = [p for p in parameters if p.grad is not None]
     for p in params:
         if p.grad.is_sparse:  # rows looked up twice summed first: the norm of the gradient, not of its pieces
@@ -161,17 +148,12 @@ def clip_grad_norm_(parameters, max_norm):
 
 class QKClip:
     """
-    The clip of MuonClip (Kimi K2, arXiv 2507.20534 §2.1): Muon lets attention logits grow until training
-    spikes, so after each optimizer step every head whose largest pre-softmax logit exceeded tau has its query
-    and key weights scaled down until that logit is tau. The rescaling does not touch the step's own update.
-
-    Works on every module with a `qk_clip(max_logits, tau)` method and a `track_max_logits` switch (see
-    CausalSelfAttention in model.py): while the switch is on, the module's forward appends its per-head maximum
-    logit, a (n_head,) tensor, to aux["max_logits"], in forward order. Per step:
-
-        qk_clip.track(True)
-        for each micro-step: _, loss, aux = model(x, y); qk_clip.observe(aux); ...
-        qk_clip.track(False); optimizer.step(); max_logit_per_layer = qk_clip.clip()
+    The clip of MuonClip (Kimi K2, arXiv 2507.20534 §2.1): Muon lets attention logits grow until training spikes, so
+    after each optimizer step every head whose largest pre-softmax logit exceeded tau has its query and key weights
+    scaled down until that logit is tau (the step's own update untouched). Works on every module with a
+    `qk_clip(max_logits, tau)` method and a `track_max_logits` switch (CausalSelfAttention): while it is on, forward
+    appends the per-head maximum logit (n_head,) to aux["max_logits"], in forward order. Per step: track(True); each
+    micro-step observe(aux) of model(x, y); track(False); optimizer.step(); max_logit_per_layer = clip().
     """
 
     def __init__(self, model, tau):
@@ -206,25 +188,21 @@ OPTIMIZERS = ("adamw", "muon", "muonclip")
 
 def configure_optimizers(model, optimizer="adamw", learning_rate=6e-4, weight_decay=0.1, betas=(0.9, 0.95),
                          device_type="cpu", muon_lr=0.0, muon_momentum=0.95, muon_lr_scale="moonshot"):
-    """
-    One optimizer object for a stage, used like any torch optimizer (step, zero_grad, param_groups, state_dict).
+    """One optimizer object for a stage, used like any torch optimizer (step, zero_grad, param_groups, state_dict).
     muon_lr is Muon's peak learning rate; 0 picks the one its muon_lr_scale rule is calibrated for: learning_rate
-    itself under 'moonshot' (the update's RMS matches AdamW's), 0.02 under 'shape' (modded-nanogpt's Muon lr).
-    """
+    itself under 'moonshot' (the update's RMS matches AdamW's), 0.02 under 'shape' (modded-nanogpt's Muon lr)."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer '{optimizer}' (choose {', '.join(OPTIMIZERS)})")
-    # An Engram table (an nn.Embedding with sparse=True) gets sparse gradients, and SparseAdam, a lazy Adam (no weight
-    # decay): the step reads and writes the moments and rows of only the rows its batch looked up, so that its cost
-    # does not grow with the table. Never Muon: a table's rows are not a linear map.
+    # An Engram table (nn.Embedding, sparse=True) gets SparseAdam, a lazy Adam (no weight decay) whose step touches
+    # only the rows its batch looked up (its cost does not grow with the table); never Muon: rows are no linear map.
     sparse = [m.weight for m in model.modules() if isinstance(m, nn.Embedding) and m.sparse and m.weight.requires_grad]
     if sparse and dist.is_initialized() and dist.get_backend() == "nccl":
         raise ValueError("Engram tables have sparse gradients, which DDP all-reduces over gloo but not over NCCL: "
                          "train them on one GPU (or CPU processes)")
     params = [p for p in model.parameters() if p.requires_grad and not any(p is t for t in sparse)]
-    # Muon is for the hidden matrices. An embedding is a lookup table whose rows train only when their token
-    # shows up, and the output head (tied or not) a classifier over the vocabulary: both stay with AdamW, as in
-    # the Muon reference; so do the tiny, skinny maps that model.py marks p.muon = False (routers, the
-    # hyper-connections' mixing weights, Gated DeltaNet's depthwise filters).
+    # Muon is for the hidden matrices: embeddings (rows train only when their token shows up) and the output head (a
+    # classifier over the vocabulary) stay with AdamW, as in the Muon reference, and so do the tiny, skinny maps that
+    # model.py marks p.muon = False (routers, hyper-connections' mixing weights, Gated DeltaNet's filters).
     lookups = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} | {id(model.lm_head.weight)}
     matrices = [p for p in params if optimizer != "adamw" and p.dim() >= 2 and id(p) not in lookups
                 and getattr(p, "muon", True)]

@@ -1,7 +1,6 @@
 """
 GRPO's pieces, each a function of its inputs (grpo.py runs them): verifiable tasks, a user's reward, group advantages,
-the layout of prompt + completion rows, token log-probabilities, the k3 KL and the clipped policy loss, and grouped
-sampling.
+the layout of prompt + completion rows, token log-probabilities, the k3 KL, the clipped policy loss, grouped sampling.
 
 GRPO (DeepSeekMath, arXiv 2402.03300 §4.1): for each prompt q, sample a group of G completions from the policy as it
 was before this step (pi_old), score them, and give every token of completion i the advantage
@@ -70,12 +69,9 @@ def has_format(completion, task):
 
 
 def load_reward(spec):
-    """
-    A user's reward 'module:function', a function (prompt, completion) -> float of the two texts, as a function that
-    returns its value as a float, or raises ValueError in one line that names the reward and its contract when it
-    raises, returns something that is not a number (a string, None), or a NaN or an infinity (which would train the
-    weights to NaN).
-    """
+    """A user's reward 'module:function' (prompt, completion) -> float, wrapped to return a float, or raise a one-line
+    ValueError naming the reward and its contract when it raises or returns no finite number (a string, None, a NaN
+    or an infinity, which would train the weights to NaN)."""
     module_name, _, function_name = spec.partition(":")
     try:
         function = getattr(importlib.import_module(module_name), function_name)
@@ -103,26 +99,20 @@ def load_reward(spec):
 # the pieces of GRPO
 
 def group_advantages(rewards, group_size, scale=True):
-    """
-    rewards (N,), the G completions of each prompt contiguous -> advantages (N,) and a (N / G,) mask of the groups
+    """rewards (N,), the G completions of each prompt contiguous -> advantages (N,) and a (N / G,) mask of the groups
     whose rewards are all equal. A = r - group mean, divided by the group's population std (+ 1e-4, as TRL) when
-    scale; Dr. GRPO (arXiv 2503.20783 §3.1) drops the division, which over-weights too easy and too hard prompts.
-    """
+    scale; Dr. GRPO (arXiv 2503.20783 §3.1) drops the division, which over-weights too easy and too hard prompts."""
     r = rewards.view(-1, group_size)
     std = r.std(dim=1, unbiased=False, keepdim=True)
-    advantages = r - r.mean(dim=1, keepdim=True)
-    if scale:
-        advantages = advantages / (std + 1e-4)
+    advantages = (r - r.mean(dim=1, keepdim=True)) / (std + 1e-4 if scale else 1)
     return advantages.flatten(), std.flatten() == 0
 
 
 def layout(prompts, completions, pad_id):
-    """
-    Rows prompt + completion, left-aligned and right-padded with pad_id: under causal attention no real token
-    sees a pad, so no padding mask is needed, and a token's position is its position in generation (which counts
-    from each row's first prompt token). Returns idx (B, T) and targets (B, T): the next token where it belongs to
-    the completion, else -1 (the prompt and the padding take no loss and give no gradient).
-    """
+    """Rows prompt + completion, left-aligned and right-padded with pad_id: under causal attention no real token sees a
+    pad (no padding mask needed), and a token's position is its position in generation (counted from each row's
+    first prompt token). Returns idx (B, T) and targets (B, T): the next token where it belongs to the completion,
+    else -1 (the prompt and the padding take no loss and give no gradient)."""
     T = max(len(p) + len(c) for p, c in zip(prompts, completions)) - 1
     idx = torch.full((len(prompts), T), pad_id, dtype=torch.long)
     targets = torch.full((len(prompts), T), -1, dtype=torch.long)
@@ -149,19 +139,14 @@ def kl_k3(logprobs, ref_logprobs):
 
 def policy_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, eps, eps_high, beta, loss_agg,
                 n_completions, n_tokens, max_completion_length):
-    """
-    The clipped surrogate plus beta * k3 KL per token, aggregated over the tokens by loss_agg as its paper does (the
-    branches below). logprobs, old_logprobs, ref_logprobs, mask (B, T); advantages (B,); ref_logprobs is None when
-    beta = 0. n_completions and n_tokens are the whole step's counts (every micro-batch on every process), so that
-    the parts add up to one loss. Returns the loss and the sums of the tokens' KL and of the clipped tokens (for the
-    logs).
-    """
+    """The clipped surrogate plus beta * k3 KL per token, aggregated over the tokens by loss_agg as its paper does.
+    logprobs, old_logprobs, ref_logprobs (None when beta = 0), mask (B, T); advantages (B,). n_completions and
+    n_tokens count the whole step (every micro-batch on every process), so that the parts add up to one loss.
+    Returns the loss and, for the logs, the sums of the tokens' KL and of the clipped tokens."""
     ratio = (logprobs - old_logprobs).exp()
-    surrogate = ratio * advantages[:, None]
-    clipped = ratio.clamp(1 - eps, 1 + eps_high) * advantages[:, None]
-    per_token = -torch.min(surrogate, clipped)
+    surrogate, clipped = ratio * advantages[:, None], ratio.clamp(1 - eps, 1 + eps_high) * advantages[:, None]
     kl = kl_k3(logprobs, ref_logprobs) if beta else torch.zeros_like(logprobs)
-    per_token = (per_token + beta * kl) * mask
+    per_token = (-torch.min(surrogate, clipped) + beta * kl) * mask
     if loss_agg == "grpo":  # each completion's mean over its tokens, then their mean (DeepSeekMath §4.1)
         loss = (per_token.sum(dim=1) / mask.sum(dim=1)).sum() / n_completions
     elif loss_agg == "dapo":  # every token of the step weighs the same (DAPO, arXiv 2503.14476 §3.3)

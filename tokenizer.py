@@ -1,15 +1,12 @@
 """
 Text <-> token ids: one Tokenizer class over three backends.
-
 - 'bpe': a BPE with byte fallback that prepare.py trains with sentencepiece on your corpus (tokenizer.model)
 - 'gpt2': OpenAI's GPT-2 BPE through tiktoken, with pad and chat markers added after id 50256
 - 'hf': a Hugging Face model folder's tokenizer.json (Llama 3, Qwen, DeepSeek-V3, ...), as it is, through the
   `tokenizers` package (pip install tokenizers; imported only for these)
 
-    from tokenizer import Tokenizer
     tok = Tokenizer.load("data/pystdlib/tokenizer.model")   # or Tokenizer.load("gpt2"), or a HF model folder
-    ids = tok.encode("def f(x):\n    return x\n")
-    assert tok.decode(ids) == "def f(x):\n    return x\n"
+    assert tok.decode(tok.encode("def f(x):\n    return x\n")) == "def f(x):\n    return x\n"
 
 The first two give back exactly the text they were given, whitespace and all ('hf' as far as its own normalizer
 allows). encode() adds no special tokens and never makes one from text: "<|user|>" typed in a document is ordinary
@@ -27,16 +24,15 @@ CHAT_MARKERS = {"user": "<|user|>", "assistant": "<|assistant|>", "end": "<|end|
 BPE_MARKERS = {"bos": "<|bos|>", "eos": "<|endoftext|>", "pad": "<|pad|>"}
 GPT2_PAD = "<|pad|>"
 
-# sentencepiece writes a space as U+2581 ('▁') and decodes every U+2581 back to a space, so a '▁' in the text
-# would come back as ' '. We hide it before sentencepiece sees it: ESCAPE + '_' stands for '▁', and ESCAPE + ESCAPE
-# for a literal ESCAPE. ESCAPE is a private-use character, so real text almost never pays for this. Decoding reads
-# the pairs left to right, so the mapping is exactly reversible.
+# sentencepiece decodes every U+2581 ('▁', its space) to ' ', so a '▁' in the text is hidden from it: ESCAPE + '_'
+# stands for '▁', ESCAPE + ESCAPE for a literal ESCAPE (a private-use character, so real text almost never pays for
+# this); decoding reads the pairs left to right, so the mapping is exactly reversible.
 SPACE_MARK = "\u2581"
 ESCAPE = "\ue000"
 ESCAPED_PAIR = re.compile(ESCAPE + "(.)", re.DOTALL)
 
-# The tokenizer learns from the documents' first TRAIN_CHARS characters (prepare.py shuffles the documents, so this
-# is a random sample of them). Sampling lines with sentencepiece's input_sentence_size would differ from run to run.
+# the tokenizer learns from the documents' first characters (prepare.py shuffles them, so a random sample of them):
+# sampling lines with sentencepiece's input_sentence_size would differ from run to run
 TRAIN_CHARS = 10_000_000
 
 
@@ -45,14 +41,12 @@ def escape(text):
 
 
 def unescape(text):
-    if ESCAPE not in text:
-        return text
     return ESCAPED_PAIR.sub(lambda m: {"_": SPACE_MARK, ESCAPE: ESCAPE}.get(m[1], m[0]), text)
 
 
 def training_lines(texts):
-    """Lines of the first TRAIN_CHARS characters of texts. Sentencepiece trains on lines, so no piece ever holds
-    a '\n': encode() writes each newline as its byte piece."""
+    """Lines of the first TRAIN_CHARS characters of texts: sentencepiece trains on lines, so no piece ever holds a
+    '\n' (encode() writes each newline as its byte piece)."""
     budget = TRAIN_CHARS
     for text in texts:
         yield from escape(text[:budget]).split("\n")
@@ -81,8 +75,7 @@ class Tokenizer:
 
     @classmethod
     def train(cls, texts, vocab_size, path):
-        """Train a BPE of vocab_size ids on an iterable of documents (their first TRAIN_CHARS characters),
-        write it to path and load it."""
+        """Train a BPE of vocab_size ids on the documents' first TRAIN_CHARS characters, write it to path, load it."""
         reserved = 1 + len(BPE_MARKERS) + len(CHAT_MARKERS) + 256  # unk, specials, one piece per byte
         if vocab_size <= reserved:
             raise ValueError(f"vocab_size={vocab_size} is too small: {reserved} ids go to special tokens and the 256 "
@@ -142,10 +135,8 @@ class Tokenizer:
 
     @classmethod
     def load_hf(cls, path):
-        """
-        The tokenizer.json of a Hugging Face folder, with its bos, eos and pad tokens from tokenizer_config.json
-        (config.json's ids where it names none); it has no chat markers of ours (its chat template is its own).
-        """
+        """The tokenizer.json of a Hugging Face folder, with its bos, eos and pad tokens from tokenizer_config.json
+        (config.json's ids where it names none); no chat markers of ours (its chat template is its own)."""
         folder = path if os.path.isdir(path) else os.path.dirname(path)
         if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
             raise ValueError(f"no tokenizer.json in {folder} "
@@ -185,10 +176,8 @@ class Tokenizer:
         # no piece holds a '\n' (see training_lines), so line by line gives the same ids, and faster
         ids = []
         for line in self.backend.encode(escape(text).split("\n")):
-            ids += line
-            ids.append(self.newline_id)
-        ids.pop()
-        return ids
+            ids += line + [self.newline_id]
+        return ids[:-1]
 
     def encode_batch(self, texts):
         """encode() of each text; tiktoken spreads a batch over threads."""
