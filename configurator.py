@@ -5,6 +5,9 @@ Configuration works like nanoGPT's: a stage keeps its defaults as plain module-l
 `config = parse_config(defaults, sys.argv[1:])`. Positional arguments are config files (plain Python files of
 assignments, e.g. config/quickstart.py), applied in order; `--key=value` arguments override them. A key the stage
 does not know, or a value whose type does not match the default's, stops the program with a one-line error.
+
+torch is imported inside the functions that use it: prepare.py, which needs none of them, then runs a process per
+core without it.
 """
 import ast
 import errno
@@ -19,13 +22,15 @@ import traceback
 import uuid
 from contextlib import nullcontext
 
-import torch
-import torch.distributed as dist
-
 
 def fail(message):
     """Stop with a one-line error (SystemExit prints it to stderr and exits with status 1)."""
     raise SystemExit(f"error: {message}")
+
+
+def one_line(e):
+    """An exception as 'Type: the first line of its message' (at most 120 characters of it)."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
 
 
 def _check_type(key, value, default):
@@ -93,7 +98,7 @@ def _run_config_file(path):
     except Exception as e:
         line = next((frame.lineno for frame in reversed(traceback.extract_tb(e.__traceback__))
                      if frame.filename == path), "?")
-        fail(f"config file {path}, line {line}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        fail(f"config file {path}, line {line}: {one_line(e)}")
     return namespace
 
 
@@ -118,6 +123,7 @@ def check_settings(config, positive=(), non_negative=(), fractions=(), choices=N
 
 def pick_device(device="auto"):
     """'auto' picks CUDA, then Apple MPS, then the CPU; a device that is not here stops with one line."""
+    import torch
     mps = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
@@ -137,6 +143,8 @@ def pick_device(device="auto"):
 def init_processes(device):
     """Under torchrun (RANK set): join the process group (NCCL on GPUs, gloo on CPUs) and take this process's GPU.
     Returns (ddp, rank, world_size, device); one process alone gets (False, 0, 1, device)."""
+    import torch
+    import torch.distributed as dist
     if "RANK" not in os.environ:
         return False, 0, 1, device
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
@@ -153,6 +161,7 @@ def pick_dtype(device, dtype="auto"):
     """bf16 where the GPU has it, fp16 on older GPUs (train.py then adds a GradScaler), fp32 elsewhere. autocast
     computes in bf16 or fp16, or not at all in fp32: any other name (float64 among them) stops rather than being
     recorded and not used."""
+    import torch
     if dtype not in DTYPES:
         fail(f"unknown dtype '{dtype}' (choose {', '.join(DTYPES)})")
     if dtype != "auto":
@@ -162,12 +171,14 @@ def pick_dtype(device, dtype="auto"):
 
 def nominal_peak_flops(device):
     """Dense bf16 tensor-core peak from the data sheets, for MFU; 0 where unknown (CPUs, other GPUs)."""
+    import torch
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else ""
     return next((flops for gpu, flops in {"H100": 989e12, "H200": 989e12, "A100": 312e12}.items() if gpu in name), 0.0)
 
 
 def autocast(device, dtype):
     """The autocast context for a device and dtype name; a no-op in fp32."""
+    import torch
     return nullcontext() if dtype == "float32" else torch.autocast(device.split(":")[0], getattr(torch, dtype))
 
 
@@ -199,7 +210,7 @@ def atomic_write(path, write):
             chain.append(cause)
             cause = cause.__cause__ or cause.__context__
         full = any(getattr(c, "errno", None) == errno.ENOSPC or "No space left" in str(c) for c in chain)
-        reason = "the disk is full" if full else f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        reason = "the disk is full" if full else one_line(e)
         error = OSError(f"could not write {path} ({reason}); the previous file is kept")
         error.errno = errno.ENOSPC if full else getattr(e, "errno", None)
         raise error from None
@@ -217,12 +228,14 @@ def write_json(path, value):
 
 def save_checkpoint(path, checkpoint):
     """Write atomically (atomic_write): a crash or a full disk mid-write leaves the previous checkpoint intact."""
+    import torch
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, **checkpoint}, f))
 
 
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint (a file, or a folder's ckpt.pt), or raise ValueError saying in one line what is wrong."""
+    import torch
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
     if not os.path.isfile(path):
@@ -231,7 +244,7 @@ def load_checkpoint(path, map_location="cpu"):
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, pickle of foreign objects, ...
         raise ValueError(f"checkpoint {path} is corrupt or truncated "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+                         f"({one_line(e)})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a nanollm checkpoint")
     return checkpoint
@@ -242,6 +255,8 @@ def write_manifest(out_dir, config, device, meta_path, run_id=None):
     run passes its checkpoint's): the resolved config, the git commit and whether the tree had uncommitted changes,
     torch and CUDA versions, the device, and a hash of the dataset's meta.json (its tokenizer, shards and token
     counts). Returns the run id."""
+    import torch
+    import torch.distributed as dist
     def git(*args):
         try:
             return subprocess.run(["git", *args], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
@@ -298,6 +313,8 @@ def print0(*args, **kwargs):
 def all_reduce_sum(*values, device="cpu", group=None):
     """The sums of plain numbers over all processes (the numbers themselves in a single process), as a list; group: a
     process group of its own (e.g. a gloo one on the CPU beside NCCL), whose backend takes tensors on `device`."""
+    import torch
+    import torch.distributed as dist
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(t, group=group)

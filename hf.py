@@ -1,44 +1,58 @@
 """
-Hugging Face interop: load a Llama, Qwen2, Qwen3, Qwen3-MoE or DeepSeek-V3 checkpoint folder into our GPT, and write
-ours in their format.
+Hugging Face interop: a Llama, Qwen2, Qwen3, Qwen3-MoE or DeepSeek-V3 folder in, ours out, each family being our model
+with other names (q, k, v: the rows of our fused qkv; gate, up: of gate_up, stacked per routed expert; DeepSeek-V3's
+interleaved rotary rows reordered to our half-split pairing). config.json is read as transformers reads it, a field
+left out taking its default there; a field or tensor that we cannot place or whose math we do not model, or a damaged
+file, raises a one-line ValueError rather than loading an approximation. Needs safetensors, not transformers.
 
-    model = from_hf("path/to/Qwen3-0.6B")            # config.json + *.safetensors (or pytorch_model*.bin)
-    to_hf(model, "out/run_hf", eos_id=0)              # config.json, model.safetensors, generation_config.json
-    model, tokenizer_path, checkpoint = load_model("out/run")   # or load_model("hf:path/to/Qwen3-0.6B")
-
-Every family is our model with other names: q, k and v (our fused qkv rows, Qwen2's biases included), gate and up
-(our fused gate_up rows; stacked per routed expert), pre-norm RMSNorms, SwiGLU, RoPE with the half-split pairing of
-HF's rotate_half (their q and k weights are already permuted for it), QK-norm for Qwen3, MLA and a sigmoid-scored MoE
-with shared experts and a selection bias for DeepSeek-V3, whose interleaved rotary rows we reorder on the way in and
-out. Any config.json field or tensor that we cannot place, or that would change the math in a way we do not model
-(sliding windows, other RoPE scalings, biases elsewhere, ...), raises a one-line ValueError rather than loading an
-approximation. transformers itself is not needed; safetensors is.
+    model = from_hf("path/to/Qwen3-0.6B")            # config.json + model.safetensors (or its shards, or .bin)
+    to_hf(model, "out/run_hf", eos_id=0, bos_id=0)    # config.json, model.safetensors, generation_config.json
+    model, tokenizer_path, checkpoint = load_model("out/run")   # or load_model("hf:~/models/Qwen3-0.6B")
 """
 import glob
 import json
+import math
 import os
 from dataclasses import fields, replace
 
 import torch
 
 from configurator import load_checkpoint
-from model import GPT, GPTConfig, Router, rope_tables
+from model import GPT, GPTConfig, Router, rope_tables, yarn_mscale
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                  "qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+# transformers' defaults (models/<family>/configuration_<family>.py) of the fields read below, so that a field left out
+# of config.json means what it means there: None is required (the shapes) or, in NULLABLE, derived from the others;
+# integers may not be negative, nor POSITIVE ones 0
+SHAPES = dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"))
+NULLABLE = {"num_key_value_heads", "head_dim", "q_lora_rank"}  # null: n_head, hidden_size / n_head, a full-rank query
+POSITIVE = {*SHAPES, "max_position_embeddings", "decoder_sparse_step", "n_group"}
+QWEN = dict(max_position_embeddings=32768, num_key_value_heads=32, max_window_layers=28)
+DEFAULTS = {family: {**SHAPES, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "head_dim": None, "rope_theta": 1e4,
+                     "use_sliding_window": False, "layer_types": [], **extra} for family, extra in {
+    "llama": dict(max_position_embeddings=2048, num_key_value_heads=None),
+    "qwen2": QWEN, "qwen3": dict(QWEN, head_dim=128),
+    "qwen3_moe": dict(QWEN, num_key_value_heads=4, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                      decoder_sparse_step=1, norm_topk_prob=False, mlp_only_layers=[]),
+    "deepseek_v3": dict(max_position_embeddings=4096, num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+                        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=256,
+                        num_experts_per_tok=8, moe_intermediate_size=2048, n_shared_experts=1, first_k_dense_replace=3,
+                        norm_topk_prob=True, routed_scaling_factor=2.5, n_group=8, topk_group=4,
+                        rope_interleave=True)}.items()}
+ALIASES = {"num_local_experts": {"qwen3_moe": "num_experts", "deepseek_v3": "n_routed_experts"}}  # attribute_map
+KINDS = {int: "a non-negative integer", float: "a number", bool: "true or false", list: "a list"}
 # config.json fields that do not change the forward pass: bookkeeping, token ids, training-only losses and dropout,
 # and fields that only matter when another field (checked below) switches them on
 IGNORED = {"architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "auto_map",
            "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "use_cache", "attention_dropout",
            "output_router_logits", "router_aux_loss_coef", "aux_loss_alpha", "seq_aux", "ep_size", "qk_head_dim",
-           "num_nextn_predict_layers", "sliding_window", "max_window_layers", "rope_theta", "rope_scaling",
-           "rope_parameters", "rope_interleave", "head_dim"}
+           "num_nextn_predict_layers", "num_mtp_layers", "sliding_window", "rope_scaling", "rope_parameters"}
 # fields that must hold the value our model computes with, where present
-FIXED = {"hidden_act": "silu", "pretraining_tp": 1, "mlp_bias": False, "attention_bias": False,
-         "use_sliding_window": False, "use_mrope": False, "moe_layer_freq": 1, "scoring_func": "sigmoid",
-         "topk_method": "noaux_tc"}
+FIXED = {"hidden_act": "silu", "pretraining_tp": 1, "mlp_bias": False, "attention_bias": False, "use_mrope": False,
+         "moe_layer_freq": 1, "scoring_func": "sigmoid", "topk_method": "noaux_tc"}
 ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "low_freq_factor",
-             "high_freq_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate",
+             "high_freq_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate",
              "partial_rotary_factor"}
 # GPTConfig fields that some HF family expresses, and those that only shape training: any other field away from its
 # default has no HF equivalent
@@ -63,29 +77,21 @@ def _layout(config):
         names["lm_head.weight"] = ["lm_head.weight"]
     for i in range(c.n_layer):
         ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
-        names[ours + "attn_norm.weight"] = [theirs + "input_layernorm.weight"]
-        names[ours + "attn.proj.weight"] = [theirs + "self_attn.o_proj.weight"]
+        parts = {"attn_norm": ["input_layernorm"], "attn.proj": ["self_attn.o_proj"],  # ours: the rows of theirs
+                 "mlp_norm": ["post_attention_layernorm"], **{f"attn.{x}_norm": [f"self_attn.{x}_norm"] for x in
+                                                              ("q", "k") if c.qk_norm}}
         if c.attention == "mla":
-            if c.q_lora_rank:
-                names[ours + "attn.q_a.0.weight"] = [theirs + "self_attn.q_a_proj.weight"]
-                names[ours + "attn.q_a.1.weight"] = [theirs + "self_attn.q_a_layernorm.weight"]
-                names[ours + "attn.q_b.weight"] = [theirs + "self_attn.q_b_proj.weight"]
-            else:
-                names[ours + "attn.q_b.weight"] = [theirs + "self_attn.q_proj.weight"]
-            names[ours + "attn.kv_a.weight"] = [theirs + "self_attn.kv_a_proj_with_mqa.weight"]
-            names[ours + "attn.kv_norm.weight"] = [theirs + "self_attn.kv_a_layernorm.weight"]
-            names[ours + "attn.kv_b.weight"] = [theirs + "self_attn.kv_b_proj.weight"]
+            parts.update({"attn.q_a.0": ["self_attn.q_a_proj"], "attn.q_a.1": ["self_attn.q_a_layernorm"],
+                          "attn.q_b": ["self_attn.q_b_proj"]} if c.q_lora_rank else {"attn.q_b": ["self_attn.q_proj"]})
+            parts.update({"attn.kv_a": ["self_attn.kv_a_proj_with_mqa"], "attn.kv_norm": ["self_attn.kv_a_layernorm"],
+                          "attn.kv_b": ["self_attn.kv_b_proj"]})
         else:
-            names[ours + "attn.qkv.weight"] = [theirs + f"self_attn.{x}_proj.weight" for x in "qkv"]
-            if c.qkv_bias:
-                names[ours + "attn.qkv.bias"] = [theirs + f"self_attn.{x}_proj.bias" for x in "qkv"]
-            if c.qk_norm:
-                names[ours + "attn.q_norm.weight"] = [theirs + "self_attn.q_norm.weight"]
-                names[ours + "attn.k_norm.weight"] = [theirs + "self_attn.k_norm.weight"]
-        names[ours + "mlp_norm.weight"] = [theirs + "post_attention_layernorm.weight"]
+            parts["attn.qkv"] = [f"self_attn.{x}_proj" for x in "qkv"]
+        if c.qkv_bias:
+            names[ours + "attn.qkv.bias"] = [theirs + f"self_attn.{x}_proj.bias" for x in "qkv"]
         ffns = {"mlp.": "mlp."}
         if c.is_moe_layer(i):
-            names[ours + "mlp.router.gate.weight"] = [theirs + "mlp.gate.weight"]
+            parts["mlp.router.gate"] = ["mlp.gate"]
             if c.router_scoring == "sigmoid":
                 names[ours + "mlp.router.bias"] = [theirs + "mlp.gate.e_score_correction_bias"]
             experts = [f"{theirs}mlp.experts.{e}." for e in range(c.n_experts)]
@@ -93,8 +99,9 @@ def _layout(config):
             names[ours + "mlp.experts.down"] = [[e + "down_proj.weight"] for e in experts]
             ffns = {"mlp.shared.": "mlp.shared_experts."} if c.n_shared_experts else {}
         for our_ffn, their_ffn in ffns.items():
-            names[ours + our_ffn + "gate_up.weight"] = [theirs + their_ffn + f"{x}_proj.weight" for x in ("gate", "up")]
-            names[ours + our_ffn + "down.weight"] = [theirs + their_ffn + "down_proj.weight"]
+            parts.update({our_ffn + "gate_up": [their_ffn + "gate_proj", their_ffn + "up_proj"],
+                          our_ffn + "down": [their_ffn + "down_proj"]})
+        names.update({f"{ours}{x}.weight": [f"{theirs}{y}.weight" for y in ys] for x, ys in parts.items()})
     return names
 
 
@@ -117,107 +124,118 @@ def _interleaved_rows(config, name):
 # -----------------------------------------------------------------------------
 # import
 
-def _read_config(path):
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        raise ValueError(f"no Hugging Face model at {path} (config.json missing)")
-    with open(config_path) as f:
-        return json.load(f)
+def _read_json(path, name):
+    """The JSON object in the folder's file `name`, or a one-line ValueError saying what is wrong with it."""
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+        raise ValueError(f"no Hugging Face model at {path} ({name} missing)")
+    try:
+        with open(file, encoding="utf-8") as f:
+            value = json.load(f)
+    except (ValueError, OSError) as e:  # not JSON, not UTF-8, unreadable
+        raise ValueError(f"{file} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{file} is not a JSON object")
+    return value
 
 
-def _rope_fields(path, c):
-    """Our RoPE fields from config.json's rope_parameters (transformers 5) or rope_theta + rope_scaling (4)."""
-    rope = {**(c.get("rope_scaling") or {}), **(c.get("rope_parameters") or {})}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    unknown = set(rope) - ROPE_KEYS
-    refused = [(kind not in ("default", "llama3", "yarn"), f"RoPE scaling '{kind}'"),
-               (bool(unknown), f"RoPE parameter {sorted(unknown)[0] if unknown else ''}"),
-               (rope.get("partial_rotary_factor", 1.0) != 1.0, "partial_rotary_factor"),
-               (rope.get("truncate", True) is not True, "YaRN without truncate"),
-               (rope.get("mscale_all_dim") and not rope.get("mscale"), "mscale_all_dim without mscale")]
-    for unsupported, what in refused:
-        if unsupported:
-            raise ValueError(f"{path}: {what} is not supported")
-    out = {"rope_theta": float(rope.get("rope_theta", c.get("rope_theta", 10000.0)))}
+def _refuse(refused, before, after=" is not supported"):
+    """A one-line ValueError, before + what + after, for the first of the (unsupported, what) pairs that holds."""
+    what = next((what for unsupported, what in refused if unsupported), None)
+    if what:
+        raise ValueError(before + what + after)
+
+
+def _rope_fields(path, c, mla):
+    """
+    Our RoPE fields, read as transformers 5 does: rope_scaling (the older name) replaces rope_parameters, rope_theta
+    comes from the top level where that has none. With YaRN's m(x) = 0.1 x ln(factor) + 1, theirs scales the tables by
+    m(mscale) / m(mscale_all_dim) (m(1) unless both are set; or attention_factor) and DeepSeek-V3's softmax by
+    m(mscale_all_dim)^2, ours by m(yarn_mscale) / m(yarn_mscale_all_dim) and MLA's by m(yarn_mscale_all_dim)^2.
+    """
+    rope = c.get("rope_scaling") or c.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"{path}: config.json's rope_parameters is not an object")
+    kind, unknown = rope.get("rope_type", rope.get("type", "default")), set(rope) - ROPE_KEYS
+    text = {k for k, v in rope.items() if k not in ("rope_type", "type", "truncate") and type(v) not in (int, float)
+            and v is not None}
+    _refuse([(kind not in ("default", "llama3", "yarn"), f"RoPE scaling '{kind}'"),
+             (unknown, f"RoPE parameter {min(unknown, default='')}"),
+             (text, f"RoPE parameter {min(text, default='')} that is not a number"),
+             (rope.get("partial_rotary_factor", 1.0) != 1.0, "partial_rotary_factor"),
+             (rope.get("truncate", True) is not True, "YaRN without truncate"),
+             (kind == "llama3" and not {"factor", "low_freq_factor", "high_freq_factor"} <= set(rope),
+              "llama3 RoPE without factor, low_freq_factor and high_freq_factor")], f"{path}: ")
+    out = {"rope_theta": float(rope.get("rope_theta", c["rope_theta"]))}
     if kind == "default":
         return out
     original = rope.get("original_max_position_embeddings") or c["max_position_embeddings"]
-    out.update(rope_scaling=kind, rope_original_len=original,
-               rope_factor=float(rope.get("factor") or c["max_position_embeddings"] / original))
+    f = float(rope.get("factor") or c["max_position_embeddings"] / original)
+    out.update(rope_scaling=kind, rope_original_len=original, rope_factor=f)
     if kind == "llama3":
-        return {**out, "rope_low_rotations": rope.get("low_freq_factor", 0),
-                "rope_high_rotations": rope.get("high_freq_factor", 0)}
-    both = bool(rope.get("mscale") and rope.get("mscale_all_dim"))  # transformers reads mscale only beside the other
-    return {**out, "rope_low_rotations": float(rope.get("beta_slow") or 1),
-            "rope_high_rotations": float(rope.get("beta_fast") or 32),
-            "yarn_mscale": float(rope["mscale"]) if both else 1.0,
-            "yarn_mscale_all_dim": float(rope.get("mscale_all_dim") or 0)}
+        return {**out, "rope_low_rotations": rope["low_freq_factor"], "rope_high_rotations": rope["high_freq_factor"]}
+    mscale, all_dim, factor = (rope.get(k) for k in ("mscale", "mscale_all_dim", "attention_factor"))
+    (top, bottom), ours_all = (mscale, all_dim) if mscale and all_dim else (1.0, 0.0), float(all_dim or 0) * mla
+    _refuse([(factor is not None and f <= 1, f"attention_factor with factor {f}")], f"{path}: ")
+    theirs = factor or yarn_mscale(f, top) / yarn_mscale(f, bottom)
+    ours = top if factor is None and (bottom == ours_all or f <= 1) else \
+        (theirs * yarn_mscale(f, ours_all) - 1) / (0.1 * math.log(f))
+    return {**out, "rope_low_rotations": float(rope.get("beta_slow") or 1), "yarn_mscale_all_dim": ours_all,
+            "rope_high_rotations": float(rope.get("beta_fast") or 32), "yarn_mscale": float(ours)}
 
 
 def hf_config(path, block_size=0):
     """GPTConfig of the HF folder `path`; block_size=0 takes max_position_embeddings (a long context costs memory)."""
-    c = _read_config(path)
-    family = c.get("model_type")
+    raw = _read_json(path, "config.json")
+    family = raw.get("model_type")
     if family not in ARCHITECTURES:
         raise ValueError(f"{path}: model_type '{family}' is not supported (supported: {', '.join(ARCHITECTURES)})")
-    for key, value in FIXED.items():
-        if key in c and c[key] != value:
-            raise ValueError(f"{path}: {key}={json.dumps(c[key])} is not supported")
-    if any(t != "full_attention" for t in c.get("layer_types") or []):
-        raise ValueError(f"{path}: sliding windows (layer_types) are not supported")
-    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "rms_norm_eps", "max_position_embeddings"):
-        if not isinstance(c.get(key), (int, float)):
-            raise ValueError(f"{path}: config.json has no {key}")
-    heads = c["num_attention_heads"]
-    args = dict(block_size=block_size or c.get("max_position_embeddings"), vocab_size=c.get("vocab_size"),
-                n_layer=c.get("num_hidden_layers"), n_head=heads, n_embd=c.get("hidden_size"),
-                norm_eps=c.get("rms_norm_eps"), n_kv_head=c.get("num_key_value_heads") or heads,
-                mlp_hidden=c.get("intermediate_size"), tie_embeddings=c.get("tie_word_embeddings", False),
-                **_rope_fields(path, c))
-    used = set(FIXED) | {"layer_types", "num_attention_heads", "max_position_embeddings", "vocab_size",
-                         "num_hidden_layers", "hidden_size", "rms_norm_eps", "num_key_value_heads", "intermediate_size",
-                         "tie_word_embeddings"}
-    if family in ("qwen3", "qwen3_moe"):
-        args.update(qk_norm=True)
-    if family == "qwen2":
-        args.update(qkv_bias=True)
-    if family != "deepseek_v3":
-        args.update(head_dim=c.get("head_dim") or c["hidden_size"] // heads)
+    theirs = {ALIASES.get(key, {}).get(family, key): value for key, value in raw.items()}
+    c = {**DEFAULTS[family], **theirs}
+    for key, default in DEFAULTS[family].items():  # each field's type, as the code below takes it
+        kind, value, least = int if default is None else type(default), c[key], 1 if key in POSITIVE else 0
+        if not (value is None and key in NULLABLE or kind is float and type(value) is int or type(value) is kind
+                and (kind is not int or value >= least)):
+            need = "a positive integer" if key in POSITIVE else KINDS[kind]
+            raise ValueError(f"{path}: config.json " + (f"has {key}={json.dumps(value)}, where {need} is needed"
+                                                        if key in theirs else f"has no {key}"))
+    layers, heads, width, mla = (c["num_hidden_layers"], c["num_attention_heads"], c["hidden_size"],
+                                 family == "deepseek_v3")
+    # Qwen2 and Qwen3 slide the window on the layers layer_types names, by default those from max_window_layers on
+    windows = c["use_sliding_window"] and (family not in ("qwen2", "qwen3") or not c["layer_types"]
+                                           and c["max_window_layers"] < layers)
+    dense, unknown = c.get("mlp_only_layers", []), sorted(set(theirs) - set(DEFAULTS[family]) - set(FIXED) - IGNORED)
+    _refuse([*((key in c and c[key] != value, f"{key}={json.dumps(c.get(key))}") for key, value in FIXED.items()),
+             (windows or any(t != "full_attention" for t in c["layer_types"]),
+              "sliding windows (use_sliding_window, layer_types)"),
+             (dense != list(range(len(dense))), f"mlp_only_layers={dense} (only the first layers may be dense)"),
+             (mla and c["rms_norm_eps"] != 1e-6,  # transformers' latent norms (q_a, kv_a) keep 1e-6 whatever it says
+              f"rms_norm_eps={c['rms_norm_eps']} (DeepSeek-V3's latent norms use 1e-6)"),
+             (mla and c["num_key_value_heads"] not in (None, heads), "MLA with num_key_value_heads != heads"),
+             (unknown, f"config field '{(unknown + [''])[0]}' ({len(unknown)} unknown)")], f"{path}: ")
+    args = dict(block_size=block_size or c["max_position_embeddings"], vocab_size=c["vocab_size"], n_layer=layers,
+                n_head=heads, n_embd=width, norm_eps=c["rms_norm_eps"], n_kv_head=c["num_key_value_heads"] or heads,
+                mlp_hidden=c["intermediate_size"], tie_embeddings=c["tie_word_embeddings"],
+                head_dim=c["head_dim"] or width // heads, qk_norm=family in ("qwen3", "qwen3_moe"),
+                qkv_bias=family == "qwen2", **_rope_fields(path, c, mla))
     if family == "qwen3_moe":
-        dense = c.get("mlp_only_layers") or []
-        if dense != list(range(len(dense))):
-            raise ValueError(f"{path}: mlp_only_layers={dense} is not supported (only the first layers may be dense)")
-        args.update(n_experts=c.get("num_experts") or c.get("num_local_experts"), moe_topk=c.get("num_experts_per_tok"),
-                    moe_hidden=c.get("moe_intermediate_size"), moe_every=c.get("decoder_sparse_step", 1),
-                    moe_first_dense=len(dense), router_renorm=c.get("norm_topk_prob", False))
-        used |= {"mlp_only_layers", "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
-                 "decoder_sparse_step", "norm_topk_prob"}
-    if family == "deepseek_v3":
-        if c.get("rms_norm_eps") != 1e-6:  # transformers' latent norms (q_a, kv_a) keep 1e-6 whatever it says
-            raise ValueError(f"{path}: rms_norm_eps={c.get('rms_norm_eps')} is not supported "
-                             "(DeepSeek-V3's latent norms use 1e-6)")
-        if c.get("num_key_value_heads", heads) != heads:
-            raise ValueError(f"{path}: num_key_value_heads != num_attention_heads is not supported for MLA")
-        args.update(attention="mla", q_lora_rank=c.get("q_lora_rank") or 0, kv_lora_rank=c.get("kv_lora_rank"),
-                    qk_nope_head_dim=c.get("qk_nope_head_dim"), qk_rope_head_dim=c.get("qk_rope_head_dim"),
-                    v_head_dim=c.get("v_head_dim"),  # MLA's head_dim only sets defaults; any value will do
-                    head_dim=c["hidden_size"] // heads if c["hidden_size"] % heads == 0 else c.get("v_head_dim"))
-        if c.get("first_k_dense_replace", 0) < c["num_hidden_layers"]:  # else dense layers only
-            args.update(n_experts=c.get("n_routed_experts"), moe_topk=c.get("num_experts_per_tok"),
-                        moe_hidden=c.get("moe_intermediate_size"), n_shared_experts=c.get("n_shared_experts") or 0,
-                        moe_first_dense=c.get("first_k_dense_replace", 0), router_scoring="sigmoid",
-                        router_renorm=c.get("norm_topk_prob", True), routed_scaling=c.get("routed_scaling_factor", 1.0),
-                        moe_groups=c.get("n_group") or 1, moe_topk_groups=c.get("topk_group") or 1)
-        used |= {"q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-                 "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "n_shared_experts",
-                 "first_k_dense_replace", "norm_topk_prob", "routed_scaling_factor", "n_group", "topk_group"}
-    unknown = sorted(set(c) - used - IGNORED)
-    if unknown:
-        raise ValueError(f"{path}: config field '{unknown[0]}' is not supported ({len(unknown)} unknown)")
+        args.update(n_experts=c["num_experts"], moe_topk=c["num_experts_per_tok"], moe_first_dense=len(dense),
+                    moe_hidden=c["moe_intermediate_size"], moe_every=c["decoder_sparse_step"],
+                    router_renorm=c["norm_topk_prob"])
+    if mla:
+        args.update(attention="mla", q_lora_rank=c["q_lora_rank"] or 0, kv_lora_rank=c["kv_lora_rank"],
+                    qk_nope_head_dim=c["qk_nope_head_dim"], qk_rope_head_dim=c["qk_rope_head_dim"],
+                    v_head_dim=c["v_head_dim"],  # MLA's head_dim only sets defaults; any value will do
+                    head_dim=width // heads if width % heads == 0 else c["v_head_dim"])
+    if mla and c["first_k_dense_replace"] < layers:  # else dense layers only
+        args.update(n_experts=c["n_routed_experts"], moe_topk=c["num_experts_per_tok"],
+                    moe_hidden=c["moe_intermediate_size"], n_shared_experts=c["n_shared_experts"],
+                    moe_first_dense=c["first_k_dense_replace"], router_scoring="sigmoid",
+                    router_renorm=c["norm_topk_prob"], routed_scaling=float(c["routed_scaling_factor"]),
+                    moe_groups=c["n_group"], moe_topk_groups=c["topk_group"])
     try:
         return GPTConfig(**args)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ZeroDivisionError) as e:
         raise ValueError(f"{path}: config.json: {type(e).__name__} {e}") from None
 
 
@@ -231,25 +249,46 @@ def _safetensors():
 
 
 def read_hf_tensors(path):
-    """Every tensor of the folder's *.safetensors files, or of its *.bin files when there are none."""
+    """Every tensor in the files transformers reads (model.safetensors or the shards its index names, else
+    pytorch_model.bin or its shards, not a Trainer's training_args.bin), else in every *.safetensors; a file missing
+    or damaged stops, naming it."""
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if files:
-        shards = [_safetensors().load_file(f) for f in files]
-    else:
-        files = sorted(glob.glob(os.path.join(path, "*.bin")))
-        if not files:
-            raise ValueError(f"no weights in {path} (*.safetensors or *.bin)")
-        shards = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
-    return {name: tensor for shard in shards for name, tensor in shard.items()}
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        shards = {single: single} if os.path.isfile(os.path.join(path, single)) else \
+            _read_json(path, index).get("weight_map") if os.path.isfile(os.path.join(path, index)) else None
+        if shards is not None:
+            if not isinstance(shards, dict) or not all(isinstance(name, str) for name in shards.values()):
+                raise ValueError(f"{os.path.join(path, index)} has no weight_map of tensor names to files")
+            files = [os.path.join(path, name) for name in sorted(set(shards.values()))]
+            missing = [os.path.basename(file) for file in files if not os.path.isfile(file)]
+            if missing:
+                raise ValueError(f"{path}: {missing[0]}, a shard that {index} lists, is missing")
+            break
+    if not files:
+        raise ValueError(f"no weights in {path} (model.safetensors, pytorch_model.bin or their shards)")
+    tensors = {}
+    for file in files:
+        load = (_safetensors().load_file if file.endswith(".safetensors") else
+                lambda f: torch.load(f, map_location="cpu", weights_only=True))
+        try:
+            shard = load(file)
+        except Exception as e:  # truncated, empty, its header cut, not a weights file at all
+            shard = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0].split('. ')[0][:120]}"
+        if not isinstance(shard, dict) or not all(torch.is_tensor(t) for t in shard.values()):
+            raise ValueError(f"{file} is damaged ({shard if isinstance(shard, str) else 'not a dict of tensors'})")
+        tensors.update(shard)
+    return tensors
 
 
 @torch.no_grad()
 def load_hf_weights(model, path):
     """Copy the HF folder's tensors into model; stops on any tensor missing, misshapen or left unplaced."""
     tensors = read_hf_tensors(path)
-    interleaved = _read_config(path).get("rope_interleave", True)
-    # old checkpoints store RoPE's frequencies, which we compute from the config, and some a tied head's copy
-    tensors = {name: t for name, t in tensors.items() if not name.endswith("rotary_emb.inv_freq")}
+    interleaved = _read_json(path, "config.json").get("rope_interleave", True)
+    # old checkpoints store RoPE's frequencies, which we compute from the config, and some a tied head's copy;
+    # DeepSeek-V3 with n_shared_experts=0 has shared experts of width 0, which hold nothing
+    tensors = {name: t for name, t in tensors.items() if t.numel() and not name.endswith("rotary_emb.inv_freq")}
     head = tensors.get("lm_head.weight") if model.config.tie_embeddings else None
     if head is not None and torch.equal(head, tensors.get("model.embed_tokens.weight", head[:0])):
         del tensors["lm_head.weight"]
@@ -259,10 +298,8 @@ def load_hf_weights(model, path):
         missing = [name for name in (sum(theirs, []) if stacked else theirs) if name not in tensors]
         if missing:
             raise ValueError(f"{path}: tensor {missing[0]} is missing")
-        if stacked:
-            value = torch.stack([torch.cat([tensors.pop(name) for name in group]) for group in theirs])
-        else:
-            value = torch.cat([tensors.pop(name) for name in theirs])
+        value = (torch.stack([torch.cat([tensors.pop(name) for name in group]) for group in theirs]) if stacked
+                 else torch.cat([tensors.pop(name) for name in theirs]))
         target = ours_by_name[ours]
         if value.shape != target.shape:
             what = f"{theirs[0][0]} ..." if stacked else " + ".join(theirs)
@@ -273,31 +310,33 @@ def load_hf_weights(model, path):
         raise ValueError(f"{path}: cannot place tensor {next(iter(tensors))} ({len(tensors)} unplaced)")
 
 
-def from_hf(path, block_size=0, dropout=0.0):
-    """A GPT (fp32, eval mode) holding the HF checkpoint in folder `path` (dropout: for training it further)."""
-    config = replace(hf_config(path, block_size), dropout=dropout)
-    with torch.device("meta"):  # no random init: for a large model it takes longer than the load
+def from_hf(path, block_size=0, **training):
+    """A GPT (fp32, eval mode) holding the HF checkpoint in folder `path`; training: TRAINING_ONLY fields to train it
+    further with (dropout, balance losses, ...), mtp_depth adding freshly initialized MTP modules."""
+    config = replace(hf_config(path, block_size), **training)
+    with torch.device("cpu" if config.mtp_depth else "meta"):  # no random init unless new MTP modules need one
         model = GPT(config)
-    marks = {name: dict(p.__dict__) for name, p in model.named_parameters()}  # logical_rows (model.py)
-    model.to_empty(device="cpu")  # new tensors: ties and marks are to be put back
-    if config.tie_embeddings:
-        model.lm_head.weight = model.wte.weight
-    for name, p in model.named_parameters():
-        p.__dict__.update(marks[name])
-    # buffers: RoPE's tables, and zeros for the routers' selection bias (unless the checkpoint has one) and counters
-    for name, buffer in model.named_buffers():
-        assert name in ("cos", "sin") or name.endswith(("router.bias", "router.load")), f"unexpected buffer {name}"
-        buffer.zero_()
-    model.cos, model.sin = rope_tables(config)
+    if not config.mtp_depth:
+        marks = {name: dict(p.__dict__) for name, p in model.named_parameters()}  # logical_rows (model.py)
+        model.to_empty(device="cpu")  # new tensors: ties and marks are to be put back
+        if config.tie_embeddings:
+            model.lm_head.weight = model.wte.weight
+        for name, p in model.named_parameters():
+            p.__dict__.update(marks[name])
+        for name, buffer in model.named_buffers():  # RoPE's tables; zeros for the routers' selection bias and counts
+            assert name in ("cos", "sin") or name.endswith(("router.bias", "router.load")), f"unexpected buffer {name}"
+            buffer.zero_()
+        model.cos, model.sin = rope_tables(config)
     load_hf_weights(model, path)
     return model.eval()
 
 
-def load_model(source, block_size=0, dropout=0.0):
-    """The GPT of 'hf:FOLDER' (as from_hf) or of a checkpoint (a folder or its ckpt.pt), the path Tokenizer.load takes
-    for its tokenizer, and the checkpoint (None for a folder)."""
+def load_model(source, block_size=0, **training):
+    """The GPT of 'hf:FOLDER' (as from_hf; ~ expands) or of a checkpoint (a folder or its ckpt.pt), the path that
+    Tokenizer.load takes for its tokenizer, and the checkpoint (None for a folder)."""
     if source.startswith("hf:"):
-        return from_hf(source[3:], block_size, dropout), source[3:], None
+        folder = os.path.expanduser(source[3:])
+        return from_hf(folder, block_size, **training), folder, None
     checkpoint = load_checkpoint(source)
     model = GPT(GPTConfig(**checkpoint["model_config"]))
     model.load_state_dict(checkpoint["model"])
@@ -334,30 +373,30 @@ def hf_family(config):
         family = "qwen3" if c.qk_norm else "qwen2" if c.qkv_bias else "llama"
     else:
         refused, family = [(True, f"attention='{c.attention}' has no Hugging Face equivalent")], None
-    for unsupported, why in refused:
-        if unsupported:
-            raise ValueError(f"cannot export this model: {why}")
+    _refuse(refused, "cannot export this model: ", "")
     return family
 
 
-def _hf_json(config, family, dtype, eos_id):
-    """config.json of `config` as HF `family`."""
+def _hf_json(config, family, dtype, eos_id, bos_id):
+    """config.json of `config` as HF `family`; max_position_embeddings is block_size, the context it trained at."""
     c = config
     out = {"architectures": [ARCHITECTURES[family]], "model_type": family, "vocab_size": c.vocab_size,
            "hidden_size": c.n_embd, "intermediate_size": c.mlp_hidden, "num_hidden_layers": c.n_layer,
            "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim,
            "max_position_embeddings": c.block_size, "rms_norm_eps": c.norm_eps, "hidden_act": "silu",
-           "tie_word_embeddings": c.tie_embeddings, "torch_dtype": dtype, "eos_token_id": eos_id}
-    rope = {"rope_type": "default", "rope_theta": c.rope_theta}
+           "tie_word_embeddings": c.tie_embeddings, "torch_dtype": dtype, "eos_token_id": eos_id,
+           "bos_token_id": bos_id}
+    rope = {"rope_type": "default" if c.rope_scaling == "none" else c.rope_scaling, "rope_theta": c.rope_theta}
     if c.rope_scaling != "none":
-        rope.update(rope_type=c.rope_scaling, factor=c.rope_factor,
-                    original_max_position_embeddings=c.rope_original_len)
+        rope.update(factor=c.rope_factor, original_max_position_embeddings=c.rope_original_len)
     if c.rope_scaling == "llama3":
         rope.update(low_freq_factor=c.rope_low_rotations, high_freq_factor=c.rope_high_rotations)
     if c.rope_scaling == "yarn":
         rope.update(beta_slow=c.rope_low_rotations, beta_fast=c.rope_high_rotations)
         if c.yarn_mscale_all_dim:
             rope.update(mscale=c.yarn_mscale, mscale_all_dim=c.yarn_mscale_all_dim)
+        elif c.yarn_mscale != 1:  # transformers reads mscale only beside mscale_all_dim
+            rope.update(attention_factor=yarn_mscale(c.rope_factor, c.yarn_mscale))
     out.update(rope_theta=c.rope_theta, rope_parameters=rope)
     if family != "qwen2":
         out.update(attention_bias=False)
@@ -378,20 +417,21 @@ def _hf_json(config, family, dtype, eos_id):
 
 
 @torch.no_grad()
-def to_hf(model, out_dir, eos_id=None):
+def to_hf(model, out_dir, eos_id=None, bos_id=None, dtype=None):
     """
     Write model as a HF folder of the family hf_family picks, loadable by transformers' AutoModelForCausalLM with no
-    custom code. MTP modules (training only) are left out.
+    custom code, its parameters in dtype (None: theirs; buffers stay fp32). MTP modules (training only) are left out.
     """
     c = model.config
     family = hf_family(c)
     if family == "qwen3_moe" and any(m.bias.any() for m in model.modules() if isinstance(m, Router)):
         raise ValueError("cannot export this model: Qwen3-MoE has no router selection bias, "
                          "and this model's is not zero")
-    ours_by_name = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    params, dtype = dict(model.named_parameters()), dtype or model.wte.weight.dtype
+    ours_by_name = {**params, **dict(model.named_buffers())}
     tensors = {}
     for ours, theirs in _layout(c).items():
-        value = ours_by_name[ours].detach()
+        value = ours_by_name[ours].detach().to(dtype if ours in params else torch.float32)
         order = _interleaved_rows(c, ours)
         if order is not None:  # back to DeepSeek's interleaved rotary rows
             value = value[torch.argsort(order)]
@@ -403,9 +443,8 @@ def to_hf(model, out_dir, eos_id=None):
             tensors.update({name: t.contiguous().cpu() for name, t in zip(names, parts, strict=True)})
     os.makedirs(out_dir, exist_ok=True)
     _safetensors().save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    dtype = str(model.wte.weight.dtype).removeprefix("torch.")
-    for name, content in (("config.json", _hf_json(c, family, dtype, eos_id)),
-                          ("generation_config.json", {"eos_token_id": eos_id})):
+    for name, content in (("config.json", _hf_json(c, family, str(dtype).removeprefix("torch."), eos_id, bos_id)),
+                          ("generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_id})):
         with open(os.path.join(out_dir, name), "w") as f:
             json.dump(content, f, indent=2)
     return family

@@ -1,6 +1,7 @@
 """
-nanollm model: a modern decoder-only transformer in one file. Every variant is a flag of `GPTConfig` and one small
-class found by searching its flag; a reader who ignores a flag never reads its code.
+nanollm model: a modern decoder-only transformer in one file, bottom-up as in nanoGPT. Every variant is a flag of
+`GPTConfig` and one small class found by searching its flag, written plainly (its fast path, if any, is in
+kernels.py); a reader who ignores a flag never reads its code.
 
 Dense baseline (Llama-style): pre-norm blocks with RMSNorm (Zhang & Sennrich 2019); rotary position embeddings
 (RoFormer, arXiv 2104.09864) stretched by Llama 3.1's or YaRN's scaling (arXiv 2309.00071); grouped-query attention
@@ -18,9 +19,6 @@ elu + 1, arXiv 2006.16236; Gated DeltaNet, arXiv 2412.06464); hybrid layer patte
 
 Residual streams and memory: hyper-connections (`residual='hc'`; arXiv 2409.19606) and their manifold-constrained
 form (`residual='mhc'`; arXiv 2512.24880); Engram's hashed n-gram memory (`engram_layers`; arXiv 2601.07372).
-
-Bottom-up, as in nanoGPT: config, shared pieces, attention, feed-forward, residual and memory, block, the model.
-Each variant is written plainly here; its fast path, if any, is in kernels.py.
 """
 import math
 from dataclasses import dataclass, field, fields
@@ -143,29 +141,21 @@ class GPTConfig:
                                                 and self.rope_low_rotations < self.rope_high_rotations),
                 "rope_scaling needs rope_factor >= 1, rope_original_len > 0 and rope_low_rotations < rope_high_rotations")
         require(self.residual in RESIDUALS, f"unknown residual '{self.residual}' (choose {', '.join(RESIDUALS)})")
+        self.engram_layer_list = int_list(self.engram_layers, "engram_layers")
+        self.engram_order_list = int_list(self.engram_orders, "engram_orders")
         for part in (CausalSelfAttention, MLA, MaskedSpan, MoBASpan, LinearAttention, AttentionGate, Router,
                      HyperConnections, Engram):  # each checks its own fields
             part.check(self)
 
     def layer_mixer(self, layer):
-        """(mixer, span) of layer `layer`: attn_pattern's letter for it (repeated over depth), else attention/attn_span.
-        The mixer names a MIXERS entry: 'mha', 'mla', or linear_kind for linear layers."""
+        """(mixer, span) of layer `layer`, MIXERS and SPANS keys: attn_pattern's letter, else attention/attn_span."""
         span = PATTERN_LETTERS[self.attn_pattern[layer % len(self.attn_pattern)]] if self.attn_pattern else self.attn_span
-        linear = span == "linear" or self.attention == "linear"
-        return (self.linear_kind, "full") if linear else (self.attention, span)
+        return (self.linear_kind, "full") if "linear" in (span, self.attention) else (self.attention, span)
 
     @property
     def rope_dim(self):
         """Rotary dims per head: all of head_dim, or MLA's decoupled rotary part."""
         return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
-
-    @property
-    def engram_layer_list(self):
-        return int_list(self.engram_layers, "engram_layers")
-
-    @property
-    def engram_order_list(self):
-        return int_list(self.engram_orders, "engram_orders")
 
     def is_moe_layer(self, layer):
         """Whether layer `layer` (counted from 0, the MTP modules' blocks after the main ones) has an MoE feed-forward."""
@@ -309,10 +299,7 @@ class FullSpan:
         attend over, in new's order, and the mask (B, 1, T, slots) of what each new token sees."""
         for name, tensor in new.items():
             cache[name].index_copy_(dim, ctx.cache_pos, tensor)
-        return [cache[name] for name in new], self.decode_mask(ctx)
-
-    def decode_mask(self, ctx):
-        return ctx.mask
+        return [cache[name] for name in new], ctx.mask
 
     def attend(self, q, k, v, ctx, mask=None, scale=None, dropout=0.0):
         """q (B, n_head, T, d), k and v (B, key heads, S, d) -> (B, n_head, T, d_v); mask None = training."""
@@ -340,9 +327,6 @@ class MaskedSpan(FullSpan):
         super().__init__(config)
         import torch.nn.attention.flex_attention  # noqa: F401 (see kernels.py)
 
-    def allowed(self, q_pos, k_pos):
-        raise NotImplementedError
-
     @staticmethod
     def check(c):
         require(min(c.window, c.sparse_block, c.sparse_local, c.sparse_stride) >= 1,
@@ -358,11 +342,12 @@ class MaskedSpan(FullSpan):
         pos = torch.arange(q.size(2), device=q.device)
         return self.allowed(pos[:, None], pos[None, :])  # (T, T)
 
-    def decode_mask(self, ctx):
+    def update(self, cache, new, dim, ctx):
+        tensors, mask = super().update(cache, new, dim, ctx)
         # positions count from each row's first token (left padding), as in training
         q_pos = (ctx.cache_pos[None, :] - ctx.pad[:, None])[:, :, None]  # (B, T, 1)
-        k_pos = (torch.arange(ctx.mask.size(-1), device=ctx.pad.device) - ctx.pad[:, None])[:, None, :]  # (B, 1, S)
-        return ctx.mask & self.allowed(q_pos, k_pos).unsqueeze(1)
+        k_pos = (torch.arange(mask.size(-1), device=ctx.pad.device) - ctx.pad[:, None])[:, None, :]  # (B, 1, S)
+        return tensors, mask & self.allowed(q_pos, k_pos).unsqueeze(1)
 
 
 class SlidingSpan(MaskedSpan):
@@ -372,8 +357,7 @@ class SlidingSpan(MaskedSpan):
 
     def __init__(self, config):
         super().__init__(config)
-        self.window = config.window
-        self.key = ("sliding", self.window)
+        self.window, self.key = config.window, ("sliding", config.window)
 
     def allowed(self, q_pos, k_pos):
         return (k_pos <= q_pos) & (q_pos - k_pos < self.window)
@@ -450,41 +434,35 @@ class MoBASpan(FullSpan):
         means = (member[:, None].float() @ k.float() / self.block).repeat_interleave(H // k.size(1), dim=1)
         q_block = (q_pos // self.block)[:, None, :, None]  # (B|1, 1, T, 1)
         scores = (q.float() @ means.mT).masked_fill(torch.arange(n, device=q.device) >= q_block, float("-inf"))
-        # the best m by repeated argmax, which torch.compile fuses (topk, a library kernel, it does not)
-        m = min(self.topk - 1, n)
+        m = min(self.topk - 1, n)  # the best m by repeated argmax: torch.compile fuses it, not topk (a library kernel)
         top = torch.empty(B, H, T, 0, dtype=torch.long, device=q.device)
         for _ in range(m):
             best = scores.argmax(dim=-1, keepdim=True)
             top, scores = torch.cat([top, best], dim=-1), scores.scatter(-1, best, float("-inf"))
         return top, (torch.arange(m, device=q.device) < q_block).expand_as(top)
 
-    def chosen_blocks(self, q, k, q_pos, k_pos):
-        """(B, n_head, T, blocks) whether each query sees each key block: its own, and its past_blocks."""
+    def mask(self, q, k, q_pos, k_pos):
+        """(B, n_head, T, S) whether each query sees each key: causally, in its own block or one of its past_blocks."""
         top, real = self.past_blocks(q, k, q_pos, k_pos)
         n = math.ceil(k.size(2) / self.block)
         own = torch.arange(n, device=q.device) == (q_pos // self.block)[:, None, :, None]
-        return own | ((top[..., None] == torch.arange(n, device=q.device)) & real[..., None]).any(dim=-2)
-
-    def mask(self, chosen, q_pos, k_pos):
-        """(B, n_head, T, S) boolean mask from the chosen blocks: causal, within them."""
+        chosen = own | ((top[..., None] == torch.arange(n, device=q.device)) & real[..., None]).any(dim=-2)
         k_block = (k_pos // self.block).clamp(min=0)[:, None, None, :].expand(*chosen.shape[:3], -1)
         return chosen.gather(-1, k_block) & (k_pos[:, None, None, :] <= q_pos[:, None, :, None])
 
     def attend(self, q, k, v, ctx, mask=None, scale=None, dropout=0.0):
-        if mask is None:  # training: positions 0..T-1
-            pos = torch.arange(q.size(2), device=q.device)[None]
-            if q.is_cuda if self.use_flex is None else self.use_flex:  # block by block (kernels.moba_attention)
-                return moba_attention(q, k, v, *self.past_blocks(q, k, pos, pos), self.block, scale)
-            mask = self.logit_mask(q, k)
-        else:  # decoding: positions count from each row's first token
+        if mask is not None:  # decoding: positions count from each row's first token
             q_pos = ctx.cache_pos[None, :] - ctx.pad[:, None]
             k_pos = torch.arange(k.size(2), device=q.device)[None, :] - ctx.pad[:, None]
-            mask = mask & self.mask(self.chosen_blocks(q, k, q_pos, k_pos), q_pos, k_pos)
-        return super().attend(q, k, v, ctx, mask, scale, dropout)
+            mask = mask & self.mask(q, k, q_pos, k_pos)
+        elif q.is_cuda if self.use_flex is None else self.use_flex:  # training, block by block (kernels.py)
+            pos = torch.arange(q.size(2), device=q.device)[None]
+            return moba_attention(q, k, v, *self.past_blocks(q, k, pos, pos), self.block, scale)
+        return super().attend(q, k, v, ctx, self.logit_mask(q, k) if mask is None else mask, scale, dropout)
 
     def logit_mask(self, q, k):
         pos = torch.arange(q.size(2), device=q.device)[None]
-        return self.mask(self.chosen_blocks(q, k, pos, pos), pos, pos)
+        return self.mask(q, k, pos, pos)
 
     def keys_per_query(self, T):
         total = 0
@@ -522,9 +500,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config, span="full"):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        # q, k and v come from one fused matrix: one big matmul is faster than three small ones
+        # one fused matrix, one big matmul, faster than three small ones; Muon (optim.py) orthogonalizes the three apart
         self.qkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.qkv_bias)
-        # Muon (optim.py) orthogonalizes q, k and v as the three matrices they are, not as one block
         self.qkv.weight.logical_rows = (self.n_head * self.head_dim,) + 2 * (self.n_kv_head * self.head_dim,)
         self.proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
         self.proj.weight.writes_residual = True  # a depth-scaled init (GPT)
@@ -576,13 +553,11 @@ class CausalSelfAttention(nn.Module):
         (MHA), or all to the query, the shared key head (GQA, MQA) untouched. RoPE, a rotation, commutes with it."""
         assert isinstance(self.q_norm, nn.Identity), "QK-norm normalizes away any scaling of the q and k weights"
         gamma = (max_logits.new_tensor(tau) / max_logits.clamp(min=tau))[:, None, None]  # x / x: 1 exactly
-        if self.n_kv_head == self.n_head:
-            gamma = gamma.sqrt()
+        own_keys = self.n_kv_head == self.n_head
         for rows in (self.qkv.weight, self.qkv.bias[:, None]) if self.qkv.bias is not None else (self.qkv.weight,):
             q, k, _ = rows.split(self.qkv.weight.logical_rows)  # a bias (qkv_bias) scales with its rows
-            if self.n_kv_head == self.n_head:
-                k.view(self.n_head, self.head_dim, -1).mul_(gamma)
-            q.view(self.n_head, self.head_dim, -1).mul_(gamma)
+            for w in (q, k) if own_keys else (q,):
+                w.view(self.n_head, self.head_dim, -1).mul_(gamma.sqrt() if own_keys else gamma)
 
 
 class MLA(nn.Module):
@@ -595,12 +570,10 @@ class MLA(nn.Module):
         self.n_head, self.rank, self.v_dim = config.n_head, config.kv_lora_rank, config.v_head_dim
         self.nope, self.rope = config.qk_nope_head_dim, config.qk_rope_head_dim
         d, q_rank = config.n_embd, config.q_lora_rank
-        # the query: low rank (down-projection, RMSNorm, up-projection) or one full-rank matrix
         self.q_a = (nn.Sequential(nn.Linear(d, q_rank, bias=False), RMSNorm(q_rank, config.norm_eps)) if q_rank
                     else nn.Identity())
         self.q_b = nn.Linear(q_rank or d, self.n_head * (self.nope + self.rope), bias=False)
-        # one down-projection gives the latent and the rotary key: the key comes from x, not from the latent
-        self.kv_a = nn.Linear(d, self.rank + self.rope, bias=False)
+        self.kv_a = nn.Linear(d, self.rank + self.rope, bias=False)  # the latent and, from x itself, the rotary key
         self.kv_a.weight.logical_rows = (self.rank, self.rope)  # two matrices for Muon (optim.py)
         self.kv_norm = RMSNorm(self.rank, config.norm_eps)
         # per head: the rows of W_UK (latent -> key) and then those of W_UV (latent -> value)
@@ -659,13 +632,11 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_rope], dim=-1).transpose(1, 2)  # (B, n_head, S, nope + rope)
         if self.track_max_logits and mask is None:
             ctx.aux.setdefault("max_logits", []).append(max_attention_logits(q, k, self.span.logit_mask(q, k)))
-        return self.span.attend(q, k, v.transpose(1, 2), ctx, mask, self.scale,
-                                self.dropout if self.training else 0.0)
+        return self.span.attend(q, k, v.transpose(1, 2), ctx, mask, self.scale, self.dropout if self.training else 0.0)
 
     def absorbed(self, q_nope, q_rope, latent, k_rope, ctx, mask):
-        """Decoding form (DeepSeek-V2 §2.1.2): q^C . (W_UK c) = (W_UK^T q^C) . c, so W_UK folds into the query and
-        W_UV applies after attention over the cached latents: one key head (latent + rope dims) shared by all query
-        heads (MQA), the latent its value."""
+        """Decoding form (DeepSeek-V2 §2.1.2): q^C . (W_UK c) = (W_UK^T q^C) . c, so W_UK folds into the query and W_UV
+        applies after attention over the cached latents: one key head for all (MQA), the latent its value."""
         w_uk, w_uv = self.kv_b.weight.view(self.n_head, -1, self.rank).split([self.nope, self.v_dim], dim=1)
         q_latent = torch.einsum("bthn,hnr->bhtr", q_nope, w_uk)  # (B, n_head, T, kv_lora_rank)
         q = torch.cat([q_latent, q_rope.transpose(1, 2)], dim=-1)  # (B, n_head, T, rank + rope)
@@ -952,7 +923,6 @@ class MoE(nn.Module):
             rank = torch.arange(order.numel(), device=x.device) - (counts.cumsum(0) - counts)[slot_expert[order]]
             kept = rank < capacity  # in expert order; a dropped slot adds nothing: the residual carries its token
             gates, dropped = gates * kept[inverse].view_as(gates), 1 - kept.float().mean()
-        # each token copied to its k slots, the slots into expert order, through the experts, and back
         routed = self.experts(permute(tokens.repeat_interleave(k, dim=0), order, inverse), counts)  # (N * k, d)
         routed = permute(routed, inverse, order).view(-1, k, d)  # (N, k, d) in token order
         y = (routed * gates.unsqueeze(-1)).sum(dim=1).type_as(x).view(B, T, d)
@@ -980,15 +950,13 @@ class MoE(nn.Module):
             # ST-MoE: the squared log-partition of the router logits keeps them small
             "z_loss": logits.logsumexp(dim=-1).square().mean(),
         }
-        aux = ctx.aux
         for name, value in losses.items():
-            aux[f"{self.name}/{name}"] = value.detach()
+            ctx.aux[f"{self.name}/{name}"] = value.detach()
             if self.coefs[name]:
                 ctx.losses["moe_loss"] = ctx.losses.get("moe_loss", 0.0) + self.coefs[name] * value
-        aux[f"{self.name}/load"] = load
-        aux[f"{self.name}/load_entropy"] = -(load * load.clamp(min=1e-12).log()).sum() / math.log(E)  # 1 = uniform
-        aux[f"{self.name}/load_max_mean"] = load.max() * E
-        aux[f"{self.name}/dropped"] = dropped
+        entropy = -(load * load.clamp(min=1e-12).log()).sum() / math.log(E)  # 1 = uniform
+        metrics = {"load": load, "load_entropy": entropy, "load_max_mean": load.max() * E, "dropped": dropped}
+        ctx.aux.update({f"{self.name}/{name}": value for name, value in metrics.items()})
 
 
 @torch.no_grad()
@@ -1037,8 +1005,7 @@ class HyperConnections(nn.Module):
     H (B, T, n, d); the sublayer reads h = sum_j pre_j H_j, the streams become H'_i = sum_j res_ij H_j + post_i f(h).
     pre, post and res are each a static learned value plus a dynamic one, gain * tanh(norm(H_j) W), from each stream
     j (DHC). The init (pre one-hot on stream sublayer mod n, res = I, post = 1, W = 0) is the standard residual."""
-    # fixed, where the papers learn it (s_alpha, s_beta; mHC's alpha): times zero-init weights it gets no gradient
-    gain = 0.01
+    gain = 0.01  # the papers learn it (s_alpha, s_beta; mHC's alpha); times zero-init weights it gets no gradient
 
     def __init__(self, config, sublayer):
         super().__init__()
@@ -1078,12 +1045,10 @@ class HyperConnections(nn.Module):
 
     @staticmethod
     def expand(x, config):
-        """The embedding x (B, T, d) copied into hc_streams streams (B, T, n, d)."""
         return x.unsqueeze(-2).expand(*x.shape[:-1], config.hc_streams, x.size(-1))
 
     @staticmethod
     def reduce(x):
-        """The mean of the streams (B, T, n, d) -> (B, T, d), before the final norm."""
         return x.mean(dim=-2)
 
     def flops(self):
@@ -1136,7 +1101,6 @@ class Engram(nn.Module):
     prime each, into its own rows of one table; the rows found, concatenated (engram_dim), give a key and a value.
     The value enters each stream h before attention, gated by sigmoid(signed sqrt(norm(key) . norm(h) / sqrt(d))).
     Trained by sparse rows (optim.py). Left out: the tokenizer's id compression, the convolution after the gate."""
-    rewinds = False  # its cache is a window of the last ids, which a rejected draft would have moved
 
     def __init__(self, config, layer):
         super().__init__()
@@ -1146,7 +1110,11 @@ class Engram(nn.Module):
         # deterministic from the layer alone: the same ids find the same rows in every run and on every machine
         seed = torch.Generator().manual_seed(2601 + 10007 * layer)
         multipliers = torch.randint(0, 2**61, (max(orders),), generator=seed) * 2 + 1  # odd, < 2^62
-        primes = next_primes(config.engram_table_size // (len(orders) * heads), len(orders) * heads)
+        primes, n = [], max(config.engram_table_size // (len(orders) * heads), 2)
+        while len(primes) < len(orders) * heads:  # the smallest primes >= n; trial division: fast for billions of rows
+            if all(n % f for f in range(2, math.isqrt(n) + 1)):
+                primes.append(n)
+            n += 1
         self.register_buffer("multipliers", multipliers, persistent=False)
         self.register_buffer("primes", torch.tensor(primes).view(len(orders), heads), persistent=False)
         self.register_buffer("offsets", (torch.tensor([0] + primes[:-1]).cumsum(0)).view(len(orders), heads),
@@ -1208,16 +1176,6 @@ class Engram(nn.Module):
         return {"engram": flops}
 
 
-def next_primes(start, count):
-    """The `count` smallest primes >= start (trial division: tables of up to billions of rows)."""
-    primes, n = [], max(start, 2)
-    while len(primes) < count:
-        if all(n % f for f in range(2, math.isqrt(n) + 1)):
-            primes.append(n)
-        n += 1
-    return primes
-
-
 # -----------------------------------------------------------------------------
 # block and model
 
@@ -1239,7 +1197,7 @@ class Block(nn.Module):
         self.attn_residual = RESIDUALS[config.residual](config, 2 * layer)
         self.mlp_residual = RESIDUALS[config.residual](config, 2 * layer + 1)
         self.memory = Engram(config, layer) if layer in config.engram_layer_list else None
-        # decoding rewinds this block by position alone (speculative decoding's rejected drafts; FullSpan.rewinds)
+        # rewinds by position alone (FullSpan.rewinds), unless Engram's window of the last ids holds a rejected draft
         self.rewinds = getattr(getattr(self.attn, "span", None), "rewinds", False) and self.memory is None
 
     def forward(self, x, ctx, cache=None):
@@ -1254,7 +1212,6 @@ class Block(nn.Module):
         return {**self.attn.new_cache(batch, max_len, dtype, device), **memory}
 
     def flops(self, T):
-        """Forward FLOPs per token of each part of the block at sequence length T (GPT.flops_breakdown)."""
         flops = {"attention projections": matmul_flops(self.attn), "attention scores": self.attn.attention_flops(T)}
         for part in (self.mlp, self.attn_residual, self.mlp_residual, self.memory):
             for name, n in (part.flops() if part is not None else {}).items():
@@ -1432,10 +1389,8 @@ class GPT(nn.Module):
 
     def flops_breakdown(self, seq_len=None):
         """Training FLOPs per token (3 x forward) by part: 2 per weight of every matmul a token goes through (of the
-        routed experts, moe_topk's), each mixer's attention_flops ('attention scores': per key its span lets a query
-        see, 2 per query-key dim for q.k and per value dim for the weighted sum; linear attention its state's reads
-        and writes), and the residual's and Engram's own (lookups cost none); norms and biases left out. 'head': the
-        output head, tied or not; 'mtp': all MTP modules' work, their head included, depth k's T - k tokens as T."""
+        routed experts, moe_topk's), each mixer's attention_flops, the residual's and Engram's own; norms and biases
+        left out. 'head': the output head, tied or not; 'mtp': MTP modules and head, depth k's T - k tokens as T."""
         T = seq_len or self.config.block_size
         parts = dict.fromkeys(["attention projections", "attention scores", "mlp", "moe", "hyper-connections",
                                "engram", "head", "mtp"], 0)
@@ -1447,7 +1402,6 @@ class GPT(nn.Module):
         return {part: 3 * flops for part, flops in parts.items()}
 
     def flops_per_token(self, seq_len=None):
-        """Training FLOPs per token at seq_len (default block_size): the sum of flops_breakdown's parts."""
         return sum(self.flops_breakdown(seq_len).values())
 
     def kv_cache_bytes(self, context, dtype=torch.bfloat16):
@@ -1458,6 +1412,5 @@ class GPT(nn.Module):
         return sum(t.numel() * t.element_size() for cache in caches for t in cache.values() if t.is_floating_point())
 
     def kv_cache_bytes_per_token(self, dtype_bytes=2):
-        """kv_cache_bytes at block_size, per token, at dtype_bytes per number (2: bf16)."""
         dtype = {1: torch.float8_e4m3fn, 2: torch.bfloat16, 4: torch.float32}[dtype_bytes]
         return self.kv_cache_bytes(self.config.block_size, dtype) / self.config.block_size

@@ -173,11 +173,7 @@ class Tokenizer:
             return self.backend.encode_ordinary(text)
         if self.kind == "hf":
             return self.backend.encode(text, add_special_tokens=False).ids
-        # no piece holds a '\n' (see training_lines), so line by line gives the same ids, and faster
-        ids = []
-        for line in self.backend.encode(escape(text).split("\n")):
-            ids += line + [self.newline_id]
-        return ids[:-1]
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts):
         """encode() of each text; tiktoken spreads a batch over threads."""
@@ -185,7 +181,17 @@ class Tokenizer:
             return self.backend.encode_ordinary_batch(texts)
         if self.kind == "hf":
             return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
-        return [self.encode(text) for text in texts]
+        # no piece holds a '\n' (see training_lines), so line by line gives the same ids; all the lines in one call,
+        # on one thread (prepare.py runs a process per core)
+        lines = [escape(text).split("\n") for text in texts]
+        pieces = iter(self.backend.encode([line for doc in lines for line in doc], num_threads=1))
+        batch = []
+        for doc in lines:
+            ids = []
+            for _ in doc:
+                ids += next(pieces) + [self.newline_id]
+            batch.append(ids[:-1])
+        return batch
 
     def decode(self, ids):
         """Text of a sequence of ids (list, numpy array or tensor); special ids become their marker text."""

@@ -38,7 +38,7 @@ from configurator import (COMMAND_LINE, all_reduce_sum, autocast, check_settings
                           lock_folder, nominal_peak_flops, parse_config, pick_device, pick_dtype, print0, read_log,
                           read_text, save_checkpoint, save_plot, trim_log, write_manifest)
 from evaluate import exact_bits_per_byte, read_tasks, task_accuracy
-from hf import load_model
+from hf import TRAINING_ONLY, load_model
 from model import GPT, GPTConfig, config_fields, update_router_biases
 from optim import MUON_LR_SCALES, OPTIMIZERS, QKClip, clip_grad_norm_, configure_optimizers
 from tokenizer import Tokenizer
@@ -314,14 +314,26 @@ checkpoint = None
 try:
     if init_from == "resume" or eval_only:
         model, _, checkpoint = load_model(checkpoint_path)
-    elif init_from.startswith("hf:"):  # a Llama/Qwen3 folder's weights; block_size and dropout stay this run's
-        model = load_model(init_from, block_size, dropout)[0].train()
+    elif init_from.startswith("hf:"):  # the folder's model, with this run's block_size and training-only settings
+        model = load_model(init_from, block_size, **{key: config[key] for key in TRAINING_ONLY})[0].train()
     else:
         model = GPT(GPTConfig(**model_args))
 except (ValueError, ImportError, OSError) as e:
     fail(str(e))
-if init_from.startswith("hf:") and not checkpoint and model.config.vocab_size < meta["vocab_size"]:
-    fail(f"{init_from[3:]} has {model.config.vocab_size} tokens, fewer than the dataset's {meta['vocab_size']}")
+if init_from.startswith("hf:") and not checkpoint:
+    # a model setting that a config file or the command line gives must be the folder's, but for block_size and the
+    # training-only ones (balance losses, jitter, capacity, dropout, and MTP, whose modules start afresh)
+    folder = asdict(model.config)
+    for key in sorted(given.keys() & folder.keys() - TRAINING_ONLY - {"block_size"}):
+        try:  # as GPTConfig resolves it: n_kv_head=0 is n_head, ...
+            same = asdict(GPTConfig(**{**folder, key: {**config, "vocab_size": vocab_size}[key]}))[key] == folder[key]
+        except ValueError:
+            same = False
+        if not same:
+            fail(f"{init_from[3:]} has {key}={folder[key]!r}, but {given[key]} says {key}={config[key]!r}: a model "
+                 "from hf: keeps the folder's settings (all but block_size and the training-only ones); leave it out")
+    if model.config.vocab_size < meta["vocab_size"]:
+        fail(f"{init_from[3:]} has {model.config.vocab_size} tokens, fewer than the dataset's {meta['vocab_size']}")
 if checkpoint and not eval_only:
     # the run continues its own checkpoint, on its own dataset, with its model (from scratch or from hf:): a model
     # setting that a config file or the command line gives must agree with it. Evaluating takes any checkpoint.
@@ -344,6 +356,7 @@ if checkpoint and not eval_only:
         if wanted[key] != saved[key]:
             fail(f"checkpoint {checkpoint_path} was trained with {key}={saved[key]!r}, but the config says "
                  f"{key}={config[key]!r}: resume with the checkpoint's value, or start a new run in another --out_dir")
+config.update(asdict(model.config))  # run.json and the checkpoint record the model that trains
 T = model.config.block_size
 
 # -----------------------------------------------------------------------------
