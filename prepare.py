@@ -1,11 +1,14 @@
 """
 Turn raw text into token shards for training: read documents, hold some out for validation, train a tokenizer
-on the rest, tokenize everything on all cores and write data/<name>/ (see data/README.md for the layout). The
+on a sample of the rest, tokenize everything on all cores and write data/<name>/ (see data/README.md for the
+layout). Reading and tokenizing stream, a block of documents at a time, so memory stays flat at any input size. The
 dataset is built beside that folder and replaces it only once complete: a failed or interrupted run changes nothing.
 
     python prepare.py                                    # offline: this Python's own standard library
     python prepare.py --dataset=gutenberg                # the benchmark's 96 books, checked against their sha256
-    python prepare.py --dataset=tinyshakespeare          # also tinystories, fineweb_edu, or a URL (downloaded once)
+    python prepare.py --dataset=tinystories              # TinyStories V2 (2.2 GB), its own validation file as val
+    python prepare.py --dataset=fineweb_edu --shards=4   # 4 parquet files of FineWeb-Edu's 10BT sample (0: all)
+    python prepare.py --dataset=tinyshakespeare          # also fineweb_edu_100bt, or a URL (downloaded once)
     python prepare.py --input=books/ --strip_gutenberg=True --val_files=pg1342.txt
     python prepare.py --input=chats.jsonl --tokenizer=gpt2
 
@@ -13,16 +16,19 @@ dataset is built beside that folder and replaces it only once complete: a failed
 "text" is one document) and .parquet files (a "text" column; needs pyarrow), folders of them, and globs.
 Every document is followed by the end-of-document token in the shards.
 """
+import collections
 import errno
 import glob
 import hashlib
 import http.client
+import itertools
 import json
 import multiprocessing
 import os
 import platform
 import random
 import re
+import resource
 import shutil
 import signal
 import sys
@@ -51,9 +57,15 @@ val_fraction = 0.02           # otherwise this fraction of documents (at least o
 seed = 1337                   # for the val choice and the document order
 tokenizer = "bpe"             # 'bpe' (trained here on the train split), 'gpt2', a tokenizer.model, or a HF folder
 vocab_size = 8192             # of the trained bpe
+tokenizer_sample = 10.0       # MB (millions of characters) of train documents the bpe learns from: the first of the
+                              # shuffled train split (tokenizer.py learns from 10M characters at most)
+block_mb = 128.0              # documents are read, shuffled and split into train and val in blocks of this many MB
+                              # (millions of characters): memory stays near it, whatever the size of the input
 shard_size = 100_000_000      # tokens per .bin file
 out_root = "data"
 num_workers = 0               # tokenizing processes; 0 = one per core
+shards = 1                    # fineweb_edu, fineweb_edu_100bt: how many of the sample's parquet files (0 = all)
+hf_url = "https://huggingface.co"  # where tinystories and the fineweb_edu samples come from (or a mirror)
 gutenberg_url = "https://raw.githubusercontent.com/RU-ECE/ECE451-Parallel/c58dca3a6abedd8041057571c247e9a393cc3b4d"
                               # where --dataset=gutenberg fetches the books from (a mirror of that commit)
 gutenberg_books = ""          # a list of 'sha256  path' lines under gutenberg_url; default: config/gutenberg.sha256
@@ -63,27 +75,32 @@ config = parse_config({k: v for k, v in globals().items() if not k.startswith("_
 globals().update(config)
 started = time.time()
 
-HF = "https://huggingface.co/datasets"
 SOURCES = {
     # a speech is a document: the play is one file, and the val split needs more than one document
     "tinyshakespeare": dict(url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
                             doc_separator="\n\n"),
-    # the validation file of TinyStories is plenty for small models, and far smaller than the train file
-    "tinystories": dict(url=f"{HF}/roneneldan/TinyStories/resolve/main/TinyStories-valid.txt",
-                        doc_separator="<|endoftext|>"),
-    # the first parquet file of the 10B-token sample
-    "fineweb_edu": dict(url=f"{HF}/HuggingFaceFW/fineweb-edu/resolve/main/sample/10BT/000_00000.parquet"),
+    # TinyStories V2, the stories GPT-4 wrote (Eldan & Li, arXiv:2305.07759): the train file, and its own
+    # validation file as val
+    "tinystories": dict(repo="roneneldan/TinyStories", doc_separator="<|endoftext|>",
+                        files=("TinyStoriesV2-GPT4-train.txt", "TinyStoriesV2-GPT4-valid.txt"),
+                        val_files="TinyStoriesV2-GPT4-valid.txt"),
+    # FineWeb-Edu (Penedo et al., arXiv:2406.17557): the parquet files of its samples of about 10B and
+    # 100B GPT-2 tokens, the first --shards of them in the order of their names
+    "fineweb_edu": dict(repo="HuggingFaceFW/fineweb-edu", folder="sample/10BT"),
+    "fineweb_edu_100bt": dict(repo="HuggingFaceFW/fineweb-edu", folder="sample/100BT"),
 }
 # The Gutenberg benchmark: the 96 books listed in config/gutenberg.sha256, unmodified Project Gutenberg files kept
 # in RU-ECE/ECE451-Parallel (a course repository) at the commit of gutenberg_url, with their paths under it. Two
 # books there marked "COPYRIGHTED Project Gutenberg eBook" (#16 and #5200) are not among them.
 GUTENBERG_BOOKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "gutenberg.sha256")
 GUTENBERG_VAL = "11-0.txt,pg1661.txt,pg1342.txt"  # Alice, The Adventures of Sherlock Holmes, Pride and Prejudice
-DOCS_PER_TASK = 16  # documents a worker tokenizes per task: IPC stays cheap, the work spreads evenly
+READ_BYTES = 1 << 24     # a text file cut into documents is read this much at a time
+PARQUET_ROWS = 1024      # rows of a parquet file read at a time
+TASK_CHARS = 1 << 20     # characters a worker tokenizes per task: IPC stays cheap, the work spreads evenly
 
 
 # -----------------------------------------------------------------------------
-# reading documents: lists of (file basename, text)
+# reading documents: (file basename, text), one at a time
 
 def read_text(path):
     """A file's text exactly as stored (no newline translation, BOM dropped); UnicodeDecodeError if it is not UTF-8."""
@@ -91,30 +108,40 @@ def read_text(path):
         return f.read().decode("utf-8-sig")
 
 
-def read_pystdlib():
-    """The running Python's standard library: one document per .py file, plus pydoc's topic texts."""
-    from pydoc_data.topics import topics
+def utf8(data, path, line=1, bom=False):
+    """The text of some bytes of the file path that begin on line `line`. A file of the user's that is not UTF-8
+    stops the run, naming the file and the line: a corpus is never cut short silently."""
+    try:
+        return data.decode("utf-8-sig" if bom else "utf-8")
+    except UnicodeDecodeError as e:
+        line += e.object.count(b"\n", 0, e.start)
+        fail(f"{path} line {line} is not UTF-8 (byte 0x{e.object[e.start]:02x}): convert the file, "
+             "e.g. with iconv -f latin1 -t utf-8, or leave it out")
+
+
+def pystdlib_files():
+    """The .py files of the running Python's standard library, without third-party code."""
     stdlib = sysconfig.get_paths()["stdlib"]
-    docs, files, skipped = [], 0, 0
+    files = []
     for root, dirs, names in os.walk(stdlib):
-        dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "dist-packages"))  # third-party code
-        for name in sorted(names):
-            path = os.path.join(root, name)
-            # topics.py holds the topic texts as string literals: they come in below as plain text instead
-            if not name.endswith(".py") or path == os.path.join(stdlib, "pydoc_data", "topics.py"):
-                continue
-            files += 1
-            try:
-                text = read_text(path)
-            except UnicodeDecodeError:
-                skipped += 1  # a few test files are deliberately in other encodings
-                continue
-            if text.strip():
-                docs.append((name, text))
-    docs += [(f"pydoc_topic_{key}", text) for key, text in sorted(topics.items())]
-    source = {"dataset": "pystdlib", "python": platform.python_version(), "stdlib": stdlib, "files": files,
-              "skipped_non_utf8": skipped, "pydoc_topics": len(topics)}
-    return docs, source
+        dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "dist-packages"))
+        # topics.py holds pydoc's topic texts as string literals: they come in as plain text instead
+        files += [os.path.join(root, name) for name in sorted(names) if name.endswith(".py")
+                  and os.path.join(root, name) != os.path.join(stdlib, "pydoc_data", "topics.py")]
+    return stdlib, files
+
+
+def pystdlib_documents(files, topics, source):
+    """One document per .py file, then pydoc's topic texts; files that are not UTF-8 are counted in source."""
+    for path in files:
+        try:
+            text = read_text(path)
+        except UnicodeDecodeError:
+            source["skipped_non_utf8"] += 1  # a few test files are deliberately in other encodings
+            continue
+        if text.strip():
+            yield os.path.basename(path), text
+    yield from ((f"pydoc_topic_{key}", text) for key, text in sorted(topics.items()))
 
 
 def find_input_files(spec):
@@ -150,56 +177,127 @@ def gutenberg_book(text):
     return text.strip("\n")
 
 
-def jsonl_text(path, number, line):
-    try:
-        text = json.loads(line)["text"]
-    except (ValueError, KeyError, TypeError):
-        text = None
-    if not isinstance(text, str):
-        fail(f"{path} line {number} is not a JSON object with a 'text' string")
-    return text
+def separated_documents(path, separator):
+    """The documents of a text file cut at separator, READ_BYTES or a block at a time, so that a file of any size
+    streams: those of splitting the whole text, since in UTF-8 a separator's bytes never begin inside a character."""
+    sep, size = separator.encode(), min(READ_BYTES, round(block_mb * 1e6) + 1)
+    buffer, line, first = bytearray(), 1, True
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(size)
+            buffer += block
+            end = buffer.rfind(sep) if block else len(buffer)  # the text after the last separator may go on
+            if end < 0:
+                continue
+            for piece in bytes(buffer[:end]).split(sep):
+                # a separator usually sits on a line of its own: the line breaks around it are not the documents'
+                yield utf8(piece, path, line, bom=first).strip("\r\n")
+                line += piece.count(b"\n") + sep.count(b"\n")
+                first = False
+            del buffer[:end + len(sep)]
+            if not block:
+                return
 
 
-def parquet_texts(path):
+def jsonl_documents(path):
+    # line by line at '\n' only: str.splitlines() would also cut at U+2028 inside a JSON string
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            line = utf8(raw, path, number, bom=number == 1)
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (ValueError, KeyError, TypeError):
+                text = None
+            if not isinstance(text, str):
+                fail(f"{path} line {number} is not a JSON object with a 'text' string")
+            yield text
+
+
+def open_parquet(path):
     try:
         import pyarrow.parquet as pq
     except ImportError:
         fail(f"reading {path} needs pyarrow: pip install pyarrow")
     try:
-        # batch by batch, so the whole file is never in memory twice (as Arrow data and as Python strings)
-        batches = pq.ParquetFile(path).iter_batches(columns=["text"])
-        return [text or "" for batch in batches for text in batch.column(0).to_pylist()]  # a null row: no text
+        parquet = pq.ParquetFile(path)
+        if "text" in parquet.schema_arrow.names:
+            return parquet
+        why = "no such column"
     except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid and ArrowIOError are these
+        why = str(e).splitlines()[0][:120]
+    fail(f"{path} is not a parquet file with a 'text' column ({why})")
+
+
+def parquet_documents(path):
+    """The texts of a parquet file, a row group at a time, PARQUET_ROWS rows of it at a time as Python strings:
+    never the whole file in memory (iter_batches over all row groups at once reads ahead of its batches)."""
+    parquet = open_parquet(path)
+    try:
+        for group in range(parquet.num_row_groups):
+            for batch in parquet.iter_batches(PARQUET_ROWS, row_groups=[group], columns=["text"], use_threads=False):
+                yield from (text or "" for text in batch.column(0).to_pylist())  # a null row: no text
+    except (ValueError, OSError) as e:
         fail(f"{path} is not a parquet file with a 'text' column ({str(e).splitlines()[0][:120]})")
 
 
-def read_documents(paths, doc_separator, gutenberg):
-    """Documents of .txt, .jsonl and .parquet files. A file that is not UTF-8 stops the run: a corpus of the
-    user's own is never cut short silently."""
-    docs = []
+def file_documents(path, separator, gutenberg):
+    if path.endswith(".parquet"):
+        return parquet_documents(path)
+    if path.endswith(".jsonl"):
+        return jsonl_documents(path)
+    if separator and not gutenberg:
+        return separated_documents(path, separator)
+    with open(path, "rb") as f:  # a Gutenberg book is stripped whole: its markers bound the whole text
+        text = utf8(f.read(), path, bom=True)
+    if gutenberg:
+        text = gutenberg_book(text)
+    return [t.strip("\r\n") for t in text.split(separator)] if separator else [text]
+
+
+def read_documents(paths, separator, gutenberg):
+    """The documents of .txt, .jsonl and .parquet files, one at a time, in the order of the files."""
+    for path in paths:
+        try:
+            yield from ((os.path.basename(path), text) for text in file_documents(path, separator, gutenberg)
+                        if text.strip())
+        except OSError as e:
+            fail(f"cannot read {path}: {e.strerror or e}")
+
+
+def input_chars(paths):
+    """About how much text the files hold, for the progress bar: their sizes, a parquet file's uncompressed text."""
+    total = 0
     for path in paths:
         if path.endswith(".parquet"):
-            texts = parquet_texts(path)
+            meta = open_parquet(path).metadata
+            column = meta.schema.names.index("text")
+            total += sum(meta.row_group(i).column(column).total_uncompressed_size for i in range(meta.num_row_groups))
         else:
-            try:
-                text = read_text(path)
-            except UnicodeDecodeError as e:
-                line = e.object.count(b"\n", 0, e.start) + 1
-                fail(f"{path} line {line} is not UTF-8 (byte 0x{e.object[e.start]:02x}): convert the file, "
-                     "e.g. with iconv -f latin1 -t utf-8, or leave it out")
-            except OSError as e:
-                fail(f"cannot read {path}: {e.strerror or e}")
-            if path.endswith(".jsonl"):
-                # split on '\n' only: str.splitlines() would also cut at U+2028 inside a JSON string
-                texts = [jsonl_text(path, number, line) for number, line in enumerate(text.split("\n"), 1)
-                         if line.strip()]
+            total += os.path.getsize(path)
+    return total
+
+
+def shuffled_blocks(docs, held_out):
+    """(train texts, val texts) of blocks of about block_mb of documents, each block shuffled with one random
+    generator of the run's seed: a corpus within one block is split and ordered as if shuffled whole. Val holds
+    the documents of the held_out files, or else val_fraction of each block's documents (one at least in all)."""
+    rng = random.Random(seed)
+    block, size, least = [], 0, 1
+    for doc in itertools.chain(docs, [None]):  # None: the end, where the last block is due
+        if doc is not None:
+            block.append(doc)
+            size += len(doc[1])
+        if block and (doc is None or size >= block_mb * 1e6):
+            rng.shuffle(block)
+            if held_out:
+                yield ([text for file, text in block if file not in held_out],
+                       [text for file, text in block if file in held_out])
             else:
-                if gutenberg:
-                    text = gutenberg_book(text)
-                # a separator usually sits on a line of its own: the line breaks around it are not the documents'
-                texts = [t.strip("\r\n") for t in text.split(doc_separator)] if doc_separator else [text]
-        docs += [(os.path.basename(path), t) for t in texts if t.strip()]
-    return docs
+                n_val = max(least, round(val_fraction * len(block)))
+                yield [text for _, text in block[n_val:]], [text for _, text in block[:n_val]]
+            block, size, least = [], 0, 0
 
 
 # -----------------------------------------------------------------------------
@@ -233,14 +331,18 @@ def file_sha256(path):
     return digest.hexdigest()
 
 
-def download(url, path):
+def download(url, path, sha256=None):
     """Fetch url to path, once (path is the cache), and return the file's sha256.
 
     Bytes go to path + '.part'. When the connection breaks, the next attempt (or the next run) asks only for
     the missing bytes with an HTTP Range request; a server that ignores Range sends everything again. The file
-    is checked against the sha256 the server publishes, if it does."""
+    is checked against sha256, the one listed for it, or else the one the server publishes, if it does; a cached
+    file that is not the listed one is fetched again."""
     if os.path.exists(path):
-        return file_sha256(path)
+        actual = file_sha256(path)
+        if sha256 in (None, actual):
+            return actual
+        os.remove(path)  # changed since it was checked
     os.makedirs(os.path.dirname(path), exist_ok=True)
     part = path + ".part"
     opener = urllib.request.build_opener(KeepLinkedEtag)
@@ -262,7 +364,7 @@ def download(url, path):
                 have = 0
             length = response.headers.get("Content-Length")
             total = have + int(length) if length else None
-            sha256 = published_sha256(response.headers)
+            published = published_sha256(response.headers)
             with open(part, "ab" if have else "wb") as f, \
                     tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
                 try:
@@ -278,23 +380,61 @@ def download(url, path):
     actual = file_sha256(part)
     if sha256 and actual != sha256:
         os.remove(part)
-        fail(f"{url} arrived corrupt (sha256 {actual}, expected {sha256}); deleted it, run again to retry")
+        fail(f"{os.path.basename(path)} from {url} is not the file listed (sha256 {actual}, expected {sha256}); "
+             "deleted it, no dataset written")
+    if published and actual != published:
+        os.remove(part)
+        fail(f"{url} arrived corrupt (sha256 {actual}, expected {published}); deleted it, run again to retry")
     os.replace(part, path)
     return actual
 
 
-def read_dataset(name, source):
-    """The documents of a file downloaded once into out_root/downloads/name/, and where they came from."""
+def read_url(name, source):
+    """A file downloaded once into out_root/downloads/name/: its path, and where it came from."""
     path = os.path.join(out_root, "downloads", name, os.path.basename(source["url"]))
-    sha256 = download(source["url"], path)
-    docs = read_documents([path], doc_separator or source.get("doc_separator", ""), strip_gutenberg)
-    return docs, {"dataset": name, "url": source["url"], "sha256": sha256, "files": 1}
+    return [path], {"dataset": name, "url": source["url"], "sha256": download(source["url"], path), "files": 1}
+
+
+def read_hf(name, source):
+    """The files of a Hugging Face dataset (source's files, or the first --shards parquet files of its folder),
+    each fetched once into out_root/downloads/name/ and checked against the sha256 the Hub lists for it. The list
+    comes from the Hub's API once and is kept there too, so that a later run needs the network only for new files."""
+    folder = os.path.join(out_root, "downloads", name)
+    hub = hf_url.rstrip("/")
+    api = f"{hub}/api/datasets/{source['repo']}/tree/main" + (f"/{source['folder']}" if "folder" in source else "")
+    listing = os.path.join(folder, "files.json")
+    download(api, listing)
+    try:
+        with open(listing) as f:
+            listed = {entry["path"]: (entry.get("lfs") or {}).get("oid") for entry in json.load(f)
+                      if entry["type"] == "file"}
+    except (ValueError, KeyError, TypeError):
+        os.remove(listing)
+        fail(f"{api} did not answer with a list of files; deleted it, run again to retry")
+    if "files" in source:
+        files = list(source["files"])
+        missing = [file for file in files if file not in listed]
+        if missing:
+            fail(f"{', '.join(missing)} is not among the files of {source['repo']} ({api})")
+    else:
+        files = sorted(path for path in listed if path.endswith(".parquet"))
+        if shards > len(files):
+            fail(f"--shards={shards}: {source['repo']} has {len(files)} parquet files in {source['folder']} "
+                 "(--shards=0 takes them all)")
+        files = files[:shards or None]
+    paths, sha256 = [], {}
+    for file in files:
+        path = os.path.join(folder, os.path.basename(file))
+        sha256[os.path.basename(file)] = download(f"{hub}/datasets/{source['repo']}/resolve/main/{file}", path,
+                                                  listed[file])
+        paths.append(path)
+    return paths, {"dataset": name, "repo": source["repo"], "url": hf_url, "files": len(paths), "sha256": sha256}
 
 
 def read_gutenberg():
     """The benchmark's books, each fetched once into out_root/downloads/gutenberg/ and checked against its sha256,
-    then read exactly as --input=<a folder of them> --strip_gutenberg=True reads them: the same documents, in the
-    same order, so the same shards."""
+    in the order that --input=<a folder of them> reads them: the same documents, in the same order, so the same
+    shards."""
     listing = gutenberg_books or GUTENBERG_BOOKS
     try:
         with open(listing) as f:
@@ -303,70 +443,109 @@ def read_gutenberg():
         fail(f"cannot read the list of books {listing} ({e.strerror})")
     if not books or any(len(book) != 2 or not re.fullmatch(r"[0-9a-f]{64}", book[0]) for book in books):
         fail(f"{listing} is not a list of 'sha256  path' lines")
-    folder = os.path.join(out_root, "downloads", "gutenberg")
     paths = []
     for sha256, book in books:
-        path = os.path.join(folder, os.path.basename(book))
-        if os.path.exists(path) and file_sha256(path) != sha256:
-            os.remove(path)  # changed since it was checked: fetched again
-        url = f"{gutenberg_url.rstrip('/')}/{book}"
-        actual = download(url, path)
-        if actual != sha256:
-            os.remove(path)
-            fail(f"{os.path.basename(book)} from {url} is not the benchmark's book (sha256 {actual}, expected "
-                 f"{sha256}); deleted it, no dataset written")
-        paths.append(path)
-    docs = read_documents(sorted(paths), doc_separator, True)
-    return docs, {"dataset": "gutenberg", "url": gutenberg_url, "files": len(paths)}
+        paths.append(os.path.join(out_root, "downloads", "gutenberg", os.path.basename(book)))
+        download(f"{gutenberg_url.rstrip('/')}/{book}", paths[-1], sha256)
+    return sorted(paths), {"dataset": "gutenberg", "url": gutenberg_url, "files": len(paths)}
 
 
 # -----------------------------------------------------------------------------
 # tokenizing on all cores into shards
 
-def start_worker(tokenizer_path, dtype):
-    global worker_tokenizer, worker_dtype
+def id_dtype(tok):
+    return np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+
+
+def start_worker():
+    global worker_tokenizer
     # Ctrl-C reaches every process of the terminal's group: the main process alone stops the run, in one line
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    worker_tokenizer, worker_dtype = Tokenizer.load(tokenizer_path), dtype
+    worker_tokenizer = None
 
 
-def tokenize(texts):
-    """Worker: the ids of a few documents, each followed by the end-of-document id, and their size in bytes."""
+def peak_rss():
+    """This process's peak resident memory in bytes (Linux counts it in KiB, macOS in bytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def tokenize(task):
+    """Worker: the ids of a few documents of a split, each followed by the end-of-document id, with their size in
+    bytes and their number, and this process's id and peak memory. The tokenizer is loaded on the first task: the
+    workers start before it is trained."""
+    global worker_tokenizer
+    tokenizer_path, split, texts = task
+    if worker_tokenizer is None:
+        worker_tokenizer = Tokenizer.load(tokenizer_path)
     ids = []
     for doc_ids in worker_tokenizer.encode_batch(texts):
         ids += doc_ids
         ids.append(worker_tokenizer.eos_id)
-    return np.array(ids, dtype=worker_dtype), sum(len(text.encode("utf-8")) for text in texts)
+    size = sum(len(text.encode("utf-8")) for text in texts)
+    return split, np.array(ids, dtype=id_dtype(worker_tokenizer)), size, len(texts), os.getpid(), peak_rss()
 
 
-def close_shard(shard):
-    """Close a shard once its bytes are on the disk: meta.json, written after, never lists a shard still in flight."""
-    shard.flush()
-    os.fsync(shard.fileno())
-    shard.close()
+class Shards:
+    """The shards of one split, split_000.bin, split_001.bin, ...: ids stream in, no shard sits in memory."""
+
+    def __init__(self, folder, split):
+        self.folder, self.split = folder, split
+        self.names, self.file, self.room = [], None, 0
+        self.tokens = self.bytes = self.documents = 0
+
+    def write(self, ids, size, documents):
+        self.tokens += len(ids)
+        self.bytes += size
+        self.documents += documents
+        while len(ids):
+            if self.room == 0:
+                self.close()
+                self.names.append(f"{self.split}_{len(self.names):03d}.bin")
+                self.file = open(os.path.join(self.folder, self.names[-1]), "wb")
+                self.room = shard_size
+            head, ids = ids[:self.room], ids[self.room:]
+            head.tofile(self.file)
+            self.room -= len(head)
+
+    def close(self):
+        """Close the shard once its bytes are on the disk: meta.json, written after, never lists one in flight."""
+        if self.file:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            self.file = None
+
+    def stats(self):
+        return {"tokens": self.tokens, "bytes": self.bytes, "documents": self.documents, "shards": self.names}
 
 
-def write_split(pool, split, texts, folder, shard_size):
-    """Tokenize one split and stream its ids into split_000.bin, split_001.bin, ...: no shard sits in memory."""
-    tasks = [texts[i:i + DOCS_PER_TASK] for i in range(0, len(texts), DOCS_PER_TASK)]
-    shards, shard, room, tokens, size = [], None, 0, 0, 0
-    with tqdm(total=len(texts), desc=f"tokenizing {split}", unit="doc") as bar:
-        for task, (ids, task_bytes) in zip(tasks, pool.imap(tokenize, tasks)):
-            tokens += len(ids)
-            size += task_bytes
-            while len(ids):
-                if room == 0:
-                    if shard:
-                        close_shard(shard)
-                    shards.append(f"{split}_{len(shards):03d}.bin")
-                    shard = open(os.path.join(folder, shards[-1]), "wb")
-                    room = shard_size
-                head, ids = ids[:room], ids[room:]
-                head.tofile(shard)
-                room -= len(head)
-            bar.update(len(task))
-    close_shard(shard)
-    return {"tokens": tokens, "bytes": size, "documents": len(texts), "shards": shards}
+def tasks(blocks, tokenizer_path):
+    """(tokenizer, split, texts) of about TASK_CHARS each, block by block. A block's lists are emptied once handed
+    out, so that reading the next block never holds two."""
+    for block in blocks:
+        for split, texts in zip(("train", "val"), block):
+            chunk, size = [], 0
+            for text in texts:
+                chunk.append(text)
+                size += len(text)
+                if size >= TASK_CHARS:
+                    yield tokenizer_path, split, chunk
+                    chunk, size = [], 0
+            if chunk:
+                yield tokenizer_path, split, chunk
+            texts.clear()
+
+
+def tokenized(pool, tasks, window):
+    """tokenize(task) of every task, in order, at most `window` of them in flight: reading stays a little ahead of
+    the workers (Pool.imap would read the whole input ahead of them)."""
+    pending = collections.deque()
+    for task in tasks:
+        pending.append(pool.apply_async(tokenize, (task,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 # -----------------------------------------------------------------------------
@@ -378,6 +557,11 @@ if num_workers < 0:
     fail(f"--num_workers={num_workers}: give a number of processes, or 0 for one per core")
 if not 0 <= val_fraction < 1:
     fail(f"--val_fraction={val_fraction}: give the share of documents held out for val, at least 0 and below 1")
+for key in ("tokenizer_sample", "block_mb"):
+    if not config[key] > 0:
+        fail(f"--{key}={config[key]}: give a positive number of MB")
+if shards < 0:
+    fail(f"--shards={shards}: give a number of parquet files, or 0 for all of them")
 if input:
     first = re.split(r"[*?[]", input.split(",")[0])[0]  # the first path, up to any glob pattern
     default_name = os.path.splitext(os.path.basename(os.path.abspath(first)))[0]
@@ -407,6 +591,7 @@ if os.path.exists(out_dir):
 new, old = os.path.join(work, "new"), os.path.join(work, "old")
 owner = False  # whether this run holds work (and removes it at the end)
 interrupt = signal.getsignal(signal.SIGINT)  # given back after the swap, which ignores Ctrl-C (for in-process callers)
+workers = num_workers or os.cpu_count()
 try:
     tok = Tokenizer.load(tokenizer) if tokenizer != "bpe" else None
     try:
@@ -420,60 +605,96 @@ try:
         shutil.rmtree(leftover, ignore_errors=True)
     os.makedirs(new)
 
-    if input:
-        files = find_input_files(input)
-        docs = read_documents(files, doc_separator, strip_gutenberg)
-        source = {"input": input, "files": len(files)}
-    elif dataset == "pystdlib":
-        docs, source = read_pystdlib()
-    elif dataset == "gutenberg":
-        docs, source = read_gutenberg()
-        val_files = val_files or GUTENBERG_VAL
-    else:
-        docs, source = read_dataset(default_name, SOURCES.get(dataset, {"url": dataset}))
-    if not docs:
-        fail(f"no documents in {input or dataset}: its files are empty")
-    skipped = f" ({source['skipped_non_utf8']} not UTF-8, skipped)" if "skipped_non_utf8" in source else ""
-    print(f"read {len(docs):,} documents from {source['files']:,} files{skipped}")
+    # The workers start before anything is read, so that none carries a copy of the main process's documents.
+    # Forked workers inherit this script's functions; spawned ones (macOS's default) would run the whole script again.
+    with multiprocessing.get_context("fork").Pool(workers, start_worker) as pool:
+        settings = {} if input else SOURCES.get(dataset, {})
+        docs, gutenberg, topics = None, strip_gutenberg, {}
+        if input:
+            paths = find_input_files(input)
+            source = {"input": input, "files": len(paths)}
+        elif dataset == "pystdlib":
+            from pydoc_data.topics import topics
+            stdlib, paths = pystdlib_files()
+            source = {"dataset": "pystdlib", "python": platform.python_version(), "stdlib": stdlib,
+                      "files": len(paths), "skipped_non_utf8": 0, "pydoc_topics": len(topics)}
+            docs = pystdlib_documents(paths, topics, source)
+        elif dataset == "gutenberg":
+            paths, source = read_gutenberg()
+            gutenberg, settings = True, {"val_files": GUTENBERG_VAL}
+        elif "repo" in settings:
+            paths, source = read_hf(default_name, settings)
+        else:
+            paths, source = read_url(default_name, settings or {"url": dataset})
+        docs = docs or read_documents(paths, doc_separator or settings.get("doc_separator", ""), gutenberg)
+        total = input_chars(paths)
+        print(f"reading documents from {source['files']:,} files ({total / 1e6:,.1f} MB)")
+        names = {os.path.basename(path) for path in paths} | {f"pydoc_topic_{key}" for key in topics}
+        held_out = set(filter(None, (val_files or settings.get("val_files", "")).split(",")))
+        if held_out - names:
+            fail(f"--val_files: {', '.join(sorted(held_out - names))} is not among the input's documents")
 
-    # shuffled so that val is a random sample and any stretch of train looks like the whole corpus
-    random.Random(seed).shuffle(docs)
-    if val_files:
-        held_out = set(filter(None, val_files.split(",")))
-        missing = held_out - {file for file, _ in docs}
-        if missing:
-            fail(f"--val_files: {', '.join(sorted(missing))} is not among the input's documents")
-        splits = {"train": [text for file, text in docs if file not in held_out],
-                  "val": [text for file, text in docs if file in held_out]}
-    else:
-        n_val = max(1, round(val_fraction * len(docs)))
-        splits = {"train": [text for _, text in docs[n_val:]], "val": [text for _, text in docs[:n_val]]}
-    if not splits["train"]:
-        fail(f"no documents left to train on after the val split ({len(docs)} in all): "
-             "add files, or cut them into documents with --doc_separator")
+        # the tokenizer's sample: the first tokenizer_sample million characters of the shuffled train documents, cut
+        # as tokenizer.py cuts its own budget, from the first blocks, which wait for it (another tokenizer waits for a
+        # train document only)
+        reading = time.time()
+        blocks = shuffled_blocks(docs, held_out)
+        budget = round(tokenizer_sample * 1e6) if tok is None else 1
+        held, sample = [], []
+        for block in blocks:
+            held.append(block)
+            for text in block[0]:
+                if budget <= 0:
+                    break
+                sample.append(text[:budget])
+                budget -= len(text)
+            if budget <= 0:
+                break
+        if not held:
+            fail(f"no documents in {input or dataset}: its files are empty")
+        if not sample:  # every block was read, and none holds a train document
+            fail(f"no documents left to train on after the val split ({sum(len(v) for _, v in held)} in all): "
+                 "add files, or cut them into documents with --doc_separator")
+        if tok is None:
+            print(f"training a {vocab_size}-token BPE on {len(sample):,} train documents "
+                  f"({sum(map(len, sample)) / 1e6:,.1f}M characters)")
+            tok = Tokenizer.train(sample, vocab_size, os.path.join(new, "tokenizer.model"))
+        del sample  # its texts go when their blocks are tokenized
+        tokenizer_path = copy_tokenizer(tok.path, new)  # train.py reads it here, as it is
 
-    if tok is None:
-        print(f"training a {vocab_size}-token BPE on {len(splits['train']):,} train documents")
-        tok = Tokenizer.train(splits["train"], vocab_size, os.path.join(new, "tokenizer.model"))
-    tokenizer_path = copy_tokenizer(tok.path, new)  # train.py reads it here, as it is
-    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
-
-    # forked workers inherit this script's functions; spawned ones (macOS's default) would run the whole script again
-    workers = num_workers or os.cpu_count()
-    with multiprocessing.get_context("fork").Pool(workers, start_worker, (tok.path, dtype)) as pool:
-        stats = {split: write_split(pool, split, texts, new, shard_size) for split, texts in splits.items()}
+        splits = {split: Shards(new, split) for split in ("train", "val")}
+        rss = {}  # worker process id -> its peak memory
+        with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing") as bar:
+            for split, ids, nbytes, count, pid, peak in tokenized(pool, tasks(itertools.chain(held, blocks),
+                                                                               tok.path), 2 * workers):
+                splits[split].write(ids, nbytes, count)
+                rss[pid] = peak
+                bar.update(nbytes)
+                elapsed = bar.format_dict["elapsed"] or 1e-9
+                bar.set_postfix_str(f"{sum(s.documents for s in splits.values()) / elapsed:,.0f} docs/s, "
+                                    f"{sum(s.tokens for s in splits.values()) / elapsed:,.0f} tokens/s", refresh=False)
+    for shard in splits.values():
+        shard.close()
+    if not splits["val"].documents:
+        fail(f"--val_files: {', '.join(sorted(held_out))} hold no text: no documents for the val split")
+    stats = {split: shards.stats() for split, shards in splits.items()}
+    tokens, seconds = sum(s["tokens"] for s in stats.values()), time.time() - reading
+    # every process's own peak: shared pages (the imports) count once per process, so this is an upper bound
+    cost = {"seconds": round(seconds, 3), "tokens_per_second": round(tokens / seconds), "processes": 1 + len(rss),
+            "peak_rss_mb": round((peak_rss() + sum(rss.values())) / 1e6)}
 
     meta = {
         "tokenizer": tok.kind,
         "tokenizer_path": tokenizer_path,
         "vocab_size": tok.vocab_size,
-        "dtype": np.dtype(dtype).name,
+        "dtype": np.dtype(id_dtype(tok)).name,
         "bos_id": tok.bos_id,
         "eos_id": tok.eos_id,
         "pad_id": tok.pad_id,
         "special": tok.special,
         "splits": stats,
         "source": source,
+        "prepare": cost,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_json(os.path.join(new, "meta.json"), meta)
@@ -499,7 +720,12 @@ finally:
         shutil.rmtree(work, ignore_errors=True)  # the unfinished dataset, or the replaced one
     signal.signal(signal.SIGINT, interrupt)
 
+skipped = f" ({source['skipped_non_utf8']} not UTF-8, skipped)" if "skipped_non_utf8" in source else ""
+print(f"read {sum(s['documents'] for s in stats.values()):,} documents from {source['files']:,} files{skipped}")
 print(f"{'split':<6}{'documents':>12}{'tokens':>15}{'bytes':>15}{'bytes/token':>13}")
 for split, s in stats.items():
     print(f"{split:<6}{s['documents']:>12,}{s['tokens']:>15,}{s['bytes']:>15,}{s['bytes'] / s['tokens']:>13.2f}")
-print(f"wrote {out_dir} ({tok.kind} tokenizer, {tok.vocab_size:,} ids) in {time.time() - started:.1f}s")
+size = sum(s["bytes"] for s in stats.values())
+print(f"wrote {out_dir} ({tok.kind} tokenizer, {tok.vocab_size:,} ids) in {time.time() - started:.1f}s; reading and "
+      f"tokenizing {cost['seconds']:.1f}s, {size / 1e6 / cost['seconds']:,.2f} MB/s, {cost['tokens_per_second']:,} "
+      f"tokens/s on {cost['processes']} processes, {cost['peak_rss_mb']:,} MB of peak memory in all")

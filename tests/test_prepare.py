@@ -70,12 +70,15 @@ def test_shards_and_meta_agree(tmp_path):
     corpus = write_corpus(tmp_path / "corpus", n=30)
     meta, docs = run(tmp_path, f"--input={tmp_path / 'corpus'}", "--shard_size=500", "--val_fraction=0.1")
     assert set(meta) == {"tokenizer", "tokenizer_path", "vocab_size", "dtype", "bos_id", "eos_id", "pad_id",
-                         "special", "splits", "source", "created"}
+                         "special", "splits", "source", "prepare", "created"}
     assert (meta["tokenizer"], meta["tokenizer_path"], meta["vocab_size"], meta["dtype"]) == \
         ("bpe", "tokenizer.model", 300, "uint16")
     assert meta["special"]["eos"] == meta["eos_id"] and meta["source"]["files"] == 30
     train, val = meta["splits"]["train"], meta["splits"]["val"]
     assert (train["documents"], val["documents"]) == (27, 3)
+    cost = meta["prepare"]  # the main process and its 2 workers, each of them more than the Python interpreter
+    assert cost["processes"] == 3 and cost["peak_rss_mb"] > 3 * 10
+    assert cost["tokens_per_second"] * cost["seconds"] == pytest.approx(train["tokens"] + val["tokens"], rel=0.02)
     assert len(train["shards"]) > 1 and train["shards"][0] == "train_000.bin"
     assert all(os.path.getsize(tmp_path / "out" / "t" / s) == 500 * 2 for s in train["shards"][:-1])
     # every document comes back exactly, once
@@ -356,8 +359,8 @@ BOOKS = {f"/books/data/{path}": gutenberg_file(number, marker) for number, (path
 def server():
     """A local server: /books/... serves BOOKS, /file honours Range, /flaky breaks off its first response halfway,
     /norange ignores Range, /badsha publishes a wrong sha256, /redirect-good and /redirect-bad redirect to /file as
-    Hugging Face does."""
-    requests, calls = [], {}
+    Hugging Face does; a test adds its own paths to `served` (path -> bytes). Yields (url, requests, served)."""
+    requests, calls, served = [], {}, {}
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -373,7 +376,7 @@ def server():
             if self.path.startswith("/books/") and self.path not in BOOKS:
                 self.send_error(404)
                 return
-            body = {"/shakespeare.txt": SHAKESPEARE.encode(), **BOOKS}.get(self.path, PAYLOAD)
+            body = {"/shakespeare.txt": SHAKESPEARE.encode(), **BOOKS, **served}.get(self.path, PAYLOAD)
             start = int(re.match(r"bytes=(\d+)-", self.headers.get("Range") or "bytes=0-")[1])
             if self.path == "/norange":
                 start = 0
@@ -396,9 +399,16 @@ def server():
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", requests
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", requests, served
     httpd.shutdown()
     httpd.server_close()
+
+
+def nobody():
+    """The URL of a port on 127.0.0.1 where no server listens."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
 def download(tmp_path, url):
@@ -409,7 +419,7 @@ def download(tmp_path, url):
 
 
 def test_download_resumes_a_broken_transfer(tmp_path, server):
-    url, requests = server
+    url, requests, _ = server
     meta, path = download(tmp_path, f"{url}/flaky")
     assert path.read_bytes() == PAYLOAD and not os.path.exists(f"{path}.part")
     assert meta["source"]["sha256"] == PAYLOAD_SHA256 and meta["splits"]["train"]["documents"] > 30
@@ -419,7 +429,7 @@ def test_download_resumes_a_broken_transfer(tmp_path, server):
 
 
 def test_download_continues_a_part_file_or_restarts(tmp_path, server):
-    url, requests = server
+    url, requests, _ = server
     for route, part in [("/file", PAYLOAD[:1000]), ("/norange", b"junk from an old server" * 100)]:
         folder = tmp_path / "out" / "downloads" / route.strip("/")
         folder.mkdir(parents=True)
@@ -430,7 +440,7 @@ def test_download_continues_a_part_file_or_restarts(tmp_path, server):
 
 
 def test_download_checks_sha256(tmp_path, server):
-    url, _ = server
+    url, _, _ = server
     for route in ("/badsha", "/redirect-bad"):  # the sha256 the server publishes does not match the file
         message = one_line_error(f"--out_root={tmp_path}", f"--dataset={url}{route}")
         assert "sha256" in message
@@ -440,15 +450,12 @@ def test_download_checks_sha256(tmp_path, server):
 
 
 def test_download_offline_points_to_input(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed_port = s.getsockname()[1]
-    message = one_line_error(f"--out_root={tmp_path}", f"--dataset=http://127.0.0.1:{closed_port}/input.txt")
+    message = one_line_error(f"--out_root={tmp_path}", f"--dataset={nobody()}/input.txt")
     assert "--input=PATH" in message
 
 
 def test_dataset_download_is_cached(tmp_path, server):
-    url, requests = server
+    url, requests, _ = server
     for _ in range(2):
         meta, docs = run(tmp_path, f"--dataset={url}/shakespeare.txt", "--doc_separator=\n\n")
     assert requests == [("/shakespeare.txt", None)]
@@ -469,7 +476,7 @@ def gutenberg(tmp_path, url, *args, sha256=None):
 def test_gutenberg_download_equals_the_folder_and_resumes(tmp_path, server):
     """--dataset=gutenberg makes the same shards and tokenizer, byte for byte, as the benchmark command on a folder of
     the same files; a second run fetches only the books missing from the cache or changed in it."""
-    url, requests = server
+    url, requests, _ = server
     gutenberg(tmp_path, url)
     assert sorted(path for path, _ in requests) == sorted(BOOKS)
     (tmp_path / "folder").mkdir()
@@ -499,22 +506,20 @@ def test_gutenberg_download_equals_the_folder_and_resumes(tmp_path, server):
 def test_gutenberg_checksum_failure_and_offline(tmp_path, server):
     """A book that is not the one listed stops the run in one line naming it, and no dataset is written; so does a
     server that cannot be reached."""
-    url, _ = server
+    url, _, _ = server
     wrong = {"/books/data/pg108.txt": "0" * 64}
     with pytest.raises(SystemExit) as excinfo:
         gutenberg(tmp_path, url, sha256=wrong)
     actual = hashlib.sha256(BOOKS["/books/data/pg108.txt"]).hexdigest()
-    assert excinfo.value.code == (f"error: pg108.txt from {url}/books/data/pg108.txt is not the benchmark's book "
+    assert excinfo.value.code == (f"error: pg108.txt from {url}/books/data/pg108.txt is not the file listed "
                                   f"(sha256 {actual}, expected {'0' * 64}); deleted it, no dataset written")
     assert sorted(os.listdir(tmp_path / "out")) == ["downloads"]
     assert "pg108.txt" not in os.listdir(tmp_path / "out" / "downloads" / "gutenberg")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed_port = s.getsockname()[1]
     # the benchmark's own list, from a server that is not there
-    message = one_line_error("--dataset=gutenberg", f"--gutenberg_url=http://127.0.0.1:{closed_port}",
+    closed = nobody()
+    message = one_line_error("--dataset=gutenberg", f"--gutenberg_url={closed}",
                              f"--out_root={tmp_path / 'offline'}")
-    assert message.startswith(f"error: cannot download http://127.0.0.1:{closed_port}/data/books/11-0.txt (")
+    assert message.startswith(f"error: cannot download {closed}/data/books/11-0.txt (")
     assert "offline?" in message
     assert os.listdir(tmp_path / "offline") == ["downloads"]
 
@@ -526,3 +531,148 @@ def test_gutenberg_list():
     names = [os.path.basename(path) for _, path in books]
     assert len(books) == len(set(names)) == 96 and all(re.fullmatch(r"[0-9a-f]{64}", sha) for sha, _ in books)
     assert {"11-0.txt", "pg1661.txt", "pg1342.txt"} <= set(names) and not {"16-0.txt", "pg5200.txt"} & set(names)
+
+
+# -----------------------------------------------------------------------------
+# the Hugging Face datasets, streaming, the tokenizer's sample
+
+def serve_hub(served, repo, folder, files, sha256=None):
+    """Serve files ({path in the repository: bytes}) as the Hugging Face Hub does: the API's listing of folder, with
+    the sha256 of each file (or the one `sha256` gives for it), and each file under resolve/main/."""
+    listing = [{"type": "directory", "oid": "0" * 40, "path": f"{folder}/more".lstrip("/")}]
+    for path, body in files.items():
+        lfs = {"oid": (sha256 or {}).get(path, hashlib.sha256(body).hexdigest()), "size": len(body), "pointerSize": 134}
+        listing.append({"type": "file", "oid": "1" * 40, "size": len(body), "path": path, "lfs": lfs})
+        served[f"/datasets/{repo}/resolve/main/{path}"] = body
+    served[f"/api/datasets/{repo}/tree/main" + (f"/{folder}" if folder else "")] = json.dumps(listing).encode()
+
+
+def stories(texts):
+    """TinyStories' layout: each story followed by a line <|endoftext|>."""
+    return "".join(f"{text}\n<|endoftext|>\n" for text in texts).encode()
+
+
+def test_tinystories_whole_train_file_and_its_own_val(tmp_path, server):
+    """--dataset=tinystories: the whole train file, read and shuffled in blocks (many of them here, with separators
+    and multi-byte characters across the reads), its own validation file as val, each file checked against the
+    sha256 the Hub lists; the listing is kept, so that a second run needs no network. A byte that is not UTF-8 in
+    a later read is named by its line."""
+    url, requests, served = server
+    train = [f"{make_doc(300 + i, lines=3).strip()} naïve 日本語 {i}" for i in range(40)]
+    valid = [make_doc(400 + i, lines=3).strip() for i in range(5)]
+    files = {"TinyStoriesV2-GPT4-train.txt": stories(train), "TinyStoriesV2-GPT4-valid.txt": stories(valid),
+             "TinyStories-valid.txt": b"the first version, not read"}
+    serve_hub(served, "roneneldan/TinyStories", "", files)
+    meta, docs = run(tmp_path, "--dataset=tinystories", f"--hf_url={url}", "--block_mb=0.001", "--vocab_size=400")
+    assert sorted(docs["train"]) == sorted(train) and sorted(docs["val"]) == sorted(valid)
+    assert meta["source"] == {"dataset": "tinystories", "repo": "roneneldan/TinyStories", "url": url, "files": 2,
+                              "sha256": {name: hashlib.sha256(files[name]).hexdigest() for name in list(files)[:2]}}
+    assert sorted(path for path, _ in requests) == ["/api/datasets/roneneldan/TinyStories/tree/main",
+                                                    "/datasets/roneneldan/TinyStories/resolve/main/"
+                                                    "TinyStoriesV2-GPT4-train.txt",
+                                                    "/datasets/roneneldan/TinyStories/resolve/main/"
+                                                    "TinyStoriesV2-GPT4-valid.txt"]
+    del requests[:]
+    again, _ = run(tmp_path, "--dataset=tinystories", f"--hf_url={nobody()}", "--block_mb=0.001", "--vocab_size=400")
+    assert requests == [] and again["splits"] == meta["splits"]
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(stories(train[:30]) + "caf\xe9\n".encode("latin-1") + stories(train[30:]))
+    message = one_line_error(f"--out_root={tmp_path / 'out'}", f"--input={bad}", "--doc_separator=<|endoftext|>",
+                             "--block_mb=0.001")
+    data = bad.read_bytes()
+    line = data.count(b"\n", 0, data.index(b"caf")) + 1
+    assert line > 100 and message.startswith(f"error: {bad} line {line} is not UTF-8 (byte 0xe9)")
+
+
+def parquet_file(texts, path=None, rows=4):
+    """A parquet file of texts (and another column), in row groups of `rows` rows: its bytes, or written to path."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    sink = path or pa.BufferOutputStream()
+    pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), sink, row_group_size=rows)
+    return None if path else sink.getvalue().to_pybytes()
+
+
+def test_fineweb_edu_shards_and_the_100bt_sample(tmp_path, server):
+    """--dataset=fineweb_edu --shards=N: the first N parquet files of the 10BT sample in the Hub's listing, 0 all of
+    them (fetching only those not kept yet), more than there are one line; fineweb_edu_100bt reads the 100BT sample."""
+    url, requests, served = server
+    pages = {f"sample/10BT/{i:03d}_00000.parquet": [make_doc(500 + 10 * i + j) for j in range(6)] for i in range(3)}
+    serve_hub(served, "HuggingFaceFW/fineweb-edu", "sample/10BT", {p: parquet_file(t) for p, t in pages.items()})
+    first, second, third = pages.values()
+    _, docs = run(tmp_path, "--dataset=fineweb_edu", f"--hf_url={url}", "--shards=2")
+    assert sorted(docs["train"] + docs["val"]) == sorted(first + second)
+    del requests[:]
+    meta, docs = run(tmp_path, "--dataset=fineweb_edu", f"--hf_url={url}", "--shards=0")
+    assert sorted(docs["train"] + docs["val"]) == sorted(first + second + third) and meta["source"]["files"] == 3
+    assert requests == [("/datasets/HuggingFaceFW/fineweb-edu/resolve/main/sample/10BT/002_00000.parquet", None)]
+    assert one_line_error(f"--out_root={tmp_path / 'out'}", "--dataset=fineweb_edu", f"--hf_url={url}",
+                          "--shards=4") == ("error: --shards=4: HuggingFaceFW/fineweb-edu has 3 parquet files in "
+                                            "sample/10BT (--shards=0 takes them all)")
+    assert "--shards=-1" in one_line_error("--dataset=fineweb_edu", "--shards=-1")
+    more = [make_doc(600 + i) for i in range(5)]
+    serve_hub(served, "HuggingFaceFW/fineweb-edu", "sample/100BT",
+              {"sample/100BT/000_00000.parquet": parquet_file(more)})
+    meta, docs = run(tmp_path, "--dataset=fineweb_edu_100bt", f"--hf_url={url}")
+    assert sorted(docs["train"] + docs["val"]) == sorted(more)
+    assert sorted(os.listdir(tmp_path / "out" / "downloads" / "fineweb_edu_100bt")) == ["000_00000.parquet",
+                                                                                         "files.json"]
+
+
+def test_hub_checksum_failure_and_offline(tmp_path, server):
+    """A file that is not the one the Hub lists stops the run in one line naming it and is not kept, with no dataset
+    written; so does a file the listing lacks, and, with nothing kept, a Hub that cannot be reached."""
+    url, _, served = server
+    files = {"TinyStoriesV2-GPT4-train.txt": stories(["a story", "another"]), "TinyStoriesV2-GPT4-valid.txt":
+             stories(["a third"])}
+    serve_hub(served, "roneneldan/TinyStories", "", files, sha256={"TinyStoriesV2-GPT4-valid.txt": "0" * 64})
+    message = one_line_error(f"--out_root={tmp_path}", "--dataset=tinystories", f"--hf_url={url}")
+    actual = hashlib.sha256(files["TinyStoriesV2-GPT4-valid.txt"]).hexdigest()
+    assert message == (f"error: TinyStoriesV2-GPT4-valid.txt from {url}/datasets/roneneldan/TinyStories/resolve/main/"
+                       f"TinyStoriesV2-GPT4-valid.txt is not the file listed (sha256 {actual}, expected {'0' * 64}); "
+                       "deleted it, no dataset written")
+    assert sorted(os.listdir(tmp_path)) == ["downloads"]
+    assert sorted(os.listdir(tmp_path / "downloads" / "tinystories")) == ["TinyStoriesV2-GPT4-train.txt", "files.json"]
+    serve_hub(served, "roneneldan/TinyStories", "", {"TinyStoriesV2-GPT4-train.txt": b"x"})
+    message = one_line_error(f"--out_root={tmp_path / 'lacking'}", "--dataset=tinystories", f"--hf_url={url}")
+    assert message == (f"error: TinyStoriesV2-GPT4-valid.txt is not among the files of roneneldan/TinyStories "
+                       f"({url}/api/datasets/roneneldan/TinyStories/tree/main)")
+    closed = nobody()
+    message = one_line_error(f"--out_root={tmp_path / 'offline'}", "--dataset=fineweb_edu", f"--hf_url={closed}")
+    assert message.startswith(f"error: cannot download {closed}/api/datasets/HuggingFaceFW/fineweb-edu/tree/main/"
+                              "sample/10BT (") and "offline?" in message
+
+
+def test_tokenizer_sample_is_seeded_and_bounded(tmp_path, capsys):
+    """The bpe learns from the first --tokenizer_sample MB of the shuffled train documents: the same tokenizer for a
+    seed, another for another seed; and with blocks (--block_mb) far smaller than the corpus, every document still
+    comes back once."""
+    corpus = write_corpus(tmp_path / "corpus", n=40)
+    models = {}
+    for seed in (1, 2, 1):
+        _, docs = run(tmp_path, f"--input={tmp_path / 'corpus'}", f"--seed={seed}", "--tokenizer_sample=0.002",
+                      "--block_mb=0.003")
+        assert sorted(docs["train"] + docs["val"]) == sorted(corpus.values())
+        learned = int(re.search(r"BPE on (\d+) train documents", capsys.readouterr().out)[1])
+        assert 2 <= learned <= 10  # documents of about 300 characters each, up to 2,000 and one more
+        model = (tmp_path / "out" / "t" / "tokenizer.model").read_bytes()
+        assert models.setdefault(seed, model) == model
+    assert models[1] != models[2]
+
+
+def test_parquet_streams_in_flat_memory(tmp_path):
+    """A parquet file ten times the size of another, its text (14 MB) larger than the memory it may add (8 MB), takes
+    no more memory to prepare (the peak RSS of every process, summed, as meta.json records it): it is read a row
+    group and a block (--block_mb) at a time, with a few tasks in flight."""
+    base = [make_doc(i, lines=60) for i in range(50)]
+    for name, n in (("small", 800), ("large", 8000)):
+        parquet_file([f"{i} {base[i % 50]}" for i in range(n)], str(tmp_path / f"{name}.parquet"), rows=500)
+    Tokenizer.train(base, 400, str(tmp_path / "tokenizer.model"))
+    peaks = {}
+    for name in ("small", "large"):
+        run_stage("prepare.py", f"--input={tmp_path / f'{name}.parquet'}", f"--out_root={tmp_path}", "--block_mb=0.2",
+                  "--num_workers=2", f"--tokenizer={tmp_path / 'tokenizer.model'}")
+        meta = json.loads((tmp_path / name / "meta.json").read_text())
+        peaks[name] = meta["prepare"]["peak_rss_mb"]
+    assert meta["splits"]["train"]["bytes"] > 14e6  # ten times the text of the small file, in 16 row groups
+    assert peaks["large"] < peaks["small"] + 8, peaks
