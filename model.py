@@ -829,6 +829,7 @@ class Router(nn.Module):
     def check(c):
         require(c.router_scoring in ("softmax", "sigmoid"), f"unknown router_scoring '{c.router_scoring}'")
         require(c.n_experts == 0 or 1 <= c.moe_topk <= c.n_experts, "moe_topk must be within 1..n_experts")
+        require(c.moe_every >= 1 and c.moe_first_dense >= 0, "moe_every must be >= 1 and moe_first_dense >= 0")
         require(c.moe_groups == 1 or (c.n_experts % c.moe_groups == 0 and c.n_experts >= 2 * c.moe_groups
                                       and 1 <= c.moe_topk_groups <= c.moe_groups
                                       and c.moe_topk <= c.moe_topk_groups * c.n_experts // c.moe_groups),

@@ -216,3 +216,14 @@ def test_rope_scores_depend_on_relative_position_only_and_keep_the_input_dtype()
     rotated = apply_rope(x.bfloat16(), cos, sin)
     assert rotated.dtype == torch.bfloat16
     assert torch.allclose(rotated.float(), apply_rope(x.bfloat16().float(), cos, sin), atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(n_experts=4, moe_topk=5), "moe_topk must be within 1..n_experts"),
+    (dict(n_experts=4, moe_every=0), "moe_every must be >= 1"),
+    (dict(n_experts=4, moe_first_dense=-1), "moe_first_dense >= 0"),
+    (dict(n_experts=4, moe_groups=3), "moe_groups must divide n_experts"),
+])
+def test_bad_moe_configs_fail_with_one_line(bad, message):
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**bad)
