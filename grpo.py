@@ -132,9 +132,13 @@ if mode == "tasks":
 ddp, rank, world_size, device = init_processes(pick_device(device))
 device_type = device.split(":")[0]
 master = rank == 0
-for name, value in (("prompts_per_step", prompts_per_step), ("batch_size", batch_size)):
-    if value % world_size:
-        fail(f"{name}={value} must be a multiple of the {world_size} processes")
+# each process takes whole groups (GRPO) or pairs (SFT): a count that is not a multiple of the processes is rounded up
+# to one, as train.py rounds gradient_accumulation_steps, so that a config runs on any number of processes
+per_step = {"grpo": "prompts_per_step", "sft": "batch_size"}.get(mode)
+if per_step and config[per_step] % world_size:
+    globals()[per_step] = -(-config[per_step] // world_size) * world_size
+    print0(f"{per_step}={config[per_step]} rounded up to {globals()[per_step]}, a multiple of the {world_size} "
+           f"processes (each takes {globals()[per_step] // world_size})")
 dtype = pick_dtype(device, dtype)
 amp = autocast(device, dtype)
 torch.manual_seed(seed + rank)

@@ -66,6 +66,7 @@ out_root = "data"
 num_workers = 0               # tokenizing processes; 0 = one per core
 shards = 1                    # fineweb_edu, fineweb_edu_100bt: how many of the sample's parquet files (0 = all)
 hf_url = "https://huggingface.co"  # where tinystories and the fineweb_edu samples come from (or a mirror)
+tinyshakespeare_url = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 gutenberg_url = "https://raw.githubusercontent.com/RU-ECE/ECE451-Parallel/c58dca3a6abedd8041057571c247e9a393cc3b4d"
                               # where --dataset=gutenberg fetches the books from (a mirror of that commit)
 gutenberg_books = ""          # a list of 'sha256  path' lines under gutenberg_url; default: config/gutenberg.sha256
@@ -77,8 +78,7 @@ started = time.time()
 
 SOURCES = {
     # a speech is a document: the play is one file, and the val split needs more than one document
-    "tinyshakespeare": dict(url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-                            doc_separator="\n\n"),
+    "tinyshakespeare": dict(url=tinyshakespeare_url, doc_separator="\n\n"),
     # TinyStories V2, the stories GPT-4 wrote (Eldan & Li, arXiv:2305.07759): the train file, and its own
     # validation file as val
     "tinystories": dict(repo="roneneldan/TinyStories", doc_separator="<|endoftext|>",

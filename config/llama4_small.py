@@ -1,7 +1,7 @@
 # Llama 4's MoE layout in miniature on the Gutenberg benchmark: GQA, and MoE on every other layer
 # (Maverick's interleaving) with one shared expert and one of 16 routed experts per token, sigmoid-gated.
 # Matched to the dense GQA model of the same shape and schedule,
-#   python train.py config/gutenberg_small.py --n_kv_head=2
+#   python train.py config/gutenberg_small.py --n_kv_head=2 --out_dir=out/gutenberg_gqa
 # every token goes through 1 shared + 1 routed expert of 704 = 1408, the dense mlp_hidden, so the active
 # parameters and FLOPs per token are the dense model's, up to the routers.
 #   python train.py config/llama4_small.py

@@ -333,16 +333,19 @@ def test_eval_sft_and_task_modes(start):
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 40
 
 
-def test_two_process_ddp_stops_on_a_ctrl_c_of_either_process(start):
-    """A Ctrl-C to process 1 amid step 2 (its 4 evaluation prompts, then 8 rollouts a step): both processes end the
-    step, process 0 saves it, and both exit."""
+def test_two_process_ddp_rounds_prompts_up_and_stops_on_a_ctrl_c_of_either_process(start):
+    """3 prompts a step on 2 processes become 4, with a note (as train.py rounds its accumulation steps). A Ctrl-C to
+    process 1 amid step 2 (its 4 evaluation prompts, then 8 rollouts a step): both processes end the step, process 0
+    saves it, and both exit."""
     out = start / "ddp"
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "grpo.py", *STAGE,
          f"--init_from={start / 'base'}", "--reward=my_reward:ctrl_c", f"--out_dir={out}", "--max_iters=4",
-         "--eval_interval=2", "--temperature=1.5"],
+         "--eval_interval=2", "--temperature=1.5", "--prompts_per_step=3"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(start), "CTRL_C_AT": "15", "CTRL_C_RANK": "1"})
+    assert result.stdout.count("prompts_per_step=3 rounded up to 4, a multiple of the 2 processes (each takes 2)") == 1
+    assert "4 prompts x 4 completions per step" in result.stdout
     assert result.returncode != 0 and f"interrupted at step 2: saved {out / 'ckpt.pt'}" in result.stderr, \
         result.stderr[-3000:]
     steps = [r for r in read_log(out) if "reward" in r]
