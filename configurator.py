@@ -304,6 +304,21 @@ def lock_folder(folder):
     LOCKS[os.path.realpath(folder)] = f
 
 
+def claim_out_dir(out_dir, resume, overwrite):
+    """Lock out_dir for this run (lock_folder), and raise ValueError if it holds another run that this one would
+    replace without being told to (overwrite) or would not continue (resume)."""
+    lock_folder(out_dir)
+    if resume or overwrite:
+        return
+    if os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
+        raise ValueError(f"{out_dir} holds a run (ckpt.pt): continue it with --init_from=resume, replace it with "
+                         "--overwrite=True, or choose another --out_dir")
+    log = os.path.join(out_dir, "log.jsonl")
+    if os.path.isfile(log) and os.path.getsize(log):
+        raise ValueError(f"{out_dir} holds the log.jsonl of a run that saved no checkpoint: replace it with "
+                         "--overwrite=True, or choose another --out_dir")
+
+
 def print0(*args, **kwargs):
     """print on the process that logs and saves (rank 0, or the only process)."""
     if int(os.environ.get("RANK", 0)) == 0:

@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import (all_reduce_sum, atomic_write, autocast, check_settings, copy_tokenizer, fail, init_processes,
-                          lock_folder, parse_config, pick_device, pick_dtype, print0, read_log, save_checkpoint,
+from configurator import (all_reduce_sum, atomic_write, autocast, check_settings, claim_out_dir, copy_tokenizer, fail,
+                          init_processes, parse_config, pick_device, pick_dtype, print0, read_log, save_checkpoint,
                           save_plot, trim_log)
 from hf import load_model
 from optim import clip_grad_norm_, configure_optimizers
@@ -150,17 +150,11 @@ torch.backends.cuda.matmul.allow_tf32 = True
 resume = init_from == "resume"
 checkpoint_path = os.path.join(out_dir, "ckpt.pt")
 log_path = os.path.join(out_dir, "log.jsonl")
-if mode != "eval":
-    if master:  # held until the process ends, however it ends
-        try:
-            lock_folder(out_dir)
-        except (ValueError, OSError) as e:
-            fail(str(e))
-    held = [os.path.basename(path) for path in (checkpoint_path, log_path) if os.path.isfile(path)
-            and os.path.getsize(path)]
-    if held and not resume and not overwrite:
-        fail(f"{out_dir} holds a run ({' and '.join(held)}): continue it with --init_from=resume, replace it with "
-             "--overwrite=True, or choose another --out_dir")
+if mode != "eval" and master:  # out_dir is held until the process ends, however it ends
+    try:
+        claim_out_dir(out_dir, resume, overwrite)
+    except (ValueError, OSError) as e:
+        fail(str(e))
 
 # -----------------------------------------------------------------------------
 # the policy: a checkpoint of train.py or grpo.py, this run's own checkpoint, or a Hugging Face folder

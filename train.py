@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import (COMMAND_LINE, all_reduce_sum, autocast, check_settings, copy_tokenizer, fail, init_processes,
-                          lock_folder, nominal_peak_flops, parse_config, pick_device, pick_dtype, print0, read_log,
+from configurator import (COMMAND_LINE, all_reduce_sum, autocast, check_settings, claim_out_dir, copy_tokenizer, fail,
+                          init_processes, nominal_peak_flops, parse_config, pick_device, pick_dtype, print0, read_log,
                           read_text, save_checkpoint, save_plot, trim_log, write_manifest)
 from evaluate import exact_bits_per_byte, read_tasks, task_accuracy
 from hf import TRAINING_ONLY, load_model
@@ -286,18 +286,6 @@ if vocab_size < meta["vocab_size"]:
 # out_dir: one run owns it, and a fresh run does not replace a run unless asked
 
 
-def claim_out_dir():
-    lock_folder(out_dir)
-    if init_from == "resume" or overwrite:
-        return
-    if os.path.isfile(checkpoint_path):
-        raise ValueError(f"{out_dir} holds a run (ckpt.pt): continue it with --init_from=resume, replace it with "
-                         "--overwrite=True, or choose another --out_dir")
-    if os.path.isfile(log_path) and os.path.getsize(log_path):
-        raise ValueError(f"{out_dir} holds the log.jsonl of a run that saved no checkpoint: replace it with "
-                         "--overwrite=True, or choose another --out_dir")
-
-
 try:
     model_args = asdict(GPTConfig(**{**{k: config[k] for k in config_fields()}, "vocab_size": vocab_size}))
 except ValueError as e:
@@ -305,7 +293,7 @@ except ValueError as e:
 if init_from == "resume" and not eval_only and not os.path.isfile(checkpoint_path):
     fail(f"no checkpoint at {checkpoint_path} to resume: start the run without --init_from=resume, or set --out_dir")
 if not eval_only:
-    on_master(claim_out_dir)
+    on_master(lambda: claim_out_dir(out_dir, init_from == "resume", overwrite))
 
 # -----------------------------------------------------------------------------
 # the model: from the config, from the checkpoint being resumed, or from a Hugging Face folder

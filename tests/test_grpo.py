@@ -378,7 +378,7 @@ def test_settings_inputs_and_folders_are_checked_before_out_dir_changes(start, t
         (["--mode=eval", "--eval_batch_size=0"], "eval_batch_size=0 must be positive"),
         (["--micro_batch_size=-1"], "micro_batch_size=-1 must not be negative"),
         (["--loss_agg=ppo"], "unknown loss_agg 'ppo' (choose grpo, dapo, dr_grpo)"),
-        ([base], f"{run} holds a run (ckpt.pt and log.jsonl): continue it with --init_from=resume, replace it with "
+        ([base], f"{run} holds a run (ckpt.pt): continue it with --init_from=resume, replace it with "
                  "--overwrite=True"),
         (["--init_from=resume"], "is not a grpo.py --mode=grpo run: train.py wrote it"),
         ([base, "--overwrite=True", "--mode=sft", f"--sft_data={latin1}"], f"{latin1} line 2 is not UTF-8 text"),
