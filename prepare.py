@@ -58,7 +58,7 @@ seed = 1337                   # for the val choice and the document order
 tokenizer = "bpe"             # 'bpe' (trained here on the train split), 'gpt2', a tokenizer.model, or a HF folder
 vocab_size = 8192             # of the trained bpe
 tokenizer_sample = 10.0       # MB (millions of characters) of train documents the bpe learns from: the first of the
-                              # shuffled train split (tokenizer.py learns from 10M characters at most)
+                              # shuffled train split
 block_mb = 128.0              # documents are read, shuffled and split into train and val in blocks of this many MB
                               # (millions of characters): memory stays near it, whatever the size of the input
 shard_size = 100_000_000      # tokens per .bin file

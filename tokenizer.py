@@ -33,9 +33,6 @@ ESCAPED_PAIR = re.compile(ESCAPE + "(.)", re.DOTALL)
 
 # the tokenizer learns from the documents' first characters (prepare.py shuffles them, so a random sample of them):
 # sampling lines with sentencepiece's input_sentence_size would differ from run to run
-TRAIN_CHARS = 10_000_000
-
-
 def escape(text):
     return text.replace(ESCAPE, ESCAPE + ESCAPE).replace(SPACE_MARK, ESCAPE + "_")
 
@@ -45,14 +42,10 @@ def unescape(text):
 
 
 def training_lines(texts):
-    """Lines of the first TRAIN_CHARS characters of texts: sentencepiece trains on lines, so no piece ever holds a
-    '\n' (encode() writes each newline as its byte piece)."""
-    budget = TRAIN_CHARS
+    """The lines of texts: sentencepiece trains on lines, so no piece ever holds a '\n' (encode() writes each newline
+    as its byte piece)."""
     for text in texts:
-        yield from escape(text[:budget]).split("\n")
-        budget -= len(text)
-        if budget <= 0:
-            return
+        yield from escape(text).split("\n")
 
 
 class Tokenizer:
@@ -75,7 +68,7 @@ class Tokenizer:
 
     @classmethod
     def train(cls, texts, vocab_size, path):
-        """Train a BPE of vocab_size ids on the documents' first TRAIN_CHARS characters, write it to path, load it."""
+        """Train a BPE of vocab_size ids on the documents (the caller bounds them), write it to path, load it."""
         reserved = 1 + len(BPE_MARKERS) + len(CHAT_MARKERS) + 256  # unk, specials, one piece per byte
         if vocab_size <= reserved:
             raise ValueError(f"vocab_size={vocab_size} is too small: {reserved} ids go to special tokens and the 256 "
