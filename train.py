@@ -84,6 +84,8 @@ train_flops = 0.0             # > 0 sets max_iters so that the run spends this m
 train_tokens = 0              # > 0 sets max_iters so that the run trains on this many tokens
 train_minutes = 0.0           # > 0: a wall-clock budget: max_iters is set from the time of steps 3 to 12 so that the
                               # training steps end after about this many minutes (evaluations come on top)
+target_bpb = 0.0              # > 0: stop once the exact val bits per byte (the whole val split) is at or below this
+target_interval = 0           # steps between the checks of target_bpb; 0 = eval_interval
 lr_schedule = "cosine"        # 'cosine', or 'wsd' (warmup-stable-decay: constant, then a linear decay)
 warmup_iters = 100
 decay_frac = 0.2              # wsd: the final fraction of steps that decays the learning rate
@@ -106,7 +108,8 @@ check_settings(config,
                positive=("batch_size", "gradient_accumulation_steps", "eval_iters", "eval_interval", "log_interval",
                          "qk_clip_tau", "qk_clip_interval"),
                non_negative=("max_iters", "warmup_iters", "epochs", "train_flops", "train_tokens", "train_minutes",
-                             "learning_rate", "weight_decay", "grad_clip", "muon_lr", "peak_flops", "vocab_size"),
+                             "target_bpb", "target_interval", "learning_rate", "weight_decay", "grad_clip", "muon_lr",
+                             "peak_flops", "vocab_size"),
                fractions=("beta1", "beta2", "muon_momentum", "decay_frac", "min_lr_frac"),
                choices={"sampler": ("random", "epoch"), "lr_schedule": ("cosine", "wsd"), "optimizer": OPTIMIZERS,
                         "muon_lr_scale": tuple(MUON_LR_SCALES)})
@@ -546,7 +549,7 @@ def start_run():
     if init_from != "resume" and os.path.exists(checkpoint_path):  # --overwrite=True: the old run's must not pass
         os.remove(checkpoint_path)                                  # for this one's
     copy_tokenizer(tokenizer_path, out_dir)
-    trim_log(log_path, iter_num, lambda row: "loss" in row)
+    trim_log(log_path, iter_num, lambda row: "loss" in row or "check_bpb" in row)  # a resume redoes neither
     # out_dir/run.json: config, code version, software, device, dataset; a resumed run keeps its id
     return write_manifest(out_dir, config, device, meta_path, checkpoint.get("run_id") if checkpoint else None)
 
@@ -555,6 +558,9 @@ run_id = on_master(start_run)
 if master and wandb_log:
     wandb.init(project=wandb_project, name=wandb_run_name or None, config=config)
 saved_step = checkpoint["step"] if checkpoint else None  # the step that ckpt.pt holds
+# the run's training time over its resumes (see pause_clock) and the best exact val bits per byte of its target checks
+train_seconds = checkpoint.get("train_seconds", 0.0) if checkpoint else 0.0
+best_bpb = checkpoint.get("best_bpb", math.inf) if checkpoint else math.inf
 
 
 def log(row):
@@ -591,11 +597,13 @@ def save():
         "model": raw_model.state_dict(), "optimizer": optim.state_dict(), "scaler": scaler.state_dict(),
         "model_config": asdict(raw_model.config), "config": config, "step": iter_num, "rng": rngs,
         "tokenizer": meta["tokenizer_path"], "eos_id": meta["eos_id"], "run_id": run_id, "dataset": dataset,
-        "timed_max_iters": max_iters if train_minutes > 0 and not time_steps else 0}))
+        "timed_max_iters": max_iters if train_minutes > 0 and not time_steps else 0,
+        "train_seconds": train_seconds, "best_bpb": best_bpb}))
     saved_step = iter_num
 
 
 def evaluate_and_save():
+    pause_clock()
     losses = estimate_loss()
     val_bpb = losses["val"] * meta["splits"]["val"]["tokens"] / meta["splits"]["val"]["bytes"] / math.log(2)
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device_type == "cuda" else 0.0
@@ -626,6 +634,33 @@ def interrupt_agreed():
     return all_reduce_sum(float(interrupted), group=control)[0] > 0 if ddp else interrupted
 
 
+# the step clock: ms/step and the training time leave out evaluations, checkpoints and logs; the training time (over
+# the run's resumes) also leaves out each start's first two steps, which compile and warm up
+step_seconds, clock = 0.0, None  # this process's time in steps; (time, step) at which the clock last started
+
+
+def pause_clock():
+    """Stop the step clock once the device has done the steps queued since it started."""
+    global step_seconds, train_seconds, clock
+    if clock is not None:
+        loss.item()  # the host runs ahead of the device: wait for it before reading the clock
+        elapsed = time.time() - clock[0]
+        step_seconds += elapsed
+        if clock[1] >= first_iter + 2:
+            train_seconds += elapsed
+        clock = None
+
+
+def exact_val_bpb():
+    """The exact val bits per byte over the whole val split, off the step clock; the same on every process. A plain
+    float (not numpy's): the checkpoint keeps the best one."""
+    pause_clock()
+    raw_model.eval()
+    bpb = float(bits_per_byte(splits["val"], meta["splits"]["val"]["bytes"]))
+    model.train()
+    return bpb
+
+
 # -----------------------------------------------------------------------------
 # training loop
 
@@ -642,7 +677,9 @@ log({"step": iter_num, "params": raw_model.num_params(), "active_params": n_acti
      "tokens_per_step": tokens_per_step, "max_iters": max_iters,
      "device": torch.cuda.get_device_name(device) if device_type == "cuda" else device_type})  # read by ablate.py
 x, y = get_batch(iter_num, 0)
-t0, t_last, steps_since_log, first_iter = time.time(), time.time(), 0, iter_num
+t0, steps_since_log, logged_seconds, first_iter = time.time(), 0, 0.0, iter_num
+start_seconds = train_seconds  # the training time of the steps before this start
+val_bpb = bpb_step = None  # the last exact val bits per byte, and its step
 max_logit = None  # muonclip: each layer's largest attention logit at the last measured step
 stopped = False  # by Ctrl-C, at the step boundary the processes agreed on
 previous_handler = signal.signal(signal.SIGINT, on_interrupt)
@@ -651,16 +688,30 @@ try:
         lr = get_lr(iter_num)
         for group in optim.param_groups:  # Muon's peak lr may differ from AdamW's: lr_ratio keeps their ratio
             group["lr"] = lr * group.get("lr_ratio", 1.0)
-        if iter_num % eval_interval == 0 or iter_num == max_iters:
+        # target_bpb is checked every target_interval steps and at the last; not at the step a run resumes from, whose
+        # checkpoint comes after that step's check
+        if target_bpb > 0 and iter_num > first_iter and (iter_num % (target_interval or eval_interval) == 0
+                                                         or iter_num >= max_iters):
+            val_bpb, bpb_step = exact_val_bpb(), iter_num
+            best_bpb = min(best_bpb, val_bpb)
+            print0(f"step {iter_num}: exact val bits per byte {val_bpb:.4f}, target {target_bpb:g}, "
+                   f"best {best_bpb:.4f}")
+            log({"step": iter_num, "tokens": iter_num * tokens_per_step, "check_bpb": val_bpb,
+                 "train_seconds": train_seconds})
+        reached = bpb_step == iter_num and val_bpb <= target_bpb
+        if iter_num % eval_interval == 0 or iter_num == max_iters or reached:
             evaluate_and_save()
-        if iter_num >= max_iters:
+        if iter_num >= max_iters or reached:
             break
         if interrupt_agreed():
             if saved_step != iter_num and iter_num > first_iter:
+                pause_clock()
                 check_finite({"training loss": loss.item() * gradient_accumulation_steps})
                 save()
             stopped = True
             break
+        if clock is None:
+            clock = (time.time(), iter_num)
         clip_step = qk_clip is not None and iter_num % qk_clip_interval == 0
         if clip_step:  # QK-Clip measures the logits of this step's own forward passes
             qk_clip.track(True)
@@ -687,19 +738,19 @@ try:
             max_logit = qk_clip.clip()
         iter_num += 1
         steps_since_log += 1
-        if time_steps and iter_num == first_iter + 2:  # the first two steps compile and warm up
-            loss.item()  # the host runs ahead of the device: wait for it before reading the clock
-            t_timed = time.time()
+        if iter_num == first_iter + 2:  # the training time counts from here
+            pause_clock()
         if time_steps and iter_num == first_iter + 12:  # every process takes the same count: the mean step time
-            loss.item()
-            per_step = all_reduce_sum(time.time() - t_timed, device=device)[0] / world_size / 10
+            pause_clock()
+            per_step = all_reduce_sum(train_seconds - start_seconds, device=device)[0] / world_size / 10
             max_iters = iter_num + max(0, int((60 * train_minutes - (time.time() - t0)) / per_step))
             time_steps = False
             print0(f"wall-clock budget of {train_minutes} min at {per_step * 1000:.0f} ms/step: {max_iters} steps")
         if iter_num % log_interval == 0 or iter_num == max_iters:
-            train_loss = loss.item() * gradient_accumulation_steps  # the last micro-batch's loss; .item() waits for the GPU
+            pause_clock()
+            train_loss = loss.item() * gradient_accumulation_steps  # the last micro-batch's loss
             check_finite({"training loss": train_loss})
-            dt = time.time() - t_last
+            dt = step_seconds - logged_seconds
             tokens_per_s = steps_since_log * tokens_per_step / dt
             mfu = flops_per_token * tokens_per_s / world_size / peak_flops if peak_flops else 0.0
             metrics, summary = aux_metrics(aux)  # the last micro-batch's router metrics and losses, MTP losses
@@ -711,15 +762,25 @@ try:
                  **metrics})
             if summary:
                 print0(f"    {summary}")
-            t_last, steps_since_log = time.time(), 0
+            logged_seconds, steps_since_log = step_seconds, 0
     if not stopped:
         done = True
-        raw_model.eval()
-        val_bpb = bits_per_byte(splits["val"], meta["splits"]["val"]["bytes"])
-        log({"step": iter_num, "tokens": iter_num * tokens_per_step, "exact_val_bpb": val_bpb})
-        print0(f"done: {iter_num} steps, {iter_num * tokens_per_step:,} tokens in {time.time() - t0:.0f} s; "
-               f"exact val bits per byte {val_bpb:.4f}; "
+        if bpb_step != iter_num:
+            val_bpb = exact_val_bpb()
+        log({"step": iter_num, "tokens": iter_num * tokens_per_step, "exact_val_bpb": val_bpb,
+             "train_seconds": train_seconds})
+        print0(f"done: {iter_num} steps, {iter_num * tokens_per_step:,} tokens in {time.time() - t0:.0f} s (training "
+               f"time {train_seconds:.1f} s); exact val bits per byte {val_bpb:.4f}; "
                + (f"checkpoint {checkpoint_path}" if saved_step is not None else "no step trained, so no checkpoint"))
+        if target_bpb > 0:
+            best_bpb, reached = min(best_bpb, val_bpb), val_bpb <= target_bpb
+            log({"step": iter_num, "tokens": iter_num * tokens_per_step, "target_bpb": target_bpb,
+                 "target_reached": reached, "best_bpb": best_bpb, "train_seconds": train_seconds})
+            print0(f"target_bpb={target_bpb:g} " + (f"reached at step {iter_num}" if reached else
+                                                    f"not reached in {iter_num} steps")
+                   + f": {iter_num * tokens_per_step:,} tokens, {train_seconds:.1f} s of training steps; "
+                   + (f"exact val bits per byte {val_bpb:.4f}" if reached else
+                      f"the best exact val bits per byte was {best_bpb:.4f}"))
         if master:
             plot_log()
 except torch.OutOfMemoryError:

@@ -1,5 +1,6 @@
-"""train.py end to end on the CPU: learning, checkpoints, resume, DDP, exact evaluation, sampling, bad input, and
-what it refuses or survives (other datasets, occupied folders, damaged data, divergence, full disks, Ctrl-C)."""
+"""train.py end to end on the CPU: learning, checkpoints, resume, DDP, exact evaluation, a target to stop at, sampling,
+bad input, and what it refuses or survives (other datasets, occupied folders, damaged data, divergence, full disks,
+Ctrl-C)."""
 import errno
 import hashlib
 import importlib.util
@@ -130,7 +131,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tiny_data, tmp_path):
 
 def test_two_process_ddp_equals_one_process(tiny_data, tmp_path):
     args = ["--max_iters=6", "--eval_interval=6", "--batch_size=2", "--gradient_accumulation_steps=4",
-            "--sampler=epoch"]
+            "--sampler=epoch", "--target_bpb=0.01", "--target_interval=3"]
     train(tiny_data, tmp_path / "one", *args)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
                     f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'two'}", *TINY, *args], cwd=ROOT, check=True,
@@ -139,7 +140,10 @@ def test_two_process_ddp_equals_one_process(tiny_data, tmp_path):
     two = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["model"]
     for name in one:
         assert torch.allclose(one[name], two[name], atol=1e-5, rtol=0), name
-    assert abs(read_log(tmp_path / "one")[-2]["val_loss"] - read_log(tmp_path / "two")[-2]["val_loss"]) < 1e-5
+    for key, steps in (("val_loss", [0, 6]), ("check_bpb", [3, 6])):  # and the target's checks, summed over the ranks
+        one, two = ([(r["step"], r[key]) for r in read_log(tmp_path / run) if key in r] for run in ("one", "two"))
+        assert [step for step, _ in one] == [step for step, _ in two] == steps, key
+        assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(one, two)), key
 
 
 def test_torchrun_on_more_processes_than_accumulation_steps_rounds_them_up(tiny_data, tmp_path, monkeypatch, capsys,
@@ -267,6 +271,8 @@ def test_a_diverging_run_never_saves_non_finite_weights(tiny_data, run_copy, mon
     ("--eval_iters=0", "eval_iters=0 must be positive"),
     ("--eval_interval=-1", "eval_interval=-1 must be positive"),
     ("--log_interval=0", "log_interval=0 must be positive"),
+    ("--target_bpb=-1.5", "target_bpb=-1.5 must not be negative"),
+    ("--target_interval=-10", "target_interval=-10 must not be negative"),
     ("--device=cuda", "no CUDA GPU that torch can use: use --device=cpu"),
     ("--dtype=fp16", "unknown dtype 'fp16' (choose auto, float32, bfloat16, float16)"),
     ("--dtype=float64", "unknown dtype 'float64' (choose auto, float32, bfloat16, float16)"),
@@ -443,6 +449,98 @@ def test_two_step_counts_on_the_command_line_stop_in_one_line(tiny_data, tmp_pat
     assert "--train_flops=1e+15 and --train_minutes=2 each set" in stops(
         monkeypatch, f"--data_dir={tiny_data}", "--train_flops=1e15", "--train_minutes=2")
     assert not any(tmp_path.iterdir())
+
+
+# -----------------------------------------------------------------------------
+# target_bpb: training until the exact val bits per byte reaches a value
+
+TARGET_RUN = [*QUICK, "--lr_schedule=wsd", "--decay_frac=0.0"]  # the lr does not depend on max_iters
+
+
+@pytest.fixture(scope="module")
+def unreached(tiny_data, tmp_path_factory):
+    """A 10-step run whose target is out of reach, checked every eval_interval = 5 steps: its folder and output."""
+    out, capture, threads = tmp_path_factory.mktemp("unreached"), io.StringIO(), torch.get_num_threads()
+    torch.set_num_threads(1)  # as one_thread does
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(sys, "stdout", capture)
+            run_train(mp, f"--data_dir={tiny_data}", f"--out_dir={out}", *TARGET_RUN, "--eval_interval=5",
+                      "--target_bpb=0.01", "--max_iters=10")
+    finally:
+        torch.set_num_threads(threads)
+    return out, capture.getvalue()
+
+
+def test_an_unreachable_target_runs_to_max_iters_and_says_so(unreached):
+    out, stdout = unreached
+    rows = read_log(out)
+    checks = {r["step"]: r["check_bpb"] for r in rows if "check_bpb" in r}
+    assert list(checks) == [5, 10] and checks[5] > checks[10]  # every eval_interval, and at the last step
+    seconds = torch.load(out / "ckpt.pt", weights_only=True)["train_seconds"]
+    assert 0 < seconds == rows[-1]["train_seconds"]
+    assert rows[-2]["exact_val_bpb"] == checks[10]  # the last check is the final evaluation
+    assert {k: v for k, v in rows[-1].items() if k != "run_id"} == {
+        "step": 10, "tokens": 1280, "target_bpb": 0.01, "target_reached": False, "best_bpb": checks[10],
+        "train_seconds": seconds}
+    assert (f"target_bpb=0.01 not reached in 10 steps: 1,280 tokens, {seconds:.1f} s of training steps; the best "
+            f"exact val bits per byte was {checks[10]:.4f}\n") in stdout
+
+
+def test_a_resumed_run_keeps_checking_its_target_and_counting_the_training_time(tiny_data, unreached, tmp_path,
+                                                                                monkeypatch, capsys, one_thread):
+    out = shutil.copytree(unreached[0], tmp_path / "run")
+    checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
+    counted = checkpoint["train_seconds"] + 1000  # the time counted so far is the checkpoint's, whatever it is
+    checkpoint.update(train_seconds=counted, best_bpb=0.02)
+    torch.save(checkpoint, out / "ckpt.pt")
+    started = time.time()
+    run_train(monkeypatch, f"--data_dir={tiny_data}", f"--out_dir={out}", *TARGET_RUN, "--eval_interval=5",
+              "--target_bpb=0.01", "--max_iters=20", "--init_from=resume")
+    elapsed = time.time() - started
+    rows = read_log(out)
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 21))
+    checks = [r for r in rows if "check_bpb" in r]
+    assert [r["step"] for r in checks] == [5, 10, 15, 20]  # step 10's check was done before its checkpoint
+    assert counted < checks[2]["train_seconds"] < checks[3]["train_seconds"] < counted + elapsed
+    assert torch.load(out / "ckpt.pt", weights_only=True)["train_seconds"] == checks[3]["train_seconds"]
+    assert rows[-1]["target_reached"] is False and rows[-1]["best_bpb"] == 0.02  # the checkpoint's best is kept
+    assert "the best exact val bits per byte was 0.0200" in capsys.readouterr().out
+
+
+def test_a_target_stops_the_run_at_the_first_check_at_or_below_it(tiny_data, unreached, tmp_path, monkeypatch,
+                                                                  capsys, one_thread):
+    """Between the unreached run's values at steps 5 and 10, checked every 5 steps: the same run stops at step 10,
+    with its checkpoint there. Each exact evaluation takes 1000 s by the clock: neither ms/step nor the training
+    time counts them."""
+    import evaluate
+    checks = {r["step"]: r["check_bpb"] for r in read_log(unreached[0]) if "check_bpb" in r}
+    target = (checks[5] + checks[10]) / 2
+    real_time, real_bpb, offset = time.time, evaluate.exact_bits_per_byte, [0.0]
+
+    def slow_bpb(*args, **kwargs):
+        offset[0] += 1000
+        return real_bpb(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "exact_bits_per_byte", slow_bpb)
+    monkeypatch.setattr(time, "time", lambda: real_time() + offset[0])
+    train_py = run_train(monkeypatch, f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", *TARGET_RUN,
+                         "--eval_interval=100", f"--target_bpb={target}", "--target_interval=5", "--max_iters=20")
+    rows = read_log(tmp_path)
+    assert train_py["iter_num"] == 10 and offset[0] == 2000  # two checks; the final evaluation is the last one's
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 11))
+    assert min(r["tokens_per_s"] for r in rows if "loss" in r) > 128 / 100  # no step took 1000 s
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 10]  # evaluated and saved as at the end of a run
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    seconds = checkpoint["train_seconds"]
+    assert checkpoint["step"] == 10 and 0 < seconds < 1000
+    bpb = [r["check_bpb"] for r in rows if "check_bpb" in r]
+    assert len(bpb) == 2 and abs(bpb[0] - checks[5]) < 1e-6 and abs(bpb[1] - checks[10]) < 1e-6
+    assert {k: v for k, v in rows[-1].items() if k != "run_id"} == {
+        "step": 10, "tokens": 1280, "target_bpb": target, "target_reached": True, "best_bpb": bpb[1],
+        "train_seconds": seconds}
+    assert (f"target_bpb={target:g} reached at step 10: 1,280 tokens, {seconds:.1f} s of training steps; exact val "
+            f"bits per byte {bpb[1]:.4f}\n") in capsys.readouterr().out
 
 
 def test_a_missing_dataset_names_the_command_that_makes_it(tmp_path, monkeypatch):
