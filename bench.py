@@ -127,8 +127,9 @@ torch.manual_seed(seed)
 
 def hf_llama(cfg):
     from transformers import LlamaConfig, LlamaForCausalLM
-    if cfg.qk_norm or cfg.dropout:
-        fail("hf_llama has no qk_norm and no residual dropout: set --qk_norm=False --dropout=0.0")
+    if cfg.qk_norm or cfg.dropout or cfg.mlp != "swiglu" or cfg.logit_softcap:
+        fail("hf_llama has no qk_norm, residual dropout, ReLU² MLP or logit cap: set --qk_norm=False --dropout=0.0 "
+             "--mlp=swiglu --logit_softcap=0")
     hf = LlamaConfig(hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden, num_hidden_layers=cfg.n_layer,
                      num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, vocab_size=cfg.vocab_size,
                      max_position_embeddings=cfg.block_size, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps,
@@ -140,9 +141,10 @@ def hf_llama(cfg):
 
 def hf_qwen3_moe(cfg):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-    if not cfg.n_experts or cfg.n_shared_experts or cfg.moe_every != 1 or cfg.moe_first_dense or cfg.attention != "mha":
-        fail("hf_qwen3_moe is MHA/GQA attention with routed experts on every layer: set --n_experts, "
-             "--n_shared_experts=0, --moe_every=1, --moe_first_dense=0")
+    if (not cfg.n_experts or cfg.n_shared_experts or cfg.moe_every != 1 or cfg.moe_first_dense or cfg.attention != "mha"
+            or cfg.logit_softcap):
+        fail("hf_qwen3_moe is MHA/GQA attention with routed experts on every layer and no logit cap: set --n_experts, "
+             "--n_shared_experts=0, --moe_every=1, --moe_first_dense=0, --logit_softcap=0")
     hf = Qwen3MoeConfig(hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden, moe_intermediate_size=cfg.moe_hidden,
                         num_experts=cfg.n_experts, num_experts_per_tok=cfg.moe_topk, norm_topk_prob=cfg.router_renorm,
                         num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,

@@ -19,6 +19,9 @@ elu + 1, arXiv 2006.16236; Gated DeltaNet, arXiv 2412.06464); hybrid layer patte
 
 Residual streams and memory: hyper-connections (`residual='hc'`; arXiv 2409.19606) and their manifold-constrained
 form (`residual='mhc'`; arXiv 2512.24880); Engram's hashed n-gram memory (`engram_layers`; arXiv 2601.07372).
+
+Speedrun candidates (modded-nanogpt's and nanochat's): the squared-ReLU MLP (`mlp='relu2'`; Primer, arXiv 2109.08668)
+and soft-capped output logits (`logit_softcap`; Gemma 2, arXiv 2408.00118 §2).
 """
 import math
 from dataclasses import dataclass, field, fields
@@ -76,9 +79,10 @@ class GPTConfig:
     qk_rope_head_dim: int = 0   # rotary dims of each query head and of the one key all heads share; 0 = head_dim / 2
     v_head_dim: int = 0         # per-head value dims; 0 = head_dim
     # feed-forward
-    mlp_hidden: int = 0         # SwiGLU hidden width; 0 = 8/3 * n_embd rounded up to a multiple of 64
+    mlp: str = "swiglu"         # dense feed-forward: 'swiglu' or 'relu2' (squared ReLU, Primer); experts stay SwiGLU
+    mlp_hidden: int = 0         # its hidden width; 0 = 8/3 * n_embd up to a multiple of 64 (swiglu), 4 * n_embd (relu2)
     # MoE (n_experts > 0)
-    n_experts: int = 0          # routed experts per MoE layer; 0 = a dense SwiGLU on every layer
+    n_experts: int = 0          # routed experts per MoE layer; 0 = a dense MLP (`mlp`) on every layer
     n_shared_experts: int = 0   # experts every token goes through, run as one SwiGLU n_shared_experts times as wide
     moe_topk: int = 2           # routed experts per token
     moe_hidden: int = 0         # hidden width of each expert; 0 = mlp_hidden
@@ -111,10 +115,13 @@ class GPTConfig:
     engram_dim: int = 256       # width of the retrieved memory: all orders' and heads' rows concatenated
     # output
     tie_embeddings: bool = True  # the output head shares the token embedding matrix
+    logit_softcap: float = 0.0  # logits = c * tanh(logits / c) with c this (Gemma 2: 30); 0 = off
 
     def __post_init__(self):
         self.n_kv_head = self.n_kv_head or self.n_head
-        self.mlp_hidden = self.mlp_hidden or 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        # relu2's two matrices at 4 * n_embd hold as many weights as SwiGLU's three at 8/3 * n_embd
+        self.mlp_hidden = self.mlp_hidden or (4 * self.n_embd if self.mlp == "relu2"
+                                              else 64 * math.ceil(8 * self.n_embd / 3 / 64))
         if not self.head_dim:
             require(self.n_embd % self.n_head == 0, "n_embd must be a multiple of n_head (or set head_dim)")
             self.head_dim = self.n_embd // self.n_head
@@ -143,8 +150,8 @@ class GPTConfig:
         require(self.residual in RESIDUALS, f"unknown residual '{self.residual}' (choose {', '.join(RESIDUALS)})")
         self.engram_layer_list = int_list(self.engram_layers, "engram_layers")
         self.engram_order_list = int_list(self.engram_orders, "engram_orders")
-        for part in (CausalSelfAttention, MLA, MaskedSpan, MoBASpan, LinearAttention, AttentionGate, Router,
-                     HyperConnections, Engram):  # each checks its own fields
+        for part in (CausalSelfAttention, MLA, MaskedSpan, MoBASpan, LinearAttention, AttentionGate, ReLUSquared,
+                     Router, HyperConnections, Engram, LogitSoftCap):  # each checks its own fields
             part.check(self)
 
     def layer_mixer(self, layer):
@@ -810,6 +817,32 @@ class SwiGLU(nn.Module):
         return {"mlp": matmul_flops(self)}
 
 
+class ReLUSquared(nn.Module):
+    """FFN(x) = W_down(ReLU(W_up x)^2), mlp='relu2': Primer's squared ReLU (So et al., arXiv 2109.08668, one of its two
+    main modifications), the MLP of modded-nanogpt and nanochat. No gate: two matrices, mlp_hidden = 4 * n_embd by
+    default."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.up = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
+        self.down = nn.Linear(config.mlp_hidden, config.n_embd, bias=False)
+        self.down.weight.writes_residual = True
+        self.dropout = config.dropout
+
+    @staticmethod
+    def check(c):
+        require(c.mlp in MLPS, f"unknown mlp '{c.mlp}' (choose {', '.join(MLPS)})")
+
+    def forward(self, x, ctx=None):
+        return F.dropout(self.down(F.relu(self.up(x)).square()), self.dropout, self.training)
+
+    def flops(self):
+        return {"mlp": matmul_flops(self)}
+
+
+MLPS = {"swiglu": SwiGLU, "relu2": ReLUSquared}  # config.mlp: the dense feed-forward
+
+
 class Router(nn.Module):
     """Token-choice top-k routing in fp32 (DeepSeek-V3, arXiv 2412.19437 §2.1.2): softmax or sigmoid affinities; the
     experts are chosen by affinity plus a balancing bias, the gates come from the affinities alone."""
@@ -1194,7 +1227,7 @@ class Block(nn.Module):
         mixer, span = config.layer_mixer(layer)
         self.attn = MIXERS[mixer](config, span)
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
-        self.mlp = MoE(config, layer) if config.is_moe_layer(layer) else SwiGLU(config)
+        self.mlp = MoE(config, layer) if config.is_moe_layer(layer) else MLPS[config.mlp](config)
         self.attn_residual = RESIDUALS[config.residual](config, 2 * layer)
         self.mlp_residual = RESIDUALS[config.residual](config, 2 * layer + 1)
         self.memory = Engram(config, layer) if layer in config.engram_layer_list else None
@@ -1252,7 +1285,7 @@ class MTP(nn.Module):
         """Speculative decoding's draft (decode.py), writing cache['mtp']: logits (B, last, V) at the last `last` of
         the slots cache_pos (T,), from the main model's hidden states there (B, T, n_embd) and next tokens (B, T)."""
         h = self(hidden, model.wte(tokens), model.decode_context(cache, cache_pos), cache["mtp"])
-        return model.lm_head(self.norm(h[:, -last:]))
+        return model.logits(h[:, -last:], self.norm)
 
     def flops(self, T):
         return matmul_flops(self.proj) + sum(sum(block.flops(T).values()) for block in self.blocks)
@@ -1267,10 +1300,27 @@ def mtp_loss(model, h, idx, targets, ctx):
         T = idx.size(1) - k
         h = module(h[:, :T], model.wte(idx[:, k:]), Context(cos=ctx.cos[:T], sin=ctx.sin[:T], aux=ctx.aux,
                                                             losses=ctx.losses))
-        loss = cross_entropy(model.lm_head(module.norm(h)).flatten(0, 1), targets[:, k:].flatten())
+        loss = cross_entropy(model.logits(h, module.norm).flatten(0, 1), targets[:, k:].flatten())
         ctx.aux[f"mtp{k}/loss"] = loss.detach()
         total = total + loss
     ctx.losses["mtp_loss"] = model.config.mtp_lambda / len(model.mtp) * total
+
+
+class LogitSoftCap(nn.Module):
+    """Logit soft-capping (Gemma 2, arXiv 2408.00118 §2; modded-nanogpt): the output head's logits become
+    c * tanh(logits / c), c = logit_softcap: near the identity for small logits, never past +-c. In fp32, returned in
+    the logits' dtype; every path to the logits (GPT.logits: loss, evaluation, decoding, MTP, its draft) passes it."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.cap = config.logit_softcap
+
+    @staticmethod
+    def check(c):
+        require(c.logit_softcap >= 0, "logit_softcap must be 0 (off) or positive")
+
+    def forward(self, logits):
+        return (self.cap * torch.tanh(logits.float() / self.cap)).type_as(logits)
 
 
 class GPT(nn.Module):
@@ -1286,6 +1336,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        self.softcap = LogitSoftCap(config) if config.logit_softcap else nn.Identity()  # no cap: nothing to compute
         self.mtp = nn.ModuleList(MTP(config, depth) for depth in range(1, config.mtp_depth + 1))
         self.objectives = [mtp_loss] if config.mtp_depth else []  # beyond the next token's, adding to ctx.losses
         cos, sin = rope_tables(config)
@@ -1337,9 +1388,10 @@ class GPT(nn.Module):
             x = block(x, ctx, None if cache is None else cache["layers"][i])
         return self.residual.reduce(x)
 
-    def logits(self, h):
-        """The next-token logits (..., V) of hidden states h (..., n_embd)."""
-        return self.lm_head(self.norm(h))
+    def logits(self, h, norm=None):
+        """The next-token logits (..., V) of hidden states h (..., n_embd), through the final norm (or an MTP
+        module's own, norm), the output head and its soft cap."""
+        return self.softcap(self.lm_head((self.norm if norm is None else norm)(h)))
 
     # -------------------------------------------------------------------------
     # decoding (the loops are in decode.py)

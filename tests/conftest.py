@@ -79,6 +79,9 @@ FAMILY_VARIANTS = {
                                    attn_span="sliding", window=5, mtp_depth=1),
     "hc_engram_linear": dict(residual="hc", engram_layers="0", engram_table_size=2048, engram_dim=32,
                              attention="linear", linear_chunk=8),
+    # speedrun candidates (test_model.py): the squared-ReLU MLP beside MoE layers, soft-capped logits with MTP
+    "relu2_moe": dict(mlp="relu2", n_experts=4, moe_topk=2, moe_hidden=16, moe_every=2),
+    "softcap_mtp": dict(logit_softcap=3.0, mtp_depth=2),
 }
 # the dense baseline's attention shapes (test_model.py); the generic checks run on these and every family's configs
 ATTENTION = {"mha": dict(n_kv_head=4), "gqa": dict(n_kv_head=2), "mqa": dict(n_kv_head=1),

@@ -220,7 +220,10 @@ def test_export_refusals_are_one_line(tiny_model, tmp_path):
     for overrides, expected in [(dict(attention="mla", n_experts=4, moe_hidden=16), "sigmoid"),
                                 (dict(n_experts=4, moe_hidden=16), "qk_norm"),
                                 (dict(qk_norm=True, qkv_bias=True), "qkv_bias"),
-                                (dict(qk_norm=True, n_experts=4, moe_hidden=16, n_shared_experts=1), "shared")]:
+                                (dict(qk_norm=True, n_experts=4, moe_hidden=16, n_shared_experts=1), "shared"),
+                                # Llama, Qwen and DeepSeek-V3 all have a SiLU-gated MLP and uncapped logits
+                                (dict(mlp="relu2"), "mlp='relu2' has no Hugging Face equivalent"),
+                                (dict(logit_softcap=30.0), "logit_softcap=30.0 has no Hugging Face equivalent")]:
         assert expected in error(lambda: hf.to_hf(tiny_model(**overrides), tmp_path))
     # every field that neither shapes training only nor maps to a HF field refuses when set away from its default
     # (MoBA, spans, linear attention, hyper-connections, Engram, ...), naming itself

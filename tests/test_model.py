@@ -218,12 +218,57 @@ def test_rope_scores_depend_on_relative_position_only_and_keep_the_input_dtype()
     assert torch.allclose(rotated.float(), apply_rope(x.bfloat16().float(), cos, sin), atol=0.05, rtol=0.02)
 
 
+def test_relu2_mlp_is_its_formula_with_swiglus_weights_and_flops(tiny_model):
+    """down(relu(up(x))^2) at 4 * n_embd: at n_embd 48 as many weights and FLOPs as SwiGLU's three matrices at 128."""
+    relu2, swiglu = tiny_model(n_embd=48, mlp="relu2"), tiny_model(n_embd=48)
+    mlp = relu2.blocks[0].mlp
+    assert mlp.up.weight.shape == (192, 48) and mlp.down.weight.shape == (48, 192)
+    x = torch.randn(2, 5, 48)
+    assert torch.allclose(mlp(x), (x @ mlp.up.weight.T).clamp(min=0) ** 2 @ mlp.down.weight.T, atol=1e-6)
+    assert relu2.num_params() == swiglu.num_params()
+    assert relu2.flops_breakdown()["mlp"] == swiglu.flops_breakdown()["mlp"] == 3 * 2 * 2 * (2 * 48 * 192)
+
+
+def test_logit_softcap_is_applied_on_every_path_as_a_hand_computed_reference(tiny_model):
+    """c * tanh(logits / c) of the output head's own logits (caught by a hook), in the training loss, the MTP loss, the
+    eval loss and logits (evaluate.py's bits per byte read them) and the speculative draft; decoding equals the full
+    forward (the generic checks, variant softcap_mtp)."""
+    c = 0.5
+    model = tiny_model(logit_softcap=c, mtp_depth=1)
+    with torch.no_grad():
+        model.wte.weight.mul_(30)  # logits of a few units, where tanh bends
+    heads = []
+    model.lm_head.register_forward_hook(lambda module, inputs, output: heads.append(output))
+    cap = lambda logits: c * torch.tanh(logits / c)  # noqa: E731
+    idx = torch.randint(0, 64, (2, 16))
+    logits, loss, aux = model(idx, idx)
+    main, mtp = heads  # the next token's head, then MTP depth 1's on positions 0..T-2
+    assert main.abs().max() > 4 * c and logits.abs().max() <= c  # the cap binds
+    assert torch.allclose(logits, cap(main), atol=1e-6)
+    lm_loss = F.cross_entropy(cap(main).flatten(0, 1), idx.flatten())
+    mtp_loss = F.cross_entropy(cap(mtp).flatten(0, 1), idx[:, 1:].flatten())
+    assert torch.allclose(aux["lm_loss"], lm_loss, atol=1e-6) and torch.allclose(aux["mtp1/loss"], mtp_loss, atol=1e-6)
+    assert torch.allclose(loss, lm_loss + 0.3 * mtp_loss, atol=1e-6)
+    heads.clear()
+    model.eval()
+    logits, loss, _ = model(idx, idx)
+    assert torch.allclose(logits, cap(heads[0]), atol=1e-6)
+    assert torch.allclose(loss, F.cross_entropy(cap(heads[0]).flatten(0, 1), idx.flatten()), atol=1e-6)
+    cache = model.new_cache(2, 32, mtp=True)
+    h = model.hidden_states(idx, model.decode_context(cache, torch.arange(16)), cache)
+    heads.clear()
+    draft = model.mtp[0].draft(model, cache, h[:, :-1], idx[:, 1:], torch.arange(15))
+    assert draft.shape == (2, 1, 64) and torch.allclose(draft, cap(heads[0]), atol=1e-6)
+
+
 @pytest.mark.parametrize("bad,message", [
+    (dict(mlp="gelu"), "unknown mlp 'gelu' \\(choose swiglu, relu2\\)"),
+    (dict(logit_softcap=-1.0), "logit_softcap must be 0 \\(off\\) or positive"),
     (dict(n_experts=4, moe_topk=5), "moe_topk must be within 1..n_experts"),
     (dict(n_experts=4, moe_every=0), "moe_every must be >= 1"),
     (dict(n_experts=4, moe_first_dense=-1), "moe_first_dense >= 0"),
     (dict(n_experts=4, moe_groups=3), "moe_groups must divide n_experts"),
 ])
-def test_bad_moe_configs_fail_with_one_line(bad, message):
+def test_bad_configs_fail_with_one_line(bad, message):
     with pytest.raises(ValueError, match=message):
         GPTConfig(**bad)
