@@ -263,6 +263,12 @@ def speculative_loop(run, history, max_new_tokens, verify, stats):
             if ready is not None:
                 ready.record()
             continue
+        if not queue and history.size(1) + len(new) == L:  # one slot left: one plain step, as plain_loop takes
+            run.draw()                                      # there, so that both restart from the same context
+            token = decode_step(model, cache, state)
+            new, produced, finished = new + [token], produced + 1, run.all_done()
+            yield token
+            continue
         if not queue:  # no room for a round: start again from the most recent half of the context
             history, token = run.restart(history, new)
             new, produced, finished = [token], produced + 1, run.all_done()

@@ -16,7 +16,10 @@ from decode import State, generate, speculative_step, exponential_race, sample_n
 from model import GPT, GPTConfig
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13]]
-MTP_VARIANTS = [name for name, args in FAMILY_VARIANTS.items() if args.get("mtp_depth")]
+# the matrix's MTP variants, and one MTP module of one block: its drafts restart the cache at another point unless
+# the speculative loop takes plain_loop's last single step
+MTP_VARIANTS = {**{name: args for name, args in FAMILY_VARIANTS.items() if args.get("mtp_depth")},
+                "mtp_depth_1": dict(mtp_depth=1)}
 
 
 def greedy(model, prompts, n, **options):
@@ -109,7 +112,7 @@ def test_decode_step_captures_as_one_graph(tiny_model, variant, sampling):
 def drafting_model(tiny_model, variant):
     """A model whose MTP draft agrees with it often but not always: the MTP module reads only the embedding of the
     token after and its blocks add nothing, so it drafts that token's bigram (untied embeddings: not itself)."""
-    model = tiny_model(tie_embeddings=False, **FAMILY_VARIANTS[variant]).eval()
+    model = tiny_model(tie_embeddings=False, **MTP_VARIANTS[variant]).eval()
     d = model.config.n_embd
     with torch.no_grad():
         for p in model.mtp.parameters():
