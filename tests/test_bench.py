@@ -59,6 +59,15 @@ def test_hf_llama_reference(tmp_path):
     assert any(line.startswith("hf_llama ") for line in run.stdout.splitlines())
 
 
+@pytest.mark.parametrize("reference,flag", [("hf_llama", "--mlp=relu2"), ("hf_llama", "--logit_softcap=15"),
+                                            ("hf_qwen3_moe", "--logit_softcap=15")])
+def test_a_reference_that_cannot_match_stops_in_one_line(reference, flag):
+    pytest.importorskip("transformers")
+    run = bench(*TINY, "--n_experts=4", flag, f"--reference={reference}")
+    assert run.returncode == 1 and run.stderr.startswith(f"error: {reference} ") and flag.split("=")[0] in run.stderr
+    assert "Traceback" not in run.stderr
+
+
 def test_flops_prints_the_accounting_and_times_nothing(tmp_path):
     train_config = tmp_path / "train_config.py"
     train_config.write_text("max_iters = 10\ngradient_accumulation_steps = 3\nbatch_size = 2\n")  # train.py's run
