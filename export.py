@@ -10,7 +10,6 @@ no such family (MoBA, sliding or sparse spans, linear attention, hyper-connectio
 error. The folder is written beside hf_dir first and moved in at the end, so that a failure leaves nothing
 half-written.
 """
-import json
 import math
 import os
 import shutil
@@ -18,7 +17,7 @@ import sys
 
 import torch
 
-from configurator import DTYPES, check_settings, copy_tokenizer, fail, parse_config
+from configurator import DTYPES, check_settings, copy_tokenizer, fail, parse_config, write_json
 from hf import load_model, to_hf
 from tokenizer import CHAT_MARKERS, ESCAPE, SPACE_MARK, Tokenizer
 
@@ -135,8 +134,7 @@ try:
     if tokenizer and tokenizer.kind != "hf":
         for name, content in zip(("tokenizer.json", "tokenizer_config.json"),
                                  tokenizer_files(tokenizer, model.config.block_size)):
-            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-                json.dump(content, f, ensure_ascii=False)
+            write_json(os.path.join(tmp, name), content)
     if os.path.isdir(hf_dir):  # a previous export: each file replaced whole, any other file kept
         for name in os.listdir(tmp):
             os.replace(os.path.join(tmp, name), os.path.join(hf_dir, name))

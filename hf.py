@@ -17,7 +17,7 @@ from dataclasses import fields, replace
 
 import torch
 
-from configurator import load_checkpoint
+from configurator import load_checkpoint, write_json
 from model import GPT, GPTConfig, Router, rope_tables, yarn_mscale
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -445,6 +445,5 @@ def to_hf(model, out_dir, eos_id=None, bos_id=None, dtype=None):
     _safetensors().save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     for name, content in (("config.json", _hf_json(c, family, str(dtype).removeprefix("torch."), eos_id, bos_id)),
                           ("generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_id})):
-        with open(os.path.join(out_dir, name), "w") as f:
-            json.dump(content, f, indent=2)
+        write_json(os.path.join(out_dir, name), content)
     return family

@@ -634,9 +634,8 @@ try:
         if held_out - names:
             fail(f"--val_files: {', '.join(sorted(held_out - names))} is not among the input's documents")
 
-        # the tokenizer's sample: the first tokenizer_sample million characters of the shuffled train documents, cut
-        # as tokenizer.py cuts its own budget, from the first blocks, which wait for it (another tokenizer waits for a
-        # train document only)
+        # the tokenizer's sample: the first tokenizer_sample million characters of the shuffled train documents (the
+        # last one cut short), from the first blocks, which wait for it (another tokenizer waits for a train document)
         reading = time.time()
         blocks = shuffled_blocks(docs, held_out)
         budget = round(tokenizer_sample * 1e6) if tok is None else 1
