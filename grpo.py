@@ -132,13 +132,22 @@ if mode == "tasks":
 ddp, rank, world_size, device = init_processes(pick_device(device))
 device_type = device.split(":")[0]
 master = rank == 0
-# each process takes whole groups (GRPO) or pairs (SFT): a count that is not a multiple of the processes is rounded up
-# to one, as train.py rounds gradient_accumulation_steps, so that a config runs on any number of processes
-per_step = {"grpo": "prompts_per_step", "sft": "batch_size"}.get(mode)
-if per_step and config[per_step] % world_size:
-    globals()[per_step] = -(-config[per_step] // world_size) * world_size
-    print0(f"{per_step}={config[per_step]} rounded up to {globals()[per_step]}, a multiple of the {world_size} "
-           f"processes (each takes {globals()[per_step] // world_size})")
+
+
+def rounded_up(name, value):
+    """Each process takes whole groups (GRPO) or pairs (SFT): a count that is not a multiple of the processes is
+    rounded up to one, with a note, as train.py rounds gradient_accumulation_steps, so that a config runs anywhere."""
+    rounded = -(-value // world_size) * world_size
+    if rounded != value:
+        print0(f"{name}={value} rounded up to {rounded}, a multiple of the {world_size} processes (each takes "
+               f"{rounded // world_size})")
+    return rounded
+
+
+if mode == "grpo":
+    prompts_per_step = rounded_up("prompts_per_step", prompts_per_step)
+elif mode == "sft":
+    batch_size = rounded_up("batch_size", batch_size)
 dtype = pick_dtype(device, dtype)
 amp = autocast(device, dtype)
 torch.manual_seed(seed + rank)
