@@ -148,10 +148,11 @@ class GPTConfig:
                                                 and self.rope_low_rotations < self.rope_high_rotations),
                 "rope_scaling needs rope_factor >= 1, rope_original_len > 0 and rope_low_rotations < rope_high_rotations")
         require(self.residual in RESIDUALS, f"unknown residual '{self.residual}' (choose {', '.join(RESIDUALS)})")
+        require(self.mlp in MLPS, f"unknown mlp '{self.mlp}' (choose {', '.join(MLPS)})")
         self.engram_layer_list = int_list(self.engram_layers, "engram_layers")
         self.engram_order_list = int_list(self.engram_orders, "engram_orders")
-        for part in (CausalSelfAttention, MLA, MaskedSpan, MoBASpan, LinearAttention, AttentionGate, ReLUSquared,
-                     Router, HyperConnections, Engram, LogitSoftCap):  # each checks its own fields
+        for part in (CausalSelfAttention, MLA, MaskedSpan, MoBASpan, LinearAttention, AttentionGate, Router,
+                     HyperConnections, Engram, LogitSoftCap):  # each checks its own fields
             part.check(self)
 
     def layer_mixer(self, layer):
@@ -828,10 +829,6 @@ class ReLUSquared(nn.Module):
         self.down = nn.Linear(config.mlp_hidden, config.n_embd, bias=False)
         self.down.weight.writes_residual = True
         self.dropout = config.dropout
-
-    @staticmethod
-    def check(c):
-        require(c.mlp in MLPS, f"unknown mlp '{c.mlp}' (choose {', '.join(MLPS)})")
 
     def forward(self, x, ctx=None):
         return F.dropout(self.down(F.relu(self.up(x)).square()), self.dropout, self.training)
