@@ -127,9 +127,9 @@ torch.manual_seed(seed)
 
 def hf_llama(cfg):
     from transformers import LlamaConfig, LlamaForCausalLM
-    if cfg.qk_norm or cfg.dropout or cfg.mlp != "swiglu" or cfg.logit_softcap:
-        fail("hf_llama has no qk_norm, residual dropout, ReLU² MLP or logit cap: set --qk_norm=False --dropout=0.0 "
-             "--mlp=swiglu --logit_softcap=0")
+    if cfg.qk_norm or cfg.dropout or cfg.mlp != "swiglu" or cfg.logit_softcap or cfg.value_embeds or cfg.x0_mix:
+        fail("hf_llama has no qk_norm, residual dropout, ReLU² MLP, logit cap, value embeddings or x0 mixing: set "
+             "--qk_norm=False --dropout=0.0 --mlp=swiglu --logit_softcap=0 --value_embeds='' --x0_mix=False")
     hf = LlamaConfig(hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden, num_hidden_layers=cfg.n_layer,
                      num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, vocab_size=cfg.vocab_size,
                      max_position_embeddings=cfg.block_size, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps,
@@ -142,9 +142,10 @@ def hf_llama(cfg):
 def hf_qwen3_moe(cfg):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
     if (not cfg.n_experts or cfg.n_shared_experts or cfg.moe_every != 1 or cfg.moe_first_dense or cfg.attention != "mha"
-            or cfg.logit_softcap):
-        fail("hf_qwen3_moe is MHA/GQA attention with routed experts on every layer and no logit cap: set --n_experts, "
-             "--n_shared_experts=0, --moe_every=1, --moe_first_dense=0, --logit_softcap=0")
+            or cfg.logit_softcap or cfg.value_embeds or cfg.x0_mix):
+        fail("hf_qwen3_moe is MHA/GQA attention with routed experts on every layer, no logit cap, value embeddings or "
+             "x0 mixing: set --n_experts, --n_shared_experts=0, --moe_every=1, --moe_first_dense=0, "
+             "--logit_softcap=0, --value_embeds='' --x0_mix=False")
     hf = Qwen3MoeConfig(hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden, moe_intermediate_size=cfg.moe_hidden,
                         num_experts=cfg.n_experts, num_experts_per_tok=cfg.moe_topk, norm_topk_prob=cfg.router_renorm,
                         num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
@@ -211,7 +212,7 @@ def measure(name, model, loss_of, with_decode):
     """One row of the table: train the model on random tokens, then (with_decode) decode with it."""
     model.to(device)
     optim = configure_optimizers(model, "adamw" if name != "ours" else optimizer.replace("muonclip", "muon"),
-                                 device_type=device_type)  # the step's cost does not depend on the learning rate
+                                 device_type=device_type, compiled=compile)  # the step's cost does not depend on the learning rate
     qk_clip = QKClip(model, tau=100.0) if optimizer == "muonclip" and name == "ours" else None
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # fp16 needs loss scaling, as in train.py
     train_model = torch.compile(model) if compile and (name == "ours" or reference_compile) else model

@@ -63,7 +63,7 @@ EXPRESSED = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd", "norm_ep
              "v_head_dim", "n_experts", "n_shared_experts", "moe_topk", "moe_hidden", "moe_every", "moe_first_dense",
              "router_scoring", "router_renorm", "routed_scaling", "moe_groups", "moe_topk_groups"}
 TRAINING_ONLY = {"dropout", "aux_loss_coef", "seq_aux_loss_coef", "bias_update_rate", "router_z_loss_coef",
-                 "router_jitter", "capacity_factor", "mtp_depth", "mtp_lambda", "mtp_blocks"}
+                 "router_jitter", "capacity_factor", "mtp_depth", "mtp_lambda", "mtp_blocks", "zero_init_proj"}
 
 
 def _layout(config):

@@ -20,8 +20,9 @@ elu + 1, arXiv 2006.16236; Gated DeltaNet, arXiv 2412.06464); hybrid layer patte
 Residual streams and memory: hyper-connections (`residual='hc'`; arXiv 2409.19606) and their manifold-constrained
 form (`residual='mhc'`; arXiv 2512.24880); Engram's hashed n-gram memory (`engram_layers`; arXiv 2601.07372).
 
-Speedrun candidates (modded-nanogpt's and nanochat's): the squared-ReLU MLP (`mlp='relu2'`; Primer, arXiv 2109.08668)
-and soft-capped output logits (`logit_softcap`; Gemma 2, arXiv 2408.00118 §2).
+Speedrun candidates (modded-nanogpt's and nanochat's): the squared-ReLU MLP (`mlp='relu2'`; Primer, arXiv 2109.08668),
+soft-capped logits (`logit_softcap`; Gemma 2, arXiv 2408.00118 §2), value embeddings (`value_embeds`; after arXiv
+2410.17897), embedding-skip mixing (`x0_mix`) and zero-initialized output projections (`zero_init_proj`; as ReZero).
 """
 import math
 from dataclasses import dataclass, field, fields
@@ -45,6 +46,7 @@ class GPTConfig:
     n_embd: int = 768           # model width
     dropout: float = 0.0        # dropout on attention probabilities and residual branches (0 for pretraining)
     norm_eps: float = 1e-6      # epsilon of every RMSNorm
+    zero_init_proj: bool = False  # the matrices writing into the residual stream start at zero (modded-nanogpt)
     # attention
     attention: str = "mha"      # sequence mixer: 'mha' (MHA/GQA/MQA through n_kv_head), 'mla' (latent) or 'linear'
     n_kv_head: int = 0          # key/value heads: 0 = n_head (MHA), 1 = MQA, a divisor of n_head = GQA
@@ -72,6 +74,7 @@ class GPTConfig:
     linear_chunk: int = 64      # attention='linear': chunk length of the chunked training form
     attn_pattern: str = ""      # a letter per layer, repeated over depth: G full, S sliding, B block-sparse, M MoBA
                                 # (softmax, `attention`'s projections), L linear; '' = `attention` and attn_span
+    value_embeds: str = ""      # layers whose values add a per-token embedding of their own, e.g. '0,1'; '' = none
     # MLA (attention='mla')
     q_lora_rank: int = 0        # rank of the low-rank query projection; 0 = a full-rank query
     kv_lora_rank: int = 0       # width of the cached key/value latent; 0 = 4 * head_dim (DeepSeek-V2's ratio)
@@ -107,6 +110,7 @@ class GPTConfig:
     residual: str = "standard"  # 'standard' pre-norm residual, 'hc' hyper-connections, 'mhc' manifold-constrained HC
     hc_streams: int = 4         # hc/mhc: parallel residual streams (the papers' expansion rate n)
     hc_sinkhorn_iters: int = 20  # mhc: Sinkhorn-Knopp iterations that make the stream-mixing matrix doubly stochastic
+    x0_mix: bool = False        # before block i the stream becomes a_i x + b_i x0, x0 the embedding (modded-nanogpt)
     # Engram memory (engram_layers != '')
     engram_layers: str = ""     # layers (from 0) with an Engram memory before their attention, e.g. '1,4'; '' = none
     engram_orders: str = "2,3"  # n-gram orders looked up, e.g. '2,3' (bigrams and trigrams)
@@ -151,8 +155,9 @@ class GPTConfig:
         require(self.mlp in MLPS, f"unknown mlp '{self.mlp}' (choose {', '.join(MLPS)})")
         self.engram_layer_list = int_list(self.engram_layers, "engram_layers")
         self.engram_order_list = int_list(self.engram_orders, "engram_orders")
-        for part in (CausalSelfAttention, MLA, MaskedSpan, MoBASpan, LinearAttention, AttentionGate, Router,
-                     HyperConnections, Engram, LogitSoftCap):  # each checks its own fields
+        self.value_embed_list = int_list(self.value_embeds, "value_embeds")
+        for part in (CausalSelfAttention, MLA, MaskedSpan, MoBASpan, LinearAttention, AttentionGate, ValueEmbedding,
+                     Router, HyperConnections, Engram, LogitSoftCap):  # each checks its own fields
             part.check(self)
 
     def layer_mixer(self, layer):
@@ -502,6 +507,26 @@ class AttentionGate(nn.Module):
         require(c.attn_gate_at in ("output", "value"), f"unknown attn_gate_at '{c.attn_gate_at}'")
 
 
+class ValueEmbedding(nn.Module):
+    """Value embeddings (modded-nanogpt, Keller Jordan et al. 2024; after value residual learning, arXiv 2410.17897),
+    value_embeds: a layer's own table gives each token ve, and its values (B, T, n_kv_head, head_dim) become
+    v + scale * ve, which the cache keeps; scale: 1 at init (plain addition), a gain free of the table's decay."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.table = nn.Embedding(config.vocab_size, config.n_kv_head * config.head_dim)
+        self.scale = nn.Parameter(torch.ones(1))  # 1-D: AdamW's, no weight decay (optim.py)
+
+    @staticmethod
+    def check(c):
+        layers = c.value_embed_list
+        require(all(0 <= i < c.n_layer for i in layers), "value_embeds must be layers within 0..n_layer-1")
+        require(all(c.layer_mixer(i)[0] == "mha" for i in layers), "value_embeds needs softmax attention='mha' layers")
+
+    def forward(self, v, idx):
+        return v + (self.scale * self.table(idx)).view_as(v).type_as(v)
+
+
 class CausalSelfAttention(nn.Module):
     """Attention with n_kv_head key/value heads (MHA, GQA, MQA), RoPE, optional QK-norm and gate, over its span."""
 
@@ -521,6 +546,7 @@ class CausalSelfAttention(nn.Module):
         self.gate_at = config.attn_gate_at if config.attn_gate != "none" else None
         gate_heads = self.n_kv_head if self.gate_at == "value" else self.n_head
         self.gate = AttentionGate(config, gate_heads, self.head_dim) if self.gate_at else None
+        self.value_embed = None  # a ValueEmbedding on value_embeds' layers, which Block gives it
 
     @staticmethod
     def check(c):
@@ -537,6 +563,7 @@ class CausalSelfAttention(nn.Module):
         q = apply_rope(self.q_norm(q.view(B, T, self.n_head, self.head_dim)), ctx.cos, ctx.sin)
         k = apply_rope(self.k_norm(k.view(B, T, self.n_kv_head, self.head_dim)), ctx.cos, ctx.sin)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
+        v = v if self.value_embed is None else self.value_embed(v, ctx.idx)
         if self.gate_at == "value":  # gated values are what the cache keeps
             v = self.gate(x, v)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -1228,6 +1255,8 @@ class Block(nn.Module):
         self.attn_residual = RESIDUALS[config.residual](config, 2 * layer)
         self.mlp_residual = RESIDUALS[config.residual](config, 2 * layer + 1)
         self.memory = Engram(config, layer) if layer in config.engram_layer_list else None
+        if layer in config.value_embed_list:  # softmax MHA layers (ValueEmbedding.check), of the main stack only
+            self.attn.value_embed = ValueEmbedding(config)
         # rewinds by position alone (FullSpan.rewinds), unless Engram's window of the last ids holds a rejected draft
         self.rewinds = getattr(getattr(self.attn, "span", None), "rewinds", False) and self.memory is None
 
@@ -1251,8 +1280,9 @@ class Block(nn.Module):
 
 
 def matmul_flops(module):
-    """Forward FLOPs per token of the matrices (2-D weights) of module: 2 per weight."""
-    return 2 * sum(p.numel() for p in module.parameters() if p.dim() == 2)
+    """Forward FLOPs per token of the matrices (2-D weights) of module: 2 per weight; a lookup table costs none."""
+    tables = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
+    return 2 * sum(p.numel() for p in module.parameters() if p.dim() == 2 and id(p) not in tables)
 
 
 class MTP(nn.Module):
@@ -1334,16 +1364,18 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.softcap = LogitSoftCap(config) if config.logit_softcap else nn.Identity()  # no cap: nothing to compute
+        if config.x0_mix:  # embedding skip (modded-nanogpt; nanochat's x0 lambdas), main stack only; init: the baseline
+            self.x0_a, self.x0_b = nn.Parameter(torch.ones(config.n_layer)), nn.Parameter(torch.zeros(config.n_layer))
         self.mtp = nn.ModuleList(MTP(config, depth) for depth in range(1, config.mtp_depth + 1))
         self.objectives = [mtp_loss] if config.mtp_depth else []  # beyond the next token's, adding to ctx.losses
         cos, sin = rope_tables(config)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.apply(self._init_weights)
-        # GPT-2 §2.3: the 2 * n_layer matrices writing into the residual stream add up, so each gets std / sqrt(that)
-        for p in self.parameters():
-            if getattr(p, "writes_residual", False):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        # GPT-2 §2.3: the 2 * n_layer matrices writing into the residual stream add up, so each gets std / sqrt(that);
+        # zero_init_proj: zeros (modded-nanogpt; as ReZero, arXiv 2003.04887), every block the identity at init
+        for p in (p for p in self.parameters() if getattr(p, "writes_residual", False)):
+            nn.init.zeros_(p) if config.zero_init_proj else nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -1380,8 +1412,9 @@ class GPT(nn.Module):
     def hidden_states(self, idx, ctx, cache=None):
         """The last hidden state (B, T, n_embd) of tokens idx, before the final norm; decoding writes the cache."""
         ctx.idx = idx
-        x = self.residual.expand(self.drop(self.wte(idx)), self.config)
+        x = x0 = self.residual.expand(self.drop(self.wte(idx)), self.config)
         for i, block in enumerate(self.blocks):
+            x = self.x0_a[i] * x + self.x0_b[i] * x0 if self.config.x0_mix else x  # x0 as expanded: in every stream
             x = block(x, ctx, None if cache is None else cache["layers"][i])
         return self.residual.reduce(x)
 
@@ -1422,13 +1455,14 @@ class GPT(nn.Module):
     # accounting
 
     def num_params(self, embedding=True, active=False):
-        """Parameters of the model that runs at inference: a tied head once, no MTP modules, no lookup tables (apart:
-        table_params). embedding=False leaves out the token embedding (and an untied head); active=True counts only
-        the moe_topk of n_experts routed experts a token goes through (DeepSeek-V3's "activated")."""
+        """Parameters of the model that runs at inference: a tied head once, no MTP modules, no sparse tables (apart:
+        table_params). embedding=False leaves out the dense ones (token, value embeddings) and an untied head;
+        active=True counts only the moe_topk of n_experts routed experts a token goes through (V3's "activated")."""
         n = sum(p.numel() for p in self.parameters()) - sum(p.numel() for p in self.mtp.parameters())
         n -= self.table_params()
-        if not embedding:
-            n -= self.wte.weight.numel() + (0 if self.config.tie_embeddings else self.lm_head.weight.numel())
+        if not embedding:  # the dense lookup tables
+            n -= sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding) and not m.sparse)
+            n -= 0 if self.config.tie_embeddings else self.lm_head.weight.numel()
         if active:
             n -= sum(m.idle_params() for m in self.blocks.modules() if hasattr(m, "idle_params"))
         return n

@@ -52,51 +52,65 @@ class Muon(torch.optim.Optimizer):
     scaled by the lr_scale rule, with decoupled weight decay p <- p (1 - lr wd). A fused matrix marks how its rows
     split into logical matrices (`logical_rows`: q | k | v, gate | up); each part is orthogonalized and scaled alone
     (the momentum covers the whole parameter).
-    Under torch.distributed (gradients already averaged), every rank keeps every momentum buffer (cheap, and rank 0's
-    state_dict is complete for any world size) and the Newton-Schulz work is shared out: of the matrices of each
-    shape, rank r updates numbers r, r + world, ..., and all_gather hands them to every rank (modded-nanogpt's
-    scheme), in the background of the next shape's work.
+    A step is a few large kernels rather than a few per matrix, since at small batches launching them costs more than
+    the arithmetic: the momentum and the final update are foreach ops over all parameters, and every logical matrix
+    of one shape joins one batched Newton-Schulz call, compiled when `compiled` (modded-nanogpt's scheme).
+    Under torch.distributed (gradients already averaged), each batch is split into one contiguous share per rank, and
+    all_gather hands every rank the whole batch's result, in the background of the next batch's work; every rank
+    then applies the same update, and keeps every momentum buffer (cheap, and rank 0's state_dict is complete for
+    any world size).
     """
 
-    def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0, lr_scale="shape"):
+    def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0, lr_scale="shape", compiled=False):
         if lr_scale not in MUON_LR_SCALES:
             raise ValueError(f"unknown muon_lr_scale '{lr_scale}' (choose {', '.join(MUON_LR_SCALES)})")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, lr_scale=lr_scale))
+        # one compiled function: torch specializes it to each batch shape (a handful per model) and caches them
+        self.orthogonalize = torch.compile(orthogonalize, dynamic=False) if compiled else None
 
     @torch.no_grad()
     def step(self):
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        gathers = []
+        ns = self.orthogonalize or orthogonalize
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]  # the same on every rank under DDP
+            if not params:
+                continue
             for p in params:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                state["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"])  # M <- beta M + (1 - beta) G
-            layouts = {}  # matrices of one shape and split are orthogonalized in one batch: fewer, larger kernels
-            for p in params:
-                layouts.setdefault((p.shape, getattr(p, "logical_rows", None)), []).append(p)
-            for same in layouts.values():
-                if same[rank::world]:
-                    self.update(same[rank::world], group)
-                if world > 1:  # world matrices at a time, each goes from the rank that updated it to all
-                    for base in range(0, len(same), world):
-                        chunk = same[base:base + world]
-                        chunk += [torch.empty_like(chunk[0]) for _ in range(world - len(chunk))]  # every rank sends
-                        gathers.append(dist.all_gather(chunk, chunk[rank], async_op=True))
-        for gather in gathers:
-            gather.wait()
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            grads, buffers = [p.grad for p in params], [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_lerp_(buffers, grads, 1 - group["momentum"])  # M <- beta M + (1 - beta) G
+            updates = torch._foreach_lerp(grads, buffers, group["momentum"])  # Nesterov: (1 - beta) G + beta M
+            batches = {}  # (rows, cols) -> views of the updates' logical matrices of that shape
+            for p, u in zip(params, updates):
+                for part in u.split(getattr(p, "logical_rows", None) or u.size(-2), dim=-2):
+                    batches.setdefault(part.shape[-2:], []).append(part)
+            pending = [self.orthogonalize_share(ns, shape, parts, rank, world) for shape, parts in batches.items()]
+            scale = MUON_LR_SCALES[group["lr_scale"]]
+            for (shape, parts), (result, gather) in zip(batches.items(), pending):
+                if gather is not None:
+                    gather.wait()
+                result *= scale(*shape)
+                results = result.split([part[..., 0, 0].numel() for part in parts])
+                torch._foreach_copy_(parts, [X.view(part.shape) for X, part in zip(results, parts)])
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+            torch._foreach_add_(params, updates, alpha=-group["lr"])
 
-    def update(self, params, group):
-        """The step of matrices of one shape and split, from their gradients and updated momentum buffers."""
-        g = torch.stack([p.grad.lerp(self.state[p]["momentum_buffer"], group["momentum"]) for p in params])  # Nesterov
-        scale = MUON_LR_SCALES[group["lr_scale"]]
-        parts = g.split(getattr(params[0], "logical_rows", g.size(-2)), dim=-2)
-        update = torch.cat([orthogonalize(part) * scale(*part.shape[-2:]) for part in parts], dim=-2)
-        for p, u in zip(params, update):
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_(u.type_as(p), alpha=-group["lr"])
+    @staticmethod
+    def orthogonalize_share(ns, shape, parts, rank, world):
+        """Newton-Schulz on this rank's contiguous share of a batch of (rows, cols) matrices: its result (all of the
+        batch's, once the returned gather, if any, is done) and the gather."""
+        X = torch.cat([part.reshape(-1, *shape) for part in parts])
+        if world == 1:
+            return ns(X), None
+        share = -(-len(X) // world)
+        result = torch.zeros(world * share, *shape, dtype=torch.bfloat16, device=X.device)
+        mine = X[rank * share:(rank + 1) * share]
+        if len(mine):
+            result[rank * share:rank * share + len(mine)] = ns(mine)
+        return result, dist.all_gather_into_tensor(result, result[rank * share:(rank + 1) * share].clone(),
+                                                   async_op=True)
 
 
 class Optimizers:
@@ -187,10 +201,15 @@ OPTIMIZERS = ("adamw", "muon", "muonclip")
 
 
 def configure_optimizers(model, optimizer="adamw", learning_rate=6e-4, weight_decay=0.1, betas=(0.9, 0.95),
-                         device_type="cpu", muon_lr=0.0, muon_momentum=0.95, muon_lr_scale="moonshot"):
+                         device_type="cpu", muon_lr=0.0, muon_momentum=0.95, muon_lr_scale="moonshot", compiled=False,
+                         embed_lr=0.0, head_lr=0.0):
     """One optimizer object for a stage, used like any torch optimizer (step, zero_grad, param_groups, state_dict).
     muon_lr is Muon's peak learning rate; 0 picks the one its muon_lr_scale rule is calibrated for: learning_rate
-    itself under 'moonshot' (the update's RMS matches AdamW's), 0.02 under 'shape' (modded-nanogpt's Muon lr)."""
+    itself under 'moonshot' (the update's RMS matches AdamW's), 0.02 under 'shape' (modded-nanogpt's Muon lr).
+    compiled=True compiles Muon's Newton-Schulz iteration (torch.compile), as a stage does with its model.
+    embed_lr > 0 gives the dense embedding tables (token and value embeddings) AdamW groups of that peak lr, and
+    head_lr an untied output head: modded-nanogpt and nanochat train the embedding tens of times faster than the
+    head and the matrices; with no weight decay, as there, since lr * weight_decay at such rates would erase them."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer '{optimizer}' (choose {', '.join(OPTIMIZERS)})")
     # An Engram table (nn.Embedding, sparse=True) gets SparseAdam, a lazy Adam (no weight decay) whose step touches
@@ -203,19 +222,27 @@ def configure_optimizers(model, optimizer="adamw", learning_rate=6e-4, weight_de
     # Muon is for the hidden matrices: embeddings (rows train only when their token shows up) and the output head (a
     # classifier over the vocabulary) stay with AdamW, as in the Muon reference, and so do the tiny, skinny maps that
     # model.py marks p.muon = False (routers, hyper-connections' mixing weights, Gated DeltaNet's filters).
-    lookups = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} | {id(model.lm_head.weight)}
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    head = {id(model.lm_head.weight)} - embeddings  # none of its own when tied: the head is the token embedding
+    lookups = embeddings | head
     matrices = [p for p in params if optimizer != "adamw" and p.dim() >= 2 and id(p) not in lookups
                 and getattr(p, "muon", True)]
     in_muon = {id(p) for p in matrices}
-    rest = [p for p in params if id(p) not in in_muon]
-    adamw = torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-                               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
-                              lr=learning_rate, betas=betas, fused=device_type == "cuda")
+    if head_lr and not head:
+        raise ValueError("head_lr needs an output head of its own (tie_embeddings=False); a tied one is the "
+                         "embedding: set embed_lr")
+    own = [(lr, ids) for lr, ids in ((embed_lr, embeddings), (head_lr, head)) if lr]
+    rest = [p for p in params if id(p) not in in_muon and not any(id(p) in ids for _, ids in own)]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    groups += [{"params": [p for p in params if id(p) in ids], "weight_decay": 0.0, "lr_ratio": lr / learning_rate}
+               for lr, ids in own]
+    adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
     parts = {}
     if optimizer != "adamw":
         muon_lr = muon_lr or (learning_rate if muon_lr_scale == "moonshot" else 0.02)
         parts["muon"] = Muon(matrices, lr=muon_lr, momentum=muon_momentum, weight_decay=weight_decay,
-                             lr_scale=muon_lr_scale)
+                             lr_scale=muon_lr_scale, compiled=compiled)
         parts["muon"].param_groups[0]["lr_ratio"] = muon_lr / learning_rate
     parts["adamw"] = adamw
     if sparse:

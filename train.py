@@ -76,6 +76,10 @@ grad_clip = 1.0               # clip the global gradient norm to this (0 = off)
 muon_lr = 0.0                 # Muon's peak lr; 0 = learning_rate under 'moonshot', 0.02 under 'shape'
 muon_momentum = 0.95          # Muon's Nesterov momentum
 muon_lr_scale = "moonshot"    # Muon's update scale: 'moonshot' (AdamW's update RMS, Moonlight) or 'shape' (modded-nanogpt)
+muon_momentum_warmup = 0      # > 0: Muon's momentum rises linearly from 0.85 to muon_momentum over this many steps
+                              # (modded-nanogpt: 300)
+embed_lr = 0.0                # > 0: the peak lr of the embedding tables (AdamW, no weight decay); 0 = learning_rate
+head_lr = 0.0                 # > 0: the same for an untied output head (tie_embeddings=False)
 qk_clip_tau = 100.0           # muonclip: a head whose largest attention logit exceeds this is scaled back to it
 qk_clip_interval = 1          # muonclip: measure the logits and clip every this many steps
 # schedule
@@ -109,7 +113,7 @@ check_settings(config,
                          "qk_clip_tau", "qk_clip_interval"),
                non_negative=("max_iters", "warmup_iters", "epochs", "train_flops", "train_tokens", "train_minutes",
                              "target_bpb", "target_interval", "learning_rate", "weight_decay", "grad_clip", "muon_lr",
-                             "peak_flops", "vocab_size"),
+                             "muon_momentum_warmup", "embed_lr", "head_lr", "peak_flops", "vocab_size"),
                fractions=("beta1", "beta2", "muon_momentum", "decay_frac", "min_lr_frac"),
                choices={"sampler": ("random", "epoch"), "lr_schedule": ("cosine", "wsd"), "optimizer": OPTIMIZERS,
                         "muon_lr_scale": tuple(MUON_LR_SCALES)})
@@ -439,7 +443,7 @@ model.to(device)
 iter_num = checkpoint["step"] if checkpoint else 0
 try:
     optim = configure_optimizers(model, optimizer, learning_rate, weight_decay, (beta1, beta2), device_type,
-                                 muon_lr, muon_momentum, muon_lr_scale)
+                                 muon_lr, muon_momentum, muon_lr_scale, compile, embed_lr, head_lr)
 except ValueError as e:
     fail(str(e))
 if optimizer == "muonclip" and model.config.qk_norm:
@@ -688,6 +692,9 @@ try:
         lr = get_lr(iter_num)
         for group in optim.param_groups:  # Muon's peak lr may differ from AdamW's: lr_ratio keeps their ratio
             group["lr"] = lr * group.get("lr_ratio", 1.0)
+        if muon_momentum_warmup and hasattr(optim, "muon"):  # a low momentum first: the early gradients change fast
+            warm = min(1.0, iter_num / muon_momentum_warmup)
+            optim.muon.param_groups[0]["momentum"] = 0.85 + warm * (muon_momentum - 0.85)
         # target_bpb is checked every target_interval steps and at the last; not at the step a run resumes from, whose
         # checkpoint comes after that step's check
         if target_bpb > 0 and iter_num > first_iter and (iter_num % (target_interval or eval_interval) == 0

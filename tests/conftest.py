@@ -79,9 +79,13 @@ FAMILY_VARIANTS = {
                                    attn_span="sliding", window=5, mtp_depth=1),
     "hc_engram_linear": dict(residual="hc", engram_layers="0", engram_table_size=2048, engram_dim=32,
                              attention="linear", linear_chunk=8),
-    # speedrun candidates (test_model.py): the squared-ReLU MLP beside MoE layers, soft-capped logits with MTP
+    # speedrun candidates (test_model.py): the squared-ReLU MLP beside MoE layers, soft-capped logits with MTP, value
+    # embeddings on GQA layers, full and sliding (a rolling cache of values), the embedding mixed into HC's streams
+    # (zero_init_proj has its own test: at init its blocks are identities, which leaves these checks nothing to check)
     "relu2_moe": dict(mlp="relu2", n_experts=4, moe_topk=2, moe_hidden=16, moe_every=2),
     "softcap_mtp": dict(logit_softcap=3.0, mtp_depth=2),
+    "value_embeds_gqa_sliding": dict(value_embeds="0,1", n_kv_head=2, attn_pattern="GS", window=5),
+    "x0_mix_hc": dict(x0_mix=True, residual="hc", hc_streams=2),
 }
 # the dense baseline's attention shapes (test_model.py); the generic checks run on these and every family's configs
 ATTENTION = {"mha": dict(n_kv_head=4), "gqa": dict(n_kv_head=2), "mqa": dict(n_kv_head=1),

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import ATTENTION, FAMILY_VARIANTS, VARIANTS
 from decode import generate, sample_next
 from kernels import cross_entropy
-from model import Engram, Experts, GPTConfig, HyperConnections, apply_rope, rope_tables
+from model import Context, Engram, Experts, GPTConfig, HyperConnections, apply_rope, rope_tables
 from optim import configure_optimizers
 
 
@@ -170,12 +170,14 @@ def test_flops_per_token_equals_a_hand_count(tiny_model):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_flops_breakdown_misses_and_double_counts_nothing(tiny_model, variant):
     """The parts sum to a count over all the parameters at once: every matrix of the blocks and MTP modules (routed
-    experts at moe_topk), the head once plus once per MTP depth, HC and Engram by their own count."""
+    experts at moe_topk) but lookup tables (value embeddings), the head once plus once per MTP depth, HC and Engram by
+    their own count."""
     with torch.device("meta"):  # shapes only
         model = tiny_model(**VARIANTS[variant])
     c, T = model.config, 32
     own = [m for m in model.modules() if isinstance(m, (HyperConnections, Engram))]
-    skip = {id(p) for m in own for p in m.parameters()}
+    tables = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    skip = {id(p) for m in own for p in m.parameters()} | {id(p) for p in tables}
     matrices = sum(p.numel() for p in [*model.blocks.parameters(), *model.mtp.parameters()]
                    if p.dim() == 2 and id(p) not in skip)
     experts = sum(p.numel() for m in model.modules() if isinstance(m, Experts) for p in m.parameters())
@@ -261,9 +263,82 @@ def test_logit_softcap_is_applied_on_every_path_as_a_hand_computed_reference(tin
     assert draft.shape == (2, 1, 64) and torch.allclose(draft, cap(heads[0]), atol=1e-6)
 
 
+def test_value_embeds_add_a_table_of_their_own_to_the_values_as_a_hand_computed_attention(tiny_model):
+    """Layer 1's attention is softmax attention over v + scale * ve[token] (GQA: kv head h // 2), layer 0 keeps its
+    values; the table's parameters count, as embeddings, and its lookup costs no FLOPs. Decoding equals the forward,
+    and spans and hybrid layers compose: the generic checks (variant value_embeds_gqa_sliding)."""
+    model, base = tiny_model(value_embeds="1", n_kv_head=2), tiny_model(n_kv_head=2)
+    attn = model.blocks[1].attn
+    assert model.blocks[0].attn.value_embed is None and attn.value_embed.table.weight.shape == (64, 16)
+    with torch.no_grad():
+        attn.value_embed.scale.fill_(0.5)
+    x, idx, cos, sin = torch.randn(2, 7, 32), torch.randint(0, 64, (2, 7)), model.cos[:7], model.sin[:7]
+    y = attn(x, Context(cos=cos, sin=sin, idx=idx))
+    q, k, v = (x @ attn.qkv.weight.T).split([32, 16, 16], dim=-1)
+    q, k = apply_rope(q.view(2, 7, 4, 8), cos, sin), apply_rope(k.view(2, 7, 2, 8), cos, sin)
+    v = v.view(2, 7, 2, 8) + 0.5 * attn.value_embed.table.weight[idx].view(2, 7, 2, 8)
+    k, v = k.repeat_interleave(2, dim=2), v.repeat_interleave(2, dim=2)  # query head h reads kv head h // 2
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(8)
+    scores = scores.masked_fill(~torch.ones(7, 7, dtype=torch.bool).tril(), float("-inf"))
+    expected = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(2, 7, 32) @ attn.proj.weight.T
+    assert torch.allclose(y, expected, atol=1e-5)
+    assert model.num_params() == base.num_params() + 64 * 16 + 1  # the table and its scale
+    assert model.num_params(embedding=False) == base.num_params(embedding=False) + 1
+    assert model.flops_breakdown() == base.flops_breakdown()
+
+
+@pytest.mark.parametrize("residual", ["standard", "hc"])
+def test_x0_mix_is_the_baseline_at_init_and_feeds_a_x_plus_b_x0_into_each_block(tiny_model, residual):
+    """a = 1, b = 0: the same weights and logits as the model without it, bit for bit; hand-set a and b: block i reads
+    a_i * (the last block's output) + b_i * x0, x0 the embedding in every stream (hc)."""
+    streams = dict(residual=residual, hc_streams=2)
+    model, base = tiny_model(x0_mix=True, **streams), tiny_model(**streams)
+    idx = torch.randint(0, 64, (2, 9))
+    assert all(torch.equal(p, base.state_dict()[name]) for name, p in model.state_dict().items() if "x0" not in name)
+    assert torch.equal(model(idx, idx)[0], base(idx, idx)[0])
+    with torch.no_grad():
+        model.x0_a.copy_(torch.tensor([0.5, 2.0]))
+        model.x0_b.copy_(torch.tensor([0.3, -1.0]))
+    seen = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda module, inputs, output: seen.append((inputs[0], output)))
+    model(idx, idx)
+    (in0, out0), (in1, _) = seen
+    x0 = model.wte(idx).unsqueeze(-2).expand(*in0.shape) if residual == "hc" else model.wte(idx)
+    assert torch.allclose(in0, 0.5 * x0 + 0.3 * x0, atol=1e-6) and torch.allclose(in1, 2.0 * out0 - x0, atol=1e-6)
+
+
+def test_zero_init_proj_zeroes_the_marked_weights_and_trains_every_parameter_from_the_second_step(tiny_model):
+    """Every writes_residual weight (attention proj, MLP and experts' down, MTP's blocks') starts at zero, the rest
+    as without the flag, so that parameters and FLOPs are the same and each block starts as the identity: the logits
+    are the embedding's through the final norm and head. The first step's gradient reaches the zero matrices but
+    nothing before them in a block; after one step, it reaches every parameter."""
+    overrides = dict(mlp="relu2", n_experts=4, moe_topk=2, moe_hidden=16, moe_every=2, mtp_depth=1)
+    model, base = tiny_model(zero_init_proj=True, **overrides), tiny_model(**overrides)
+    marked = {name for name, p in model.named_parameters() if getattr(p, "writes_residual", False)}
+    assert {"blocks.0.attn.proj.weight", "blocks.0.mlp.down.weight", "blocks.1.mlp.experts.down",
+            "mtp.0.blocks.0.attn.proj.weight"} <= marked
+    for name, p in model.state_dict().items():
+        assert (p == 0).all() if name in marked else torch.equal(p, base.state_dict()[name]), name
+    assert model.num_params() == base.num_params() and model.flops_breakdown() == base.flops_breakdown()
+    idx = torch.randint(0, 64, (2, 16))
+    assert torch.equal(model(idx, idx)[0], model.logits(model.wte(idx)))
+    model(idx, idx)[1].backward()
+    assert model.blocks[0].attn.proj.weight.grad.abs().sum() > 0 and (model.blocks[0].attn.qkv.weight.grad == 0).all()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    model.zero_grad()
+    model(idx, idx)[1].backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
 @pytest.mark.parametrize("bad,message", [
     (dict(mlp="gelu"), "unknown mlp 'gelu' \\(choose swiglu, relu2\\)"),
     (dict(logit_softcap=-1.0), "logit_softcap must be 0 \\(off\\) or positive"),
+    (dict(n_layer=2, value_embeds="0,2"), "value_embeds must be layers within 0..n_layer-1"),
+    (dict(value_embeds="0,x"), "value_embeds must be comma-separated integers"),
+    (dict(value_embeds="0", attention="mla"), "value_embeds needs softmax attention='mha' layers"),
+    (dict(value_embeds="1", attn_pattern="GL"), "value_embeds needs softmax attention='mha' layers"),
     (dict(n_experts=4, moe_topk=5), "moe_topk must be within 1..n_experts"),
     (dict(n_experts=4, moe_every=0), "moe_every must be >= 1"),
     (dict(n_experts=4, moe_first_dense=-1), "moe_first_dense >= 0"),

@@ -73,6 +73,36 @@ def test_muon_steps_equal_a_hand_written_reference(rule, monkeypatch):
     assert torch.allclose(p.detach().double(), expected, atol=1e-6)
 
 
+def test_muon_orthogonalizes_each_shape_of_logical_matrix_in_one_batched_call(monkeypatch):
+    """Launches, not arithmetic, cost most at small batches: one Newton-Schulz call per shape, whatever the layers."""
+    calls = []
+    monkeypatch.setattr(optim, "orthogonalize", counting(calls))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**TINY_CONFIG, "n_layer": 3}, n_kv_head=2, n_experts=4, moe_hidden=16, moe_every=2))
+    opt = configure_optimizers(model, "muon")
+    model(batch(0), batch(0))[1].backward()
+    opt.step()
+    # 32x32: q and proj of 3 layers; 16x32: k and v of 3, the 4 experts' gate and up; 128x32: the 2 dense layers'
+    # gate and up; 32x128: their down; 32x16: the experts' down
+    assert calls == [6, 14, 4, 2, 4]  # matrices per call, in parameter order
+
+
+def test_embed_lr_and_head_lr_give_the_tables_and_the_head_groups_of_their_own(tiny_model):
+    model = tiny_model(tie_embeddings=False, value_embeds="1")
+    opt = configure_optimizers(model, "muon", 1e-3, embed_lr=0.2, head_lr=4e-3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {tuple(sorted(names[id(p)] for p in g["params"])): (g.get("lr_ratio", 1), g["weight_decay"])
+              for g in opt.adamw.param_groups}
+    assert groups[("blocks.1.attn.value_embed.table.weight", "wte.weight")] == (200, 0)
+    assert groups[("lm_head.weight",)] == (4, 0)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))  # each in one group
+    model = tiny_model()
+    own = [g for g in configure_optimizers(model, "adamw", 1e-3, embed_lr=0.1).param_groups if "lr_ratio" in g]
+    assert len(own) == 1 and own[0]["params"] == [model.wte.weight] and own[0]["lr_ratio"] == 100  # tied: the head too
+    with pytest.raises(ValueError, match="head_lr needs an output head of its own"):
+        configure_optimizers(tiny_model(), "adamw", 1e-3, head_lr=0.1)
+
+
 ROUTING_VARIANTS = {"dense": dict(), "gqa_untied": dict(n_kv_head=2, tie_embeddings=False), **FAMILY_VARIANTS}
 
 
@@ -95,7 +125,8 @@ def test_every_parameter_sits_in_exactly_one_group_of_the_right_optimizer(tiny_m
     # filters (tiny skinny maps) and every vector; SparseAdam: the Engram tables; Muon: the other matrices
     adamw_matrices = {"wte.weight"} | ({"lm_head.weight"} if "untied" in variant else set())
     adamw_matrices |= {n for n, p in model.named_parameters()
-                       if p.dim() >= 2 and (".router." in n or "_residual." in n or "attn.conv" in n)}
+                       if p.dim() >= 2 and (".router." in n or "_residual." in n or "attn.conv" in n
+                                            or ".value_embed." in n)}
     assert {names[id(p)] for p in decayed["params"]} == adamw_matrices
     assert all(p.dim() == 1 for p in vectors["params"]) and vectors["weight_decay"] == 0
     tables = {n for n in names.values() if n.endswith("memory.table.weight")}
@@ -273,10 +304,20 @@ def test_resume_equals_uninterrupted():
 def test_train_py_muonclip_logs_max_logits_and_resumes_exactly(tiny_data, tmp_path, monkeypatch):
     args = [f"--data_dir={tiny_data}", "--batch_size=8", "--gradient_accumulation_steps=2", "--eval_iters=1",
             "--log_interval=1", "--eval_interval=3", "--warmup_iters=1", "--learning_rate=1e-2", "--lr_schedule=wsd",
-            "--decay_frac=0.0", "--optimizer=muonclip", "--qk_clip_tau=0.05"]  # wsd without decay: max_iters changes no lr
+            "--decay_frac=0.0", "--optimizer=muonclip", "--qk_clip_tau=0.05",  # wsd without decay: max_iters changes no lr
+            "--muon_momentum_warmup=4", "--embed_lr=3e-2"]  # both set from the step: a resume must give the same
     whole, _ = assert_resume_reproduces(lambda out, *more: run_train(monkeypatch, *args, f"--out_dir={out}", *more),
                                         tmp_path, 6, 3, keys=("loss", "max_logit"))
     assert all(len(r["max_logit"]) == 2 for r in read_log(whole) if "loss" in r)  # one per layer
+
+
+def test_muon_momentum_warms_up_from_085_and_embed_lr_follows_the_schedule(tiny_data, tmp_path, monkeypatch):
+    run = run_train(monkeypatch, f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", "--batch_size=4", "--max_iters=3",
+                    "--eval_iters=1", "--warmup_iters=0", "--lr_schedule=wsd", "--decay_frac=0.0", "--optimizer=muon",
+                    "--learning_rate=1e-3", "--muon_momentum_warmup=4", "--muon_momentum=0.95", "--embed_lr=0.1")
+    # steps 0, 1, 2 trained; the loop's last pass sets the schedule of step 3 before it stops
+    assert run["optim"].muon.param_groups[0]["momentum"] == pytest.approx(0.85 + 3 / 4 * 0.10)
+    assert [g["lr"] for g in run["optim"].adamw.param_groups if "lr_ratio" in g] == [pytest.approx(0.1)]
 
 
 @pytest.mark.parametrize("bad, words", [("--optimizer=sgd", "unknown optimizer"), ("--qk_norm=True", "qk_norm")])
