@@ -212,7 +212,7 @@ def measure(name, model, loss_of, with_decode):
     """One row of the table: train the model on random tokens, then (with_decode) decode with it."""
     model.to(device)
     optim = configure_optimizers(model, "adamw" if name != "ours" else optimizer.replace("muonclip", "muon"),
-                                 device_type=device_type, compiled=compile)  # the step's cost does not depend on the learning rate
+                                 device_type=device_type)  # the step's cost does not depend on the learning rate
     qk_clip = QKClip(model, tau=100.0) if optimizer == "muonclip" and name == "ours" else None
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # fp16 needs loss scaling, as in train.py
     train_model = torch.compile(model) if compile and (name == "ours" or reference_compile) else model

@@ -23,16 +23,18 @@ import torch.nn as nn
 def orthogonalize(G, steps=5):
     """U V^T of G = U S V^T, approximately, by the Newton-Schulz quintic iteration of Keller Jordan's Muon: its
     coefficients trade exactness for speed, leaving singular values between about 0.7 and 1.2 instead of exactly 1,
-    which training does not notice. In bf16; batched over leading dimensions."""
+    which training does not notice. In bf16; batched over leading dimensions. Each iteration is three batched matmuls
+    whose sums ride along (baddbmm: beta * input + alpha * batch1 @ batch2), since at small shapes the launches of
+    separate multiplies and adds cost more than the arithmetic."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.bfloat16()
     tall = G.size(-2) > G.size(-1)
-    if tall:  # iterate on the wide orientation, so that X X^T is the smaller Gram matrix
-        X = X.mT
+    X = G.bfloat16().mT if tall else G.bfloat16()  # the wide orientation: X X^T is the smaller Gram matrix
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm = 1: inside the basin
+    shape, X = X.shape, X.reshape(-1, *X.shape[-2:])
     for _ in range(steps):
         A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
+        X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)  # a X + (b A + c A A) X
+    X = X.view(shape)
     return X.mT if tall else X
 
 
@@ -54,24 +56,21 @@ class Muon(torch.optim.Optimizer):
     (the momentum covers the whole parameter).
     A step is a few large kernels rather than a few per matrix, since at small batches launching them costs more than
     the arithmetic: the momentum and the final update are foreach ops over all parameters, and every logical matrix
-    of one shape joins one batched Newton-Schulz call, compiled when `compiled` (modded-nanogpt's scheme).
+    of one shape joins one batched Newton-Schulz call (modded-nanogpt's scheme).
     Under torch.distributed (gradients already averaged), each batch is split into one contiguous share per rank, and
     all_gather hands every rank the whole batch's result, in the background of the next batch's work; every rank
     then applies the same update, and keeps every momentum buffer (cheap, and rank 0's state_dict is complete for
     any world size).
     """
 
-    def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0, lr_scale="shape", compiled=False):
+    def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0, lr_scale="shape"):
         if lr_scale not in MUON_LR_SCALES:
             raise ValueError(f"unknown muon_lr_scale '{lr_scale}' (choose {', '.join(MUON_LR_SCALES)})")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, lr_scale=lr_scale))
-        # one compiled function: torch specializes it to each batch shape (a handful per model) and caches them
-        self.orthogonalize = torch.compile(orthogonalize, dynamic=False) if compiled else None
 
     @torch.no_grad()
     def step(self):
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        ns = self.orthogonalize or orthogonalize
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]  # the same on every rank under DDP
             if not params:
@@ -86,7 +85,7 @@ class Muon(torch.optim.Optimizer):
             for p, u in zip(params, updates):
                 for part in u.split(getattr(p, "logical_rows", None) or u.size(-2), dim=-2):
                     batches.setdefault(part.shape[-2:], []).append(part)
-            pending = [self.orthogonalize_share(ns, shape, parts, rank, world) for shape, parts in batches.items()]
+            pending = [self.orthogonalize_share(shape, parts, rank, world) for shape, parts in batches.items()]
             scale = MUON_LR_SCALES[group["lr_scale"]]
             for (shape, parts), (result, gather) in zip(batches.items(), pending):
                 if gather is not None:
@@ -98,17 +97,17 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_add_(params, updates, alpha=-group["lr"])
 
     @staticmethod
-    def orthogonalize_share(ns, shape, parts, rank, world):
+    def orthogonalize_share(shape, parts, rank, world):
         """Newton-Schulz on this rank's contiguous share of a batch of (rows, cols) matrices: its result (all of the
         batch's, once the returned gather, if any, is done) and the gather."""
         X = torch.cat([part.reshape(-1, *shape) for part in parts])
         if world == 1:
-            return ns(X), None
+            return orthogonalize(X), None
         share = -(-len(X) // world)
         result = torch.zeros(world * share, *shape, dtype=torch.bfloat16, device=X.device)
         mine = X[rank * share:(rank + 1) * share]
         if len(mine):
-            result[rank * share:rank * share + len(mine)] = ns(mine)
+            result[rank * share:rank * share + len(mine)] = orthogonalize(mine)
         return result, dist.all_gather_into_tensor(result, result[rank * share:(rank + 1) * share].clone(),
                                                    async_op=True)
 
@@ -201,12 +200,11 @@ OPTIMIZERS = ("adamw", "muon", "muonclip")
 
 
 def configure_optimizers(model, optimizer="adamw", learning_rate=6e-4, weight_decay=0.1, betas=(0.9, 0.95),
-                         device_type="cpu", muon_lr=0.0, muon_momentum=0.95, muon_lr_scale="moonshot", compiled=False,
-                         embed_lr=0.0, head_lr=0.0):
+                         device_type="cpu", muon_lr=0.0, muon_momentum=0.95, muon_lr_scale="moonshot", embed_lr=0.0,
+                         head_lr=0.0):
     """One optimizer object for a stage, used like any torch optimizer (step, zero_grad, param_groups, state_dict).
     muon_lr is Muon's peak learning rate; 0 picks the one its muon_lr_scale rule is calibrated for: learning_rate
     itself under 'moonshot' (the update's RMS matches AdamW's), 0.02 under 'shape' (modded-nanogpt's Muon lr).
-    compiled=True compiles Muon's Newton-Schulz iteration (torch.compile), as a stage does with its model.
     embed_lr > 0 gives the dense embedding tables (token and value embeddings) AdamW groups of that peak lr, and
     head_lr an untied output head: modded-nanogpt and nanochat train the embedding tens of times faster than the
     head and the matrices; with no weight decay, as there, since lr * weight_decay at such rates would erase them."""
@@ -242,7 +240,7 @@ def configure_optimizers(model, optimizer="adamw", learning_rate=6e-4, weight_de
     if optimizer != "adamw":
         muon_lr = muon_lr or (learning_rate if muon_lr_scale == "moonshot" else 0.02)
         parts["muon"] = Muon(matrices, lr=muon_lr, momentum=muon_momentum, weight_decay=weight_decay,
-                             lr_scale=muon_lr_scale, compiled=compiled)
+                             lr_scale=muon_lr_scale)
         parts["muon"].param_groups[0]["lr_ratio"] = muon_lr / learning_rate
     parts["adamw"] = adamw
     if sparse:

@@ -443,7 +443,7 @@ model.to(device)
 iter_num = checkpoint["step"] if checkpoint else 0
 try:
     optim = configure_optimizers(model, optimizer, learning_rate, weight_decay, (beta1, beta2), device_type,
-                                 muon_lr, muon_momentum, muon_lr_scale, compile, embed_lr, head_lr)
+                                 muon_lr, muon_momentum, muon_lr_scale, embed_lr, head_lr)
 except ValueError as e:
     fail(str(e))
 if optimizer == "muonclip" and model.config.qk_norm:
