@@ -43,6 +43,8 @@ SIZES = {
     # 5 layers: the sweeps' --engram_layers=1,4, whose tables shrink too
     "gutenberg_small.py": TRAIN_SIZES + "n_layer = 5\nengram_table_size = 4096\nengram_dim = 32\n",
     "sweep_gutenberg.py": "train_flops = 3e8\n",  # about two steps of the shrunk model per run
+    # two steps per run: the recipe, the first candidate and all of them together
+    "sweep_speedrun.py": "train_tokens = 1024\nruns = runs[:2] + runs[-1:]\nrepeat_best = 0\n",
 }
 # added to every command line of a stage
 STAGE_FLAGS = {
@@ -61,6 +63,8 @@ REWRITES = [
     ("docs/stages.md", "sysconfig.get_paths()['stdlib'] + '/**/*.py'", "'{corpus}/*.txt'"),  # 1 MB, not 30 MB
     ("docs/stages.md", '" 300 data/cost300.txt', '" 1 data/cost300.txt'),
     ("docs/hf.md", "path/to/Qwen3-0.6B", "{qwen3}"),  # a tiny Qwen3 folder made here
+    ("config/speedrun.py", "--epochs=1 ", "--max_iters=2 "),  # the one-epoch run: two steps
+    ("docs/results.md", "--epochs=1 ", "--max_iters=2 "),
 ]
 NOT_RUN = {
     "pip install -r requirements.txt": "installs packages",
