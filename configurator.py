@@ -10,6 +10,7 @@ torch is imported inside the functions that use it: prepare.py, which needs none
 core without it.
 """
 import ast
+import dataclasses
 import errno
 import hashlib
 import json
@@ -17,10 +18,12 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 import time
 import traceback
+import types
 import uuid
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 
 def fail(message):
@@ -183,6 +186,138 @@ def autocast(device, dtype):
 
 
 # -----------------------------------------------------------------------------
+# FSDP2: the model sharded over the processes (torch.distributed.fsdp.fully_shard, the engine of torchtitan)
+
+def dtensor_type():
+    """torch's DTensor, the type of FSDP2's sharded tensors, or () where torch has no torch.distributed (as on some
+    macOS builds): nothing is an instance of it."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return ()
+    return DTensor
+
+
+def check_fsdp(ddp, dtype):
+    """What fsdp=True needs, or stop with one line: torch >= 2.6 (where fully_shard is public), torchrun (a process
+    group, if only of one process) and a dtype without a GradScaler, which would have to unscale sharded gradients."""
+    import torch
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        fail(f"--fsdp=True needs torch >= 2.6 (torch.distributed.fsdp.fully_shard); this is torch {torch.__version__}")
+    if not ddp:
+        fail(f"--fsdp=True runs under torchrun, on one GPU too: torchrun --standalone --nproc_per_node=1 "
+             f"{os.path.basename(sys.argv[0])} ...")
+    if dtype == "float16":
+        fail("--fsdp=True trains in bfloat16 or float32: dtype='float16' would need a GradScaler over sharded "
+             "gradients")
+
+
+def checkpoint_blocks(blocks):
+    """Activation checkpointing: each block keeps only its input for the backward pass, which runs the block's forward
+    again (torch.utils.checkpoint, non-reentrant, the random state kept: the same dropout): a block's activations for
+    a third more compute. MoE routers then count their load twice, which the sign-based bias update ignores."""
+    import functools
+    from torch.utils.checkpoint import checkpoint
+    for block in blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def context_view(module, args):
+    """A block's Context (a dataclass) as a namespace of the same objects: fully_shard (torch 2.13) rebuilds each
+    dataclass and dict among a module's inputs that holds a tensor needing a gradient (to hook its backward), and the
+    block would write into a copy of the forward's dicts (MoE's balance losses, after the first MoE layer's). A
+    block reads the Context's fields and writes into its dicts, never rebinding them, so the namespace serves."""
+    return tuple(types.SimpleNamespace(**vars(a)) if dataclasses.is_dataclass(a) else a for a in args)
+
+
+def shard_model(model, blocks, device, dtype):
+    """FSDP2 in place: each block sharded, then the model (embeddings, head, norms and what else is left), so that each
+    process keeps its rows (Shard(0)) of every parameter, gradient and optimizer state. A block's weights are gathered
+    for its forward and again for its backward, its gradients reduce-scattered in fp32; in bfloat16 the gathered
+    weights are bf16 copies of the fp32 shards (MixedPrecisionPolicy). The model moves to device shard by shard: it
+    never has to fit there whole. Sparse tables (Engram's) stay whole on every process (average_table_grads)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    attributes = {name: dict(vars(p)) for name, p in model.named_parameters()}  # Muon's logical_rows, ...
+    tables = {m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.sparse}
+    # no cast of the blocks' inputs: they hold the Context, whose dicts the layers write into (their losses, the
+    # logits for QK-Clip), and decoding's caches, which a cast would copy; autocast casts what the matmuls read
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bfloat16" else None,
+                                  reduce_dtype=torch.float32, cast_forward_inputs=False)
+    mesh = init_device_mesh(device.split(":")[0], (dist.get_world_size(),))
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy, ignored_params=tables)
+        block.register_forward_pre_hook(context_view, prepend=True)  # before FSDP's own
+    # the model's own weights stay gathered from its forward to its backward, which begins with them
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=tables, reshard_after_forward=False)
+    for name, p in model.named_parameters():
+        vars(p).update(attributes[name])
+    return model
+
+
+@contextmanager
+def gathered(model):
+    """Forward passes with the whole model on every process (evaluation, generation): under FSDP2 one all-gather of
+    every weight (in bf16 when the dtype is), then forwards without collectives, so that processes may run different
+    numbers of them, as generation's early stop and the evaluations' splits do; the shards again after. Without
+    FSDP2, nothing."""
+    import torch
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6: no FSDP2, nothing sharded
+        FSDPModule = ()
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not modules:
+        yield
+        return
+    model.set_reshard_after_forward(False)
+    for m in modules:
+        m.unshard()
+    # FSDP makes the first module to run a forward its root, and decoding calls the blocks directly (decode.py): a
+    # one-token forward of the model, in eval mode (no dropout, no MoE load counts), makes it the root first
+    training, p = model.training, next(model.parameters())  # gathered: in the compute dtype
+    with torch.no_grad(), torch.autocast(p.device.type, torch.bfloat16, enabled=p.dtype == torch.bfloat16):
+        model.eval()(torch.zeros(1, 1, dtype=torch.long, device=p.device))
+    model.train(training)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.reshard()
+        model.set_reshard_after_forward(True)
+        model.set_reshard_after_forward(False, recurse=False)  # as shard_model left it
+
+
+def average_table_grads(model):
+    """FSDP2 leaves the tables it ignores (Engram's, whole on every process) to us: their sparse gradients averaged over
+    the processes, as DDP averages them (gloo: NCCL reduces no sparse tensors, which configure_optimizers refuses)."""
+    import torch
+    import torch.distributed as dist
+    for m in model.modules():
+        if isinstance(m, torch.nn.Embedding) and m.sparse and m.weight.grad is not None:
+            grad = m.weight.grad.coalesce()
+            dist.all_reduce(grad)
+            m.weight.grad = grad / dist.get_world_size()
+
+
+def finite_weights(model, device="cpu", group=None):
+    """Whether every floating-point weight of model is finite: under FSDP2 each process checks its own rows and the
+    processes agree (a sum over them, on `device` or in `group`), so that all stop together; else this replica."""
+    import torch
+    DTensor = dtensor_type()
+    weights = [t for t in model.state_dict().values() if t.is_floating_point()]
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in weights]
+    finite = bool(torch.stack([t.isfinite().all() for t in local]).all())
+    if any(isinstance(t, DTensor) for t in weights):
+        finite = all_reduce_sum(float(not finite), device=device, group=group)[0] == 0
+    return finite
+
+
+# -----------------------------------------------------------------------------
 # checkpoints: only tensors and plain Python values, so they load with weights_only=True
 
 CHECKPOINT_FORMAT = "nanollm-1"
@@ -231,6 +366,29 @@ def save_checkpoint(path, checkpoint):
     import torch
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, **checkpoint}, f))
+
+
+def full_state(model, optimizer, master):
+    """The model's and the optimizer's state_dicts (a checkpoint's "model" and "optimizer") as one process has them:
+    under FSDP2 every sharded tensor (a DTensor) is gathered whole, one at a time, onto the master's CPU (None on the
+    other processes), so that any world size resumes the checkpoint and sample.py and export.py read it. Collective:
+    every process calls it. A tensor under two names (a tied head) stays one."""
+    import torch
+    DTensor = dtensor_type()
+    whole = {}
+
+    def gather(value):
+        if isinstance(value, dict):
+            return {key: gather(v) for key, v in value.items()}
+        if isinstance(value, list):
+            return [gather(v) for v in value]
+        if not isinstance(value, DTensor):
+            return value.detach() if torch.is_tensor(value) else value
+        if id(value) not in whole:
+            full = value.detach().full_tensor()
+            whole[id(value)] = full.cpu() if master else None
+        return whole[id(value)]
+    return gather(model.state_dict(keep_vars=True)), gather(optimizer.state_dict())
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -6,6 +6,7 @@ Post-training on verifiable tasks: supervised fine-tuning (SFT) and GRPO, from a
     python grpo.py --mode=sft --init_from=out/base --sft_data=data/tasks/addition_train.jsonl --chat=True
     python grpo.py --mode=eval --init_from=out/grpo_addition                # greedy pass@1, sampled pass@k (held-out)
     torchrun --standalone --nproc_per_node=2 grpo.py config/grpo_addition.py  # DDP
+    torchrun --standalone --nproc_per_node=2 grpo.py config/grpo_addition.py --fsdp=True  # FSDP2, as train.py's
 
 GRPO's objective and its pieces are in rl.py (DeepSeekMath, arXiv 2402.03300 §4.1). Every default below can be
 changed by a config file and --key=value, as in train.py. One run owns its out_dir: a second run there is refused,
@@ -30,11 +31,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import (all_reduce_sum, atomic_write, autocast, check_settings, claim_out_dir, copy_tokenizer, fail,
+from configurator import (all_reduce_sum, atomic_write, autocast, average_table_grads, check_fsdp, check_settings,
+                          checkpoint_blocks, claim_out_dir, copy_tokenizer, fail, finite_weights, full_state, gathered,
                           init_processes, parse_config, pick_device, pick_dtype, print0, read_log, save_checkpoint,
-                          save_plot, trim_log)
+                          save_plot, shard_model, trim_log)
 from hf import load_model
-from optim import clip_grad_norm_, configure_optimizers
+from model import Block
+from optim import clip_grad_norm_, configure_optimizers, load_state
 from rl import (ANSWER_MARKER, TASKS, extract_answer, group_advantages, has_format, layout, load_reward, policy_loss,
                 problems, sample_completions, token_logprobs)
 from tokenizer import Tokenizer
@@ -89,6 +92,8 @@ log_interval = 1
 device = "auto"
 dtype = "auto"
 seed = 1337
+fsdp = False                  # under torchrun: FSDP2 instead of DDP, as in train.py (the policy and its reference)
+activation_checkpointing = False  # each block's activations recomputed in the backward pass, as in train.py
 # -----------------------------------------------------------------------------
 defaults = {k: v for k, v in globals().items() if not k.startswith("_") and not k.isupper()
             and isinstance(v, (int, float, bool, str))}
@@ -129,7 +134,7 @@ if mode == "tasks":
 # -----------------------------------------------------------------------------
 # processes, device, precision
 
-ddp, rank, world_size, device = init_processes(pick_device(device))
+ddp, rank, world_size, device = init_processes(pick_device(device))  # ddp: under torchrun, with DDP or FSDP
 device_type = device.split(":")[0]
 master = rank == 0
 
@@ -149,6 +154,8 @@ if mode == "grpo":
 elif mode == "sft":
     batch_size = rounded_up("batch_size", batch_size)
 dtype = pick_dtype(device, dtype)
+if fsdp:
+    check_fsdp(ddp, dtype)
 amp = autocast(device, dtype)
 torch.manual_seed(seed + rank)
 torch.backends.cuda.matmul.allow_tf32 = True
@@ -190,10 +197,16 @@ stop_id = tok.special["end"] if chat else tok.eos_id
 first = tok.bos_id if tok.kind == "hf" else tok.eos_id
 # In GRPO the policy stays in eval mode: no dropout, so that the update's log-probs are those of sampling, and
 # dropless MoE layers (their balance losses and the MTP modules play no part in GRPO). SFT trains in train mode.
-policy.to(device).eval()
 if mode == "grpo" and beta > 0:
-    reference = reference or copy.deepcopy(policy)
-    reference.to(device).eval().requires_grad_(False)
+    reference = (reference or copy.deepcopy(policy)).eval().requires_grad_(False)
+for net in (policy, reference) if reference is not None else (policy,):
+    if activation_checkpointing and net is policy:
+        checkpoint_blocks([m for m in net.modules() if isinstance(m, Block)])
+    if fsdp:  # the reference too: its forwards come in the same number on every process (see the micro-batches)
+        shard_model(net, [m for m in net.modules() if isinstance(m, Block)], device, dtype)
+    else:
+        net.to(device)
+policy.eval()
 
 
 def encode_prompt(text):
@@ -249,6 +262,7 @@ def score(prompt, completion, answer):
 
 
 @torch.no_grad()
+@gathered(policy)  # FSDP: each process generates its own share, and generation stops early: no collectives inside
 def evaluate(k=0):
     """Greedy pass@1 on the held-out prompts, and with k > 0 sampled pass@k (one of k completions correct)."""
     generator = torch.Generator(device).manual_seed(seed + rank)
@@ -283,13 +297,13 @@ except ValueError as e:
 iter_num = 0
 if resume:
     try:
-        optim.load_state_dict(checkpoint["optimizer"])
-    except (ValueError, KeyError) as e:
+        load_state(optim, checkpoint["optimizer"])  # any world size's, with or without FSDP
+    except (ValueError, KeyError, IndexError) as e:
         fail(f"the optimizer state in {checkpoint_path} does not fit optimizer={optimizer} ({e}): resume with the "
              "run's own settings")
     iter_num = checkpoint["step"]
 model = DDP(policy, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None,
-            broadcast_buffers=False) if ddp else policy
+            broadcast_buffers=False) if ddp and not fsdp else policy
 
 if master:
     try:
@@ -318,8 +332,8 @@ def log(row):
 
 
 def check_weights():
-    """Every process checks its replica: all of them stop together."""
-    if not all(t.isfinite().all() for t in policy.state_dict().values() if t.is_floating_point()):
+    """Every process checks its replica (under FSDP its shards, agreeing): all of them stop together."""
+    if not finite_weights(policy, device=device):
         diverged("a weight is not finite")
 
 
@@ -328,10 +342,11 @@ def save():
     if iter_num == 0:
         return
     check_weights()
+    model_state, optim_state = full_state(policy, optim, master)  # FSDP: gathered whole, by every process
     if master:
         try:
             save_checkpoint(checkpoint_path, {
-                "model": policy.state_dict(), "optimizer": optim.state_dict(), "model_config": asdict(policy.config),
+                "model": model_state, "optimizer": optim_state, "model_config": asdict(policy.config),
                 "config": {**config, "init_from": start_from}, "step": iter_num, "eos_id": tok.eos_id,
                 "tokenizer": saved_tokenizer})
         except OSError as e:
@@ -383,6 +398,8 @@ def optimizer_step(step):
     """Linear warmup, then a constant learning rate."""
     for group in optim.param_groups:
         group["lr"] = learning_rate * min(1.0, (step + 1) / (warmup_iters + 1)) * group.get("lr_ratio", 1.0)
+    if fsdp:
+        average_table_grads(policy)
     if grad_clip > 0:
         clip_grad_norm_(model.parameters(), grad_clip)  # optim.py's: Engram tables have sparse gradients
     optim.step()
@@ -461,7 +478,7 @@ while True:
     batch = problems(task, False, seed * 1_000_003 + iter_num, prompts_per_step)[rank * per_process:][:per_process]
     prompts = [encode_prompt(p) for p, _ in batch]
     generator = torch.Generator(device).manual_seed((seed * 1_000_003 + iter_num) * world_size + rank)
-    with amp:
+    with amp, gathered(policy):  # FSDP: the whole policy on every process while it generates
         completions = sample_completions(policy, prompts, group_size, max_completion_length, temperature,
                                          stop_id, generator)
     rollout_time = time.time() - t0  # the completions are on the host: the device is done, so this is real time
@@ -479,20 +496,23 @@ while True:
         # a process left with no rollout still joins DDP's gradient all-reduce: one rollout, weighted 0
         rows, weight = (keep, 1.0) if keep else ([0], 0.0)
         size = micro_batch_size or len(rows)
-        micro = []  # per micro-batch: idx, targets, advantages, reference log-probs, old log-probs
+        micro = []  # per micro-batch: idx, targets, advantages, reference log-probs, old log-probs, weight
         for start in range(0, len(rows), size):
             part = rows[start:start + size]
             idx, targets = layout([prompts[i // group_size] for i in part], [completions[i] for i in part],
                                   tok.pad_id)
-            idx, targets = idx.to(device), targets.to(device)
-            ref_logprobs = None
-            if reference is not None:
+            micro.append([idx.to(device), targets.to(device), advantages[part].to(device), None, None, weight])
+        if fsdp:  # each forward and backward gathers the shards: every process takes as many, its extra ones weighted 0
+            t = torch.tensor([len(micro)], device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            micro += [[*micro[0][:3], None, None, 0.0] for _ in range(int(t) - len(micro))]
+        if reference is not None:
+            for m in micro:
                 with torch.no_grad(), amp:
-                    ref_logprobs = token_logprobs(reference, idx, targets, temperature)
-            micro.append([idx, targets, advantages[part].to(device), ref_logprobs, None])
+                    m[3] = token_logprobs(reference, m[0], m[1], temperature)
         for _ in range(mu):
-            for m, (idx, targets, adv, ref_logprobs, old_logprobs) in enumerate(micro):
-                if ddp:  # all-reduce the gradients once, after the last micro-batch
+            for m, (idx, targets, adv, ref_logprobs, old_logprobs, weight) in enumerate(micro):
+                if ddp and not fsdp:  # all-reduce the gradients once, after the last micro-batch
                     model.require_backward_grad_sync = m == len(micro) - 1
                 with amp:
                     logprobs = token_logprobs(model, idx, targets, temperature)

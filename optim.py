@@ -9,12 +9,20 @@ Optimizers shared by train.py and grpo.py; configure_optimizers builds the param
 Under any of them Engram tables (model.py) train by sparse rows with SparseAdam, and clip_grad_norm_ takes their
 sparse gradients. A group's 'lr_ratio' is its peak learning rate over the stage's `learning_rate`: the schedule
 sets group['lr'] = lr * group.get('lr_ratio', 1), so that Muon and AdamW warm up and decay together.
+Under FSDP2 (--fsdp) parameters, gradients and states are DTensors of which each rank holds some rows: AdamW works on
+them as they are, Muon gathers each matrix whole on one rank for Newton-Schulz, clip_grad_norm_ and QK-Clip see the
+whole model, and load_state cuts a checkpoint's whole states to this rank's rows.
 """
 import math
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+try:
+    from torch.distributed.tensor import DTensor  # FSDP2's sharded tensors
+except ImportError:  # a torch without torch.distributed (as on some macOS builds): nothing is one
+    DTensor = ()
 
 
 # -----------------------------------------------------------------------------
@@ -60,7 +68,7 @@ class Muon(torch.optim.Optimizer):
     Under torch.distributed (gradients already averaged), each batch is split into one contiguous share per rank, and
     all_gather hands every rank the whole batch's result, in the background of the next batch's work; every rank
     then applies the same update, and keeps every momentum buffer (cheap, and rank 0's state_dict is complete for
-    any world size).
+    any world size). Under FSDP2 each rank holds rows of every matrix: see orthogonalize_sharded.
     """
 
     def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0, lr_scale="shape"):
@@ -81,20 +89,66 @@ class Muon(torch.optim.Optimizer):
             grads, buffers = [p.grad for p in params], [self.state[p]["momentum_buffer"] for p in params]
             torch._foreach_lerp_(buffers, grads, 1 - group["momentum"])  # M <- beta M + (1 - beta) G
             updates = torch._foreach_lerp(grads, buffers, group["momentum"])  # Nesterov: (1 - beta) G + beta M
-            batches = {}  # (rows, cols) -> views of the updates' logical matrices of that shape
-            for p, u in zip(params, updates):
-                for part in u.split(getattr(p, "logical_rows", None) or u.size(-2), dim=-2):
-                    batches.setdefault(part.shape[-2:], []).append(part)
-            pending = [self.orthogonalize_share(shape, parts, rank, world) for shape, parts in batches.items()]
             scale = MUON_LR_SCALES[group["lr_scale"]]
-            for (shape, parts), (result, gather) in zip(batches.items(), pending):
-                if gather is not None:
-                    gather.wait()
-                result *= scale(*shape)
-                results = result.split([part[..., 0, 0].numel() for part in parts])
-                torch._foreach_copy_(parts, [X.view(part.shape) for X, part in zip(results, parts)])
+            if isinstance(params[0], DTensor):
+                self.orthogonalize_sharded(params, updates, scale, rank, world)
+            else:
+                self.orthogonalize_updates(params, updates, scale, rank, world)
             torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
             torch._foreach_add_(params, updates, alpha=-group["lr"])
+
+    @classmethod
+    def orthogonalize_updates(cls, params, updates, scale, rank=0, world=1):
+        """Each of the whole updates, in place, its logical matrices orthogonalized and scaled: one batched call per
+        shape, each split over the ranks (orthogonalize_share)."""
+        batches = {}  # (rows, cols) -> views of the updates' logical matrices of that shape
+        for p, u in zip(params, updates):
+            for part in u.split(getattr(p, "logical_rows", None) or u.size(-2), dim=-2):
+                batches.setdefault(part.shape[-2:], []).append(part)
+        pending = [cls.orthogonalize_share(shape, parts, rank, world) for shape, parts in batches.items()]
+        for (shape, parts), (result, gather) in zip(batches.items(), pending):
+            if gather is not None:
+                gather.wait()
+            result *= scale(*shape)
+            results = result.split([part[..., 0, 0].numel() for part in parts])
+            torch._foreach_copy_(parts, [X.view(part.shape) for X, part in zip(results, parts)])
+
+    @classmethod
+    def orthogonalize_sharded(cls, params, updates, scale, rank, world):
+        """Under FSDP2 each rank holds some rows of every update (a DTensor on Shard(0)), and Newton-Schulz needs
+        whole matrices: each parameter gets an owner (in turn, the least loaded rank), one all_to_all sends every
+        rank's rows to the owners, each owner orthogonalizes its whole updates as one process does, and a second
+        all_to_all sends the rows back. A rank holds about 1/world of the whole updates, in bf16 (Newton-Schulz's
+        precision), where an all-gather of each would hold them all."""
+        load, owner = [0] * world, []
+        for u in updates:
+            owner.append(load.index(min(load)))
+            load[owner[-1]] += u.numel()
+        theirs = [[i for i, o in enumerate(owner) if o == r] for r in range(world)]  # rank r's updates
+        local = [u.to_local() for u in updates]
+
+        def size(i, r):  # elements of update i on rank r: Shard(0) splits the rows as torch.chunk does
+            n = updates[i].size(0)
+            return max(0, min(-(-n // world), n - r * -(-n // world))) * (updates[i].numel() // n)
+
+        def exchange(out, sizes):  # all_to_all: the pieces out[r] go to rank r; from rank r come pieces of sizes[r]
+            send = torch.cat([t.flatten() for ts in out for t in ts] + [local[0].new_empty(0, dtype=torch.bfloat16)])
+            recv = send.new_empty(sum(map(sum, sizes)))
+            dist.all_to_all_single(recv, send, [sum(s) for s in sizes], [sum(t.numel() for t in ts) for ts in out])
+            pieces = iter(recv.split([n for s in sizes for n in s]))
+            return [[next(pieces) for _ in s] for s in sizes]
+
+        mine = theirs[rank]
+        got = exchange([[local[i].bfloat16() for i in ids] for ids in theirs], [[size(i, r) for i in mine]
+                                                                               for r in range(world)])
+        whole = [torch.cat([got[r][j] for r in range(world)]).view(updates[i].shape) for j, i in enumerate(mine)]
+        cls.orthogonalize_updates([params[i] for i in mine], whole, scale)
+        rows = [w.flatten().split([size(i, r) for r in range(world)]) for w, i in zip(whole, mine)]
+        back = exchange([[rows_i[r] for rows_i in rows] for r in range(world)], [[size(i, rank) for i in ids]
+                                                                                for ids in theirs])
+        for ids, pieces in zip(theirs, back):
+            for i, piece in zip(ids, pieces):
+                local[i].copy_(piece.view_as(local[i]))
 
     @staticmethod
     def orthogonalize_share(shape, parts, rank, world):
@@ -149,7 +203,12 @@ def clip_grad_norm_(parameters, max_norm):
             p.grad = p.grad.coalesce()
     dense = [p for p in params if not p.grad.is_sparse]
     sparse = [p.grad._values() for p in params if p.grad.is_sparse]  # the touched rows, a view of the gradient
-    total = torch.nn.utils.get_total_norm([p.grad for p in dense] + sparse)
+    grads = [p.grad for p in dense] + sparse
+    total = torch.nn.utils.get_total_norm([g for g in grads if not isinstance(g, DTensor)])
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    if sharded:  # FSDP2's: the norm over every rank's rows, beside that of the replicated gradients (Engram's)
+        norm = torch.nn.utils.get_total_norm(sharded).full_tensor()
+        total = torch.linalg.vector_norm(torch.stack([total.to(norm.device), norm]))
     torch.nn.utils.clip_grads_with_norm_(dense, max_norm, total)
     for values in sparse:
         values.mul_((max_norm / (total + 1e-6)).clamp(max=1.0))  # the coefficient torch's clip applies
@@ -183,14 +242,50 @@ class QKClip:
         assert len(max_logits) == len(self.layers), "one maximum per attention layer and forward pass"
         self.max_logits = max_logits if self.max_logits is None else torch.maximum(self.max_logits, max_logits)
 
+    @torch.no_grad()
     def clip(self):
         """Clip the heads above tau; returns each layer's largest logit over the observed passes (floats)."""
         if dist.is_initialized():  # the largest logit over every rank's data: all replicas must clip alike
             dist.all_reduce(self.max_logits, op=dist.ReduceOp.MAX)
         for layer, max_logits in zip(self.layers, self.max_logits):
+            # FSDP2: the layer's sharded weights swapped for whole ones, clipped, and this rank's rows kept
+            sharded = [(m, name, p) for m in layer.modules() for name, p in m._parameters.items()
+                       if isinstance(p, DTensor)]
+            for m, name, p in sharded:
+                m._parameters[name] = p.full_tensor()
+                m._parameters[name].logical_rows = getattr(p, "logical_rows", None)  # q | k | v
             layer.qk_clip(max_logits, self.tau)
+            for m, name, p in sharded:
+                p.to_local().copy_(local_rows(m._parameters[name], p))
+                m._parameters[name] = p
         per_layer, self.max_logits = self.max_logits.amax(dim=1).tolist(), None
         return per_layer
+
+
+# -----------------------------------------------------------------------------
+# FSDP2: whole tensors and each rank's rows
+
+def local_rows(full, p):
+    """This rank's rows of full, a whole tensor of p's shape, where p is a DTensor as FSDP2 shards parameters:
+    Shard(0), the rows split as torch.chunk splits them (the last ranks may hold fewer, or none)."""
+    rows = -(-full.size(0) // p.device_mesh.size())
+    return full[p.device_mesh.get_local_rank() * rows:][:rows]
+
+
+def load_state(optimizer, state_dict):
+    """optimizer.load_state_dict of a checkpoint's whole state (any world size's, configurator.full_state): under
+    FSDP2 each state tensor of a sharded parameter becomes a DTensor of this rank's rows first."""
+    parts = optimizer.parts if isinstance(optimizer, Optimizers) else {None: optimizer}
+    for name, part in parts.items():
+        saved = state_dict if name is None else state_dict[name]
+        params = [p for group in part.param_groups for p in group["params"]]
+        for i, state in saved["state"].items():
+            p = params[i] if i < len(params) else None
+            if isinstance(p, DTensor):  # the moments and momentum (a step count stays as it is)
+                state.update({key: DTensor.from_local(local_rows(value, p).to(p.device), p.device_mesh, p.placements,
+                                                      shape=p.shape, stride=p.stride())
+                              for key, value in state.items() if torch.is_tensor(value) and value.shape == p.shape})
+    optimizer.load_state_dict(state_dict)
 
 
 # -----------------------------------------------------------------------------

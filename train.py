@@ -3,9 +3,10 @@ Train a model on token shards written by prepare.py. One process:
 
     python train.py config/quickstart.py --max_iters=200
 
-Several GPUs (or CPU processes) on one machine, through torchrun and DDP:
+Several GPUs (or CPU processes) on one machine, through torchrun and DDP, or FSDP2 for a model too large for DDP:
 
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py
+    torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py --fsdp=True
 
 Every setting below can be changed by a config file (config/*.py, plain assignments) and then by
 --key=value on the command line; so can every field of GPTConfig in model.py.
@@ -34,13 +35,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import (COMMAND_LINE, all_reduce_sum, autocast, check_settings, claim_out_dir, copy_tokenizer, fail,
+from configurator import (COMMAND_LINE, all_reduce_sum, autocast, average_table_grads, check_fsdp, check_settings,
+                          checkpoint_blocks, claim_out_dir, copy_tokenizer, fail, finite_weights, full_state, gathered,
                           init_processes, nominal_peak_flops, parse_config, pick_device, pick_dtype, print0, read_log,
-                          read_text, save_checkpoint, save_plot, trim_log, write_manifest)
+                          read_text, save_checkpoint, save_plot, shard_model, trim_log, write_manifest)
 from evaluate import exact_bits_per_byte, read_tasks, task_accuracy
 from hf import TRAINING_ONLY, load_model
-from model import GPT, GPTConfig, config_fields, update_router_biases
-from optim import MUON_LR_SCALES, OPTIMIZERS, QKClip, clip_grad_norm_, configure_optimizers
+from model import GPT, Block, GPTConfig, config_fields, update_router_biases
+from optim import MUON_LR_SCALES, OPTIMIZERS, QKClip, clip_grad_norm_, configure_optimizers, load_state
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -98,6 +100,9 @@ min_lr_frac = 0.1             # the learning rate at the end, as a fraction of l
 device = "auto"               # 'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"                # 'auto' (bf16 on GPUs that have it, else fp16; fp32 on CPU), float32, bfloat16, float16
 compile = False               # torch.compile the model
+fsdp = False                  # under torchrun: FSDP2 (each process keeps 1/N of the weights, gradients and optimizer
+                              # state) instead of DDP (each keeps them all)
+activation_checkpointing = False  # each block's activations recomputed in the backward pass: less memory, more compute
 seed = 1337
 peak_flops = 0.0              # per-device peak for MFU; 0 = a known figure for the GPU, none on CPU
 # -----------------------------------------------------------------------------
@@ -177,12 +182,15 @@ if eval_only:  # its inputs are read now: a bad file stops the run before the mo
 
 device = pick_device(device)
 dtype = pick_dtype(device, dtype)
-ddp, rank, world_size, device = init_processes(device)
+ddp, rank, world_size, device = init_processes(device)  # ddp: under torchrun, with DDP or FSDP
+if fsdp:
+    check_fsdp(ddp, dtype)
 device_type = device.split(":")[0]
 gradient_accumulation_steps = -(-gradient_accumulation_steps // world_size)  # per process, rounded up
 master = rank == 0
 amp = autocast(device, dtype)
-torch.manual_seed(seed + rank)
+# DDP broadcasts rank 0's model; FSDP keeps each process's rows of its own copy, so every process builds rank 0's
+torch.manual_seed(seed if fsdp else seed + rank)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 # the processes' agreements (an error of the master, Ctrl-C) go through the CPU: a gloo group beside NCCL's, so that
@@ -351,6 +359,8 @@ if checkpoint and not eval_only:
         if wanted[key] != saved[key]:
             fail(f"checkpoint {checkpoint_path} was trained with {key}={saved[key]!r}, but the config says "
                  f"{key}={config[key]!r}: resume with the checkpoint's value, or start a new run in another --out_dir")
+if fsdp and rank:  # and then takes a random stream of its own (dropout), rank 0 going on as one process does
+    torch.manual_seed(seed + rank)
 config.update(asdict(model.config))  # run.json and the checkpoint record the model that trains
 T = model.config.block_size
 
@@ -439,7 +449,12 @@ def get_batch(step, micro):
 # -----------------------------------------------------------------------------
 # optimizer
 
-model.to(device)
+if activation_checkpointing:
+    checkpoint_blocks([m for m in model.modules() if isinstance(m, Block)])
+if fsdp:  # before the optimizer, which then holds the sharded parameters
+    shard_model(model, [m for m in model.modules() if isinstance(m, Block)], device, dtype)
+else:
+    model.to(device)
 iter_num = checkpoint["step"] if checkpoint else 0
 try:
     optim = configure_optimizers(model, optimizer, learning_rate, weight_decay, (beta1, beta2), device_type,
@@ -458,7 +473,7 @@ if checkpoint and not eval_only:
     if (checkpoint["config"]["optimizer"] == "adamw") != (optimizer == "adamw"):
         fail(f"checkpoint {checkpoint_path} holds the state of optimizer='{checkpoint['config']['optimizer']}', "
              f"which optimizer='{optimizer}' cannot continue")
-    optim.load_state_dict(checkpoint["optimizer"])
+    load_state(optim, checkpoint["optimizer"])  # any world size's, with or without FSDP
     scaler.load_state_dict(checkpoint["scaler"])
     rng = checkpoint["rng"][rank] if len(checkpoint["rng"]) == world_size else None
     if rng is not None:  # the same world size continues each process's random stream (dropout)
@@ -468,7 +483,7 @@ if checkpoint and not eval_only:
 raw_model = model
 if compile:
     model = torch.compile(model)
-if ddp:
+if ddp and not fsdp:
     # broadcast_buffers=False: MoE routers count their experts' load in buffers, per process, until
     # update_router_biases sums them over processes; rank 0's counts must not overwrite the others' (torch's
     # deprecation warning says as much: its replacement still syncs buffers once, so it is silenced)
@@ -507,6 +522,7 @@ def get_lr(step):
 
 
 @torch.no_grad()
+@gathered(raw_model)  # FSDP: the processes run different numbers of batches
 def estimate_loss():
     """Mean loss over eval_iters random batches per split; the same batches at every evaluation."""
     model.eval()
@@ -525,7 +541,8 @@ def estimate_loss():
 
 def bits_per_byte(streams, n_bytes):
     """evaluate.py's exact bits per byte of token streams, split over the processes (raw_model in eval mode)."""
-    return exact_bits_per_byte(raw_model, streams, n_bytes, meta["eos_id"], batch_size, amp, rank, world_size)
+    with gathered(raw_model):
+        return exact_bits_per_byte(raw_model, streams, n_bytes, meta["eos_id"], batch_size, amp, rank, world_size)
 
 
 if eval_only:
@@ -540,7 +557,8 @@ if eval_only:
         bpb = bits_per_byte([np.array(tokenizer.encode(eval_text))], len(eval_text.encode("utf-8")))
         print0(f"exact bits per byte of {eval_file}: {bpb:.4f}")
     for path, path_tasks in tasks.items():
-        acc, acc_norm = task_accuracy(raw_model, path_tasks, tokenizer, meta["eos_id"], amp, rank, world_size)
+        with gathered(raw_model):
+            acc, acc_norm = task_accuracy(raw_model, path_tasks, tokenizer, meta["eos_id"], amp, rank, world_size)
         print0(f"{path}: accuracy {acc:.4f}, length-normalized {acc_norm:.4f} ({len(path_tasks)} tasks)")
     raise SystemExit
 
@@ -581,7 +599,7 @@ def log(row):
 def check_finite(losses):
     """Nothing non-finite is saved: unless the losses and every weight are finite, the run stops, keeping ckpt.pt."""
     bad = [name for name, value in losses.items() if not math.isfinite(value)]
-    if not torch.stack([t.isfinite().all() for t in raw_model.state_dict().values() if t.is_floating_point()]).all():
+    if not finite_weights(raw_model, group=control):
         bad.append("weights")
     if bad:
         kept = f"{checkpoint_path} keeps step {saved_step}" if saved_step is not None else "nothing was saved"
@@ -597,8 +615,9 @@ def save():
         dist.all_gather_object(rngs, rng)
     else:
         rngs = [rng]
+    model_state, optim_state = full_state(raw_model, optim, master)  # FSDP: gathered whole, by every process
     on_master(lambda: save_checkpoint(checkpoint_path, {
-        "model": raw_model.state_dict(), "optimizer": optim.state_dict(), "scaler": scaler.state_dict(),
+        "model": model_state, "optimizer": optim_state, "scaler": scaler.state_dict(),
         "model_config": asdict(raw_model.config), "config": config, "step": iter_num, "rng": rngs,
         "tokenizer": meta["tokenizer_path"], "eos_id": meta["eos_id"], "run_id": run_id, "dataset": dataset,
         "timed_max_iters": max_iters if train_minutes > 0 and not time_steps else 0,
@@ -722,8 +741,10 @@ try:
         clip_step = qk_clip is not None and iter_num % qk_clip_interval == 0
         if clip_step:  # QK-Clip measures the logits of this step's own forward passes
             qk_clip.track(True)
+        # DDP all-reduces the gradients once, after the last micro-step; FSDP reduce-scatters them after each, since
+        # skipping that would keep every process's whole gradients until the last
         for micro in range(gradient_accumulation_steps):
-            if ddp:  # all-reduce gradients only once, after the last micro-step
+            if ddp and not fsdp:
                 model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
             with amp:
                 _, loss, aux = model(x, y)
@@ -733,6 +754,8 @@ try:
             # fetch the next batch while the GPU works on this one
             x, y = get_batch(*((iter_num, micro + 1) if micro + 1 < gradient_accumulation_steps else (iter_num + 1, 0)))
             scaler.scale(loss).backward()
+        if fsdp:
+            average_table_grads(raw_model)
         if grad_clip > 0:
             scaler.unscale_(optim)
             clip_grad_norm_(model.parameters(), grad_clip)  # optim.py's: Engram tables have sparse gradients

@@ -63,6 +63,9 @@ REWRITES = [
     ("docs/stages.md", "sysconfig.get_paths()['stdlib'] + '/**/*.py'", "'{corpus}/*.txt'"),  # 1 MB, not 30 MB
     ("docs/stages.md", '" 300 data/cost300.txt', '" 1 data/cost300.txt'),
     ("docs/hf.md", "path/to/Qwen3-0.6B", "{qwen3}"),  # a tiny Qwen3 folder made here
+    # eight CPU processes sharding a model cost half a minute: two show the same
+    ("docs/stages.md", "--nproc_per_node=8 train.py config/gpt2_124m.py --fsdp=True",
+     "--nproc_per_node=2 train.py config/gpt2_124m.py --fsdp=True"),
     ("config/speedrun.py", "--epochs=1 ", "--max_iters=2 "),  # the one-epoch run: two steps
     ("docs/results.md", "--epochs=1 ", "--max_iters=2 "),
 ]
@@ -76,6 +79,8 @@ NOT_RUN = {
     "torchrun --nproc_per_node=2": "a fragment (the launcher of a measurement), not a command",
     "torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST0:29500 train.py "
     "config/gpt2_124m.py --out_dir=out/gpt2_124m_2nodes": "needs two machines",
+    "torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST0:29500 train.py "
+    "config/gpt2_124m.py --fsdp=True --out_dir=out/gpt2_124m_fsdp_2nodes": "needs two machines",
 }
 
 
