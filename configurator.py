@@ -188,16 +188,6 @@ def autocast(device, dtype):
 # -----------------------------------------------------------------------------
 # FSDP2: the model sharded over the processes (torch.distributed.fsdp.fully_shard, the engine of torchtitan)
 
-def dtensor_type():
-    """torch's DTensor, the type of FSDP2's sharded tensors, or () where torch has no torch.distributed (as on some
-    macOS builds): nothing is an instance of it."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return ()
-    return DTensor
-
-
 def check_fsdp(ddp, dtype):
     """What fsdp=True needs, or stop with one line: torch >= 2.6 (where fully_shard is public), torchrun (a process
     group, if only of one process) and a dtype without a GradScaler, which would have to unscale sharded gradients."""
@@ -308,11 +298,11 @@ def finite_weights(model, device="cpu", group=None):
     """Whether every floating-point weight of model is finite: under FSDP2 each process checks its own rows and the
     processes agree (a sum over them, on `device` or in `group`), so that all stop together; else this replica."""
     import torch
-    DTensor = dtensor_type()
     weights = [t for t in model.state_dict().values() if t.is_floating_point()]
-    local = [t.to_local() if isinstance(t, DTensor) else t for t in weights]
+    sharded = [t for t in weights if hasattr(t, "to_local")]  # FSDP2's DTensors
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in weights]
     finite = bool(torch.stack([t.isfinite().all() for t in local]).all())
-    if any(isinstance(t, DTensor) for t in weights):
+    if sharded:
         finite = all_reduce_sum(float(not finite), device=device, group=group)[0] == 0
     return finite
 
@@ -366,29 +356,6 @@ def save_checkpoint(path, checkpoint):
     import torch
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, **checkpoint}, f))
-
-
-def full_state(model, optimizer, master):
-    """The model's and the optimizer's state_dicts (a checkpoint's "model" and "optimizer") as one process has them:
-    under FSDP2 every sharded tensor (a DTensor) is gathered whole, one at a time, onto the master's CPU (None on the
-    other processes), so that any world size resumes the checkpoint and sample.py and export.py read it. Collective:
-    every process calls it. A tensor under two names (a tied head) stays one."""
-    import torch
-    DTensor = dtensor_type()
-    whole = {}
-
-    def gather(value):
-        if isinstance(value, dict):
-            return {key: gather(v) for key, v in value.items()}
-        if isinstance(value, list):
-            return [gather(v) for v in value]
-        if not isinstance(value, DTensor):
-            return value.detach() if torch.is_tensor(value) else value
-        if id(value) not in whole:
-            full = value.detach().full_tensor()
-            whole[id(value)] = full.cpu() if master else None
-        return whole[id(value)]
-    return gather(model.state_dict(keep_vars=True)), gather(optimizer.state_dict())
 
 
 def load_checkpoint(path, map_location="cpu"):

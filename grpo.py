@@ -32,12 +32,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import (all_reduce_sum, atomic_write, autocast, average_table_grads, check_fsdp, check_settings,
-                          checkpoint_blocks, claim_out_dir, copy_tokenizer, fail, finite_weights, full_state, gathered,
+                          checkpoint_blocks, claim_out_dir, copy_tokenizer, fail, finite_weights, gathered,
                           init_processes, parse_config, pick_device, pick_dtype, print0, read_log, save_checkpoint,
                           save_plot, shard_model, trim_log)
 from hf import load_model
 from model import Block
-from optim import clip_grad_norm_, configure_optimizers, load_state
+from optim import clip_grad_norm_, configure_optimizers, full_state, load_state
 from rl import (ANSWER_MARKER, TASKS, extract_answer, group_advantages, has_format, layout, load_reward, policy_loss,
                 problems, sample_completions, token_logprobs)
 from tokenizer import Tokenizer
@@ -200,10 +200,11 @@ first = tok.bos_id if tok.kind == "hf" else tok.eos_id
 if mode == "grpo" and beta > 0:
     reference = (reference or copy.deepcopy(policy)).eval().requires_grad_(False)
 for net in (policy, reference) if reference is not None else (policy,):
+    blocks = [m for m in net.modules() if isinstance(m, Block)]
     if activation_checkpointing and net is policy:
-        checkpoint_blocks([m for m in net.modules() if isinstance(m, Block)])
+        checkpoint_blocks(blocks)
     if fsdp:  # the reference too: its forwards come in the same number on every process (see the micro-batches)
-        shard_model(net, [m for m in net.modules() if isinstance(m, Block)], device, dtype)
+        shard_model(net, blocks, device, dtype)
     else:
         net.to(device)
 policy.eval()

@@ -272,8 +272,29 @@ def local_rows(full, p):
     return full[p.device_mesh.get_local_rank() * rows:][:rows]
 
 
+def full_state(model, optimizer, master):
+    """The model's and the optimizer's state_dicts (a checkpoint's "model" and "optimizer") as one process has them:
+    under FSDP2 every sharded tensor (a DTensor) is gathered whole, one at a time, onto the master's CPU (None on the
+    other processes), so that any world size resumes the checkpoint and sample.py and export.py read it. Collective:
+    every process calls it. A tensor under two names (a tied head) stays one."""
+    whole = {}
+
+    def gather(value):
+        if isinstance(value, dict):
+            return {key: gather(v) for key, v in value.items()}
+        if isinstance(value, list):
+            return [gather(v) for v in value]
+        if not isinstance(value, DTensor):
+            return value.detach() if torch.is_tensor(value) else value
+        if id(value) not in whole:
+            full = value.detach().full_tensor()
+            whole[id(value)] = full.cpu() if master else None
+        return whole[id(value)]
+    return gather(model.state_dict(keep_vars=True)), gather(optimizer.state_dict())
+
+
 def load_state(optimizer, state_dict):
-    """optimizer.load_state_dict of a checkpoint's whole state (any world size's, configurator.full_state): under
+    """optimizer.load_state_dict of a checkpoint's whole state (any world size's, full_state's): under
     FSDP2 each state tensor of a sharded parameter becomes a DTensor of this rank's rows first."""
     parts = optimizer.parts if isinstance(optimizer, Optimizers) else {None: optimizer}
     for name, part in parts.items():

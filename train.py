@@ -36,13 +36,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import (COMMAND_LINE, all_reduce_sum, autocast, average_table_grads, check_fsdp, check_settings,
-                          checkpoint_blocks, claim_out_dir, copy_tokenizer, fail, finite_weights, full_state, gathered,
+                          checkpoint_blocks, claim_out_dir, copy_tokenizer, fail, finite_weights, gathered,
                           init_processes, nominal_peak_flops, parse_config, pick_device, pick_dtype, print0, read_log,
                           read_text, save_checkpoint, save_plot, shard_model, trim_log, write_manifest)
 from evaluate import exact_bits_per_byte, read_tasks, task_accuracy
 from hf import TRAINING_ONLY, load_model
 from model import GPT, Block, GPTConfig, config_fields, update_router_biases
-from optim import MUON_LR_SCALES, OPTIMIZERS, QKClip, clip_grad_norm_, configure_optimizers, load_state
+from optim import (MUON_LR_SCALES, OPTIMIZERS, QKClip, clip_grad_norm_, configure_optimizers, full_state,
+                   load_state)
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -449,10 +450,11 @@ def get_batch(step, micro):
 # -----------------------------------------------------------------------------
 # optimizer
 
+blocks = [m for m in model.modules() if isinstance(m, Block)]  # the MTP modules' too
 if activation_checkpointing:
-    checkpoint_blocks([m for m in model.modules() if isinstance(m, Block)])
+    checkpoint_blocks(blocks)
 if fsdp:  # before the optimizer, which then holds the sharded parameters
-    shard_model(model, [m for m in model.modules() if isinstance(m, Block)], device, dtype)
+    shard_model(model, blocks, device, dtype)
 else:
     model.to(device)
 iter_num = checkpoint["step"] if checkpoint else 0
