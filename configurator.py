@@ -51,13 +51,11 @@ COMMAND_LINE = "the command line"  # where a --key=value came from
 
 
 def parse_config(defaults, argv, other_stage_keys_in_files=False, with_given=False):
-    """
-    Apply config files and --key=value overrides to a dict of defaults; returns the new dict. With
+    """Apply config files and --key=value overrides to a dict of defaults; returns the new dict. With
     other_stage_keys_in_files, a stage that reads another stage's config files (bench.py reads train.py's) skips the
     keys it does not know in those files (not on its command line). with_given: return (config, given), given mapping
     each key that a file or the command line set (even to the default's value) to its source: the file's path, or
-    COMMAND_LINE (a resumed run checks those keys against its checkpoint; a step count on the command line wins).
-    """
+    COMMAND_LINE (a resumed run checks those keys against its checkpoint; a step count on the command line wins)."""
     config, given = dict(defaults), {}
 
     def update(key, value, source):
@@ -71,10 +69,9 @@ def parse_config(defaults, argv, other_stage_keys_in_files=False, with_given=Fal
     for arg in argv:
         if arg.startswith("--"):
             key, eq, raw = arg[2:].partition("=")
-            if not eq:  # a bare --flag switches a boolean on
-                if not isinstance(defaults.get(key), bool):
-                    fail(f"config key '{key}' needs a value: --{key}=...")
-                raw = "True"
+            if not eq and not isinstance(defaults.get(key), bool):
+                fail(f"config key '{key}' needs a value: --{key}=...")
+            raw = raw if eq else "True"  # a bare --flag switches a boolean on
             try:  # strings stay raw, everything else is a literal; a bare word stays a string for the type check
                 value = raw if isinstance(defaults.get(key), str) else ast.literal_eval(raw)
             except (ValueError, SyntaxError):
@@ -106,8 +103,7 @@ def _run_config_file(path):
 
 
 def check_settings(config, positive=(), non_negative=(), fractions=(), choices=None):
-    """Stop with one line at the first setting out of its range: positive keys must be > 0, non_negative ones >= 0,
-    fractions within [0, 1] (all of them finite), and choices[key] lists the values a key may take."""
+    """Stop with one line at the first setting that breaks its rule below, or that choices[key] does not list."""
     rules = (((*positive, *non_negative, *fractions), "must be a finite number",
               lambda v: not isinstance(v, float) or math.isfinite(v)), (positive, "must be positive", lambda v: v > 0),
              (non_negative, "must not be negative", lambda v: v >= 0),
@@ -144,8 +140,7 @@ def pick_device(device="auto"):
 
 
 def init_processes(device):
-    """Under torchrun (RANK set): join the process group (NCCL on GPUs, gloo on CPUs) and take this process's GPU.
-    Returns (ddp, rank, world_size, device); one process alone gets (False, 0, 1, device)."""
+    """Under torchrun: join the process group, take this process's GPU; returns (ddp, rank, world_size, device)."""
     import torch
     import torch.distributed as dist
     if "RANK" not in os.environ:
@@ -161,9 +156,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def pick_dtype(device, dtype="auto"):
-    """bf16 where the GPU has it, fp16 on older GPUs (train.py then adds a GradScaler), fp32 elsewhere. autocast
-    computes in bf16 or fp16, or not at all in fp32: any other name (float64 among them) stops rather than being
-    recorded and not used."""
+    """bf16 where the GPU has it, fp16 on older GPUs (train.py then adds a GradScaler), fp32 elsewhere. Any other name
+    (float64 among them) stops: autocast computes in bf16 or fp16 or not at all, so it would be recorded, not used."""
     import torch
     if dtype not in DTYPES:
         fail(f"unknown dtype '{dtype}' (choose {', '.join(DTYPES)})")
@@ -189,8 +183,7 @@ def autocast(device, dtype):
 # FSDP2: the model sharded over the processes (torch.distributed.fsdp.fully_shard, the engine of torchtitan)
 
 def check_fsdp(ddp, dtype):
-    """What fsdp=True needs, or stop with one line: torch >= 2.6 (where fully_shard is public), torchrun (a process
-    group, if only of one process) and a dtype without a GradScaler, which would have to unscale sharded gradients."""
+    """What --fsdp=True needs (torch >= 2.6, torchrun, no GradScaler), or stop with one line."""
     import torch
     try:
         from torch.distributed.fsdp import fully_shard  # noqa: F401
@@ -223,11 +216,10 @@ def context_view(module, args):
 
 
 def shard_model(model, blocks, device, dtype):
-    """FSDP2 in place: each block sharded, then the model (embeddings, head, norms and what else is left), so that each
-    process keeps its rows (Shard(0)) of every parameter, gradient and optimizer state. A block's weights are gathered
-    for its forward and again for its backward, its gradients reduce-scattered in fp32; in bfloat16 the gathered
-    weights are bf16 copies of the fp32 shards (MixedPrecisionPolicy). The model moves to device shard by shard: it
-    never has to fit there whole. Sparse tables (Engram's) stay whole on every process (average_table_grads)."""
+    """FSDP2 in place: each block sharded, then the model (embeddings, head, norms), so that each process keeps its rows
+    (Shard(0)) of every parameter, gradient and optimizer state; a block's weights are gathered for its forward and
+    again for its backward. The model moves to device shard by shard: it never has to fit there whole. Sparse tables
+    (Engram's) stay whole on every process (average_table_grads)."""
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -251,10 +243,9 @@ def shard_model(model, blocks, device, dtype):
 
 @contextmanager
 def gathered(model):
-    """Forward passes with the whole model on every process (evaluation, generation): under FSDP2 one all-gather of
-    every weight (in bf16 when the dtype is), then forwards without collectives, so that processes may run different
-    numbers of them, as generation's early stop and the evaluations' splits do; the shards again after. Without
-    FSDP2, nothing."""
+    """Forward passes with the whole model on every process: under FSDP2 one all-gather of every weight, then forwards
+    without collectives, so that processes may run different numbers of them (generation's early stop, the
+    evaluations' splits); the shards again after. Without FSDP2, nothing."""
     import torch
     try:
         from torch.distributed.fsdp import FSDPModule
@@ -315,8 +306,8 @@ CHECKPOINT_FORMAT = "nanollm-1"
 
 def atomic_write(path, write):
     """write(f) into a temporary file of this process beside path, flushed to the disk, then renamed over path: a
-    crash, a kill or a full disk mid-write leaves the previous file as it was and no temporary file behind. A failed
-    write raises OSError with one line that names the file (and the full disk, when that is why)."""
+    crash, a kill or a full disk mid-write leaves the previous file as it was and no temporary file behind. Raises
+    OSError with one line that names the file (and the full disk, when that is why)."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -347,12 +338,10 @@ def atomic_write(path, write):
 
 
 def write_json(path, value):
-    """value as indented JSON, written atomically."""
     atomic_write(path, lambda f: f.write(json.dumps(value, indent=1).encode()))
 
 
 def save_checkpoint(path, checkpoint):
-    """Write atomically (atomic_write): a crash or a full disk mid-write leaves the previous checkpoint intact."""
     import torch
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, **checkpoint}, f))
@@ -368,18 +357,15 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, pickle of foreign objects, ...
-        raise ValueError(f"checkpoint {path} is corrupt or truncated "
-                         f"({one_line(e)})") from None
+        raise ValueError(f"checkpoint {path} is corrupt or truncated ({one_line(e)})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a nanollm checkpoint")
     return checkpoint
 
 
 def write_manifest(out_dir, config, device, meta_path, run_id=None):
-    """out_dir/run.json: what it takes to reproduce the run, with a run id that every log.jsonl row repeats (a resumed
-    run passes its checkpoint's): the resolved config, the git commit and whether the tree had uncommitted changes,
-    torch and CUDA versions, the device, and a hash of the dataset's meta.json (its tokenizer, shards and token
-    counts). Returns the run id."""
+    """out_dir/run.json: what it takes to reproduce the run, under a run id that every log.jsonl row repeats (a resumed
+    run passes its checkpoint's); the hash of meta.json pins the tokenizer, shards and token counts. Returns the id."""
     import torch
     import torch.distributed as dist
     def git(*args):
@@ -430,8 +416,8 @@ def lock_folder(folder):
 
 
 def claim_out_dir(out_dir, resume, overwrite):
-    """Lock out_dir for this run (lock_folder), and raise ValueError if it holds another run that this one would
-    replace without being told to (overwrite) or would not continue (resume)."""
+    """Lock out_dir for this run, and raise ValueError if it holds a run that this one would neither continue (resume)
+    nor was told to replace (overwrite)."""
     lock_folder(out_dir)
     if resume or overwrite:
         return

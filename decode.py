@@ -1,8 +1,7 @@
 """
-Generation with the KV cache of model.py: sampling (temperature, top-k, top-p, seeded), a decode step with fixed
-shapes that compiles and replays as one CUDA graph, and self-speculative decoding with the MTP module as the draft
-(Leviathan et al. 2023, arXiv 2211.17192). The model offers what a decoder needs: new_cache, decode_context,
-hidden_states and logits, and its MTP module's draft.
+Generation with the KV cache of model.py: sampling (temperature, top-k, top-p, seeded), a decode step with fixed shapes
+that compiles and replays as one CUDA graph, and self-speculative decoding with the MTP module as the draft (Leviathan
+et al. 2023, arXiv 2211.17192), through the model's new_cache, decode_context, hidden_states, logits and mtp[0].draft.
 
     for tokens in generate(model, prompts, 100, temperature=0.8, top_k=200):  # (B,) new tokens per step
         ...
@@ -12,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import grouped_mm_supported
+from kernels import cuda_graph, grouped_mm_supported
 from model import Experts
 
 
@@ -69,8 +68,7 @@ class State:
 
 
 def pick_token(logits, state):
-    """The next token of each row from its logits (B, V) and the noise state.noise[:, 0], written to state.token and
-    returned; a row that is done stays at state.eos, and is done once it produces it."""
+    """Each row's next token from logits (B, V) and state.noise[:, 0], also into state.token; done rows stay at eos."""
     noise = None if state.temperature == 0 else state.noise[:, 0]
     token = sample_next(logits, state.temperature, state.top_k, state.top_p, noise=noise)
     token = torch.where(state.done, state.eos, token)
@@ -87,18 +85,16 @@ def decode_step(model, cache, state):
 
 
 def speculative_step(model, cache, state):
-    """
-    One round of self-speculative decoding: draft a token from the logits state.draft (B, V), verify it with one
-    forward of the main model over each row's last token and the draft (slots state.pos and the next). Exact
-    (Leviathan et al. 2023, arXiv 2211.17192, §2.3): greedy, the draft is accepted when it is the main model's argmax;
-    sampling, with probability min(1, p/q) (p the main model's distribution, q the draft's, both after temperature,
-    top-k and top-p), a rejected draft replaced by a sample of max(0, p - q), so that every token is a sample of p.
-    Every row keeps the first of the two tokens after its last one; all keep the second when every row accepted (or
-    is done). The MTP module drafts after both positions at once, for whichever the rows keep; the cache entries of
-    a position not kept are overwritten next round. The state advances on the device, so that the host can queue the
-    next round before it reads this one's outcome. Returns the tokens (B, 2) and, for the host, (4,): how many the rows
-    keep (1 or 2), how many drafts were accepted, and whether every row is done after each of the two tokens.
-    """
+    """One round of self-speculative decoding: draft a token from the logits state.draft (B, V), verify it with one
+    forward of the main model over each row's last token and the draft (slots state.pos and the next). Exact (Leviathan
+    et al. 2023, arXiv 2211.17192, §2.3): greedy, the draft is accepted when it is the main model's argmax; sampling,
+    with probability min(1, p/q) (p the main model's distribution, q the draft's, both after temperature, top-k and
+    top-p), a rejected draft replaced by a sample of max(0, p - q), so that every token is a sample of p. Every row
+    keeps the first of the two tokens after its last one; all keep the second when every row accepted (or is done). The
+    MTP module drafts after both positions at once, for whichever the rows keep; the cache entries of a position not
+    kept are overwritten next round. The state advances on the device, so that the host can queue the next round before
+    it reads this one's outcome. Returns the tokens (B, 2) and, for the host, (4,): how many the rows keep (1 or 2), how
+    many drafts were accepted, and whether every row is done after each of the two tokens."""
     s, noise = state, state.noise
     q = None if s.temperature == 0 else sampling_probs(s.draft, s.temperature, s.top_k, s.top_p)  # (B, V)
     draft = s.draft.argmax(dim=-1) if q is None else exponential_race(q, noise[:, 0])
@@ -133,16 +129,13 @@ def speculative_step(model, cache, state):
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_id=None, generator=None,
              compiler=None, speculative=False, stats=None, check_every=16):
-    """
-    Sample continuations of a batch of prompts (lists of token ids of any lengths) with the KV cache. Prompts are
-    left-padded so that every row's next token lands in the same cache slot; one forward over them fills the cache
-    (prefill), then decode_step feeds one token per row with fixed shapes and no host sync. compiler: see compiled
-    ('aot_eager' in the CPU tests). Yields a (B,) tensor of new tokens per step; a row that produced eos_id keeps
-    yielding it, and generation stops once every row has, checked every check_every tokens (the loop's only host
-    sync). When the cache is full, it restarts from the most recent half of the context. speculative=True drafts each
-    next token with the first MTP module and verifies it (speculative_step); stats, a dict, then counts rounds,
-    drafted and accepted tokens.
-    """
+    """Sample continuations of a batch of prompts (lists of token ids of any lengths) with the KV cache, yielding a (B,)
+    tensor of new tokens per step. Prompts are left-padded so that every row's next token lands in the same cache slot;
+    one forward fills the cache (prefill), then decode_step feeds one token per row with fixed shapes and no host sync.
+    A row that produced eos_id keeps yielding it; generation stops once every row has, checked every check_every tokens
+    (the loop's only host sync). A full cache restarts from the most recent half of the context. compiler: see compiled
+    ('aot_eager' in the CPU tests). speculative=True drafts each next token with the first MTP module and verifies it
+    (speculative_step); stats, a dict, then counts rounds, drafted and accepted tokens."""
     device, L, B, V = model.wte.weight.device, model.config.block_size, len(prompts), model.config.vocab_size
     lengths = torch.tensor([len(p) for p in prompts])
     assert 0 < lengths.min() and lengths.max() < L, "prompts must hold 1 to block_size - 1 tokens"
@@ -223,17 +216,15 @@ class Run:
 
 
 def plain_loop(run, history, max_new_tokens, step, check_every):
-    token = run.prefill(history)
-    new = [token]  # the tokens after history; the last one is not in the cache yet
+    new = [run.prefill(history)]  # the tokens after history; the last one is not in the cache yet
     for i in range(max_new_tokens):
         if i and history.size(1) + len(new) > run.cache["max_len"]:
             history, token = run.restart(history, new)
             new = [token]
         elif i:
             run.draw()
-            token = step().clone()  # the graph overwrites its output at the next step
-            new.append(token)
-        yield token
+            new.append(step().clone())  # the graph overwrites its output at the next step
+        yield new[-1]
         if i % check_every == check_every - 1 and run.all_done():
             return
 
@@ -247,9 +238,8 @@ def speculative_loop(run, history, max_new_tokens, verify, stats):
     blocks = [*zip(model.blocks, cache["layers"]), *zip(model.mtp[0].blocks, cache["mtp"])]
     unrewound = cache_tensors([layer for block, layer in blocks if not block.rewinds])
     ahead = 0 if unrewound else 1
-    token = run.prefill(history)
-    new = [token]
-    yield token
+    new = [run.prefill(history)]
+    yield new[0]
     produced, finished, queue = 1, run.all_done(), collections.deque()
     while not finished and produced < max_new_tokens:
         room = history.size(1) + len(new) + 2 * len(queue) + 1 <= L  # for the last token, its draft, and the queue's
@@ -262,36 +252,34 @@ def speculative_loop(run, history, max_new_tokens, verify, stats):
             queue.append((out, out.to("cpu", non_blocking=ready is not None), ready, saved))
             if ready is not None:
                 ready.record()
-            continue
-        if not queue and history.size(1) + len(new) == L:  # one slot left: one plain step, as plain_loop takes
-            run.draw()                                      # there, so that both restart from the same context
-            token = decode_step(model, cache, state)
-            new, produced, finished = new + [token], produced + 1, run.all_done()
-            yield token
-            continue
-        if not queue:  # no room for a round: start again from the most recent half of the context
-            history, token = run.restart(history, new)
-            new, produced, finished = [token], produced + 1, run.all_done()
-            yield token
-            continue
-        out, host, ready, saved = queue.popleft()
-        if ready is not None:
-            ready.synchronize()  # the round's outcome: the loop's one wait, with the next round already queued
-        n, accepted, *done_after = host[2 * B:].tolist()
-        tokens = out[:2 * B].view(B, 2)
-        if n == 1 and saved:  # undo the draft where mixers do not rewind, then feed the first token alone
-            *copies, token_before, pos_before = saved
-            for tensor, copy in zip(unrewound, copies):
-                tensor.copy_(copy)
-            h = model.hidden_states(token_before[:, None], model.decode_context(cache, pos_before), cache)
-            state.draft.copy_(model.mtp[0].draft(model, cache, h, tokens[:, :1], pos_before)[:, -1])
-        finished = run.eos_id is not None and bool(done_after[n - 1])
-        for key, value in (("rounds", 1), ("drafted", B), ("accepted", accepted)):
-            stats[key] = stats.get(key, 0) + value
-        for j in range(min(n, max_new_tokens - produced)):
-            new.append(tokens[:, j])
-            produced += 1
-            yield tokens[:, j]
+        elif not queue:  # no room for a round: where one slot is left, one plain step as plain_loop takes there, so
+            if history.size(1) + len(new) == L:  # that both restart from the same context
+                run.draw()
+                new.append(decode_step(model, cache, state))
+            else:
+                history, token = run.restart(history, new)
+                new = [token]
+            produced, finished = produced + 1, run.all_done()
+            yield new[-1]
+        else:
+            out, host, ready, saved = queue.popleft()
+            if ready is not None:
+                ready.synchronize()  # the round's outcome: the loop's one wait, with the next round already queued
+            n, accepted, *done_after = host[2 * B:].tolist()
+            tokens = out[:2 * B].view(B, 2)
+            if n == 1 and saved:  # undo the draft where mixers do not rewind, then feed the first token alone
+                *copies, token_before, pos_before = saved
+                for tensor, copy in zip(unrewound, copies):
+                    tensor.copy_(copy)
+                h = model.hidden_states(token_before[:, None], model.decode_context(cache, pos_before), cache)
+                state.draft.copy_(model.mtp[0].draft(model, cache, h, tokens[:, :1], pos_before)[:, -1])
+            finished = run.eos_id is not None and bool(done_after[n - 1])
+            for key, value in (("rounds", 1), ("drafted", B), ("accepted", accepted)):
+                stats[key] = stats.get(key, 0) + value
+            for j in range(min(n, max_new_tokens - produced)):
+                new.append(tokens[:, j])
+                produced += 1
+                yield tokens[:, j]
 
 
 def cache_tensors(cache):
@@ -303,7 +291,7 @@ def cache_tensors(cache):
 
 
 # -----------------------------------------------------------------------------
-# compilation and graph capture
+# compilation
 
 def compiled(fn, compiler, graph):
     """fn (no arguments, fixed shapes, tensors read and written in place) made fast: compiler='inductor' compiles it,
@@ -316,30 +304,3 @@ def compiled(fn, compiler, graph):
         return torch.compile(fn, fullgraph=True, dynamic=False, backend=compiler)
     fn = torch.compile(fn, fullgraph=True, dynamic=False, options={"coordinate_descent_tuning": True})
     return cuda_graph(fn) if graph else fn
-
-
-def cuda_graph(fn):
-    """fn replayed as one CUDA graph: a call is one launch, no Python and no guard checks (torch.compile's
-    mode='reduce-overhead' spends more host time per step than a small model's decode step takes on the GPU at
-    batch 1). Every call does fn's work once: the first runs fn (compiling it) on a side stream, the second captures
-    fn there and replays it. Returns fn's output: after the first call the graph's tensors, overwritten by the next."""
-    stream, graph, out, warm = torch.cuda.Stream(), None, None, False
-
-    def call():
-        nonlocal graph, out, warm
-        if graph is not None:
-            graph.replay()
-            return out
-        stream.wait_stream(torch.cuda.current_stream())
-        if not warm:  # compile, and let cuBLAS set up its workspace for the stream
-            with torch.cuda.stream(stream):
-                out, warm = fn(), True
-            torch.cuda.current_stream().wait_stream(stream)
-            return out
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            out = fn()
-        graph.replay()
-        return out
-
-    return call

@@ -1,9 +1,8 @@
 """
 Hugging Face interop: a Llama, Qwen2, Qwen3, Qwen3-MoE or DeepSeek-V3 folder in, ours out, each family being our model
-with other names (q, k, v: the rows of our fused qkv; gate, up: of gate_up, stacked per routed expert; DeepSeek-V3's
-interleaved rotary rows reordered to our half-split pairing). config.json is read as transformers reads it, a field
-left out taking its default there; a field or tensor that we cannot place or whose math we do not model, or a damaged
-file, raises a one-line ValueError rather than loading an approximation. Needs safetensors, not transformers.
+with other names (_layout, _interleaved_rows). config.json is read as transformers reads it, a field left out taking
+its default there; a field or tensor that we cannot place or whose math we do not model, or a damaged file, raises a
+one-line ValueError rather than loading an approximation. Needs safetensors, not transformers.
 
     model = from_hf("path/to/Qwen3-0.6B")            # config.json + model.safetensors (or its shards, or .bin)
     to_hf(model, "out/run_hf", eos_id=0, bos_id=0)    # config.json, model.safetensors, generation_config.json
@@ -66,12 +65,9 @@ TRAINING_ONLY = {"dropout", "aux_loss_coef", "seq_aux_loss_coef", "bias_update_r
                  "router_jitter", "capacity_factor", "mtp_depth", "mtp_lambda", "mtp_blocks", "zero_init_proj"}
 
 
-def _layout(config):
-    """
-    Each of our tensors -> the HF tensors it is made of: a list of names, whose rows it concatenates, or (routed
-    experts) a list of such lists, one per expert, stacked.
-    """
-    c = config
+def _layout(c):
+    """Each tensor of our model of config c -> the HF tensors it is made of: a list of names, whose rows it
+    concatenates, or (routed experts) a list of such lists, one per expert, stacked."""
     names = {"wte.weight": ["model.embed_tokens.weight"], "norm.weight": ["model.norm.weight"]}
     if not c.tie_embeddings:
         names["lm_head.weight"] = ["lm_head.weight"]
@@ -105,13 +101,10 @@ def _layout(config):
     return names
 
 
-def _interleaved_rows(config, name):
-    """
-    DeepSeek checkpoints pair their rotary dims as (x0, x1), (x2, x3), ...; we pair x_i with x_{i + d/2} (half-split).
-    Taking the rotary rows of q and of the shared key in the order evens-then-odds turns one into the other, and q.k
-    is unchanged as both move alike. Returns that row order for our tensor `name` (MLA's q_b or kv_a), else None.
-    """
-    c = config
+def _interleaved_rows(c, name):
+    """DeepSeek checkpoints pair their rotary dims as (x0, x1), (x2, x3), ...; we pair x_i with x_{i + d/2} (split in
+    halves). Taking the rotary rows of q and of the shared key in the order evens-then-odds turns one into the other;
+    q.k is unchanged as both move alike. Returns that row order for our tensor `name` (MLA's q_b or kv_a), else None."""
     if c.attention != "mla" or not name.endswith(("attn.q_b.weight", "attn.kv_a.weight")):
         return None
     rope = torch.cat([torch.arange(0, c.qk_rope_head_dim, 2), torch.arange(1, c.qk_rope_head_dim, 2)])
@@ -147,12 +140,10 @@ def _refuse(refused, before, after=" is not supported"):
 
 
 def _rope_fields(path, c, mla):
-    """
-    Our RoPE fields, read as transformers 5 does: rope_scaling (the older name) replaces rope_parameters, rope_theta
+    """Our RoPE fields, read as transformers 5 does: rope_scaling (the older name) replaces rope_parameters, rope_theta
     comes from the top level where that has none. With YaRN's m(x) = 0.1 x ln(factor) + 1, theirs scales the tables by
     m(mscale) / m(mscale_all_dim) (m(1) unless both are set; or attention_factor) and DeepSeek-V3's softmax by
-    m(mscale_all_dim)^2, ours by m(yarn_mscale) / m(yarn_mscale_all_dim) and MLA's by m(yarn_mscale_all_dim)^2.
-    """
+    m(mscale_all_dim)^2, ours by m(yarn_mscale) / m(yarn_mscale_all_dim) and MLA's by m(yarn_mscale_all_dim)^2."""
     rope = c.get("rope_scaling") or c.get("rope_parameters") or {}
     if not isinstance(rope, dict):
         raise ValueError(f"{path}: config.json's rope_parameters is not an object")
@@ -377,9 +368,8 @@ def hf_family(config):
     return family
 
 
-def _hf_json(config, family, dtype, eos_id, bos_id):
-    """config.json of `config` as HF `family`; max_position_embeddings is block_size, the context it trained at."""
-    c = config
+def _hf_json(c, family, dtype, eos_id, bos_id):
+    """config.json of config c as HF `family`; max_position_embeddings is block_size, the context it trained at."""
     out = {"architectures": [ARCHITECTURES[family]], "model_type": family, "vocab_size": c.vocab_size,
            "hidden_size": c.n_embd, "intermediate_size": c.mlp_hidden, "num_hidden_layers": c.n_layer,
            "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim,
@@ -418,10 +408,8 @@ def _hf_json(config, family, dtype, eos_id, bos_id):
 
 @torch.no_grad()
 def to_hf(model, out_dir, eos_id=None, bos_id=None, dtype=None):
-    """
-    Write model as a HF folder of the family hf_family picks, loadable by transformers' AutoModelForCausalLM with no
-    custom code, its parameters in dtype (None: theirs; buffers stay fp32). MTP modules (training only) are left out.
-    """
+    """Write model as a HF folder of the family hf_family picks, loadable by transformers' AutoModelForCausalLM with no
+    custom code, its parameters in dtype (None: theirs; buffers stay fp32). MTP modules (training only) are left out."""
     c = model.config
     family = hf_family(c)
     if family == "qwen3_moe" and any(m.bias.any() for m in model.modules() if isinstance(m, Router)):

@@ -1,10 +1,10 @@
 """
 Fast paths of model.py, one floor down: what each computes is written plainly in model.py (the reference each is
-tested against); here is how to compute it fast. FlexAttention plumbing and its block masks, MoBA's block-by-block
-attention, a permutation whose backward is a gather, grouped attention for decoding with fewer key heads, the
-experts' grouped GEMM, a cross-entropy that never keeps an fp32 copy of the logits, chunked linear attention.
-FlexAttention is imported by the spans that use it, when one is built (importing it loads torch._dynamo: seconds);
-nothing here imports or compiles while torch.compile traces.
+tested against); here is how to compute it fast: FlexAttention's block masks, MoBA's block-by-block attention, a
+permutation whose backward is a gather, grouped decode attention, the experts' grouped GEMM, a cross-entropy without an
+fp32 copy of the logits, chunked linear attention, and CUDA graphs (the decode step, Muon's step). FlexAttention is
+imported by the spans that use it, when one is built (importing it loads torch._dynamo: seconds); nothing here imports
+or compiles while torch.compile traces.
 """
 import functools
 import math
@@ -49,13 +49,10 @@ def eager(fn):
 
 
 def grouped_attention(q, k, v, mask, scale=None):
-    """
-    Softmax attention of q (B, n_head, T, d) over k and v (B, n_kv_head, S, d), fewer key heads than query heads,
-    under a boolean mask (T, S), (B|1, 1, T, S) or (B, n_head, T, S): the query heads that share a key head are rows
-    of one matmul against it, in the input dtype with the softmax in fp32. On CUDA, SDPA with enable_gqa and a mask
-    takes its math fallback, which copies keys and values per query head and multiplies in fp32. Worth it from two
-    query tokens on (speculative rounds); for one, inductor fuses the fallback.
-    """
+    """Softmax attention of q (B, n_head, T, d) over k and v (B, n_kv_head, S, d) under a boolean mask: (T, S), (B|1, 1,
+    T, S) or (B, n_head, T, S). Each key head's query heads are rows of one matmul against it in the input dtype, the
+    softmax in fp32. On CUDA, SDPA with enable_gqa and a mask takes its math path (keys and values copied per query
+    head, fp32 matmuls): this wins from two query tokens on (speculative rounds); for one, inductor fuses it."""
     B, H, T, d = q.shape
     kv_heads, S = k.shape[1], k.shape[2]
     scores = (q.reshape(B, kv_heads, -1, d) @ k.mT).float() * (d ** -0.5 if scale is None else scale)
@@ -107,13 +104,11 @@ def static_block_mask(key, allowed, T, device):
 
 
 def moba_attention(q, k, v, top, real, size, scale):
-    """
-    MoBA's training attention through FlexAttention as the paper computes it (arXiv 2502.13189 §2.3): every query
+    """MoBA's training attention through FlexAttention as the paper computes it (arXiv 2502.13189 §2.3): every query
     attends its own block of `size` keys causally and, apart, each earlier block it chose (top (B, H, T, m) block
     indices, real: whether each is a block); the parts merge by their log-sum-exps into one softmax over all. For the
-    second part the (query, chosen block) pairs are sorted by block, so that a tile of 128 pairs meets a block or
-    two; tiles of the queries themselves would meet the union of all their choices.
-    """
+    second part the (query, chosen block) pairs are sorted by block, so that a tile of 128 pairs meets a block or two;
+    tiles of the queries themselves would meet the union of all their choices."""
     B, H, T, d = q.shape
     own = static_block_mask(("moba", size), lambda q_pos, k_pos: (k_pos <= q_pos) & (k_pos // size == q_pos // size),
                             T, q.device)
@@ -140,12 +135,10 @@ def moba_attention(q, k, v, top, real, size, scale):
 
 
 def pair_block_mask(block, S, size):
-    """
-    The BlockMask of sorted (query, key block) pairs, block (B, H, P) each pair's key block of `size` keys (-1: none),
-    over S keys: a tile of 128 pairs visits the key tiles from its first block's to its last's; the mask_mod keeps
-    each pair's own block. Built from both sides at once: BlockMask.from_kv_blocks would find the pair tiles visiting
-    each key tile (for the backward) by sorting a dense tile map.
-    """
+    """The BlockMask of sorted (query, key block) pairs, block (B, H, P) each pair's key block of `size` keys (-1:
+    none), over S keys: a tile of 128 pairs visits the key tiles from its first block's to its last's; the mask_mod
+    keeps each pair's own block. Built from both sides at once: BlockMask.from_kv_blocks would find the pair tiles
+    visiting each key tile (for the backward) by sorting a dense tile map."""
     B, H, P = block.shape
     tile, key_tiles = 128, math.ceil(S / 128)  # FlexAttention's default BLOCK_SIZE
     tiles = F.pad(block, (0, (-P) % tile), value=-1).view(B, H, -1, tile)
@@ -179,12 +172,9 @@ def pair_block_mask(block, S, size):
         part_indices = torch.where(first_end, lo[..., None], hi[..., None]).clamp(min=0).int()
         full_count, full_indices = hi - hi_part - lo - lo_part + 1, indices(lo + lo_part, pair_tiles)
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        return kv_idx // size == block[b, h, q_idx]
-
     kv_indices = indices(first_tile, key_tiles)  # partial and full tiles alike: a run from the first
     return torch.nn.attention.flex_attention.BlockMask(
-        seq_lengths=(P, S), BLOCK_SIZE=(tile, tile), mask_mod=mask_mod,
+        seq_lengths=(P, S), BLOCK_SIZE=(tile, tile), mask_mod=lambda b, h, q, k: k // size == block[b, h, q],
         kv_num_blocks=torch.where(whole, 0, count).int(), kv_indices=kv_indices,
         full_kv_num_blocks=torch.where(whole, count, 0).int(), full_kv_indices=kv_indices,
         q_num_blocks=part_count.clamp(min=0).int(), q_indices=part_indices,
@@ -195,11 +185,9 @@ def pair_block_mask(block, S, size):
 # linear attention in chunks: the training forms of model.py's recurrent references
 
 def linear_attention_chunked(q, k, v, state, chunk):
-    """
-    Causal linear attention o_t = q_t S_t, S_t = S_{t-1} + k_t v_t^T, in chunks: inside a chunk the quadratic form
+    """Causal linear attention o_t = q_t S_t, S_t = S_{t-1} + k_t v_t^T, in chunks: inside a chunk the quadratic form
     (q k^T, causal) v, across chunks the state before each chunk (an exclusive cumsum of the chunks' k^T v).
-    q, k (B, H, T, d_k), v (B, H, T, d_v), state (B, H, d_k, d_v) -> o (B, H, T, d_v), the state after the last token.
-    """
+    q, k (B, H, T, d_k), v (B, H, T, d_v), state (B, H, d_k, d_v) -> o (B, H, T, d_v) and the final state."""
     T = q.size(2)
     q, k, v = (F.pad(t, (0, 0, 0, -T % chunk)).unflatten(2, (-1, chunk)) for t in (q, k, v))  # (B, H, n, C, d)
     kv = k.mT @ v  # (B, H, n, d_k, d_v): each chunk's sum of k v^T (zero-padded keys add nothing)
@@ -210,8 +198,7 @@ def linear_attention_chunked(q, k, v, state, chunk):
 
 
 def gated_delta_rule_chunked(q, k, v, beta, g, state, chunk):
-    """
-    The gated delta rule (Gated DeltaNet, arXiv 2412.06464 §3) S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T,
+    """Gated delta rule (Gated DeltaNet, arXiv 2412.06464 §3) S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T,
     o_t = S_t^T q_t, with a_t = exp(g_t), in chunks (the paper's §3.3 WY form): inside a chunk the sequential writes
     become one unit-triangular solve, T_c = (I - A)^-1 with A_ij = -b_i (k_i . k_j) exp(G_i - G_j) for j < i, G the
     cumulative log-decay; pseudo-values U = T_c (b v) and decayed keys W = T_c (b exp(G) k) then carry the chunk as
@@ -219,8 +206,7 @@ def gated_delta_rule_chunked(q, k, v, beta, g, state, chunk):
     S <- exp(G_C) S + (k exp(G_C - G))^T v_new.
     That last step is an affine map of S per chunk, so the states entering the chunks come from a parallel scan of
     the maps (log2(chunks) batched steps, no loop over chunks to unroll under torch.compile).
-    q, k (B, H, T, d_k), v (B, H, T, d_v), beta and g (B, H, T), state (B, H, d_k, d_v); fp32.
-    """
+    q, k (B, H, T, d_k), v (B, H, T, d_v), beta and g (B, H, T), state (B, H, d_k, d_v); fp32."""
     T, pad = q.size(2), -q.size(2) % chunk
     q, k, v = (F.pad(t, (0, 0, 0, pad)).unflatten(2, (-1, chunk)) for t in (q, k, v))  # (B, H, n, C, d)
     beta, g = (F.pad(t, (0, pad)).unflatten(2, (-1, chunk)) for t in (beta, g))  # (B, H, n, C); padding: k = g = 0
@@ -246,3 +232,33 @@ def gated_delta_rule_chunked(q, k, v, beta, g, state, chunk):
     new_values = U - W @ states
     o = (q * G.exp()[..., None]) @ states + ((q @ k.mT) * decay) @ new_values
     return o.flatten(2, 3)[:, :, :T], after[:, :, -1]
+
+
+# -----------------------------------------------------------------------------
+# CUDA graphs
+
+def cuda_graph(fn):
+    """fn (no arguments, fixed shapes, tensors read and written in place, no host sync) replayed as one CUDA graph: a
+    call is one launch, no Python and no guard checks, where launching the kernels one by one costs the host more time
+    than the GPU takes to run them (a decode step at batch 1, Muon's step at small batches; torch.compile's
+    mode='reduce-overhead' spends more host time per call). Every call does fn's work once: the first runs fn
+    (compiling it) on a side stream, the second captures fn there and replays it. Returns fn's output: after the first
+    call the graph's tensors, overwritten by the next."""
+    stream, graph, out, warm = torch.cuda.Stream(), None, None, False
+
+    def call():
+        nonlocal graph, out, warm
+        if graph is None:
+            stream.wait_stream(torch.cuda.current_stream())
+            if not warm:  # compile, and let cuBLAS set up its workspace for the stream
+                with torch.cuda.stream(stream):
+                    out, warm = fn(), True
+                torch.cuda.current_stream().wait_stream(stream)
+                return out
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                out = fn()
+        graph.replay()
+        return out
+
+    return call

@@ -111,8 +111,7 @@ def group_advantages(rewards, group_size, scale=True):
 def layout(prompts, completions, pad_id):
     """Rows prompt + completion, left-aligned and right-padded with pad_id: under causal attention no real token sees a
     pad (no padding mask needed), and a token's position is its position in generation (counted from each row's
-    first prompt token). Returns idx (B, T) and targets (B, T): the next token where it belongs to the completion,
-    else -1 (the prompt and the padding take no loss and give no gradient)."""
+    first prompt token). Returns idx (B, T) and targets (B, T): the next token within the completion, else -1."""
     T = max(len(p) + len(c) for p, c in zip(prompts, completions)) - 1
     idx = torch.full((len(prompts), T), pad_id, dtype=torch.long)
     targets = torch.full((len(prompts), T), -1, dtype=torch.long)

@@ -22,7 +22,6 @@ import tiktoken
 
 CHAT_MARKERS = {"user": "<|user|>", "assistant": "<|assistant|>", "end": "<|end|>"}
 BPE_MARKERS = {"bos": "<|bos|>", "eos": "<|endoftext|>", "pad": "<|pad|>"}
-GPT2_PAD = "<|pad|>"
 
 # sentencepiece decodes every U+2581 ('▁', its space) to ' ', so a '▁' in the text is hidden from it: ESCAPE + '_'
 # stands for '▁', ESCAPE + ESCAPE for a literal ESCAPE (a private-use character, so real text almost never pays for
@@ -31,21 +30,13 @@ SPACE_MARK = "\u2581"
 ESCAPE = "\ue000"
 ESCAPED_PAIR = re.compile(ESCAPE + "(.)", re.DOTALL)
 
-# the tokenizer learns from the documents' first characters (prepare.py shuffles them, so a random sample of them):
-# sampling lines with sentencepiece's input_sentence_size would differ from run to run
+
 def escape(text):
     return text.replace(ESCAPE, ESCAPE + ESCAPE).replace(SPACE_MARK, ESCAPE + "_")
 
 
 def unescape(text):
     return ESCAPED_PAIR.sub(lambda m: {"_": SPACE_MARK, ESCAPE: ESCAPE}.get(m[1], m[0]), text)
-
-
-def training_lines(texts):
-    """The lines of texts: sentencepiece trains on lines, so no piece ever holds a '\n' (encode() writes each newline
-    as its byte piece)."""
-    for text in texts:
-        yield from escape(text).split("\n")
 
 
 class Tokenizer:
@@ -68,7 +59,8 @@ class Tokenizer:
 
     @classmethod
     def train(cls, texts, vocab_size, path):
-        """Train a BPE of vocab_size ids on the documents (the caller bounds them), write it to path, load it."""
+        """Train a BPE of vocab_size ids on every line of the documents (the caller bounds them: sampling lines with
+        sentencepiece's input_sentence_size would differ from run to run), write it to path, load it."""
         reserved = 1 + len(BPE_MARKERS) + len(CHAT_MARKERS) + 256  # unk, specials, one piece per byte
         if vocab_size <= reserved:
             raise ValueError(f"vocab_size={vocab_size} is too small: {reserved} ids go to special tokens and the 256 "
@@ -76,16 +68,15 @@ class Tokenizer:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         try:
             with open(path, "wb") as model_writer:
-                spm.SentencePieceTrainer.train(
-                    sentence_iterator=training_lines(texts), model_writer=model_writer,
-                    model_type="bpe", vocab_size=vocab_size, num_threads=os.cpu_count(),
+                spm.SentencePieceTrainer.train(  # on lines, so no piece holds a '\n' (encode() writes its byte piece)
+                    sentence_iterator=(line for text in texts for line in escape(text).split("\n")),
+                    model_writer=model_writer, model_type="bpe", vocab_size=vocab_size, num_threads=os.cpu_count(),
                     # sentencepiece's defaults normalize Unicode and collapse runs of spaces: text would not come back
                     normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
                     allow_whitespace_only_pieces=True,  # runs of spaces (indentation) become single pieces
                     byte_fallback=True,  # characters outside the vocabulary are spelled as UTF-8 bytes, never <unk>
-                    split_digits=True, max_sentence_length=1 << 20,
-                    unk_id=0, bos_id=1, eos_id=2, pad_id=3, bos_piece=BPE_MARKERS["bos"],
-                    eos_piece=BPE_MARKERS["eos"], pad_piece=BPE_MARKERS["pad"],
+                    split_digits=True, max_sentence_length=1 << 20, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+                    bos_piece=BPE_MARKERS["bos"], eos_piece=BPE_MARKERS["eos"], pad_piece=BPE_MARKERS["pad"],
                     # control symbols are never matched in text, so typing a marker cannot produce its id
                     control_symbols=list(CHAT_MARKERS.values()), minloglevel=2)
         except RuntimeError as e:  # the corpus needs more ids for its characters, or has too little text to merge
@@ -105,13 +96,12 @@ class Tokenizer:
             except (OSError, ValueError, ImportError):  # no connection, a bad download, tiktoken without requests
                 raise ValueError("cannot load the gpt2 tokenizer files (offline?): set TIKTOKEN_CACHE_DIR to a folder "
                                  "holding tiktoken's cached gpt2 files, or connect to the internet once") from None
-            added = [GPT2_PAD, *CHAT_MARKERS.values()]
+            added = {"pad": BPE_MARKERS["pad"], **CHAT_MARKERS}
             encoding = tiktoken.Encoding(
                 name="gpt2_chat", pat_str=gpt2._pat_str, mergeable_ranks=gpt2._mergeable_ranks,
-                special_tokens={**gpt2._special_tokens, **{marker: gpt2.n_vocab + i for i, marker in enumerate(added)}})
+                special_tokens={**gpt2._special_tokens, **{m: gpt2.n_vocab + i for i, m in enumerate(added.values())}})
             eot = gpt2.eot_token  # <|endoftext|> ends every document and also starts one: bos and eos are one id
-            special = {"bos": eot, "eos": eot, "pad": encoding.encode_single_token(GPT2_PAD),
-                       **{name: encoding.encode_single_token(marker) for name, marker in CHAT_MARKERS.items()}}
+            special = {"bos": eot, "eos": eot, **{name: encoding.encode_single_token(m) for name, m in added.items()}}
             return cls("gpt2", "gpt2", encoding, special)
         if not os.path.isfile(name_or_path):
             raise ValueError(f"tokenizer {name_or_path} not found "
@@ -153,11 +143,10 @@ class Tokenizer:
             found = backend.token_to_id(token) if token else None
             found = settings.get(f"{name}_token_id") if found is None else found
             return found[0] if isinstance(found, list) else found  # several eos ids: the first ends our samples
-        special = {name: token_id(name) for name in ("bos", "eos", "pad")}
+        special = {name: token_id(name) for name in ("bos", "eos", "pad")} | dict.fromkeys(CHAT_MARKERS)
         if special["eos"] is None:
             raise ValueError(f"{folder}: no eos token (tokenizer_config.json eos_token, or config.json eos_token_id)")
-        special.update({"pad": special["pad"] if special["pad"] is not None else special["eos"],
-                        **{name: None for name in CHAT_MARKERS}})
+        special["pad"] = special["eos"] if special["pad"] is None else special["pad"]
         return cls("hf", folder, backend, special)
 
     def encode(self, text):
@@ -174,8 +163,7 @@ class Tokenizer:
             return self.backend.encode_ordinary_batch(texts)
         if self.kind == "hf":
             return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
-        # no piece holds a '\n' (see training_lines), so line by line gives the same ids; all the lines in one call,
-        # on one thread (prepare.py runs a process per core)
+        # line by line gives the same ids (no piece holds a '\n'); one thread, as prepare.py runs a process per core
         lines = [escape(text).split("\n") for text in texts]
         pieces = iter(self.backend.encode([line for doc in lines for line in doc], num_threads=1))
         batch = []
