@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from kernels import cuda_graph
+
 try:
     from torch.distributed.tensor import DTensor  # FSDP2's sharded tensors
 except ImportError:  # a torch without torch.distributed (as on some macOS builds): nothing is one
@@ -71,15 +73,24 @@ class Muon(torch.optim.Optimizer):
     any world size). Under FSDP2 each rank holds rows of every matrix: see orthogonalize_sharded.
     """
 
-    def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0, lr_scale="shape"):
+    def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0, lr_scale="shape", graph=False):
         if lr_scale not in MUON_LR_SCALES:
             raise ValueError(f"unknown muon_lr_scale '{lr_scale}' (choose {', '.join(MUON_LR_SCALES)})")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, lr_scale=lr_scale))
+        self.graph = graph
+        self.graphs = {}  # group index -> capture's (graph, gradients, factors)
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self.graphs = {}  # the momentum buffers are new tensors: capture again
 
     @torch.no_grad()
     def step(self):
+        """graph=True (CUDA, one process, no DTensor): each group's whole step is replayed as one CUDA graph, its
+        inputs copied in (the gradients) and filled in (the step's factors), since at small batches the host takes
+        longer to launch a step's hundreds of kernels than the GPU takes to run them. The same kernels either way."""
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        for group in self.param_groups:
+        for i, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]  # the same on every rank under DDP
             if not params:
                 continue
@@ -87,15 +98,40 @@ class Muon(torch.optim.Optimizer):
                 if "momentum_buffer" not in self.state[p]:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)
             grads, buffers = [p.grad for p in params], [self.state[p]["momentum_buffer"] for p in params]
-            torch._foreach_lerp_(buffers, grads, 1 - group["momentum"])  # M <- beta M + (1 - beta) G
-            updates = torch._foreach_lerp(grads, buffers, group["momentum"])  # Nesterov: (1 - beta) G + beta M
+            factors = (1 - group["momentum"], group["momentum"], group["lr"], 1 - group["lr"] * group["weight_decay"])
             scale = MUON_LR_SCALES[group["lr_scale"]]
-            if isinstance(params[0], DTensor):
-                self.orthogonalize_sharded(params, updates, scale, rank, world)
-            else:
-                self.orthogonalize_updates(params, updates, scale, rank, world)
-            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
-            torch._foreach_add_(params, updates, alpha=-group["lr"])
+            if not (self.graph and world == 1 and len(params) == len(group["params"])):
+                self.update(params, grads, buffers, *factors, scale, rank, world)
+                continue
+            if i not in self.graphs:
+                self.graphs[i] = self.capture(params, grads, buffers, len(factors), scale)
+            replay, static_grads, static_factors = self.graphs[i]
+            torch._foreach_copy_(static_grads, grads)
+            for tensor, value in zip(static_factors, factors):
+                tensor.fill_(value)
+            replay()
+
+    def capture(self, params, grads, buffers, n_factors, scale):
+        """update as a CUDA graph, and its inputs: a copy of the gradients, and the factors as 0-d tensors."""
+        factors = [torch.zeros((), dtype=torch.float32, device=grads[0].device) for _ in range(n_factors)]
+        grads = [torch.zeros_like(g) for g in grads]
+        return cuda_graph(lambda: self.update(params, grads, buffers, *factors, scale)), grads, factors
+
+    @classmethod
+    def update(cls, params, grads, buffers, fresh, momentum, lr, decay, scale, rank=0, world=1):
+        """One step of the parameters, in place; the factors are numbers, or 0-d tensors (a graph's inputs)."""
+        scaled = torch._foreach_mul(grads, fresh)
+        torch._foreach_mul_(buffers, momentum)
+        torch._foreach_add_(buffers, scaled)  # M <- beta M + (1 - beta) G
+        updates = torch._foreach_mul(buffers, momentum)
+        torch._foreach_add_(updates, scaled)  # Nesterov: (1 - beta) G + beta M
+        if isinstance(params[0], DTensor):
+            cls.orthogonalize_sharded(params, updates, scale, rank, world)
+        else:
+            cls.orthogonalize_updates(params, updates, scale, rank, world)
+        torch._foreach_mul_(params, decay)  # decoupled weight decay: p <- p (1 - lr wd)
+        torch._foreach_mul_(updates, lr)
+        torch._foreach_sub_(params, updates)
 
     @classmethod
     def orthogonalize_updates(cls, params, updates, scale, rank=0, world=1):
@@ -356,7 +392,7 @@ def configure_optimizers(model, optimizer="adamw", learning_rate=6e-4, weight_de
     if optimizer != "adamw":
         muon_lr = muon_lr or (learning_rate if muon_lr_scale == "moonshot" else 0.02)
         parts["muon"] = Muon(matrices, lr=muon_lr, momentum=muon_momentum, weight_decay=weight_decay,
-                             lr_scale=muon_lr_scale)
+                             lr_scale=muon_lr_scale, graph=device_type == "cuda" and not dist.is_initialized())
         parts["muon"].param_groups[0]["lr_ratio"] = muon_lr / learning_rate
     parts["adamw"] = adamw
     if sparse:

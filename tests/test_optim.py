@@ -87,6 +87,27 @@ def test_muon_orthogonalizes_each_shape_of_logical_matrix_in_one_batched_call(mo
     assert calls == [6, 14, 4, 2, 4]  # matrices per call, in parameter order
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_muon_steps_replayed_as_a_cuda_graph_equal_eager_steps():
+    torch.manual_seed(0)
+    models = [GPT(GPTConfig(**TINY_CONFIG, n_kv_head=2)).cuda() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [configure_optimizers(m, "muon", device_type="cuda") for m in models]
+    opts[1].muon.graph = False
+    for step in range(5):
+        for model, opt in zip(models, opts):
+            for group in opt.param_groups:  # the factors, filled into the graph, change every step
+                group["lr"] = 1e-3 * (step + 1)
+            opt.muon.param_groups[0]["momentum"] = 0.85 + 0.02 * step
+            model(batch(step).cuda(), batch(step).cuda())[1].backward()
+            opt.step()
+            opt.zero_grad()
+        if step == 2:  # a resume replaces the momentum buffers: the graph is captured again
+            opts[0].load_state_dict(opts[0].state_dict())
+    assert opts[0].muon.graphs and not opts[1].muon.graphs
+    assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))
+
+
 def test_embed_lr_and_head_lr_give_the_tables_and_the_head_groups_of_their_own(tiny_model):
     model = tiny_model(tie_embeddings=False, value_embeds="1")
     opt = configure_optimizers(model, "muon", 1e-3, embed_lr=0.2, head_lr=4e-3)
