@@ -30,18 +30,32 @@ except ImportError:  # a torch without torch.distributed (as on some macOS build
 # -----------------------------------------------------------------------------
 # Muon
 
-def orthogonalize(G, steps=5):
-    """U V^T of G = U S V^T, approximately, by the Newton-Schulz quintic iteration of Keller Jordan's Muon: its
-    coefficients trade exactness for speed, leaving singular values between about 0.7 and 1.2 instead of exactly 1,
-    which training does not notice. In bf16; batched over leading dimensions. Each iteration is three batched matmuls
-    whose sums ride along (baddbmm: beta * input + alpha * batch1 @ batch2), since at small shapes the launches of
-    separate multiplies and adds cost more than the arithmetic."""
-    a, b, c = 3.4445, -4.7750, 2.0315
+# Newton-Schulz schedules: the margin the input's norm is divided by, then (a, b, c) of each iteration
+NEWTON_SCHULZ = {
+    # Keller Jordan's Muon: one quintic, five times, fast from small singular values, leaving them in [0.7, 1.2]
+    "jordan": (1.0, [(3.4445, -4.7750, 2.0315)] * 5),
+    # Polar Express (Amsel et al. 2025, arXiv 2505.16932 §4): each iteration the minimax-optimal quintic for the
+    # singular values the previous ones leave, the norm taken 2% larger against bf16's rounding (modded-nanogpt's)
+    "polar_express": (1.02, [(8.156554524902461, -22.48329292557795, 15.878769915207462),
+                             (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                             (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                             (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                             (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]),
+}
+
+
+def orthogonalize(G, schedule="jordan"):
+    """U V^T of G = U S V^T, approximately, by a Newton-Schulz schedule (NEWTON_SCHULZ): its quintics trade exactness
+    for speed, leaving singular values near 1 instead of exactly 1, which training does not notice. In bf16; batched
+    over leading dimensions. Each iteration is three batched matmuls whose sums ride along (baddbmm: beta * input +
+    alpha * batch1 @ batch2), since at small shapes the launches of separate multiplies and adds cost more than the
+    arithmetic."""
+    margin, coefficients = NEWTON_SCHULZ[schedule]
     tall = G.size(-2) > G.size(-1)
     X = G.bfloat16().mT if tall else G.bfloat16()  # the wide orientation: X X^T is the smaller Gram matrix
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm = 1: inside the basin
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * margin + 1e-7)  # spectral norm <= Frobenius norm: inside the basin
     shape, X = X.shape, X.reshape(-1, *X.shape[-2:])
-    for _ in range(steps):
+    for a, b, c in coefficients:
         A = X @ X.mT
         X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)  # a X + (b A + c A A) X
     X = X.view(shape)
@@ -71,18 +85,27 @@ class Muon(torch.optim.Optimizer):
     all_gather hands every rank the whole batch's result, in the background of the next batch's work; every rank
     then applies the same update, and keeps every momentum buffer (cheap, and rank 0's state_dict is complete for
     any world size). Under FSDP2 each rank holds rows of every matrix: see orthogonalize_sharded.
+    Speedrun candidates, off by default: schedule='polar_express' (NEWTON_SCHULZ), beta2 > 0 (NorMuon's row
+    normalization, normalize_rows), cautious=True (weight decay only where the update also moves p towards 0).
     """
 
-    def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0, lr_scale="shape", graph=False):
+    def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0, lr_scale="shape", schedule="jordan",
+                 beta2=0.0, cautious=False, graph=False):
         if lr_scale not in MUON_LR_SCALES:
             raise ValueError(f"unknown muon_lr_scale '{lr_scale}' (choose {', '.join(MUON_LR_SCALES)})")
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, lr_scale=lr_scale))
+        if schedule not in NEWTON_SCHULZ:
+            raise ValueError(f"unknown muon_schedule '{schedule}' (choose {', '.join(NEWTON_SCHULZ)})")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, lr_scale=lr_scale,
+                                      schedule=schedule, beta2=beta2, cautious=cautious))
         self.graph = graph
         self.graphs = {}  # group index -> capture's (graph, gradients, factors)
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
-        self.graphs = {}  # the momentum buffers are new tensors: capture again
+        for group in self.param_groups:  # a checkpoint of a version before a setting existed: the setting's default
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        self.graphs = {}  # the state's buffers are new tensors: capture again
 
     @torch.no_grad()
     def step(self):
@@ -97,51 +120,72 @@ class Muon(torch.optim.Optimizer):
             for p in params:
                 if "momentum_buffer" not in self.state[p]:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-            grads, buffers = [p.grad for p in params], [self.state[p]["momentum_buffer"] for p in params]
+                if group["beta2"] and "row_moments" not in self.state[p]:
+                    self.state[p]["row_moments"] = p.new_zeros(p.shape[:-1])
+            grads = [p.grad for p in params]
             factors = (1 - group["momentum"], group["momentum"], group["lr"], 1 - group["lr"] * group["weight_decay"])
-            scale = MUON_LR_SCALES[group["lr_scale"]]
             if not (self.graph and world == 1 and len(params) == len(group["params"])):
-                self.update(params, grads, buffers, *factors, scale, rank, world)
+                self.update(group, params, grads, *factors, rank=rank, world=world)
                 continue
             if i not in self.graphs:
-                self.graphs[i] = self.capture(params, grads, buffers, len(factors), scale)
+                self.graphs[i] = self.capture(group, params, grads, len(factors))
             replay, static_grads, static_factors = self.graphs[i]
             torch._foreach_copy_(static_grads, grads)
             for tensor, value in zip(static_factors, factors):
                 tensor.fill_(value)
             replay()
 
-    def capture(self, params, grads, buffers, n_factors, scale):
+    def capture(self, group, params, grads, n_factors):
         """update as a CUDA graph, and its inputs: a copy of the gradients, and the factors as 0-d tensors."""
         factors = [torch.zeros((), dtype=torch.float32, device=grads[0].device) for _ in range(n_factors)]
         grads = [torch.zeros_like(g) for g in grads]
-        return cuda_graph(lambda: self.update(params, grads, buffers, *factors, scale)), grads, factors
+        return cuda_graph(lambda: self.update(group, params, grads, *factors)), grads, factors
 
-    @classmethod
-    def update(cls, params, grads, buffers, fresh, momentum, lr, decay, scale, rank=0, world=1):
+    def update(self, group, params, grads, fresh, momentum, lr, decay, rank=0, world=1):
         """One step of the parameters, in place; the factors are numbers, or 0-d tensors (a graph's inputs)."""
+        buffers = [self.state[p]["momentum_buffer"] for p in params]
         scaled = torch._foreach_mul(grads, fresh)
         torch._foreach_mul_(buffers, momentum)
         torch._foreach_add_(buffers, scaled)  # M <- beta M + (1 - beta) G
         updates = torch._foreach_mul(buffers, momentum)
         torch._foreach_add_(updates, scaled)  # Nesterov: (1 - beta) G + beta M
+        scale, schedule = MUON_LR_SCALES[group["lr_scale"]], group["schedule"]
         if isinstance(params[0], DTensor):
-            cls.orthogonalize_sharded(params, updates, scale, rank, world)
+            self.orthogonalize_sharded(params, updates, scale, schedule, rank, world)
         else:
-            cls.orthogonalize_updates(params, updates, scale, rank, world)
-        torch._foreach_mul_(params, decay)  # decoupled weight decay: p <- p (1 - lr wd)
+            self.orthogonalize_updates(params, updates, scale, schedule, rank, world)
+        if group["beta2"]:
+            self.normalize_rows(params, updates, [self.state[p]["row_moments"] for p in params], group["beta2"])
+        if group["cautious"]:  # Cautious Weight Decay (arXiv 2510.12402 §3): only where the update shrinks p too
+            for p, u in zip(params, updates):
+                p.copy_(torch.where(u * p >= 0, p * decay, p))
+        else:
+            torch._foreach_mul_(params, decay)  # decoupled weight decay: p <- p (1 - lr wd)
         torch._foreach_mul_(updates, lr)
         torch._foreach_sub_(params, updates)
 
+    @staticmethod
+    def normalize_rows(params, updates, moments, beta2):
+        """NorMuon (Li et al. 2025, arXiv 2510.05491, Algorithm 1): an orthogonalized update's rows (output neurons)
+        have unequal norms; each row is divided by the root of an EMA of its mean square, then each logical matrix is
+        scaled back to its norm before, so that the lr_scale rule still sets its size."""
+        for p, u, v in zip(params, updates, moments):
+            v.lerp_(u.square().mean(dim=-1), 1 - beta2)
+            normed = u * v.clamp(min=1e-20).rsqrt()[..., None]
+            rows = getattr(p, "logical_rows", None) or u.size(-2)
+            for part, new in zip(u.split(rows, dim=-2), normed.split(rows, dim=-2)):
+                before, after = (t.norm(dim=(-2, -1), keepdim=True) for t in (part, new))  # per matrix of a stack
+                part.copy_(new * (before / after.clamp(min=1e-20)))
+
     @classmethod
-    def orthogonalize_updates(cls, params, updates, scale, rank=0, world=1):
+    def orthogonalize_updates(cls, params, updates, scale, schedule="jordan", rank=0, world=1):
         """Each of the whole updates, in place, its logical matrices orthogonalized and scaled: one batched call per
         shape, each split over the ranks (orthogonalize_share)."""
         batches = {}  # (rows, cols) -> views of the updates' logical matrices of that shape
         for p, u in zip(params, updates):
             for part in u.split(getattr(p, "logical_rows", None) or u.size(-2), dim=-2):
                 batches.setdefault(part.shape[-2:], []).append(part)
-        pending = [cls.orthogonalize_share(shape, parts, rank, world) for shape, parts in batches.items()]
+        pending = [cls.orthogonalize_share(shape, parts, schedule, rank, world) for shape, parts in batches.items()]
         for (shape, parts), (result, gather) in zip(batches.items(), pending):
             if gather is not None:
                 gather.wait()
@@ -150,7 +194,7 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_copy_(parts, [X.view(part.shape) for X, part in zip(results, parts)])
 
     @classmethod
-    def orthogonalize_sharded(cls, params, updates, scale, rank, world):
+    def orthogonalize_sharded(cls, params, updates, scale, schedule, rank, world):
         """Under FSDP2 each rank holds some rows of every update (a DTensor on Shard(0)), and Newton-Schulz needs
         whole matrices: each parameter gets an owner (in turn, the least loaded rank), one all_to_all sends every
         rank's rows to the owners, each owner orthogonalizes its whole updates as one process does, and a second
@@ -178,7 +222,7 @@ class Muon(torch.optim.Optimizer):
         got = exchange([[local[i].bfloat16() for i in ids] for ids in theirs], [[size(i, r) for i in mine]
                                                                                for r in range(world)])
         whole = [torch.cat([got[r][j] for r in range(world)]).view(updates[i].shape) for j, i in enumerate(mine)]
-        cls.orthogonalize_updates([params[i] for i in mine], whole, scale)
+        cls.orthogonalize_updates([params[i] for i in mine], whole, scale, schedule)
         rows = [w.flatten().split([size(i, r) for r in range(world)]) for w, i in zip(whole, mine)]
         back = exchange([[rows_i[r] for rows_i in rows] for r in range(world)], [[size(i, rank) for i in ids]
                                                                                 for ids in theirs])
@@ -187,17 +231,17 @@ class Muon(torch.optim.Optimizer):
                 local[i].copy_(piece.view_as(local[i]))
 
     @staticmethod
-    def orthogonalize_share(shape, parts, rank, world):
+    def orthogonalize_share(shape, parts, schedule, rank, world):
         """Newton-Schulz on this rank's contiguous share of a batch of (rows, cols) matrices: its result (all of the
         batch's, once the returned gather, if any, is done) and the gather."""
         X = torch.cat([part.reshape(-1, *shape) for part in parts])
         if world == 1:
-            return orthogonalize(X), None
+            return orthogonalize(X, schedule), None
         share = -(-len(X) // world)
         result = torch.zeros(world * share, *shape, dtype=torch.bfloat16, device=X.device)
         mine = X[rank * share:(rank + 1) * share]
         if len(mine):
-            result[rank * share:rank * share + len(mine)] = orthogonalize(mine)
+            result[rank * share:rank * share + len(mine)] = orthogonalize(mine, schedule)
         return result, dist.all_gather_into_tensor(result, result[rank * share:(rank + 1) * share].clone(),
                                                    async_op=True)
 
@@ -353,13 +397,14 @@ OPTIMIZERS = ("adamw", "muon", "muonclip")
 
 def configure_optimizers(model, optimizer="adamw", learning_rate=6e-4, weight_decay=0.1, betas=(0.9, 0.95),
                          device_type="cpu", muon_lr=0.0, muon_momentum=0.95, muon_lr_scale="moonshot", embed_lr=0.0,
-                         head_lr=0.0):
+                         head_lr=0.0, muon_schedule="jordan", normuon_beta2=0.0, cautious_wd=False):
     """One optimizer object for a stage, used like any torch optimizer (step, zero_grad, param_groups, state_dict).
     muon_lr is Muon's peak learning rate; 0 picks the one its muon_lr_scale rule is calibrated for: learning_rate
     itself under 'moonshot' (the update's RMS matches AdamW's), 0.02 under 'shape' (modded-nanogpt's Muon lr).
     embed_lr > 0 gives the dense embedding tables (token and value embeddings) AdamW groups of that peak lr, and
     head_lr an untied output head: modded-nanogpt and nanochat train the embedding tens of times faster than the
-    head and the matrices; with no weight decay, as there, since lr * weight_decay at such rates would erase them."""
+    head and the matrices; with no weight decay, as there, since lr * weight_decay at such rates would erase them.
+    muon_schedule, normuon_beta2 and cautious_wd are Muon's schedule, beta2 and cautious (Muon.update)."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer '{optimizer}' (choose {', '.join(OPTIMIZERS)})")
     # An Engram table (nn.Embedding, sparse=True) gets SparseAdam, a lazy Adam (no weight decay) whose step touches
@@ -378,6 +423,9 @@ def configure_optimizers(model, optimizer="adamw", learning_rate=6e-4, weight_de
     matrices = [p for p in params if optimizer != "adamw" and p.dim() >= 2 and id(p) not in lookups
                 and getattr(p, "muon", True)]
     in_muon = {id(p) for p in matrices}
+    if normuon_beta2 and any(isinstance(p, DTensor) for p in matrices):
+        raise ValueError("normuon_beta2 keeps a moment per matrix row, which FSDP2 does not shard: train without "
+                         "--fsdp, or with normuon_beta2=0")
     if head_lr and not head:
         raise ValueError("head_lr needs an output head of its own (tie_embeddings=False); a tied one is the "
                          "embedding: set embed_lr")
@@ -392,7 +440,8 @@ def configure_optimizers(model, optimizer="adamw", learning_rate=6e-4, weight_de
     if optimizer != "adamw":
         muon_lr = muon_lr or (learning_rate if muon_lr_scale == "moonshot" else 0.02)
         parts["muon"] = Muon(matrices, lr=muon_lr, momentum=muon_momentum, weight_decay=weight_decay,
-                             lr_scale=muon_lr_scale, graph=device_type == "cuda" and not dist.is_initialized())
+                             lr_scale=muon_lr_scale, schedule=muon_schedule, beta2=normuon_beta2, cautious=cautious_wd,
+                             graph=device_type == "cuda" and not dist.is_initialized())
         parts["muon"].param_groups[0]["lr_ratio"] = muon_lr / learning_rate
     parts["adamw"] = adamw
     if sparse:

@@ -42,8 +42,8 @@ from configurator import (COMMAND_LINE, all_reduce_sum, autocast, average_table_
 from evaluate import exact_bits_per_byte, read_tasks, task_accuracy
 from hf import TRAINING_ONLY, load_model
 from model import GPT, Block, GPTConfig, config_fields, update_router_biases
-from optim import (MUON_LR_SCALES, OPTIMIZERS, QKClip, clip_grad_norm_, configure_optimizers, full_state,
-                   load_state)
+from optim import (MUON_LR_SCALES, NEWTON_SCHULZ, OPTIMIZERS, QKClip, clip_grad_norm_, configure_optimizers,
+                   full_state, load_state)
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -83,6 +83,9 @@ muon_momentum_warmup = 0      # > 0: Muon's momentum rises linearly from 0.85 to
                               # (modded-nanogpt: 300)
 embed_lr = 0.0                # > 0: the peak lr of the embedding tables (AdamW, no weight decay); 0 = learning_rate
 head_lr = 0.0                 # > 0: the same for an untied output head (tie_embeddings=False)
+muon_schedule = "jordan"      # Newton-Schulz coefficients: 'jordan' (Muon's) or 'polar_express' (arXiv 2505.16932)
+normuon_beta2 = 0.0           # > 0: NorMuon (arXiv 2510.05491): each update row divided by its RMS's EMA (0.95)
+cautious_wd = False           # Muon's weight decay only where the update moves the weight towards 0 (arXiv 2510.12402)
 qk_clip_tau = 100.0           # muonclip: a head whose largest attention logit exceeds this is scaled back to it
 qk_clip_interval = 1          # muonclip: measure the logits and clip every this many steps
 # schedule
@@ -120,9 +123,9 @@ check_settings(config,
                non_negative=("max_iters", "warmup_iters", "epochs", "train_flops", "train_tokens", "train_minutes",
                              "target_bpb", "target_interval", "learning_rate", "weight_decay", "grad_clip", "muon_lr",
                              "muon_momentum_warmup", "embed_lr", "head_lr", "peak_flops", "vocab_size"),
-               fractions=("beta1", "beta2", "muon_momentum", "decay_frac", "min_lr_frac"),
+               fractions=("beta1", "beta2", "muon_momentum", "decay_frac", "min_lr_frac", "normuon_beta2"),
                choices={"sampler": ("random", "epoch"), "lr_schedule": ("cosine", "wsd"), "optimizer": OPTIMIZERS,
-                        "muon_lr_scale": tuple(MUON_LR_SCALES)})
+                        "muon_lr_scale": tuple(MUON_LR_SCALES), "muon_schedule": tuple(NEWTON_SCHULZ)})
 # the number of steps: max_iters, or a budget that sets it. One given on the command line wins over a config file's
 # budget (the benchmark configs train an epoch; --max_iters=2 tries one out); two given there contradict each other
 budgets = ("epochs", "train_flops", "train_tokens", "train_minutes")
@@ -460,7 +463,8 @@ else:
 iter_num = checkpoint["step"] if checkpoint else 0
 try:
     optim = configure_optimizers(model, optimizer, learning_rate, weight_decay, (beta1, beta2), device_type,
-                                 muon_lr, muon_momentum, muon_lr_scale, embed_lr, head_lr)
+                                 muon_lr, muon_momentum, muon_lr_scale, embed_lr, head_lr, muon_schedule, normuon_beta2,
+                                 cautious_wd)
 except ValueError as e:
     fail(str(e))
 if optimizer == "muonclip" and model.config.qk_norm:

@@ -16,32 +16,35 @@ from optim import QKClip, configure_optimizers, orthogonalize
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def newton_schulz_float64(G):
-    """The quintic iteration written out by hand, in float64."""
+def newton_schulz_float64(G, schedule="jordan"):
+    """The quintic iterations written out by hand, in float64."""
+    margin, coefficients = optim.NEWTON_SCHULZ[schedule]
     X = G.double().mT if G.size(-2) > G.size(-1) else G.double()
-    X = X / X.norm(dim=(-2, -1), keepdim=True)
-    for _ in range(5):
-        X = 3.4445 * X - 4.7750 * (X @ X.mT) @ X + 2.0315 * (X @ X.mT) @ (X @ X.mT) @ X
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * margin)
+    for a, b, c in coefficients:
+        X = a * X + b * (X @ X.mT) @ X + c * (X @ X.mT) @ (X @ X.mT) @ X
     return X.mT if G.size(-2) > G.size(-1) else X
 
 
+@pytest.mark.parametrize("schedule, band", [("jordan", (0.6, 1.2)), ("polar_express", (0.8, 1.2))])
 @pytest.mark.parametrize("shape", [(64, 256), (256, 64), (96, 384), (3, 64, 128)])
-def test_newton_schulz_singular_values_lie_near_one(shape):
+def test_newton_schulz_singular_values_lie_near_one(shape, schedule, band):
     torch.manual_seed(0)
     G = torch.randn(shape)
-    X = orthogonalize(G)
+    X = orthogonalize(G, schedule)
     assert X.shape == G.shape and X.dtype == torch.bfloat16
     s = torch.linalg.svdvals(X.float())
-    assert 0.6 < s.min() and s.max() < 1.2, (s.min(), s.max())  # the quintic's band, not exactly 1
-    exact = newton_schulz_float64(G)
+    assert band[0] < s.min() and s.max() < band[1], (s.min(), s.max())  # the quintics' band, not exactly 1
+    exact = newton_schulz_float64(G, schedule)
     assert (X.double() - exact).norm() < 0.05 * exact.norm()  # bf16 rounding: about 3%
     if G.dim() == 3:  # batched over experts equals one matrix at a time
-        assert all(torch.equal(X[i], orthogonalize(G[i])) for i in range(len(G)))
+        assert all(torch.equal(X[i], orthogonalize(G[i], schedule)) for i in range(len(G)))
 
 
-def reference_muon(p, grads, lr, momentum, weight_decay, rule, rows):
-    """Muon written out by hand in float64, for one parameter whose logical matrices are `rows` rows each."""
-    p, m = p.double(), torch.zeros_like(p, dtype=torch.float64)
+def reference_muon(p, grads, lr, momentum, weight_decay, rule, rows, schedule="jordan", beta2=0.0, cautious=False):
+    """Muon written out by hand in float64, for one parameter whose logical matrices are `rows` rows each; beta2 > 0:
+    NorMuon's row normalization; cautious: weight decay only where the update has the weight's sign."""
+    p, m, v = p.double(), torch.zeros_like(p, dtype=torch.float64), torch.zeros(p.size(0), dtype=torch.float64)
     for g in grads:
         g = g.double()
         m = momentum * m + (1 - momentum) * g
@@ -49,23 +52,36 @@ def reference_muon(p, grads, lr, momentum, weight_decay, rule, rows):
         updates = []
         for block in u.split(rows):
             A, B = block.shape
-            updates.append(newton_schulz_float64(block) * (0.2 * math.sqrt(max(A, B)) if rule == "moonshot"
-                                                          else math.sqrt(max(1, A / B))))
-        p = p * (1 - lr * weight_decay) - lr * torch.cat(updates)
+            updates.append(newton_schulz_float64(block, schedule) * (0.2 * math.sqrt(max(A, B)) if rule == "moonshot"
+                                                                    else math.sqrt(max(1, A / B))))
+        u = torch.cat(updates)
+        if beta2:
+            v = beta2 * v + (1 - beta2) * (u ** 2).mean(dim=1)
+            normed = u / v.sqrt()[:, None]
+            u = torch.cat([new * part.norm() / new.norm() for part, new in zip(u.split(rows), normed.split(rows))])
+        decay = 1 - lr * weight_decay * ((u * p >= 0).double() if cautious else 1)
+        p = p * decay - lr * u
     return p, m
 
 
-@pytest.mark.parametrize("rule", ["moonshot", "shape"])
-def test_muon_steps_equal_a_hand_written_reference(rule, monkeypatch):
+@pytest.mark.parametrize("rule, schedule, beta2, cautious", [("moonshot", "jordan", 0.0, False),
+                                                             ("shape", "jordan", 0.0, False),
+                                                             ("moonshot", "polar_express", 0.0, False),
+                                                             ("shape", "jordan", 0.9, False),
+                                                             ("moonshot", "jordan", 0.0, True)])
+def test_muon_steps_equal_a_hand_written_reference(rule, schedule, beta2, cautious, monkeypatch):
     # Newton-Schulz in float64 on both sides, so that everything around it is checked to fp32 precision;
     # its bf16 version is checked against the same float64 iteration above
     monkeypatch.setattr(optim, "orthogonalize", newton_schulz_float64)
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(8, 4))
     p.logical_rows = (6, 2)  # a tall and a wide matrix fused into one parameter
-    grads = [torch.randn(8, 4) for _ in range(2)]  # two steps: the second one tells Nesterov from plain momentum
-    expected, buffer = reference_muon(p.detach(), grads, 0.1, 0.9, 0.5, rule, p.logical_rows)
-    muon = optim.Muon([p], lr=0.1, momentum=0.9, weight_decay=0.5, lr_scale=rule)
+    grads = [torch.randn(8, 4) for _ in range(3)]  # the second step tells Nesterov from plain momentum, the third
+    # NorMuon's EMA from a plain mean square
+    expected, buffer = reference_muon(p.detach(), grads, 0.1, 0.9, 0.5, rule, p.logical_rows, schedule, beta2,
+                                      cautious)
+    muon = optim.Muon([p], lr=0.1, momentum=0.9, weight_decay=0.5, lr_scale=rule, schedule=schedule, beta2=beta2,
+                      cautious=cautious)
     for g in grads:
         p.grad = g.clone()
         muon.step()
@@ -88,11 +104,12 @@ def test_muon_orthogonalizes_each_shape_of_logical_matrix_in_one_batched_call(mo
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_muon_steps_replayed_as_a_cuda_graph_equal_eager_steps():
+@pytest.mark.parametrize("candidates", [{}, dict(muon_schedule="polar_express", normuon_beta2=0.95, cautious_wd=True)])
+def test_muon_steps_replayed_as_a_cuda_graph_equal_eager_steps(candidates):
     torch.manual_seed(0)
     models = [GPT(GPTConfig(**TINY_CONFIG, n_kv_head=2)).cuda() for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    opts = [configure_optimizers(m, "muon", device_type="cuda") for m in models]
+    opts = [configure_optimizers(m, "muon", device_type="cuda", **candidates) for m in models]
     opts[1].muon.graph = False
     for step in range(5):
         for model, opt in zip(models, opts):
@@ -258,7 +275,7 @@ def new_run():
 def counting(calls):
     """optim.orthogonalize, appending to `calls` how many matrices each call orthogonalizes."""
     orthogonalize = optim.orthogonalize
-    return lambda G: calls.append(G[..., 0, 0].numel()) or orthogonalize(G)
+    return lambda G, schedule: calls.append(G[..., 0, 0].numel()) or orthogonalize(G, schedule)
 
 
 def ddp_worker(rank, world, folder):
@@ -322,11 +339,12 @@ def test_resume_equals_uninterrupted():
 # -----------------------------------------------------------------------------
 # train.py, in this process
 
-def test_train_py_muonclip_logs_max_logits_and_resumes_exactly(tiny_data, tmp_path, monkeypatch):
+def test_train_py_muonclip_and_muons_candidates_log_max_logits_and_resume_exactly(tiny_data, tmp_path, monkeypatch):
     args = [f"--data_dir={tiny_data}", "--batch_size=8", "--gradient_accumulation_steps=2", "--eval_iters=1",
             "--log_interval=1", "--eval_interval=3", "--warmup_iters=1", "--learning_rate=1e-2", "--lr_schedule=wsd",
             "--decay_frac=0.0", "--optimizer=muonclip", "--qk_clip_tau=0.05",  # wsd without decay: max_iters changes no lr
-            "--muon_momentum_warmup=4", "--embed_lr=3e-2"]  # both set from the step: a resume must give the same
+            "--muon_momentum_warmup=4", "--embed_lr=3e-2",  # both set from the step: a resume must give the same
+            "--muon_schedule=polar_express", "--normuon_beta2=0.9", "--cautious_wd=True"]  # NorMuon's state resumes
     whole, _ = assert_resume_reproduces(lambda out, *more: run_train(monkeypatch, *args, f"--out_dir={out}", *more),
                                         tmp_path, 6, 3, keys=("loss", "max_logit"))
     assert all(len(r["max_logit"]) == 2 for r in read_log(whole) if "loss" in r)  # one per layer
@@ -341,7 +359,15 @@ def test_muon_momentum_warms_up_from_085_and_embed_lr_follows_the_schedule(tiny_
     assert [g["lr"] for g in run["optim"].adamw.param_groups if "lr_ratio" in g] == [pytest.approx(0.1)]
 
 
-@pytest.mark.parametrize("bad, words", [("--optimizer=sgd", "unknown optimizer"), ("--qk_norm=True", "qk_norm")])
+def test_normuon_is_refused_on_fsdp_sharded_matrices(tiny_model, monkeypatch):
+    monkeypatch.setattr(optim, "DTensor", torch.nn.Parameter)  # as if FSDP2 had sharded every parameter
+    with pytest.raises(ValueError, match="^normuon_beta2 keeps a moment per matrix row, which FSDP2 does not shard"):
+        configure_optimizers(tiny_model(), "muon", normuon_beta2=0.95)
+
+
+@pytest.mark.parametrize("bad, words", [("--optimizer=sgd", "unknown optimizer"), ("--qk_norm=True", "qk_norm"),
+                                        ("--muon_schedule=cubic", "muon_schedule"),
+                                        ("--normuon_beta2=1.5", "normuon_beta2")])
 def test_bad_optimizer_settings_give_one_line_errors(tiny_data, tmp_path, monkeypatch, bad, words):
     with pytest.raises(SystemExit, match=f"^error: .*{words}"):
         run_train(monkeypatch, f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", "--optimizer=muonclip", bad)
