@@ -425,6 +425,8 @@ def training_windows(step):
         ids.append(_epoch_orders[epoch][g % n_windows])
     shard = np.searchsorted(window_starts, ids, side="right") - 1
     return shard, (np.array(ids) - window_starts[shard]) * T
+
+
 def random_windows(shards, rng, n):
     """n windows at uniformly random offsets over all shards."""
     sizes = np.array([len(s) - T for s in shards])
