@@ -2,7 +2,8 @@
 Fast paths of model.py, one floor down: what each computes is written plainly in model.py (the reference each is
 tested against); here is how to compute it fast: FlexAttention's block masks, MoBA's block-by-block attention, a
 permutation whose backward is a gather, grouped decode attention, the experts' grouped GEMM, a cross-entropy without an
-fp32 copy of the logits, chunked linear attention, and CUDA graphs (the decode step, Muon's step). FlexAttention is
+fp32 copy of the logits, QK-Clip's largest logits by chunks, chunked linear attention, and CUDA graphs (the decode
+step, Muon's step). FlexAttention is
 imported by the spans that use it, when one is built (importing it loads torch._dynamo: seconds); nothing here imports
 or compiles while torch.compile traces.
 """
@@ -179,6 +180,26 @@ def pair_block_mask(block, S, size):
         full_kv_num_blocks=torch.where(whole, count, 0).int(), full_kv_indices=kv_indices,
         q_num_blocks=part_count.clamp(min=0).int(), q_indices=part_indices,
         full_q_num_blocks=full_count.clamp(min=0).int(), full_q_indices=full_indices)
+
+
+@torch.no_grad()
+def max_attention_logits(q, k, mask=None, chunk=256):
+    """For QK-Clip (optim.py): each head's largest logit q.k / sqrt(d) over the batch, which SDPA never exposes, of
+    q (B, n_head, T, d), k (B, n_kv_head, T, d), causal or under a span's mask (T, T) or (B, n_head, T, T).
+    (n_head,) fp32; chunked over queries, at most B*n_head*chunk*T logits at once."""
+    B, H, T, d = q.shape
+    q = q.unflatten(1, (k.size(1), H // k.size(1)))  # (B, n_kv_head, group, T, d): heads sharing a key head
+    k = k.unsqueeze(2)  # (B, n_kv_head, 1, T, d)
+    if mask is not None:
+        mask = mask.expand(B, H, T, T).unflatten(1, (k.size(1), H // k.size(1)))
+    best = torch.full((H,), float("-inf"), device=q.device)
+    for start in range(0, T, chunk):
+        end = min(start + chunk, T)
+        logits = q[..., start:end, :] @ k[..., :end, :].mT  # (B, n_kv_head, group, end - start, end)
+        hidden = (torch.ones(end - start, end, dtype=torch.bool, device=q.device).triu(start + 1) if mask is None
+                  else ~mask[..., start:end, :end])
+        best = torch.maximum(best, logits.masked_fill(hidden, float("-inf")).amax(dim=(0, 3, 4)).float().flatten())
+    return best / math.sqrt(d)
 
 
 # -----------------------------------------------------------------------------

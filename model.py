@@ -22,7 +22,8 @@ form (`residual='mhc'`; arXiv 2512.24880); Engram's hashed n-gram memory (`engra
 
 Speedrun candidates (modded-nanogpt's and nanochat's): the squared-ReLU MLP (`mlp='relu2'`; Primer, arXiv 2109.08668),
 soft-capped logits (`logit_softcap`; Gemma 2, arXiv 2408.00118 §2), value embeddings (`value_embeds`; after arXiv
-2410.17897), embedding-skip mixing (`x0_mix`) and zero-initialized output projections (`zero_init_proj`; as ReZero).
+2410.17897), embedding-skip mixing (`x0_mix`), U-net skips (`unet_skips`) and zero-initialized output projections
+(`zero_init_proj`; as ReZero).
 """
 import math
 from dataclasses import dataclass, field, fields
@@ -33,7 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import (cross_entropy, eager, flex, gated_delta_rule_chunked, grouped_attention, grouped_mm,
-                     grouped_mm_supported, linear_attention_chunked, moba_attention, permute, static_block_mask)
+                     grouped_mm_supported, linear_attention_chunked, max_attention_logits, moba_attention, permute,
+                     static_block_mask)
 
 
 @dataclass
@@ -111,6 +113,7 @@ class GPTConfig:
     hc_streams: int = 4         # hc/mhc: parallel residual streams (the papers' expansion rate n)
     hc_sinkhorn_iters: int = 20  # mhc: Sinkhorn-Knopp iterations that make the stream-mixing matrix doubly stochastic
     x0_mix: bool = False        # before block i the stream becomes a_i x + b_i x0, x0 the embedding (modded-nanogpt)
+    unet_skips: bool = False    # the last n_layer // 2 blocks' inputs add the first half's outputs, mirrored (U-net)
     # Engram memory (engram_layers != '')
     engram_layers: str = ""     # layers (from 0) with an Engram memory before their attention, e.g. '1,4'; '' = none
     engram_orders: str = "2,3"  # n-gram orders looked up, e.g. '2,3' (bigrams and trigrams)
@@ -264,26 +267,6 @@ class Context:
 
 # -----------------------------------------------------------------------------
 # attention
-
-@torch.no_grad()
-def max_attention_logits(q, k, mask=None, chunk=256):
-    """For QK-Clip (optim.py): each head's largest logit q.k / sqrt(d) over the batch, which SDPA never exposes, of
-    q (B, n_head, T, d), k (B, n_kv_head, T, d), causal or under a span's mask (T, T) or (B, n_head, T, T).
-    (n_head,) fp32; chunked over queries, at most B*n_head*chunk*T logits at once."""
-    B, H, T, d = q.shape
-    q = q.unflatten(1, (k.size(1), H // k.size(1)))  # (B, n_kv_head, group, T, d): heads sharing a key head
-    k = k.unsqueeze(2)  # (B, n_kv_head, 1, T, d)
-    if mask is not None:
-        mask = mask.expand(B, H, T, T).unflatten(1, (k.size(1), H // k.size(1)))
-    best = torch.full((H,), float("-inf"), device=q.device)
-    for start in range(0, T, chunk):
-        end = min(start + chunk, T)
-        logits = q[..., start:end, :] @ k[..., :end, :].mT  # (B, n_kv_head, group, end - start, end)
-        hidden = (torch.ones(end - start, end, dtype=torch.bool, device=q.device).triu(start + 1) if mask is None
-                  else ~mask[..., start:end, :end])
-        best = torch.maximum(best, logits.masked_fill(hidden, float("-inf")).amax(dim=(0, 3, 4)).float().flatten())
-    return best / math.sqrt(d)
-
 
 # Spans: which keys each softmax query sees. Any projection (CausalSelfAttention, MLA) runs with any span: the
 # projection makes q, k, v and owns its cache layout; the span attends (SDPA's causal kernels for 'full', else
@@ -1366,6 +1349,8 @@ class GPT(nn.Module):
         self.softcap = LogitSoftCap(config) if config.logit_softcap else nn.Identity()  # no cap: nothing to compute
         if config.x0_mix:  # embedding skip (modded-nanogpt; nanochat's x0 lambdas), main stack only; init: the baseline
             self.x0_a, self.x0_b = nn.Parameter(torch.ones(config.n_layer)), nn.Parameter(torch.zeros(config.n_layer))
+        if config.unet_skips:  # modded-nanogpt's encoder-decoder skips, one gain each (1 at init, as there)
+            self.skip_gains = nn.Parameter(torch.ones(config.n_layer // 2))
         self.mtp = nn.ModuleList(MTP(config, depth) for depth in range(1, config.mtp_depth + 1))
         self.objectives = [mtp_loss] if config.mtp_depth else []  # beyond the next token's, adding to ctx.losses
         cos, sin = rope_tables(config)
@@ -1413,9 +1398,12 @@ class GPT(nn.Module):
         """The last hidden state (B, T, n_embd) of tokens idx, before the final norm; decoding writes the cache."""
         ctx.idx = idx
         x = x0 = self.residual.expand(self.drop(self.wte(idx)), self.config)
+        n, half, skips = len(self.blocks), self.config.n_layer // 2 if self.config.unet_skips else 0, []
         for i, block in enumerate(self.blocks):
             x = self.x0_a[i] * x + self.x0_b[i] * x0 if self.config.x0_mix else x  # x0 as expanded: in every stream
+            x = x + self.skip_gains[i - (n - half)] * skips.pop() if i >= n - half else x  # block n-1-j gets j's output
             x = block(x, ctx, None if cache is None else cache["layers"][i])
+            skips += [x] if i < half else []
         return self.residual.reduce(x)
 
     def logits(self, h, norm=None):

@@ -86,6 +86,7 @@ FAMILY_VARIANTS = {
     "softcap_mtp": dict(logit_softcap=3.0, mtp_depth=2),
     "value_embeds_gqa_sliding": dict(value_embeds="0,1", n_kv_head=2, attn_pattern="GS", window=5),
     "x0_mix_hc": dict(x0_mix=True, residual="hc", hc_streams=2),
+    "unet_skips_odd": dict(unet_skips=True, n_layer=3),  # the middle block gets no skip
 }
 # the dense baseline's attention shapes (test_model.py); the generic checks run on these and every family's configs
 ATTENTION = {"mha": dict(n_kv_head=4), "gqa": dict(n_kv_head=2), "mqa": dict(n_kv_head=1),

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 import kernels
 from conftest import ROOT, run_stage
 from decode import generate
-from kernels import gated_delta_rule_chunked, grouped_attention, linear_attention_chunked, pair_block_mask
+from kernels import (gated_delta_rule_chunked, grouped_attention, linear_attention_chunked, max_attention_logits,
+                     pair_block_mask)
 from model import (GPT, Context, GPTConfig, MoBASpan, SlidingSpan, BlockSparseSpan, GatedDeltaNet, LinearAttention,
-                   gated_delta_rule_recurrent, linear_attention_recurrent, max_attention_logits)
+                   gated_delta_rule_recurrent, linear_attention_recurrent)
 from optim import QKClip, configure_optimizers
 
 PROJECTIONS = {"mha": dict(), "gqa": dict(n_kv_head=2, qk_norm=True),

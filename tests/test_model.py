@@ -287,6 +287,28 @@ def test_value_embeds_add_a_table_of_their_own_to_the_values_as_a_hand_computed_
     assert model.flops_breakdown() == base.flops_breakdown()
 
 
+@pytest.mark.parametrize("n_layer, skipped", [(4, {2: 1, 3: 0}), (3, {2: 0})])
+def test_unet_skips_feed_the_first_half_blocks_outputs_into_the_mirrored_last_half(tiny_model, n_layer, skipped):
+    """Block i of the last n_layer // 2 reads the last block's output + gain * the output of block n_layer - 1 - i
+    (the middle block of an odd depth none); with the gains at 0 the model computes what the model without them does."""
+    model, base = tiny_model(unet_skips=True, n_layer=n_layer), tiny_model(n_layer=n_layer)
+    idx = torch.randint(0, 64, (2, 9))
+    assert all(torch.equal(p, base.state_dict()[name]) for name, p in model.state_dict().items() if "skip" not in name)
+    with torch.no_grad():
+        model.skip_gains.zero_()
+        assert torch.equal(model(idx, idx)[0], base(idx, idx)[0])
+        model.skip_gains.copy_(torch.tensor([0.5, -2.0][:n_layer // 2]))
+    seen = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda module, inputs, output: seen.append((inputs[0], output)))
+    model(idx, idx)
+    for i in range(1, n_layer):
+        gain = model.skip_gains[i - (n_layer - n_layer // 2)] if i in skipped else 0  # in the order they are used
+        skip = seen[skipped[i]][1] if i in skipped else 0
+        assert torch.allclose(seen[i][0], seen[i - 1][1] + gain * skip, atol=1e-6), i
+    assert model.num_params() == base.num_params() + n_layer // 2
+
+
 @pytest.mark.parametrize("residual", ["standard", "hc"])
 def test_x0_mix_is_the_baseline_at_init_and_feeds_a_x_plus_b_x0_into_each_block(tiny_model, residual):
     """a = 1, b = 0: the same weights and logits as the model without it, bit for bit; hand-set a and b: block i reads
