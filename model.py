@@ -1398,12 +1398,15 @@ class GPT(nn.Module):
         """The last hidden state (B, T, n_embd) of tokens idx, before the final norm; decoding writes the cache."""
         ctx.idx = idx
         x = x0 = self.residual.expand(self.drop(self.wte(idx)), self.config)
-        n, half, skips = len(self.blocks), self.config.n_layer // 2 if self.config.unet_skips else 0, []
+        half = self.config.n_layer // 2 if self.config.unet_skips else 0
+        decoder, skips = len(self.blocks) - half, []  # unet_skips: block n-1-j gets block j's output
         for i, block in enumerate(self.blocks):
             x = self.x0_a[i] * x + self.x0_b[i] * x0 if self.config.x0_mix else x  # x0 as expanded: in every stream
-            x = x + self.skip_gains[i - (n - half)] * skips.pop() if i >= n - half else x  # block n-1-j gets j's output
+            if i >= decoder:
+                x = x + self.skip_gains[i - decoder] * skips.pop()
             x = block(x, ctx, None if cache is None else cache["layers"][i])
-            skips += [x] if i < half else []
+            if i < half:
+                skips.append(x)
         return self.residual.reduce(x)
 
     def logits(self, h, norm=None):

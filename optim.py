@@ -62,6 +62,11 @@ def orthogonalize(G, schedule="jordan"):
     return X.mT if tall else X
 
 
+def logical_matrices(p, t):
+    """Views of t (p's shape) as the logical matrices p's rows hold (`logical_rows`: q | k | v, gate | up), or whole."""
+    return t.split(getattr(p, "logical_rows", None) or t.size(-2), dim=-2)
+
+
 # An A x B matrix whose singular values are all 1 has RMS 1/sqrt(max(A, B)); each rule rescales that.
 MUON_LR_SCALES = {
     # Moonlight (arXiv 2502.16982 §2): RMS 0.2, AdamW's typical update RMS, so AdamW's lr and weight decay carry over
@@ -172,8 +177,7 @@ class Muon(torch.optim.Optimizer):
         for p, u, v in zip(params, updates, moments):
             v.lerp_(u.square().mean(dim=-1), 1 - beta2)
             normed = u * v.clamp(min=1e-20).rsqrt()[..., None]
-            rows = getattr(p, "logical_rows", None) or u.size(-2)
-            for part, new in zip(u.split(rows, dim=-2), normed.split(rows, dim=-2)):
+            for part, new in zip(logical_matrices(p, u), logical_matrices(p, normed)):
                 before, after = (t.norm(dim=(-2, -1), keepdim=True) for t in (part, new))  # per matrix of a stack
                 part.copy_(new * (before / after.clamp(min=1e-20)))
 
@@ -183,7 +187,7 @@ class Muon(torch.optim.Optimizer):
         shape, each split over the ranks (orthogonalize_share)."""
         batches = {}  # (rows, cols) -> views of the updates' logical matrices of that shape
         for p, u in zip(params, updates):
-            for part in u.split(getattr(p, "logical_rows", None) or u.size(-2), dim=-2):
+            for part in logical_matrices(p, u):
                 batches.setdefault(part.shape[-2:], []).append(part)
         pending = [cls.orthogonalize_share(shape, parts, schedule, rank, world) for shape, parts in batches.items()]
         for (shape, parts), (result, gather) in zip(batches.items(), pending):
