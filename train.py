@@ -100,6 +100,8 @@ lr_schedule = "cosine"        # 'cosine', or 'wsd' (warmup-stable-decay: constan
 warmup_iters = 100
 decay_frac = 0.2              # wsd: the final fraction of steps that decays the learning rate
 min_lr_frac = 0.1             # the learning rate at the end, as a fraction of learning_rate
+seq_warmup = 0.0              # > 0: the first this fraction of the steps cut each window into shorter sequences, ...
+seq_warmup_min = 128          # ... this many tokens, doubling at equal intervals up to block_size (arXiv 2108.06084)
 # system
 device = "auto"               # 'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"                # 'auto' (bf16 on GPUs that have it, else fp16; fp32 on CPU), float32, bfloat16, float16
@@ -119,13 +121,18 @@ config, given = parse_config(defaults, sys.argv[1:], with_given=True)
 
 check_settings(config,
                positive=("batch_size", "gradient_accumulation_steps", "eval_iters", "eval_interval", "log_interval",
-                         "qk_clip_tau", "qk_clip_interval"),
+                         "qk_clip_tau", "qk_clip_interval", "seq_warmup_min"),
                non_negative=("max_iters", "warmup_iters", "epochs", "train_flops", "train_tokens", "train_minutes",
                              "target_bpb", "target_interval", "learning_rate", "weight_decay", "grad_clip", "muon_lr",
                              "muon_momentum_warmup", "embed_lr", "head_lr", "peak_flops", "vocab_size"),
-               fractions=("beta1", "beta2", "muon_momentum", "decay_frac", "min_lr_frac", "normuon_beta2"),
+               fractions=("beta1", "beta2", "muon_momentum", "decay_frac", "min_lr_frac", "normuon_beta2",
+                          "seq_warmup"),
                choices={"sampler": ("random", "epoch"), "lr_schedule": ("cosine", "wsd"), "optimizer": OPTIMIZERS,
                         "muon_lr_scale": tuple(MUON_LR_SCALES), "muon_schedule": tuple(NEWTON_SCHULZ)})
+pieces = config["block_size"] // config["seq_warmup_min"]
+if config["seq_warmup"] and (config["block_size"] % config["seq_warmup_min"] or pieces & (pieces - 1)):
+    fail(f"seq_warmup_min={config['seq_warmup_min']} must be block_size={config['block_size']} divided by a power "
+         "of two")
 # the number of steps: max_iters, or a budget that sets it. One given on the command line wins over a config file's
 # budget (the benchmark configs train an epoch; --max_iters=2 tries one out); two given there contradict each other
 budgets = ("epochs", "train_flops", "train_tokens", "train_minutes")
@@ -490,7 +497,7 @@ if checkpoint and not eval_only:
             torch.cuda.set_rng_state(rng["cuda"])
 raw_model = model
 if compile:
-    model = torch.compile(model)
+    model = torch.compile(model, dynamic=False)  # seq_warmup's few lengths: a graph each, none slower for the others
 if ddp and not fsdp:
     # broadcast_buffers=False: MoE routers count their experts' load in buffers, per process, until
     # update_router_biases sums them over processes; rank 0's counts must not overwrite the others' (torch's
@@ -523,6 +530,16 @@ def get_lr(step):
         return learning_rate - (learning_rate - min_lr) * (step - decay_start) / max(1, max_iters - decay_start)
     progress = min(1.0, (step - warmup_iters) / max(1, max_iters - warmup_iters))  # 'cosine'
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+def sequence_length(step):
+    """Sequence-length warm-up (Li et al. 2022, arXiv 2108.06084 §4): short contexts first, where the early model
+    gains little from long ones. Each window is cut into pieces, so the tokens and their order stay those of the run
+    without it; the length doubles from seq_warmup_min at equal intervals of the first seq_warmup of the steps."""
+    warm = seq_warmup * max_iters
+    if step >= warm:
+        return T
+    return seq_warmup_min << int(step / warm * math.log2(T // seq_warmup_min))
 
 
 # -----------------------------------------------------------------------------
@@ -751,11 +768,12 @@ try:
             qk_clip.track(True)
         # DDP all-reduces the gradients once, after the last micro-step; FSDP reduce-scatters them after each, since
         # skipping that would keep every process's whole gradients until the last
+        length = sequence_length(iter_num)
         for micro in range(gradient_accumulation_steps):
             if ddp and not fsdp:
                 model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
             with amp:
-                _, loss, aux = model(x, y)
+                _, loss, aux = model(x.reshape(-1, length), y.reshape(-1, length))
             if clip_step:
                 qk_clip.observe(aux)
             loss = loss / gradient_accumulation_steps

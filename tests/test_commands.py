@@ -66,8 +66,10 @@ REWRITES = [
     # eight CPU processes sharding a model cost half a minute: two show the same
     ("docs/stages.md", "--nproc_per_node=8 train.py config/gpt2_124m.py --fsdp=True",
      "--nproc_per_node=2 train.py config/gpt2_124m.py --fsdp=True"),
-    ("config/speedrun.py", "--epochs=1 ", "--max_iters=2 "),  # the one-epoch run: two steps
+    ("config/speedrun.py", "--epochs=1 ", "--max_iters=2 "),  # the one-epoch run: two steps, of 64 tokens
+    ("config/speedrun.py", "--seq_warmup=0.3 ", "--seq_warmup=0.3 --seq_warmup_min=16 "),
     ("docs/results.md", "--epochs=1 ", "--max_iters=2 "),
+    ("docs/results.md", "--seq_warmup=0.3 ", "--seq_warmup=0.3 --seq_warmup_min=16 "),
 ]
 NOT_RUN = {
     "pip install -r requirements.txt": "installs packages",

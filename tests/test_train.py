@@ -182,6 +182,22 @@ def test_epoch_sampler_visits_every_window_once_per_epoch(tiny_data, tmp_path, m
     assert len(next_epoch) == per_step
 
 
+def test_seq_warmup_cuts_the_windows_into_doubling_lengths_on_the_same_tokens(tiny_data, tmp_path, monkeypatch):
+    import model
+    seen = []  # (input, target) of each training forward
+    forward = model.GPT.forward
+    monkeypatch.setattr(model.GPT, "forward", lambda self, idx, targets=None, *a, **k: (
+        seen.append((idx, targets)) if self.training else None, forward(self, idx, targets, *a, **k))[1])
+    args = (f"--data_dir={tiny_data}", *TINY[1:], "--max_iters=8", "--sampler=epoch", "--eval_interval=100")
+    train_py = run_train(monkeypatch, f"--out_dir={tmp_path / 'warm'}", *args, "--seq_warmup=0.5", "--seq_warmup_min=8")
+    assert [idx.shape for idx, _ in seen] == [(16, 8)] * 2 + [(8, 16)] * 2 + [(4, 32)] * 4
+    assert [train_py["sequence_length"](step) for step in (0, 1, 2, 3, 4, 100)] == [8, 8, 16, 16, 32, 32]
+    pieces, seen[:] = seen[:], []
+    run_train(monkeypatch, f"--out_dir={tmp_path / 'plain'}", *args)
+    assert all(torch.equal(a.reshape(4, 32), b[0]) and torch.equal(c.reshape(4, 32), b[1])
+               for (a, c), b in zip(pieces, seen))  # the same tokens and targets, in the same order
+
+
 def one_line_error(result, *words):
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
@@ -273,6 +289,7 @@ def test_a_diverging_run_never_saves_non_finite_weights(tiny_data, run_copy, mon
     ("--log_interval=0", "log_interval=0 must be positive"),
     ("--target_bpb=-1.5", "target_bpb=-1.5 must not be negative"),
     ("--target_interval=-10", "target_interval=-10 must not be negative"),
+    ("--seq_warmup=0.3 --seq_warmup_min=12", "seq_warmup_min=12 must be block_size=32 divided by a power of two"),
     ("--device=cuda", "no CUDA GPU that torch can use: use --device=cpu"),
     ("--dtype=fp16", "unknown dtype 'fp16' (choose auto, float32, bfloat16, float16)"),
     ("--dtype=float64", "unknown dtype 'float64' (choose auto, float32, bfloat16, float16)"),
@@ -286,7 +303,7 @@ def test_bad_settings_stop_before_the_folder_changes(tiny_data, run_copy, monkey
         pytest.skip("a GPU is here")
     before = snapshot(run_copy)
     message = stops(monkeypatch, f"--data_dir={tiny_data}", f"--out_dir={run_copy}", "--init_from=resume",
-                    "--max_iters=4", bad)
+                    "--max_iters=4", *bad.split())
     assert words in message, message
     assert snapshot(run_copy) == before
 
