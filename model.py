@@ -1,12 +1,12 @@
 """
-nanollm model: a modern decoder-only transformer in one file, bottom-up as in nanoGPT. Every variant is a flag of
-`GPTConfig` and one small class found by searching its flag, written plainly (its fast path, if any, is in
-kernels.py); a reader who ignores a flag never reads its code.
+nanollm model: a modern decoder-only transformer in one file, bottom-up as in nanoGPT. Every variant is a
+`GPTConfig` flag and one small class found by searching the flag, written plainly (any fast path in kernels.py);
+a reader who ignores a flag never reads its code.
 
 Dense baseline (Llama-style): pre-norm blocks with RMSNorm (Zhang & Sennrich 2019); rotary position embeddings
 (RoFormer, arXiv 2104.09864) stretched by Llama 3.1's or YaRN's scaling (arXiv 2309.00071); grouped-query attention
 (`n_kv_head`; arXiv 2305.13245) with optional QK-norm (arXiv 2302.05442) and Qwen2's q/k/v biases; SwiGLU
-(arXiv 2002.05202); tied embeddings; a static-shape KV cache for left-padded batches (decode.py decodes with it).
+(arXiv 2002.05202); tied embeddings; a static-shape KV cache for decode.py's left-padded batches.
 
 DeepSeek family: latent attention (`attention='mla'`; DeepSeek-V2, arXiv 2405.04434 §2.1); mixture-of-experts
 (`n_experts`; DeepSeekMoE arXiv 2401.06066, DeepSeek-V3 arXiv 2412.19437 §2.1.2) with shared experts, Llama 4
@@ -41,23 +41,23 @@ from kernels import (cross_entropy, eager, flex, gated_delta_rule_chunked, group
 @dataclass
 class GPTConfig:
     # size
-    block_size: int = 1024      # longest context the model is trained for (RoPE tables, decode cache)
-    vocab_size: int = 8192      # rows of the embedding; >= the tokenizer's vocabulary
+    block_size: int = 1024      # longest trained context (RoPE tables, decode cache)
+    vocab_size: int = 8192      # embedding rows; >= the tokenizer's vocabulary
     n_layer: int = 12           # transformer blocks
     n_head: int = 12            # query heads
     n_embd: int = 768           # model width
-    dropout: float = 0.0        # dropout on attention probabilities and residual branches (0 for pretraining)
+    dropout: float = 0.0        # on attention probabilities and residual branches (0 for pretraining)
     norm_eps: float = 1e-6      # epsilon of every RMSNorm
-    zero_init_proj: bool = False  # the matrices writing into the residual stream start at zero (modded-nanogpt)
+    zero_init_proj: bool = False  # matrices writing into the residual stream start at zero (modded-nanogpt)
     # attention
     attention: str = "mha"      # sequence mixer: 'mha' (MHA/GQA/MQA through n_kv_head), 'mla' (latent) or 'linear'
     n_kv_head: int = 0          # key/value heads: 0 = n_head (MHA), 1 = MQA, a divisor of n_head = GQA
     head_dim: int = 0           # width of each query/key/value head; 0 = n_embd // n_head (Qwen3: 128 at any width)
-    qkv_bias: bool = False      # biases on the q, k and v projections (Qwen2)
+    qkv_bias: bool = False      # q, k and v projection biases (Qwen2)
     rope_theta: float = 10000.0  # RoPE base: frequencies theta^(-2i/head_dim)
     rope_scaling: str = "none"  # longer context: 'none', 'llama3' (Llama 3.1) or 'yarn' (arXiv 2309.00071)
-    rope_factor: float = 1.0    # rope_scaling: the context grows this many times over rope_original_len
-    rope_original_len: int = 0  # rope_scaling: the context the model was pretrained at
+    rope_factor: float = 1.0    # rope_scaling: the context's growth factor over rope_original_len
+    rope_original_len: int = 0  # rope_scaling: the pretraining context
     rope_low_rotations: float = 0.0  # dims turning fewer times over rope_original_len are stretched; 0 = 1
     rope_high_rotations: float = 0.0  # dims turning more times keep theirs; 0 = 4 (Llama 3.1), 32 (YaRN)
     yarn_mscale: float = 1.0    # YaRN attention temperature of the rotary dims: 0.1 * yarn_mscale * ln(rope_factor) + 1
@@ -71,9 +71,9 @@ class GPTConfig:
     moba_block: int = 512       # moba: key block size (MoBA: 512 at 8k context)
     moba_topk: int = 3          # moba: key blocks per query, its own included (MoBA: 3)
     attn_gate: str = "none"     # sigmoid gate on softmax attention (Qwen): 'none', 'headwise' or 'elementwise'
-    attn_gate_at: str = "output"  # attn_gate: on each head's attention 'output' (the paper's G1) or its 'value' (G2)
+    attn_gate_at: str = "output"  # attn_gate: on each head's 'output' (the paper's G1) or its 'value' (G2)
     linear_kind: str = "elu"    # attention='linear': 'elu' (Katharopoulos et al.) or 'gated_deltanet' (Qwen3-Next's)
-    linear_chunk: int = 64      # attention='linear': chunk length of the chunked training form
+    linear_chunk: int = 64      # attention='linear': chunk length of the training form
     attn_pattern: str = ""      # a letter per layer, repeated over depth: G full, S sliding, B block-sparse, M MoBA
                                 # (softmax, `attention`'s projections), L linear; '' = `attention` and attn_span
     value_embeds: str = ""      # layers whose values add a per-token embedding of their own, e.g. '0,1'; '' = none
@@ -94,7 +94,7 @@ class GPTConfig:
     moe_every: int = 1          # MoE on layers i with (i + 1) % moe_every == 0 (Llama 4 interleaving: 2), dense between
     moe_first_dense: int = 0    # the first layers stay dense (DeepSeek-V3: 3)
     router_scoring: str = "softmax"  # expert scores: 'softmax' over experts, or a 'sigmoid' each (DeepSeek-V3, Llama 4)
-    router_renorm: bool = True  # the chosen experts' gates are renormalized to sum 1 (off: the raw scores)
+    router_renorm: bool = True  # the chosen experts' gates renormalized to sum 1 (off: the raw scores)
     moe_groups: int = 1         # routed experts fall into this many groups, ranked by their two best scores (V3: 8)
     moe_topk_groups: int = 1    # a token's experts come from its best moe_topk_groups groups only (V3: 4)
     routed_scaling: float = 1.0  # factor on the routed experts' gates (DeepSeek-V3: 2.5)
@@ -107,11 +107,11 @@ class GPTConfig:
     # MTP (mtp_depth > 0)
     mtp_depth: int = 0          # extra tokens predicted by sequential MTP modules (DeepSeek-V3: 1); training only
     mtp_lambda: float = 0.3     # weight of the MTP losses: lambda / depth * their sum (V3: 0.3, then 0.1)
-    mtp_blocks: int = 1         # transformer blocks in each MTP module
+    mtp_blocks: int = 1         # transformer blocks per MTP module
     # residual streams
     residual: str = "standard"  # 'standard' pre-norm residual, 'hc' hyper-connections, 'mhc' manifold-constrained HC
     hc_streams: int = 4         # hc/mhc: parallel residual streams (the papers' expansion rate n)
-    hc_sinkhorn_iters: int = 20  # mhc: Sinkhorn-Knopp iterations that make the stream-mixing matrix doubly stochastic
+    hc_sinkhorn_iters: int = 20  # mhc: Sinkhorn-Knopp iterations making the stream-mixing matrix doubly stochastic
     x0_mix: bool = False        # before block i the stream becomes a_i x + b_i x0, x0 the embedding (modded-nanogpt)
     unet_skips: bool = False    # the last n_layer // 2 blocks' inputs add the first half's outputs, mirrored (U-net)
     # Engram memory (engram_layers != '')
@@ -127,8 +127,8 @@ class GPTConfig:
     def __post_init__(self):
         self.n_kv_head = self.n_kv_head or self.n_head
         # relu2's two matrices at 4 * n_embd hold as many weights as SwiGLU's three at 8/3 * n_embd
-        self.mlp_hidden = self.mlp_hidden or (4 * self.n_embd if self.mlp == "relu2"
-                                              else 64 * math.ceil(8 * self.n_embd / 3 / 64))
+        default_hidden = 4 * self.n_embd if self.mlp == "relu2" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        self.mlp_hidden = self.mlp_hidden or default_hidden
         if not self.head_dim:
             require(self.n_embd % self.n_head == 0, "n_embd must be a multiple of n_head (or set head_dim)")
             self.head_dim = self.n_embd // self.n_head
@@ -164,7 +164,7 @@ class GPTConfig:
             part.check(self)
 
     def layer_mixer(self, layer):
-        """(mixer, span) of layer `layer`, MIXERS and SPANS keys: attn_pattern's letter, else attention/attn_span."""
+        """(mixer, span) of layer `layer`, MIXERS and SPANS keys, from attn_pattern, else attention/attn_span."""
         span = PATTERN_LETTERS[self.attn_pattern[layer % len(self.attn_pattern)]] if self.attn_pattern else self.attn_span
         return (self.linear_kind, "full") if "linear" in (span, self.attention) else (self.attention, span)
 
@@ -174,7 +174,7 @@ class GPTConfig:
         return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
 
     def is_moe_layer(self, layer):
-        """Whether layer `layer` (counted from 0, the MTP modules' blocks after the main ones) has an MoE feed-forward."""
+        """Whether layer `layer` (from 0; the MTP modules' blocks after the main ones) has an MoE feed-forward."""
         return self.n_experts > 0 and layer >= self.moe_first_dense and (layer + 1) % self.moe_every == 0
 
 
@@ -204,7 +204,7 @@ def int_list(text, key):
 # shared pieces
 
 class RMSNorm(nn.Module):
-    """y = g * x / sqrt(mean(x^2) + eps), computed in fp32 whatever the autocast dtype."""
+    """y = g * x / sqrt(mean(x^2) + eps), in fp32 whatever the autocast dtype."""
 
     def __init__(self, dim, eps):
         super().__init__()
@@ -246,7 +246,7 @@ def rope_tables(config):
 
 def apply_rope(x, cos, sin):
     """Rotate pairs (x_i, x_{i+d/2}) of x (B, T, heads, d) by cos/sin (T, d/2) or (B, T, d/2), in fp32 as Meta's
-    Llama reference does (compiled, a bf16 rotation gets a slower backward), cast back to x's dtype."""
+    Llama reference does (compiled, a bf16 rotation has a slower backward), in x's dtype."""
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
@@ -254,14 +254,14 @@ def apply_rope(x, cos, sin):
 
 @dataclass
 class Context:
-    """What a layer may need beyond its input x, shared by all layers of one forward pass."""
-    cos: torch.Tensor                   # RoPE tables at each token's position: (T, d/2), or (B, T, d/2) when decoding
+    """What a layer may need beyond its input x, shared by all layers of a forward pass."""
+    cos: torch.Tensor                   # RoPE tables at each token's position: (T, d/2), decoding (B, T, d/2)
     sin: torch.Tensor
     cache_pos: torch.Tensor = None      # (T,) cache slots the new tokens are written to; None when training
-    mask: torch.Tensor = None           # (B, 1, T, max_len) which cache slots each new token may attend to
+    mask: torch.Tensor = None           # (B, 1, T, max_len) which cache slots each new token sees
     pad: torch.Tensor = None            # (B,) each row's first cache slot (left padding); None when training
-    idx: torch.Tensor = None            # (B, T) the token ids
-    aux: dict = field(default_factory=dict)  # side outputs of layers (metrics, unweighted losses), for the logs
+    idx: torch.Tensor = None            # (B, T) token ids
+    aux: dict = field(default_factory=dict)  # layers' side outputs (metrics, unweighted losses), for the logs
     losses: dict = field(default_factory=dict)  # weighted auxiliary losses, which training adds to its objective
 
 
@@ -269,12 +269,12 @@ class Context:
 # attention
 
 # Spans: which keys each softmax query sees. Any projection (CausalSelfAttention, MLA) runs with any span: the
-# projection makes q, k, v and owns its cache layout; the span attends (SDPA's causal kernels for 'full', else
-# FlexAttention on CUDA or masked SDPA) and, decoding, stores the new cache entries and says which slots each sees.
+# projection makes q, k, v and owns its cache layout; the span attends (SDPA or FlexAttention) and, decoding,
+# stores the new cache entries and says which slots each sees.
 
 class FullSpan:
     """Causal attention over every past position, through SDPA's fused kernels (is_causal)."""
-    use_flex = None  # the masked spans: None = FlexAttention on CUDA, masked SDPA elsewhere; True/False forces one
+    use_flex = None  # masked spans: None = FlexAttention on CUDA, masked SDPA elsewhere; True/False forces one
     # a position's entries have their own slot and masks hide later ones, so decoding rewinds by position alone
     # (speculative decoding's rejected drafts); a mixer without this attribute does not rewind
     rewinds = True
@@ -283,7 +283,7 @@ class FullSpan:
         self.config = config
 
     def cache_len(self, max_len):
-        """Cache slots a sequence of up to max_len tokens needs."""
+        """Cache slots for a sequence of up to max_len tokens."""
         return max_len
 
     def new_cache(self, batch, max_len, device):
@@ -292,7 +292,7 @@ class FullSpan:
 
     def update(self, cache, new, dim, ctx):
         """Decoding: write new's entries (name -> tensor, time along dim) into cache; return the cached tensors to
-        attend over, in new's order, and the mask (B, 1, T, slots) of what each new token sees."""
+        attend over, in new's order, and the mask (B, 1, T, slots) of what each token sees."""
         for name, tensor in new.items():
             cache[name].index_copy_(dim, ctx.cache_pos, tensor)
         return [cache[name] for name in new], ctx.mask
@@ -301,23 +301,23 @@ class FullSpan:
         """q (B, n_head, T, d), k and v (B, key heads, S, d) -> (B, n_head, T, d_v); mask None = training."""
         # decoding (a mask) with grouped keys, or in fp32 on CUDA: SDPA's memory-efficient kernel, its fp32 choice,
         # rejects the arbitrary stride that inductor gives a one-token query's length-1 dimension
-        if mask is not None and not dropout and (k.size(1) != q.size(1) and q.size(2) > 1 or
-                                                 q.is_cuda and q.dtype == torch.float32):
+        gqa = k.size(1) != q.size(1)
+        if mask is not None and not dropout and (gqa and q.size(2) > 1 or q.is_cuda and q.dtype == torch.float32):
             return grouped_attention(q, k, v, mask, scale)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
-                                              dropout_p=dropout, enable_gqa=k.size(1) != q.size(1))
+                                              dropout_p=dropout, enable_gqa=gqa)
 
     def logit_mask(self, q, k):
         """For QK-Clip's largest logits: what each query sees in training; None = causal."""
         return None
 
     def keys_per_query(self, T):
-        """Keys a query attends to, averaged over a sequence of T (FLOPs accounting)."""
+        """Keys a query attends to, on average over T positions (FLOPs accounting)."""
         return (T + 1) / 2
 
 
 class MaskedSpan(FullSpan):
-    """A fixed pattern allowed(query position, key position), causal: FlexAttention on CUDA, masked SDPA elsewhere."""
+    """A fixed causal pattern allowed(query position, key position); use_flex picks the kernel."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -330,7 +330,7 @@ class MaskedSpan(FullSpan):
 
     def attend(self, q, k, v, ctx, mask=None, scale=None, dropout=0.0):
         if mask is None and (q.is_cuda if self.use_flex is None else self.use_flex):
-            # FlexAttention skips the tiles of 128 x 128 the pattern leaves empty
+            # FlexAttention skips the 128 x 128 tiles the pattern leaves empty
             return flex(q, k, v, static_block_mask(self.key, self.allowed, q.size(2), q.device), scale)
         return super().attend(q, k, v, ctx, self.logit_mask(q, k) if mask is None else mask, scale, dropout)
 
@@ -384,7 +384,7 @@ class SlidingSpan(MaskedSpan):
 
 
 class BlockSparseSpan(MaskedSpan):
-    """Block-sparse causal attention by blocks of sparse_block (Sparse Transformer, arXiv 1904.10509; BigBird's
+    """Block-sparse causal attention in blocks of sparse_block (Sparse Transformer, arXiv 1904.10509; BigBird's
     global block): a query sees its block, the sparse_local - 1 before it and every sparse_stride-th from block 0."""
 
     def __init__(self, config):
@@ -398,7 +398,7 @@ class BlockSparseSpan(MaskedSpan):
 
     def keys_per_query(self, T):
         total = 0
-        for i in range(math.ceil(T / self.block)):  # the queries of block i see a triangle of it and whole blocks j
+        for i in range(math.ceil(T / self.block)):  # queries of block i see a triangle of it and whole blocks j
             n = min(self.block, T - i * self.block)
             blocks = sum(1 for j in range(i) if i - j < self.local or j % self.stride == 0)
             total += n * (n + 1) / 2 + n * blocks * self.block
@@ -516,7 +516,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config, span="full"):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        # one fused matrix, one big matmul, faster than three small ones; Muon (optim.py) orthogonalizes the three apart
+        # q, k, v fused: one big matmul beats three small ones; Muon (optim.py) orthogonalizes the three apart
         self.qkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.qkv_bias)
         self.qkv.weight.logical_rows = (self.n_head * self.head_dim,) + 2 * (self.n_kv_head * self.head_dim,)
         self.proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
@@ -529,7 +529,7 @@ class CausalSelfAttention(nn.Module):
         self.gate_at = config.attn_gate_at if config.attn_gate != "none" else None
         gate_heads = self.n_kv_head if self.gate_at == "value" else self.n_head
         self.gate = AttentionGate(config, gate_heads, self.head_dim) if self.gate_at else None
-        self.value_embed = None  # a ValueEmbedding on value_embeds' layers, which Block gives it
+        self.value_embed = None  # Block sets a ValueEmbedding on value_embeds' layers
 
     @staticmethod
     def check(c):
@@ -551,7 +551,7 @@ class CausalSelfAttention(nn.Module):
             v = self.gate(x, v)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         mask = None
-        if cache is not None:  # decoding: the span stores the new keys and values, and says what each token sees
+        if cache is not None:  # decoding: the span caches the new keys and values, says what each token sees
             (k, v), mask = self.span.update(cache, {"k": k, "v": v}, 2, ctx)
         elif self.track_max_logits:
             ctx.aux.setdefault("max_logits", []).append(max_attention_logits(q, k, self.span.logit_mask(q, k)))
@@ -594,15 +594,15 @@ class MLA(nn.Module):
         self.kv_a = nn.Linear(d, self.rank + self.rope, bias=False)  # the latent and, from x itself, the rotary key
         self.kv_a.weight.logical_rows = (self.rank, self.rope)  # two matrices for Muon (optim.py)
         self.kv_norm = RMSNorm(self.rank, config.norm_eps)
-        # per head: the rows of W_UK (latent -> key) and then those of W_UV (latent -> value)
+        # per head: W_UK's rows (latent -> key), then W_UV's (latent -> value)
         self.kv_b = nn.Linear(self.rank, self.n_head * (self.nope + self.v_dim), bias=False)
         self.proj = nn.Linear(self.n_head * self.v_dim, d, bias=False)
-        self.proj.weight.writes_residual = True  # a depth-scaled init (GPT)
+        self.proj.weight.writes_residual = True
         # a query-key dot product spans both parts; under YaRN, DeepSeek sharpens the whole logit by its temperature
         self.scale = (self.nope + self.rope) ** -0.5 * yarn_mscale(config.rope_factor, config.yarn_mscale_all_dim) ** 2
         self.dropout = config.dropout
         self.absorb = True  # decode in the weight-absorbed form; False: the expanded one (the tests compare them)
-        self.track_max_logits = False  # QK-Clip (optim.py) switches this on to read each head's largest logit
+        self.track_max_logits = False  # QK-Clip, as in CausalSelfAttention
         self.span = SPANS[span](config)
         self.gate = AttentionGate(config, self.n_head, self.v_dim) if config.attn_gate != "none" else None  # output
 
@@ -629,7 +629,7 @@ class MLA(nn.Module):
         latent = self.kv_norm(latent)  # (B, T, kv_lora_rank)
         k_rope = apply_rope(k_rope.unsqueeze(2), ctx.cos, ctx.sin).squeeze(2)  # (B, T, qk_rope_head_dim)
         mask = None
-        if cache is not None:  # decoding: the span stores the new latents and keys, and says what each token sees
+        if cache is not None:  # decoding: the span caches the new latents and keys, says what each token sees
             (latent, k_rope), mask = self.span.update(cache, {"latent": latent, "k_rope": k_rope}, 1, ctx)
         attend = self.absorbed if cache is not None and self.absorb else self.expanded
         y = attend(q_nope, q_rope, latent, k_rope, ctx, mask).transpose(1, 2)  # (B, T, n_head, v_head_dim)
@@ -642,7 +642,7 @@ class MLA(nn.Module):
         return 2 * self.n_head * (self.nope + self.rope + self.v_dim) * self.span.keys_per_query(T)
 
     def expanded(self, q_nope, q_rope, latent, k_rope, ctx, mask):
-        """Training form: per-head keys and values up-projected from the S latents, then the fused SDPA kernels."""
+        """Training form: per-head keys and values up-projected from the S latents, then fused SDPA."""
         B, S, _ = latent.shape
         k_nope, v = self.kv_b(latent).view(B, S, self.n_head, -1).split([self.nope, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # (B, n_head, T, nope + rope)
@@ -689,9 +689,9 @@ def linear_attention_recurrent(q, k, v, state):
 
 
 def gated_delta_rule_recurrent(q, k, v, beta, g, state):
-    """The gated delta rule (Gated DeltaNet, arXiv 2412.06464 §3), token by token, as decoding runs it and as the
-    reference of kernels.gated_delta_rule_chunked: S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T,
-    o_t = S_t^T q_t, a_t = exp(g_t). Shapes as linear_attention_recurrent's, beta and g (B, H, T); fp32."""
+    """The gated delta rule (Gated DeltaNet, arXiv 2412.06464 §3), token by token: decoding's form and the reference
+    of kernels.gated_delta_rule_chunked: S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T, o_t = S_t^T q_t,
+    a_t = exp(g_t). Shapes as linear_attention_recurrent's, beta and g (B, H, T); fp32."""
     outputs = []
     for t in range(q.size(2)):
         state = state * g[:, :, t, None, None].exp()
@@ -707,14 +707,14 @@ class LinearAttention(nn.Module):
     phi(q) . phi(k), phi = elu + 1 > 0, a running sum o_t = phi(q_t) S_t / (phi(q_t) . z_t), S_t = sum phi(k_j)
     v_j^T, z_t = sum phi(k_j) (a value column of ones). Trained in chunks, decoded with the state. No RoPE."""
 
-    def __init__(self, config, span="full"):  # span: linear attention sees every past token, through its state
+    def __init__(self, config, span="full"):  # span: the state sees every past token
         super().__init__()
         self.n_head, self.head_dim, self.chunk = config.n_head, config.head_dim, config.linear_chunk
         inner = self.n_head * self.head_dim
         self.qkv = nn.Linear(config.n_embd, 3 * inner, bias=False)
         self.qkv.weight.logical_rows = (inner,) * 3  # three matrices for Muon (optim.py)
         self.proj = nn.Linear(inner, config.n_embd, bias=False)
-        self.proj.weight.writes_residual = True  # a depth-scaled init (GPT)
+        self.proj.weight.writes_residual = True
         self.dropout = config.dropout
 
     @staticmethod
@@ -757,7 +757,7 @@ class GatedDeltaNet(nn.Module):
         self.n_head, self.head_dim, self.chunk = config.n_head, config.head_dim, config.linear_chunk
         H, inner = self.n_head, self.n_head * self.head_dim
         self.qkv = nn.Linear(config.n_embd, 3 * inner, bias=False)
-        self.qkv.weight.logical_rows = (inner,) * 3  # three matrices for Muon (optim.py)
+        self.qkv.weight.logical_rows = (inner,) * 3
         self.conv = nn.Parameter(torch.empty(3 * inner, self.conv_size).uniform_(-0.5, 0.5))  # nn.Conv1d's init
         self.conv.muon = False  # depthwise filters, channels x 4: AdamW's (optim.py)
         self.gates = nn.Linear(config.n_embd, inner + 2 * H, bias=False)  # output gate z, decay input a, write b
@@ -767,7 +767,7 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
         self.norm = RMSNorm(self.head_dim, config.norm_eps)
         self.proj = nn.Linear(inner, config.n_embd, bias=False)
-        self.proj.weight.writes_residual = True  # a depth-scaled init (GPT)
+        self.proj.weight.writes_residual = True
         self.dropout = config.dropout
 
     def new_cache(self, batch, max_len, dtype, device):
@@ -777,7 +777,7 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x, ctx, cache=None):
         B, T, _ = x.shape
         H, d = self.n_head, self.head_dim
-        if cache is not None:  # left padding: a padded slot's input is zero, which leaves conv and state untouched
+        if cache is not None:  # left padding: a padded slot's zero input leaves conv and state untouched
             x = x * (ctx.cache_pos[None, :] >= ctx.pad[:, None])[..., None]
         qkv = self.qkv(x).mT  # (B, 3 * inner, T)
         history = cache["conv"] if cache is not None else qkv.new_zeros(B, qkv.size(1), self.conv_size - 1)
@@ -814,7 +814,7 @@ class SwiGLU(nn.Module):
     def __init__(self, config, hidden=None):
         super().__init__()
         self.hidden = hidden or config.mlp_hidden
-        self.gate_up = nn.Linear(config.n_embd, 2 * self.hidden, bias=False)  # gate and up fused into one matmul
+        self.gate_up = nn.Linear(config.n_embd, 2 * self.hidden, bias=False)  # gate and up fused: one matmul
         self.gate_up.weight.logical_rows = (self.hidden, self.hidden)  # two matrices for Muon (optim.py)
         self.down = nn.Linear(self.hidden, config.n_embd, bias=False)
         self.down.weight.writes_residual = True
@@ -829,9 +829,8 @@ class SwiGLU(nn.Module):
 
 
 class ReLUSquared(nn.Module):
-    """FFN(x) = W_down(ReLU(W_up x)^2), mlp='relu2': Primer's squared ReLU (So et al., arXiv 2109.08668, one of its two
-    main modifications), the MLP of modded-nanogpt and nanochat. No gate: two matrices, mlp_hidden = 4 * n_embd by
-    default."""
+    """FFN(x) = W_down(ReLU(W_up x)^2), mlp='relu2': Primer's squared ReLU (So et al., arXiv 2109.08668), the MLP of
+    modded-nanogpt and nanochat. No gate: two matrices, mlp_hidden = 4 * n_embd by default."""
 
     def __init__(self, config):
         super().__init__()
@@ -851,8 +850,8 @@ MLPS = {"swiglu": SwiGLU, "relu2": ReLUSquared}  # config.mlp: the dense feed-fo
 
 
 class Router(nn.Module):
-    """Token-choice top-k routing in fp32 (DeepSeek-V3, arXiv 2412.19437 §2.1.2): softmax or sigmoid affinities; the
-    experts are chosen by affinity plus a balancing bias, the gates come from the affinities alone."""
+    """Token-choice top-k routing in fp32 (DeepSeek-V3, arXiv 2412.19437 §2.1.2): softmax or sigmoid affinities;
+    experts chosen by affinity plus a balancing bias, gates from the affinities alone."""
 
     def __init__(self, config):
         super().__init__()
@@ -906,7 +905,7 @@ class Experts(nn.Module):
         self.gate_up.logical_rows = (self.hidden, self.hidden)  # two matrices per expert for Muon (optim.py)
         self.down = nn.Parameter(torch.empty(E, d, self.hidden))
         self.down.writes_residual = True
-        self.grouped = None  # None: the grouped GEMM where grouped_mm_supported; True or False forces a path
+        self.grouped = None  # None: grouped GEMM where grouped_mm_supported; True/False forces a path
 
     def forward(self, x, counts):
         """x (M, d) rows grouped by expert, counts (n_experts,) rows per expert -> (M, d)."""
@@ -1004,7 +1003,7 @@ class MoE(nn.Module):
 def update_router_biases(model):
     """Auxiliary-loss-free balancing (DeepSeek-V3 §2.1.2), after each optimizer step: each router's selection bias
     moves by bias_update_rate toward balance (down above the mean load, up below), from the slots counted over the
-    step's micro-batches and summed over DDP processes, so that every replica moves alike."""
+    step's micro-batches and summed over DDP processes, so every replica moves alike."""
     routers = [m for m in model.modules() if isinstance(m, Router) and m.bias_rate]
     if not routers:
         return
@@ -1076,7 +1075,7 @@ class HyperConnections(nn.Module):
         return pre + dynamic[..., 0], post + dynamic[..., 1], res.view(n, n) + dynamic[..., 2:].mT
 
     def forward(self, H, f):
-        """H (B, T, n, d) -> the streams after the sublayer f, which maps (B, T, d) to (B, T, d)."""
+        """H (B, T, n, d) -> the streams after the sublayer f, (B, T, d) -> (B, T, d)."""
         with torch.autocast(H.device.type, enabled=False):  # the mixing weights in fp32, as routers are
             pre, post, res = self.mappings(H.float())
         y = f((pre.unsqueeze(-1) * H).sum(dim=-2))  # (B, T, d)
@@ -1101,16 +1100,16 @@ class HyperConnections(nn.Module):
 
 class ManifoldHyperConnections(HyperConnections):
     """Manifold-constrained hyper-connections (DeepSeek mHC, arXiv 2512.24880), residual='mhc': mappings from all
-    streams at once, x = RMSNorm(vec H) (n*d); pre = sigmoid(.), post = 2 sigmoid(.), res made doubly stochastic by
-    hc_sinkhorn_iters Sinkhorn-Knopp iterations: HC's free res matrices multiply over depth and can grow or shrink
-    the signal without bound; doubly stochastic ones are closed under products, have spectral norm <= 1 and keep the
-    streams' mean. The init (W = 0, pre toward stream sublayer mod n, res near I) is the standard residual."""
+    streams at once, x = RMSNorm(vec H) (n*d); pre = sigmoid(.), post = 2 sigmoid(.), res doubly stochastic
+    (Sinkhorn-Knopp): HC's free res matrices multiply over depth and can grow or shrink the signal without bound;
+    doubly stochastic ones are closed under products, have spectral norm <= 1 and keep the streams' mean. The init
+    (W = 0, pre toward stream sublayer mod n, res near I) is the standard residual."""
 
     def initial_mappings(self, d, sublayer):
         n = self.n
         pre = torch.full((n,), 0.5 / (n - 1))
         pre[sublayer % n] = 0.5
-        res = torch.full((n, n), -8.0).fill_diagonal_(0.0)  # exp: near I, so that streams keep what they carry
+        res = torch.full((n, n), -8.0).fill_diagonal_(0.0)  # exp: near I, so streams keep what they carry
         return torch.cat([torch.logit(pre), torch.zeros(n), res.flatten()]), (n * d, n * n + 2 * n)
 
     def mappings(self, H):
@@ -1122,7 +1121,7 @@ class ManifoldHyperConnections(HyperConnections):
 
 def sinkhorn(logits, iters):
     """Sinkhorn-Knopp on exp(logits) (..., n, n): rows, then columns, scaled to sum 1, iters times, in log space so
-    that large logits do not overflow. Columns sum to 1 exactly, rows nearly; gradients flow through the loop."""
+    large logits cannot overflow. Columns sum to 1 exactly, rows nearly; gradients flow through the loop."""
     for _ in range(iters):
         logits = logits - logits.logsumexp(dim=-1, keepdim=True)
         logits = logits - logits.logsumexp(dim=-2, keepdim=True)
@@ -1132,7 +1131,7 @@ def sinkhorn(logits, iters):
 RESIDUALS = {"standard": Residual, "hc": HyperConnections, "mhc": ManifoldHyperConnections}  # config.residual
 
 
-ENGRAM_PAD = -1  # Engram's token id for "no token": before a sequence's start, and in a row's left padding
+ENGRAM_PAD = -1  # Engram's id for "no token": before a sequence's start and in a row's left padding
 
 
 class Engram(nn.Module):
@@ -1148,7 +1147,7 @@ class Engram(nn.Module):
         orders, heads = config.engram_order_list, config.engram_heads
         self.orders, self.context = orders, max(orders) - 1  # the context: ids before t that the longest n-gram reads
         self.streams = 1 if config.residual == "standard" else config.hc_streams
-        # deterministic from the layer alone: the same ids find the same rows in every run and on every machine
+        # deterministic per layer: the same ids find the same rows in every run, on every machine
         seed = torch.Generator().manual_seed(2601 + 10007 * layer)
         multipliers = torch.randint(0, 2**61, (max(orders),), generator=seed) * 2 + 1  # odd, < 2^62
         primes, n = [], max(config.engram_table_size // (len(orders) * heads), 2)
@@ -1158,8 +1157,8 @@ class Engram(nn.Module):
             n += 1
         self.register_buffer("multipliers", multipliers, persistent=False)
         self.register_buffer("primes", torch.tensor(primes).view(len(orders), heads), persistent=False)
-        self.register_buffer("offsets", (torch.tensor([0] + primes[:-1]).cumsum(0)).view(len(orders), heads),
-                             persistent=False)  # each head's first row in the one table
+        offsets = torch.tensor([0] + primes[:-1]).cumsum(0)  # each head's first row in the one table
+        self.register_buffer("offsets", offsets.view(len(orders), heads), persistent=False)
         self.table = nn.Embedding(sum(primes), config.engram_dim // (len(orders) * heads), sparse=True)
         self.key = nn.Linear(config.engram_dim, config.n_embd, bias=False)
         self.value = nn.Linear(config.engram_dim, config.n_embd, bias=False)
@@ -1181,8 +1180,8 @@ class Engram(nn.Module):
         return {"engram_tokens": torch.full((batch, self.context), ENGRAM_PAD, device=device)}  # no ids yet
 
     def window(self, idx, ctx=None, cache=None):
-        """The ids idx (B, T) after the `context` ids before them, (B, context + T), with ENGRAM_PAD where there is
-        none (a sequence start, a row's left padding); decoding reads the ids before from the cache and writes it."""
+        """The ids idx (B, T) after the `context` ids before them, (B, context + T), ENGRAM_PAD where there are none;
+        decoding reads the ids before from the cache and writes it."""
         if cache is None:
             return F.pad(idx, (self.context, 0), value=ENGRAM_PAD)
         idx = idx.masked_fill(ctx.cache_pos[None, :] < ctx.pad[:, None], ENGRAM_PAD)
@@ -1244,7 +1243,7 @@ class Block(nn.Module):
         self.rewinds = getattr(getattr(self.attn, "span", None), "rewinds", False) and self.memory is None
 
     def forward(self, x, ctx, cache=None):
-        """x (B, T, d), or the residual streams (B, T, streams, d) of a residual class that keeps several."""
+        """x (B, T, d), or the residual streams (B, T, streams, d) under hc and mhc."""
         if self.memory is not None:
             x = self.memory(x, ctx, cache)
         x = self.attn_residual(x, lambda h: self.attn(self.attn_norm(h), ctx, cache))
@@ -1263,7 +1262,7 @@ class Block(nn.Module):
 
 
 def matmul_flops(module):
-    """Forward FLOPs per token of the matrices (2-D weights) of module: 2 per weight; a lookup table costs none."""
+    """Forward FLOPs per token of module's matrices (2-D weights): 2 per weight; a lookup table costs none."""
     tables = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
     return 2 * sum(p.numel() for p in module.parameters() if p.dim() == 2 and id(p) not in tables)
 
@@ -1308,8 +1307,8 @@ def mtp_loss(model, h, idx, targets, ctx):
     total = 0.0
     for k, module in enumerate(model.mtp, start=1):
         T = idx.size(1) - k
-        h = module(h[:, :T], model.wte(idx[:, k:]), Context(cos=ctx.cos[:T], sin=ctx.sin[:T], aux=ctx.aux,
-                                                            losses=ctx.losses))
+        sub = Context(cos=ctx.cos[:T], sin=ctx.sin[:T], aux=ctx.aux, losses=ctx.losses)
+        h = module(h[:, :T], model.wte(idx[:, k:]), sub)
         loss = cross_entropy(model.logits(h, module.norm).flatten(0, 1), targets[:, k:].flatten())
         ctx.aux[f"mtp{k}/loss"] = loss.detach()
         total = total + loss
@@ -1318,8 +1317,8 @@ def mtp_loss(model, h, idx, targets, ctx):
 
 class LogitSoftCap(nn.Module):
     """Logit soft-capping (Gemma 2, arXiv 2408.00118 §2; modded-nanogpt): the output head's logits become
-    c * tanh(logits / c), c = logit_softcap: near the identity for small logits, never past +-c. In fp32, returned in
-    the logits' dtype; every path to the logits (GPT.logits: loss, evaluation, decoding, MTP, its draft) passes it."""
+    c * tanh(logits / c), c = logit_softcap: near the identity for small logits, never past +-c. In fp32, cast back;
+    every path to the logits (GPT.logits: loss, evaluation, decoding, MTP, its draft) passes it."""
 
     def __init__(self, config):
         super().__init__()
@@ -1340,7 +1339,7 @@ class GPT(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
-        self.residual = RESIDUALS[config.residual]  # the embedding into the residual streams, and back
+        self.residual = RESIDUALS[config.residual]  # embedding into the residual streams, and back
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -1371,7 +1370,7 @@ class GPT(nn.Module):
             module.init_weights()
 
     def forward(self, idx, targets=None, cache=None, cache_pos=None):
-        """idx (B, T) token ids; targets (B, T), -1 where no loss is wanted; decoding: cache (new_cache), the tokens'
+        """idx (B, T) token ids; targets (B, T), -1 for no loss; decoding: cache (new_cache), the tokens'
         slots cache_pos (T,). Returns logits (B, T, V) (the last position only without targets), the loss (or None)
         and aux (metrics, auxiliary losses); training, the loss is aux['lm_loss'] (next token) plus ctx.losses."""
         B, T = idx.shape
@@ -1410,15 +1409,14 @@ class GPT(nn.Module):
         return self.residual.reduce(x)
 
     def logits(self, h, norm=None):
-        """The next-token logits (..., V) of hidden states h (..., n_embd), through the final norm (or an MTP
-        module's own, norm), the output head and its soft cap."""
+        """Next-token logits (..., V) of hidden states h (..., n_embd): final norm (or MTP's `norm`), head, soft cap."""
         return self.softcap(self.lm_head((self.norm if norm is None else norm)(h)))
 
     # -------------------------------------------------------------------------
     # decoding (the loops are in decode.py)
 
     def decode_context(self, cache, cache_pos):
-        """The Context of tokens at cache slots cache_pos (T,), computed on the device (no host sync)."""
+        """The Context of tokens at cache slots cache_pos (T,), on the device (no host sync)."""
         pad, slots = cache["pad"], torch.arange(cache["max_len"], device=cache_pos.device)
         pos = (cache_pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T): left padding, row b starts at slot pad[b]
         visible = (slots[None, None, :] <= cache_pos[None, :, None]) & (slots[None, None, :] >= pad[:, None, None])
@@ -1437,7 +1435,7 @@ class GPT(nn.Module):
 
     def cast_parameters(self, dtype):
         """For inference in dtype (bf16 on a GPU): the parameters in place, ties kept, buffers (RoPE tables, router
-        state) in fp32; under autocast, fp32 weights would be cast again at every matmul of every decode step."""
+        state) in fp32; under autocast, fp32 weights would be recast at every matmul of every decode step."""
         for p in self.parameters():
             p.data = p.data.to(dtype)
         return self
@@ -1451,7 +1449,7 @@ class GPT(nn.Module):
         active=True counts only the moe_topk of n_experts routed experts a token goes through (V3's "activated")."""
         n = sum(p.numel() for p in self.parameters()) - sum(p.numel() for p in self.mtp.parameters())
         n -= self.table_params()
-        if not embedding:  # the dense lookup tables
+        if not embedding:
             n -= sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding) and not m.sparse)
             n -= 0 if self.config.tie_embeddings else self.lm_head.weight.numel()
         if active:
@@ -1459,7 +1457,7 @@ class GPT(nn.Module):
         return n
 
     def table_params(self):
-        """Parameters of the sparse lookup tables (Engram's): each step reads and writes only the rows it looks up."""
+        """Parameters of the sparse lookup tables (Engram's): a step reads and writes only the rows it looks up."""
         return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding) and m.sparse)
 
     def flops_breakdown(self, seq_len=None):
