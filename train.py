@@ -41,7 +41,7 @@ from configurator import (COMMAND_LINE, all_reduce_sum, autocast, average_table_
                           read_text, save_checkpoint, save_plot, shard_model, trim_log, write_manifest)
 from evaluate import exact_bits_per_byte, read_tasks, task_accuracy
 from hf import TRAINING_ONLY, load_model
-from model import GPT, Block, GPTConfig, config_fields, update_router_biases
+from model import PATTERN_LETTERS, GPT, Block, GPTConfig, SlidingSpan, config_fields, update_router_biases
 from optim import (MUON_LR_SCALES, NEWTON_SCHULZ, OPTIMIZERS, QKClip, clip_grad_norm_, configure_optimizers,
                    full_state, load_state)
 from tokenizer import Tokenizer
@@ -102,6 +102,8 @@ decay_frac = 0.2              # wsd: the final fraction of steps that decays the
 min_lr_frac = 0.1             # the learning rate at the end, as a fraction of learning_rate
 seq_warmup = 0.0              # > 0: the first this fraction of the steps cut each window into shorter sequences, ...
 seq_warmup_min = 128          # ... this many tokens, doubling at equal intervals up to block_size (arXiv 2108.06084)
+window_warmup = 0.0           # > 0, with sliding-window layers: over the first this fraction of the steps, their ...
+window_warmup_min = 128       # ... window grows from this, doubling at equal intervals up to `window` (modded-nanogpt)
 # system
 device = "auto"               # 'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"                # 'auto' (bf16 on GPUs that have it, else fp16; fp32 on CPU), float32, bfloat16, float16
@@ -121,18 +123,22 @@ config, given = parse_config(defaults, sys.argv[1:], with_given=True)
 
 check_settings(config,
                positive=("batch_size", "gradient_accumulation_steps", "eval_iters", "eval_interval", "log_interval",
-                         "qk_clip_tau", "qk_clip_interval", "seq_warmup_min"),
+                         "qk_clip_tau", "qk_clip_interval", "seq_warmup_min", "window_warmup_min"),
                non_negative=("max_iters", "warmup_iters", "epochs", "train_flops", "train_tokens", "train_minutes",
                              "target_bpb", "target_interval", "learning_rate", "weight_decay", "grad_clip", "muon_lr",
                              "muon_momentum_warmup", "embed_lr", "head_lr", "peak_flops", "vocab_size"),
                fractions=("beta1", "beta2", "muon_momentum", "decay_frac", "min_lr_frac", "normuon_beta2",
-                          "seq_warmup"),
+                          "seq_warmup", "window_warmup"),
                choices={"sampler": ("random", "epoch"), "lr_schedule": ("cosine", "wsd"), "optimizer": OPTIMIZERS,
                         "muon_lr_scale": tuple(MUON_LR_SCALES), "muon_schedule": tuple(NEWTON_SCHULZ)})
-pieces = config["block_size"] // config["seq_warmup_min"]
-if config["seq_warmup"] and (config["block_size"] % config["seq_warmup_min"] or pieces & (pieces - 1)):
-    fail(f"seq_warmup_min={config['seq_warmup_min']} must be block_size={config['block_size']} divided by a power "
-         "of two")
+for warmup, smallest, largest in (("seq_warmup", "seq_warmup_min", "block_size"),
+                                  ("window_warmup", "window_warmup_min", "window")):
+    pieces = config[largest] // config[smallest]
+    if config[warmup] and (config[largest] % config[smallest] or pieces & (pieces - 1)):
+        fail(f"{smallest}={config[smallest]} must be {largest}={config[largest]} divided by a power of two")
+span_kinds = {config["attn_span"], *map(PATTERN_LETTERS.get, config["attn_pattern"])}
+if config["window_warmup"] and "sliding" not in span_kinds:
+    fail("window_warmup grows sliding windows: set attn_span='sliding' (or S layers in attn_pattern)")
 # the number of steps: max_iters, or a budget that sets it. One given on the command line wins over a config file's
 # budget (the benchmark configs train an epoch; --max_iters=2 tries one out); two given there contradict each other
 budgets = ("epochs", "train_flops", "train_tokens", "train_minutes")
@@ -463,6 +469,8 @@ def get_batch(step, micro):
 # optimizer
 
 blocks = [m for m in model.modules() if isinstance(m, Block)]  # the MTP modules' too
+# window_warmup's layers
+sliding = [m.attn.span for m in blocks if window_warmup and isinstance(getattr(m.attn, "span", None), SlidingSpan)]
 if activation_checkpointing:
     checkpoint_blocks(blocks)
 if fsdp:  # before the optimizer, which then holds the sharded parameters
@@ -497,7 +505,7 @@ if checkpoint and not eval_only:
             torch.cuda.set_rng_state(rng["cuda"])
 raw_model = model
 if compile:
-    model = torch.compile(model, dynamic=False)  # seq_warmup's few lengths: a graph each, none slower for the others
+    model = torch.compile(model, dynamic=False)  # the warm-ups' few shapes: a graph each, none slower for the others
 if ddp and not fsdp:
     # broadcast_buffers=False: MoE routers count their experts' load in buffers, per process, until
     # update_router_biases sums them over processes; rank 0's counts must not overwrite the others' (torch's
@@ -532,14 +540,15 @@ def get_lr(step):
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
-def sequence_length(step):
-    """Sequence-length warm-up (Li et al. 2022, arXiv 2108.06084 §4): short contexts first, where the early model
-    gains little from long ones. Each window is cut into pieces, so the tokens and their order stay those of the run
-    without it; the length doubles from seq_warmup_min at equal intervals of the first seq_warmup of the steps."""
-    warm = seq_warmup * max_iters
+def doubling(step, warmup, smallest, largest):
+    """A warm-up of a length: smallest, doubling at equal intervals of the first `warmup` of the steps, then largest.
+    Short contexts first, where the early model gains little from long ones: seq_warmup (Li et al. 2022, arXiv
+    2108.06084 §4) cuts each training window into pieces, so the tokens and their order stay those of the run without
+    it; window_warmup (modded-nanogpt's attention window warm-up) narrows the sliding windows."""
+    warm = warmup * max_iters
     if step >= warm:
-        return T
-    return seq_warmup_min << int(step / warm * math.log2(T // seq_warmup_min))
+        return largest
+    return smallest << int(step / warm * math.log2(largest // smallest))
 
 
 # -----------------------------------------------------------------------------
@@ -768,7 +777,10 @@ try:
             qk_clip.track(True)
         # DDP all-reduces the gradients once, after the last micro-step; FSDP reduce-scatters them after each, since
         # skipping that would keep every process's whole gradients until the last
-        length = sequence_length(iter_num)
+        length = doubling(iter_num, seq_warmup, seq_warmup_min, T)
+        for span in sliding:  # a new width is a new mask (and, compiled, one more graph)
+            span.window = doubling(iter_num, window_warmup, window_warmup_min, raw_model.config.window)
+            span.key = ("sliding", span.window)
         for micro in range(gradient_accumulation_steps):
             if ddp and not fsdp:
                 model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1

@@ -1,6 +1,7 @@
 """train.py end to end on the CPU: learning, checkpoints, resume, DDP, exact evaluation, a target to stop at, sampling,
 bad input, and what it refuses or survives (other datasets, occupied folders, damaged data, divergence, full disks,
 Ctrl-C)."""
+import dataclasses
 import errno
 import hashlib
 import importlib.util
@@ -191,11 +192,32 @@ def test_seq_warmup_cuts_the_windows_into_doubling_lengths_on_the_same_tokens(ti
     args = (f"--data_dir={tiny_data}", *TINY[1:], "--max_iters=8", "--sampler=epoch", "--eval_interval=100")
     train_py = run_train(monkeypatch, f"--out_dir={tmp_path / 'warm'}", *args, "--seq_warmup=0.5", "--seq_warmup_min=8")
     assert [idx.shape for idx, _ in seen] == [(16, 8)] * 2 + [(8, 16)] * 2 + [(4, 32)] * 4
-    assert [train_py["sequence_length"](step) for step in (0, 1, 2, 3, 4, 100)] == [8, 8, 16, 16, 32, 32]
+    assert [train_py["doubling"](step, 0.5, 8, 32) for step in (0, 1, 2, 3, 4, 100)] == [8, 8, 16, 16, 32, 32]
     pieces, seen[:] = seen[:], []
     run_train(monkeypatch, f"--out_dir={tmp_path / 'plain'}", *args)
     assert all(torch.equal(a.reshape(4, 32), b[0]) and torch.equal(c.reshape(4, 32), b[1])
                for (a, c), b in zip(pieces, seen))  # the same tokens and targets, in the same order
+
+
+def test_window_warmup_narrows_the_sliding_windows_first(tiny_data, tmp_path, monkeypatch):
+    import model
+    windows = []  # each training forward's windows, layer by layer
+    forward = model.GPT.forward
+    monkeypatch.setattr(model.GPT, "forward", lambda self, idx, targets=None, *a, **k: (
+        windows.append([b.attn.span.window for b in self.blocks]) if self.training else None,
+        forward(self, idx, targets, *a, **k))[1])
+    train_py = run_train(monkeypatch, f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", *TINY[1:], "--max_iters=8",
+                         "--attn_span=sliding", "--window=32", "--window_warmup=0.5", "--window_warmup_min=8")
+    assert windows == [[8, 8]] * 2 + [[16, 16]] * 2 + [[32, 32]] * 4
+    # a narrowed span computes what a model built with that window does
+    trained = train_py["raw_model"].eval()
+    narrow = GPT(dataclasses.replace(trained.config, window=8))
+    narrow.load_state_dict(trained.state_dict())
+    idx = torch.randint(0, trained.config.vocab_size, (2, 32))
+    wide = trained(idx)[0]
+    for span in train_py["sliding"]:
+        span.window, span.key = 8, ("sliding", 8)
+    assert torch.equal(trained(idx)[0], narrow.eval()(idx)[0]) and not torch.equal(trained(idx)[0], wide)
 
 
 def one_line_error(result, *words):
@@ -290,6 +312,7 @@ def test_a_diverging_run_never_saves_non_finite_weights(tiny_data, run_copy, mon
     ("--target_bpb=-1.5", "target_bpb=-1.5 must not be negative"),
     ("--target_interval=-10", "target_interval=-10 must not be negative"),
     ("--seq_warmup=0.3 --seq_warmup_min=12", "seq_warmup_min=12 must be block_size=32 divided by a power of two"),
+    ("--window_warmup=0.3", "window_warmup grows sliding windows: set attn_span='sliding'"),
     ("--device=cuda", "no CUDA GPU that torch can use: use --device=cpu"),
     ("--dtype=fp16", "unknown dtype 'fp16' (choose auto, float32, bfloat16, float16)"),
     ("--dtype=float64", "unknown dtype 'float64' (choose auto, float32, bfloat16, float16)"),
