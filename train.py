@@ -104,6 +104,8 @@ seq_warmup = 0.0              # > 0: the first this fraction of the steps cut ea
 seq_warmup_min = 128          # ... this many tokens, doubling at equal intervals up to block_size (arXiv 2108.06084)
 window_warmup = 0.0           # > 0, with sliding-window layers: over the first this fraction of the steps, their ...
 window_warmup_min = 128       # ... window grows from this, doubling at equal intervals up to `window` (modded-nanogpt)
+batch_warmup = 0.0            # > 0: over the first this fraction of the steps, an update after every 1, 2, 4...
+                              # micro-steps, up to gradient_accumulation_steps: fewer tokens per update first
 # system
 device = "auto"               # 'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"                # 'auto' (bf16 on GPUs that have it, else fp16; fp32 on CPU), float32, bfloat16, float16
@@ -128,7 +130,7 @@ check_settings(config,
                              "target_bpb", "target_interval", "learning_rate", "weight_decay", "grad_clip", "muon_lr",
                              "muon_momentum_warmup", "embed_lr", "head_lr", "peak_flops", "vocab_size"),
                fractions=("beta1", "beta2", "muon_momentum", "decay_frac", "min_lr_frac", "normuon_beta2",
-                          "seq_warmup", "window_warmup"),
+                          "seq_warmup", "window_warmup", "batch_warmup"),
                choices={"sampler": ("random", "epoch"), "lr_schedule": ("cosine", "wsd"), "optimizer": OPTIMIZERS,
                         "muon_lr_scale": tuple(MUON_LR_SCALES), "muon_schedule": tuple(NEWTON_SCHULZ)})
 for warmup, smallest, largest in (("seq_warmup", "seq_warmup_min", "block_size"),
@@ -204,6 +206,10 @@ if fsdp:
     check_fsdp(ddp, dtype)
 device_type = device.split(":")[0]
 gradient_accumulation_steps = -(-gradient_accumulation_steps // world_size)  # per process, rounded up
+if batch_warmup and (gradient_accumulation_steps < 2
+                     or gradient_accumulation_steps & (gradient_accumulation_steps - 1)):
+    fail(f"batch_warmup needs 2, 4, 8... micro-steps per process, not {gradient_accumulation_steps}: e.g. "
+         "--batch_size=8 --gradient_accumulation_steps=4 for 32 sequences per step")
 master = rank == 0
 amp = autocast(device, dtype)
 # DDP broadcasts rank 0's model; FSDP keeps each process's rows of its own copy, so every process builds rank 0's
@@ -541,10 +547,13 @@ def get_lr(step):
 
 
 def doubling(step, warmup, smallest, largest):
-    """A warm-up of a length: smallest, doubling at equal intervals of the first `warmup` of the steps, then largest.
-    Short contexts first, where the early model gains little from long ones: seq_warmup (Li et al. 2022, arXiv
-    2108.06084 §4) cuts each training window into pieces, so the tokens and their order stay those of the run without
-    it; window_warmup (modded-nanogpt's attention window warm-up) narrows the sliding windows."""
+    """A warm-up of a size: smallest, doubling at equal intervals of the first `warmup` of the steps, then largest.
+    Short contexts first, whose gradients vary less early on (Li et al. 2022, arXiv 2108.06084, who truncate the
+    windows): seq_warmup cuts each training window into pieces instead, so the tokens and their order stay those of
+    the run without it; window_warmup (modded-nanogpt's attention window warm-up) narrows the sliding windows. Small batches first,
+    while the gradient noise scale, the batch size past which larger batches stop paying, is small (McCandlish et al.
+    2018, arXiv 1812.06162: it grows as the loss falls): batch_warmup updates after fewer of a step's micro-steps,
+    the same tokens again in the same order."""
     warm = warmup * max_iters
     if step >= warm:
         return largest
@@ -708,6 +717,19 @@ def pause_clock():
         clock = None
 
 
+def optimizer_step():
+    """One optimizer update from the gradients summed since the last."""
+    if fsdp:
+        average_table_grads(raw_model)
+    if grad_clip > 0:
+        scaler.unscale_(optim)
+        clip_grad_norm_(model.parameters(), grad_clip)  # optim.py's: Engram tables have sparse gradients
+    scaler.step(optim)
+    scaler.update()
+    optim.zero_grad(set_to_none=True)
+    update_router_biases(raw_model)  # MoE aux-loss-free balancing, from this update's loads (else nothing)
+
+
 def exact_val_bpb():
     """The exact val bits per byte over the whole val split, off the step clock; the same on every process. A plain
     float (not numpy's): the checkpoint keeps the best one."""
@@ -766,7 +788,7 @@ try:
         if interrupt_agreed():
             if saved_step != iter_num and iter_num > first_iter:
                 pause_clock()
-                check_finite({"training loss": loss.item() * gradient_accumulation_steps})
+                check_finite({"training loss": loss.item()})
                 save()
             stopped = True
             break
@@ -781,29 +803,24 @@ try:
         for span in sliding:  # a new width is a new mask (and, compiled, one more graph)
             span.window = doubling(iter_num, window_warmup, window_warmup_min, raw_model.config.window)
             span.key = ("sliding", span.window)
+        micro_per_update = doubling(iter_num, batch_warmup, 1, gradient_accumulation_steps)
         for micro in range(gradient_accumulation_steps):
+            update = (micro + 1) % micro_per_update == 0  # an optimizer update after this micro-step
             if ddp and not fsdp:
-                model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
+                model.require_backward_grad_sync = update
             with amp:
                 _, loss, aux = model(x.reshape(-1, length), y.reshape(-1, length))
             if clip_step:
                 qk_clip.observe(aux)
-            loss = loss / gradient_accumulation_steps
             # fetch the next batch while the GPU works on this one
             x, y = get_batch(*((iter_num, micro + 1) if micro + 1 < gradient_accumulation_steps else (iter_num + 1, 0)))
-            scaler.scale(loss).backward()
-        if fsdp:
-            average_table_grads(raw_model)
-        if grad_clip > 0:
-            scaler.unscale_(optim)
-            clip_grad_norm_(model.parameters(), grad_clip)  # optim.py's: Engram tables have sparse gradients
-        scaler.step(optim)
-        scaler.update()
-        optim.zero_grad(set_to_none=True)
-        update_router_biases(raw_model)  # MoE aux-loss-free balancing, from this step's loads (else nothing)
+            scaler.scale(loss / micro_per_update).backward()
+            if update:
+                optimizer_step()
+                if clip_step:
+                    max_logit = qk_clip.clip()
         if clip_step:
             qk_clip.track(False)
-            max_logit = qk_clip.clip()
         iter_num += 1
         steps_since_log += 1
         if iter_num == first_iter + 2:  # the training time counts from here
@@ -816,7 +833,7 @@ try:
             print0(f"wall-clock budget of {train_minutes} min at {per_step * 1000:.0f} ms/step: {max_iters} steps")
         if iter_num % log_interval == 0 or iter_num == max_iters:
             pause_clock()
-            train_loss = loss.item() * gradient_accumulation_steps  # the last micro-batch's loss
+            train_loss = loss.item()  # the last micro-batch's
             check_finite({"training loss": train_loss})
             dt = step_seconds - logged_seconds
             tokens_per_s = steps_since_log * tokens_per_step / dt

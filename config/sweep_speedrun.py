@@ -27,6 +27,7 @@ runs = [  # the recipe first (it is always repeated)
     f"unet_skips: {_muon} --unet_skips=True",
     f"seq_warmup: {_muon} --seq_warmup=0.3",
     f"window_warmup: {_muon} --attn_span=sliding --window=512 --window_warmup=0.3",
+    f"batch_warmup: {_muon} --batch_size=8 --gradient_accumulation_steps=4 --batch_warmup=0.3",
     f"all: {_muon} --mlp=relu2 --logit_softcap=15 --value_embeds=0,1,2 --x0_mix=True --tie_embeddings=False"
     " --embed_lr=0.05 --muon_momentum_warmup=300 --lr_schedule=wsd --decay_frac=0.5",
 ]

@@ -220,6 +220,21 @@ def test_window_warmup_narrows_the_sliding_windows_first(tiny_data, tmp_path, mo
     assert torch.equal(trained(idx)[0], narrow.eval()(idx)[0]) and not torch.equal(trained(idx)[0], wide)
 
 
+def test_batch_warmup_updates_after_each_micro_step_first(tiny_data, tmp_path, monkeypatch):
+    constant = (f"--data_dir={tiny_data}", *TINY[1:], "--sampler=epoch", "--warmup_iters=0", "--lr_schedule=wsd",
+                "--decay_frac=0", "--eval_interval=100")  # a constant lr: the step count changes no lr
+    doubled = run_train(monkeypatch, f"--out_dir={tmp_path / 'doubled'}", *constant, "--gradient_accumulation_steps=4",
+                        "--max_iters=4", "--batch_warmup=0.5")
+    p = next(doubled["raw_model"].parameters())
+    assert doubled["optim"].state[p]["step"] == 4 + 2 + 1 + 1  # updates after 1, 2, then all 4 micro-steps
+    # a step split into updates after each micro-step is two steps of half the windows
+    split = run_train(monkeypatch, f"--out_dir={tmp_path / 'split'}", *constant, "--gradient_accumulation_steps=2",
+                      "--max_iters=3", "--batch_warmup=1")
+    half = run_train(monkeypatch, f"--out_dir={tmp_path / 'half'}", *constant, "--max_iters=6")
+    for a, b in zip(split["raw_model"].parameters(), half["raw_model"].parameters()):
+        assert torch.equal(a, b)
+
+
 def one_line_error(result, *words):
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
@@ -313,6 +328,7 @@ def test_a_diverging_run_never_saves_non_finite_weights(tiny_data, run_copy, mon
     ("--target_interval=-10", "target_interval=-10 must not be negative"),
     ("--seq_warmup=0.3 --seq_warmup_min=12", "seq_warmup_min=12 must be block_size=32 divided by a power of two"),
     ("--window_warmup=0.3", "window_warmup grows sliding windows: set attn_span='sliding'"),
+    ("--batch_warmup=0.3", "batch_warmup needs 2, 4, 8... micro-steps per process, not 1"),
     ("--device=cuda", "no CUDA GPU that torch can use: use --device=cpu"),
     ("--dtype=fp16", "unknown dtype 'fp16' (choose auto, float32, bfloat16, float16)"),
     ("--dtype=float64", "unknown dtype 'float64' (choose auto, float32, bfloat16, float16)"),
