@@ -353,7 +353,11 @@ class SlidingSpan(MaskedSpan):
 
     def __init__(self, config):
         super().__init__(config)
-        self.window, self.key = config.window, ("sliding", config.window)
+        self.window = config.window  # train.py's window_warmup narrows it
+
+    @property
+    def key(self):  # of its block mask's cache
+        return "sliding", self.window
 
     def allowed(self, q_pos, k_pos):
         return (k_pos <= q_pos) & (q_pos - k_pos < self.window)

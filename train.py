@@ -475,8 +475,7 @@ def get_batch(step, micro):
 # optimizer
 
 blocks = [m for m in model.modules() if isinstance(m, Block)]  # the MTP modules' too
-# window_warmup's layers
-sliding = [m.attn.span for m in blocks if window_warmup and isinstance(getattr(m.attn, "span", None), SlidingSpan)]
+sliding = [m.attn.span for m in blocks if isinstance(getattr(m.attn, "span", None), SlidingSpan)]  # window_warmup's
 if activation_checkpointing:
     checkpoint_blocks(blocks)
 if fsdp:  # before the optimizer, which then holds the sharded parameters
@@ -550,10 +549,10 @@ def doubling(step, warmup, smallest, largest):
     """A warm-up of a size: smallest, doubling at equal intervals of the first `warmup` of the steps, then largest.
     Short contexts first, whose gradients vary less early on (Li et al. 2022, arXiv 2108.06084, who truncate the
     windows): seq_warmup cuts each training window into pieces instead, so the tokens and their order stay those of
-    the run without it; window_warmup (modded-nanogpt's attention window warm-up) narrows the sliding windows. Small batches first,
-    while the gradient noise scale, the batch size past which larger batches stop paying, is small (McCandlish et al.
-    2018, arXiv 1812.06162: it grows as the loss falls): batch_warmup updates after fewer of a step's micro-steps,
-    the same tokens again in the same order."""
+    the run without it; window_warmup (modded-nanogpt's attention window warm-up) narrows the sliding windows.
+    Small batches first, while the gradient noise scale, the batch size past which larger batches stop paying, is
+    small (McCandlish et al. 2018, arXiv 1812.06162: it grows as the loss falls): batch_warmup updates after fewer of
+    a step's micro-steps, the same tokens again in the same order."""
     warm = warmup * max_iters
     if step >= warm:
         return largest
@@ -797,13 +796,12 @@ try:
         clip_step = qk_clip is not None and iter_num % qk_clip_interval == 0
         if clip_step:  # QK-Clip measures the logits of this step's own forward passes
             qk_clip.track(True)
-        # DDP all-reduces the gradients once, after the last micro-step; FSDP reduce-scatters them after each, since
-        # skipping that would keep every process's whole gradients until the last
         length = doubling(iter_num, seq_warmup, seq_warmup_min, T)
         for span in sliding:  # a new width is a new mask (and, compiled, one more graph)
             span.window = doubling(iter_num, window_warmup, window_warmup_min, raw_model.config.window)
-            span.key = ("sliding", span.window)
         micro_per_update = doubling(iter_num, batch_warmup, 1, gradient_accumulation_steps)
+        # DDP all-reduces the gradients once per update, after its last micro-step; FSDP reduce-scatters them after
+        # each, since skipping that would keep every process's whole gradients until the last
         for micro in range(gradient_accumulation_steps):
             update = (micro + 1) % micro_per_update == 0  # an optimizer update after this micro-step
             if ddp and not fsdp:

@@ -216,7 +216,7 @@ def test_window_warmup_narrows_the_sliding_windows_first(tiny_data, tmp_path, mo
     idx = torch.randint(0, trained.config.vocab_size, (2, 32))
     wide = trained(idx)[0]
     for span in train_py["sliding"]:
-        span.window, span.key = 8, ("sliding", 8)
+        span.window = 8
     assert torch.equal(trained(idx)[0], narrow.eval()(idx)[0]) and not torch.equal(trained(idx)[0], wide)
 
 
