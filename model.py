@@ -1,12 +1,10 @@
 """
-nanollm model: a modern decoder-only transformer in one file, bottom-up as in nanoGPT. Every variant is a
-`GPTConfig` flag and one small class found by searching the flag, written plainly (any fast path in kernels.py);
-a reader who ignores a flag never reads its code.
+nanollm model: a modern decoder-only transformer in one file, bottom-up as in nanoGPT. Every variant is a `GPTConfig`
+flag and one small class found by searching it, written plainly (fast paths in kernels.py): skip a flag, skip its code.
 
-Dense baseline (Llama-style): pre-norm blocks with RMSNorm (Zhang & Sennrich 2019); rotary position embeddings
-(RoFormer, arXiv 2104.09864) stretched by Llama 3.1's or YaRN's scaling (arXiv 2309.00071); grouped-query attention
-(`n_kv_head`; arXiv 2305.13245) with optional QK-norm (arXiv 2302.05442) and Qwen2's q/k/v biases; SwiGLU
-(arXiv 2002.05202); tied embeddings; a static-shape KV cache for decode.py's left-padded batches.
+Dense baseline (Llama-style): pre-norm RMSNorm (Zhang & Sennrich 2019); RoPE (arXiv 2104.09864) with Llama 3.1 or
+YaRN scaling (arXiv 2309.00071); GQA (`n_kv_head`; arXiv 2305.13245), QK-norm (arXiv 2302.05442), Qwen2's q/k/v
+biases; SwiGLU (arXiv 2002.05202); tied embeddings; a static-shape KV cache for decode.py's left-padded batches.
 
 DeepSeek family: latent attention (`attention='mla'`; DeepSeek-V2, arXiv 2405.04434 §2.1); mixture-of-experts
 (`n_experts`; DeepSeekMoE arXiv 2401.06066, DeepSeek-V3 arXiv 2412.19437 §2.1.2) with shared experts, Llama 4
@@ -21,9 +19,9 @@ Residual streams and memory: hyper-connections (`residual='hc'`; arXiv 2409.1960
 form (`residual='mhc'`; arXiv 2512.24880); Engram's hashed n-gram memory (`engram_layers`; arXiv 2601.07372).
 
 Speedrun candidates (modded-nanogpt's and nanochat's): the squared-ReLU MLP (`mlp='relu2'`; Primer, arXiv 2109.08668),
-soft-capped logits (`logit_softcap`; Gemma 2, arXiv 2408.00118 §2), value embeddings (`value_embeds`; after arXiv
-2410.17897), embedding-skip mixing (`x0_mix`), U-net skips (`unet_skips`) and zero-initialized output projections
-(`zero_init_proj`; as ReZero).
+soft-capped logits (`logit_softcap`; Gemma 2, arXiv 2408.00118 §2), value residual (`value_residual`; arXiv
+2410.17897) and value embeddings after it (`value_embeds`), embedding-skip mixing (`x0_mix`), U-net skips
+(`unet_skips`) and zero-initialized output projections (`zero_init_proj`; as ReZero).
 """
 import math
 from dataclasses import dataclass, field, fields
@@ -77,6 +75,7 @@ class GPTConfig:
     attn_pattern: str = ""      # a letter per layer, repeated over depth: G full, S sliding, B block-sparse, M MoBA
                                 # (softmax, `attention`'s projections), L linear; '' = `attention` and attn_span
     value_embeds: str = ""      # layers whose values add a per-token embedding of their own, e.g. '0,1'; '' = none
+    value_residual: bool = False  # every layer's values after the first mix in the first layer's (ResFormer)
     # MLA (attention='mla')
     q_lora_rank: int = 0        # rank of the low-rank query projection; 0 = a full-rank query
     kv_lora_rank: int = 0       # width of the cached key/value latent; 0 = 4 * head_dim (DeepSeek-V2's ratio)
@@ -160,7 +159,7 @@ class GPTConfig:
         self.engram_order_list = int_list(self.engram_orders, "engram_orders")
         self.value_embed_list = int_list(self.value_embeds, "value_embeds")
         for part in (CausalSelfAttention, MLA, MaskedSpan, MoBASpan, LinearAttention, AttentionGate, ValueEmbedding,
-                     Router, HyperConnections, Engram, LogitSoftCap):  # each checks its own fields
+                     ValueResidual, Router, HyperConnections, Engram, LogitSoftCap):  # each checks its own fields
             part.check(self)
 
     def layer_mixer(self, layer):
@@ -208,8 +207,7 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim, eps):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
         return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
@@ -263,21 +261,19 @@ class Context:
     idx: torch.Tensor = None            # (B, T) token ids
     aux: dict = field(default_factory=dict)  # layers' side outputs (metrics, unweighted losses), for the logs
     losses: dict = field(default_factory=dict)  # weighted auxiliary losses, which training adds to its objective
+    v1: torch.Tensor = None             # value_residual: the first layer's values (B, T, n_kv_head, head_dim)
 
 
 # -----------------------------------------------------------------------------
 # attention
 
-# Spans: which keys each softmax query sees. Any projection (CausalSelfAttention, MLA) runs with any span: the
-# projection makes q, k, v and owns its cache layout; the span attends (SDPA or FlexAttention) and, decoding,
-# stores the new cache entries and says which slots each sees.
+# Spans: which keys a softmax query sees. Any projection (CausalSelfAttention, MLA) takes any span: the projection
+# makes q, k, v and owns its cache layout; the span attends (SDPA or FlexAttention), decoding caches and masks slots.
 
 class FullSpan:
     """Causal attention over every past position, through SDPA's fused kernels (is_causal)."""
     use_flex = None  # masked spans: None = FlexAttention on CUDA, masked SDPA elsewhere; True/False forces one
-    # a position's entries have their own slot and masks hide later ones, so decoding rewinds by position alone
-    # (speculative decoding's rejected drafts); a mixer without this attribute does not rewind
-    rewinds = True
+    rewinds = True  # a slot per position, masks hide later ones: decoding rewinds by position alone (rejected drafts)
 
     def __init__(self, config):
         self.config = config
@@ -299,8 +295,7 @@ class FullSpan:
 
     def attend(self, q, k, v, ctx, mask=None, scale=None, dropout=0.0):
         """q (B, n_head, T, d), k and v (B, key heads, S, d) -> (B, n_head, T, d_v); mask None = training."""
-        # decoding (a mask) with grouped keys, or in fp32 on CUDA: SDPA's memory-efficient kernel, its fp32 choice,
-        # rejects the arbitrary stride that inductor gives a one-token query's length-1 dimension
+        # masked GQA, or fp32 on CUDA: SDPA's fp32 kernel rejects inductor's stride of a 1-token query's length-1 dim
         gqa = k.size(1) != q.size(1)
         if mask is not None and not dropout and (gqa and q.size(2) > 1 or q.is_cuda and q.dtype == torch.float32):
             return grouped_attention(q, k, v, mask, scale)
@@ -329,8 +324,7 @@ class MaskedSpan(FullSpan):
                 "window and sparse_* must be 1 or more")
 
     def attend(self, q, k, v, ctx, mask=None, scale=None, dropout=0.0):
-        if mask is None and (q.is_cuda if self.use_flex is None else self.use_flex):
-            # FlexAttention skips the 128 x 128 tiles the pattern leaves empty
+        if mask is None and (q.is_cuda if self.use_flex is None else self.use_flex):  # skips empty 128 x 128 tiles
             return flex(q, k, v, static_block_mask(self.key, self.allowed, q.size(2), q.device), scale)
         return super().attend(q, k, v, ctx, self.logit_mask(q, k) if mask is None else mask, scale, dropout)
 
@@ -410,9 +404,8 @@ class BlockSparseSpan(MaskedSpan):
 
 
 class MoBASpan(FullSpan):
-    """Mixture of Block Attention (MoBA, Lu et al. 2025, arXiv 2502.13189 §2.2): keys fall in blocks of moba_block; a
-    query sees its own block, always (its mean would hold future keys) and causally, plus the moba_topk - 1 earlier
-    blocks whose mean keys score highest, q . mean(k) per query head, without parameters or gradient."""
+    """Mixture of Block Attention (MoBA, arXiv 2502.13189 §2.2): a query sees its own moba_block keys causally (their
+    mean holds future keys) and the moba_topk - 1 earlier blocks of best q . mean(k) per head, with no parameters."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -476,9 +469,8 @@ SPANS = {"full": FullSpan, "sliding": SlidingSpan, "sparse": BlockSparseSpan, "m
 
 
 class AttentionGate(nn.Module):
-    """Gated attention (Qiu et al. 2025, Qwen, arXiv 2505.06708): y * sigmoid(x W), x the layer's input, one gate per
-    head ('headwise') or channel ('elementwise'), on each head's output (G1, the paper's best) or values (G2). No
-    bias: W ~ N(0, 0.02) starts the gate near 0.5, the layer at about half the ungated output."""
+    """Gated attention (Qwen, arXiv 2505.06708): y * sigmoid(x W), x the layer's input, a gate per head or channel, on
+    head outputs (G1, the paper's best) or values (G2). No bias: W ~ N(0, 0.02) starts the gates near 0.5."""
 
     def __init__(self, config, heads, head_dim):
         super().__init__()
@@ -514,6 +506,27 @@ class ValueEmbedding(nn.Module):
         return v + (self.scale * self.table(idx)).view_as(v).type_as(v)
 
 
+class ValueResidual(nn.Module):
+    """Value residual learning (ResFormer, arXiv 2410.17897: U_n = A_n (V_n + V_1) / 2), value_residual: layer 0
+    hands its values v1 on, every later layer's become a v + b v1, a and b learned from the paper's 0.5 each; the
+    cache keeps them."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.mix = nn.Parameter(torch.full((2,), 0.5)) if layer else None  # 1-D: AdamW's, no weight decay
+
+    @staticmethod
+    def check(c):
+        require(not c.value_residual or all(c.layer_mixer(i)[0] == "mha" for i in range(c.n_layer)),
+                "value_residual needs softmax attention='mha' in every layer")
+
+    def forward(self, v, ctx):
+        if self.mix is None:
+            ctx.v1 = v
+            return v
+        return self.mix[0] * v + self.mix[1] * ctx.v1
+
+
 class CausalSelfAttention(nn.Module):
     """Attention with n_kv_head key/value heads (MHA, GQA, MQA), RoPE, optional QK-norm and gate, over its span."""
 
@@ -533,7 +546,7 @@ class CausalSelfAttention(nn.Module):
         self.gate_at = config.attn_gate_at if config.attn_gate != "none" else None
         gate_heads = self.n_kv_head if self.gate_at == "value" else self.n_head
         self.gate = AttentionGate(config, gate_heads, self.head_dim) if self.gate_at else None
-        self.value_embed = None  # Block sets a ValueEmbedding on value_embeds' layers
+        self.value_embed = self.value_residual = None  # Block sets them under value_embeds and value_residual
 
     @staticmethod
     def check(c):
@@ -551,6 +564,7 @@ class CausalSelfAttention(nn.Module):
         k = apply_rope(self.k_norm(k.view(B, T, self.n_kv_head, self.head_dim)), ctx.cos, ctx.sin)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
         v = v if self.value_embed is None else self.value_embed(v, ctx.idx)
+        v = v if self.value_residual is None else self.value_residual(v, ctx)
         if self.gate_at == "value":  # gated values are what the cache keeps
             v = self.gate(x, v)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -570,9 +584,8 @@ class CausalSelfAttention(nn.Module):
 
     @torch.no_grad()
     def qk_clip(self, max_logits, tau):
-        """QK-Clip (Kimi K2, arXiv 2507.20534 §2.1), after an optimizer step: a head whose largest logit max_logits
-        exceeded tau has its logits scaled by gamma = tau / max_logit: sqrt(gamma) each to query and key of its own
-        (MHA), or all to the query, the shared key head (GQA, MQA) untouched. RoPE, a rotation, commutes with it."""
+        """QK-Clip (Kimi K2, arXiv 2507.20534 §2.1), after a step: a head whose largest logit passed tau scales its
+        logits by gamma = tau / max_logit, sqrt(gamma) to query and own key (MHA), else all to query; RoPE commutes."""
         assert isinstance(self.q_norm, nn.Identity), "QK-norm normalizes away any scaling of the q and k weights"
         gamma = (max_logits.new_tensor(tau) / max_logits.clamp(min=tau))[:, None, None]  # x / x: 1 exactly
         own_keys = self.n_kv_head == self.n_head
@@ -583,9 +596,8 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLA(nn.Module):
-    """Multi-head latent attention (DeepSeek-V2, arXiv 2405.04434 §2.1): each token caches one small latent, which
-    every head's keys and values are up-projected from, and one rotary key all heads share (decoupled RoPE: a
-    rotation cannot fold through the up-projection). Any span (SPANS); attn_gate gates each head's output."""
+    """Multi-head latent attention (DeepSeek-V2, arXiv 2405.04434 §2.1): a token caches one latent, up-projected to all
+    heads' keys and values, and one shared rotary key (decoupled RoPE: a rotation can't fold into the up-projection)."""
 
     def __init__(self, config, span="full"):
         super().__init__()
@@ -682,9 +694,8 @@ class MLA(nn.Module):
 # linear attention: a recurrent state instead of a KV cache
 
 def linear_attention_recurrent(q, k, v, state):
-    """Causal linear attention o_t = q_t S_t, S_t = S_{t-1} + k_t v_t^T, token by token: decoding's form and the
-    reference of kernels.linear_attention_chunked. q, k (B, H, T, d_k), v (B, H, T, d_v), state (B, H, d_k, d_v)
-    -> o (B, H, T, d_v), the state after the last token."""
+    """Causal linear attention o_t = q_t S_t, S_t = S_{t-1} + k_t v_t^T, token by token (decoding; the reference of
+    kernels.linear_attention_chunked): q, k (B, H, T, d_k), v (B, H, T, d_v), state (B, H, d_k, d_v) -> o, state."""
     outputs = []
     for t in range(q.size(2)):
         state = state + k[:, :, t, :, None] * v[:, :, t, None, :]
@@ -750,10 +761,9 @@ class LinearAttention(nn.Module):
 
 
 class GatedDeltaNet(nn.Module):
-    """Gated DeltaNet (Yang, Kautz, Hatamizadeh, arXiv 2412.06464; Qwen3-Next's linear layers): per head a d_k x d_v
-    state decays by a_t = exp(g_t) and moves by the delta rule toward v_t at key k_t with strength b_t. q, k, v pass
-    a causal depthwise convolution (kernel 4) and SiLU, q and k L2-normalized; g_t = -exp(A_log) softplus(a_t +
-    dt_bias) (Mamba-2's), b_t = sigmoid; the output is RMS-normalized per head and gated by SiLU(z)."""
+    """Gated DeltaNet (arXiv 2412.06464; Qwen3-Next's linear layers): per head a d_k x d_v state decays by a_t =
+    exp(g_t) and moves by the delta rule toward v_t at key k_t, strength b_t. q, k, v: causal depthwise conv, SiLU;
+    q, k L2-normalized; g_t = -exp(A_log) softplus(a_t + dt_bias) (Mamba-2), b_t = sigmoid; out: RMSNorm * SiLU(z)."""
     conv_size = 4
 
     def __init__(self, config, span="full"):  # span: the state sees every past token
@@ -864,8 +874,7 @@ class Router(nn.Module):
         self.groups, self.topk_groups = config.moe_groups, config.moe_topk_groups
         self.gate = nn.Linear(config.n_embd, config.n_experts, bias=False)
         self.gate.weight.muon = False  # a tiny, skinny map: AdamW's (optim.py)
-        # aux-loss-free balancing: the bias steers selection only; it moves outside the gradient (update_router_biases)
-        self.register_buffer("bias", torch.zeros(config.n_experts))
+        self.register_buffer("bias", torch.zeros(config.n_experts))  # aux-loss-free balancing: selection only
         self.register_buffer("load", torch.zeros(config.n_experts), persistent=False)  # slots since the last update
 
     @staticmethod
@@ -953,8 +962,7 @@ class MoE(nn.Module):
         tokens = x.reshape(-1, d)  # (N, d)
         experts, gates, logits, scores = self.router(tokens)  # (N, k), (N, k), (N, E), (N, E)
         k, E = experts.size(1), scores.size(1)
-        # token n's j-th choice is slot n * k + j; sort the slots by expert, and within an expert by falling score,
-        # then by position, so that capacity cuts each expert's tail: its lowest-scored, then latest, slots
+        # slot n * k + j is token n's j-th choice; sorted by expert, falling score, position: capacity cuts the tail
         slot_expert, slot_score = experts.flatten(), scores.gather(1, experts).flatten()
         by_score = slot_score.argsort(descending=True, stable=True)
         order = by_score[slot_expert[by_score].argsort(stable=True)]  # (N * k,) slots in expert order
@@ -991,8 +999,7 @@ class MoE(nn.Module):
             "aux_loss": E * (load * probs.mean(dim=0)).sum(),
             # DeepSeek-V3 eq. 17-20 per sequence (f_i = E / (k T) * slots of i, P_i its mean probability), averaged
             "seq_aux_loss": (E / (k * T) * per_sequence * probs.view(B, T, E).mean(dim=1)).sum(dim=1).mean(),
-            # ST-MoE: the squared log-partition of the router logits keeps them small
-            "z_loss": logits.logsumexp(dim=-1).square().mean(),
+            "z_loss": logits.logsumexp(dim=-1).square().mean(),  # ST-MoE: keeps the router logits small
         }
         for name, value in losses.items():
             ctx.aux[f"{self.name}/{name}"] = value.detach()
@@ -1005,9 +1012,8 @@ class MoE(nn.Module):
 
 @torch.no_grad()
 def update_router_biases(model):
-    """Auxiliary-loss-free balancing (DeepSeek-V3 §2.1.2), after each optimizer step: each router's selection bias
-    moves by bias_update_rate toward balance (down above the mean load, up below), from the slots counted over the
-    step's micro-batches and summed over DDP processes, so every replica moves alike."""
+    """Auxiliary-loss-free balancing (DeepSeek-V3 §2.1.2), after each optimizer step: each router's bias moves by
+    bias_update_rate, down above the mean load, up below, by the step's slots summed over DDP ranks (replicas agree)."""
     routers = [m for m in model.modules() if isinstance(m, Router) and m.bias_rate]
     if not routers:
         return
@@ -1057,8 +1063,7 @@ class HyperConnections(nn.Module):
         self.sinkhorn_iters = config.hc_sinkhorn_iters
         static, dynamic_shape = self.initial_mappings(config.n_embd, sublayer)
         # pre, post and res (n, n, n*n) in one vector: as with other biases, no weight decay pulls them from their init
-        self.static = nn.Parameter(static)
-        self.dynamic = nn.Parameter(torch.zeros(dynamic_shape))
+        self.static, self.dynamic = nn.Parameter(static), nn.Parameter(torch.zeros(dynamic_shape))
         self.dynamic.muon = False  # a tiny, skinny map: AdamW's (optim.py)
 
     @staticmethod
@@ -1106,8 +1111,8 @@ class ManifoldHyperConnections(HyperConnections):
     """Manifold-constrained hyper-connections (DeepSeek mHC, arXiv 2512.24880), residual='mhc': mappings from all
     streams at once, x = RMSNorm(vec H) (n*d); pre = sigmoid(.), post = 2 sigmoid(.), res doubly stochastic
     (Sinkhorn-Knopp): HC's free res matrices multiply over depth and can grow or shrink the signal without bound;
-    doubly stochastic ones are closed under products, have spectral norm <= 1 and keep the streams' mean. The init
-    (W = 0, pre toward stream sublayer mod n, res near I) is the standard residual."""
+    doubly stochastic ones are closed under products, have spectral norm <= 1 and keep the streams' mean. Init (W = 0,
+    pre toward stream sublayer mod n, res near I): the standard residual."""
 
     def initial_mappings(self, d, sublayer):
         n = self.n
@@ -1151,8 +1156,7 @@ class Engram(nn.Module):
         orders, heads = config.engram_order_list, config.engram_heads
         self.orders, self.context = orders, max(orders) - 1  # the context: ids before t that the longest n-gram reads
         self.streams = 1 if config.residual == "standard" else config.hc_streams
-        # deterministic per layer: the same ids find the same rows in every run, on every machine
-        seed = torch.Generator().manual_seed(2601 + 10007 * layer)
+        seed = torch.Generator().manual_seed(2601 + 10007 * layer)  # the same rows in every run, on every machine
         multipliers = torch.randint(0, 2**61, (max(orders),), generator=seed) * 2 + 1  # odd, < 2^62
         primes, n = [], max(config.engram_table_size // (len(orders) * heads), 2)
         while len(primes) < len(orders) * heads:  # the smallest primes >= n; trial division: fast for billions of rows
@@ -1243,6 +1247,8 @@ class Block(nn.Module):
         self.memory = Engram(config, layer) if layer in config.engram_layer_list else None
         if layer in config.value_embed_list:  # softmax MHA layers (ValueEmbedding.check), of the main stack only
             self.attn.value_embed = ValueEmbedding(config)
+        if config.value_residual and layer < config.n_layer:  # every layer mha (ValueResidual.check)
+            self.attn.value_residual = ValueResidual(layer)
         # rewinds by position alone (FullSpan.rewinds), unless Engram's window of the last ids holds a rejected draft
         self.rewinds = getattr(getattr(self.attn, "span", None), "rewinds", False) and self.memory is None
 
@@ -1272,9 +1278,8 @@ def matmul_flops(module):
 
 
 class MTP(nn.Module):
-    """One multi-token prediction depth (DeepSeek-V3, arXiv 2412.19437 §2.2): the previous depth's hidden state at
-    position i and the embedding of token i + depth, each RMS-normalized, concatenated and projected back to n_embd,
-    then mtp_blocks blocks of its own; the model's embedding and output head are shared."""
+    """Multi-token prediction depth k (DeepSeek-V3, arXiv 2412.19437 §2.2): depth k - 1's hidden state at i and the
+    embedding of token i + k, RMS-normed, concatenated, projected, then mtp_blocks blocks; wte and head shared."""
 
     def __init__(self, config, depth):
         super().__init__()
@@ -1305,9 +1310,8 @@ class MTP(nn.Module):
 
 
 def mtp_loss(model, h, idx, targets, ctx):
-    """ctx.losses['mtp_loss'] = mtp_lambda / mtp_depth * the sum over depths k of the loss of predicting token
-    i + k + 1 at position i from depth k - 1's hidden state h there and the embedding of token i + k (teacher
-    forcing), one position shorter at each depth; each depth's loss also goes to ctx.aux['mtp<k>/loss']."""
+    """ctx.losses['mtp_loss'] = mtp_lambda / mtp_depth * the sum over depths k of the loss on token i + k + 1 at i from
+    depth k - 1's hidden state h and token i + k's embedding (teacher forcing); each in ctx.aux['mtp<k>/loss']."""
     total = 0.0
     for k, module in enumerate(model.mtp, start=1):
         T = idx.size(1) - k
@@ -1320,9 +1324,8 @@ def mtp_loss(model, h, idx, targets, ctx):
 
 
 class LogitSoftCap(nn.Module):
-    """Logit soft-capping (Gemma 2, arXiv 2408.00118 §2; modded-nanogpt): the output head's logits become
-    c * tanh(logits / c), c = logit_softcap: near the identity for small logits, never past +-c. In fp32, cast back;
-    every path to the logits (GPT.logits: loss, evaluation, decoding, MTP, its draft) passes it."""
+    """Logit soft-capping (Gemma 2, arXiv 2408.00118 §2; modded-nanogpt): c * tanh(logits / c), c = logit_softcap,
+    in fp32: near the identity for small logits, never past +-c; every path to the logits passes it (GPT.logits)."""
 
     def __init__(self, config):
         super().__init__()
@@ -1482,9 +1485,8 @@ class GPT(nn.Module):
         return sum(self.flops_breakdown(seq_len).values())
 
     def kv_cache_bytes(self, context, dtype=torch.bfloat16):
-        """Bytes of one sequence's decode cache at `context` tokens, in dtype: per token and layer 2 * n_kv_head *
-        head_dim (MHA, GQA, MQA) or kv_lora_rank + qk_rope_head_dim (MLA), up to `window` tokens on sliding layers;
-        linear layers keep a fixed-size fp32 state."""
+        """Bytes of one sequence's decode cache at `context` tokens in dtype: per token and layer 2 * n_kv_head *
+        head_dim or kv_lora_rank + qk_rope_head_dim (MLA), <= `window` tokens if sliding; linear: a fixed fp32 state."""
         caches = [block.attn.new_cache(1, context, dtype, "meta") for block in self.blocks]
         return sum(t.numel() * t.element_size() for cache in caches for t in cache.values() if t.is_floating_point())
 

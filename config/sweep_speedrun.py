@@ -13,6 +13,7 @@ runs = [  # the recipe first (it is always repeated)
     f"relu2: {_muon} --mlp=relu2",
     f"softcap: {_muon} --logit_softcap=15",
     f"value_embeds: {_muon} --value_embeds=0,1,2",
+    f"value_residual: {_muon} --value_residual=True",
     f"x0_mix: {_muon} --x0_mix=True",
     f"zero_init_proj: {_muon} --zero_init_proj=True",
     f"untied: {_muon} --tie_embeddings=False",

@@ -80,11 +80,13 @@ FAMILY_VARIANTS = {
     "hc_engram_linear": dict(residual="hc", engram_layers="0", engram_table_size=2048, engram_dim=32,
                              attention="linear", linear_chunk=8),
     # speedrun candidates (test_model.py): the squared-ReLU MLP beside MoE layers, soft-capped logits with MTP, value
-    # embeddings on GQA layers, full and sliding (a rolling cache of values), the embedding mixed into HC's streams
+    # embeddings on GQA layers, full and sliding (a rolling cache of values), value residual over them, the embedding
+    # mixed into HC's streams
     # (zero_init_proj has its own test: at init its blocks are identities, which leaves these checks nothing to check)
     "relu2_moe": dict(mlp="relu2", n_experts=4, moe_topk=2, moe_hidden=16, moe_every=2),
     "softcap_mtp": dict(logit_softcap=3.0, mtp_depth=2),
     "value_embeds_gqa_sliding": dict(value_embeds="0,1", n_kv_head=2, attn_pattern="GS", window=5),
+    "value_residual_gqa_sliding": dict(value_residual=True, value_embeds="0", n_kv_head=2, attn_pattern="GS", window=5),
     "x0_mix_hc": dict(x0_mix=True, residual="hc", hc_streams=2),
     "unet_skips_odd": dict(unet_skips=True, n_layer=3),  # the middle block gets no skip
 }

@@ -224,8 +224,10 @@ def test_export_refusals_are_one_line(tiny_model, tmp_path):
                                 # Llama, Qwen and DeepSeek-V3 all have a SiLU-gated MLP and uncapped logits
                                 (dict(mlp="relu2"), "mlp='relu2' has no Hugging Face equivalent"),
                                 (dict(logit_softcap=30.0), "logit_softcap=30.0 has no Hugging Face equivalent"),
-                                # nor value embeddings, the embedding mixed back in before each block or U-net skips
+                                # nor value embeddings or residuals, the embedding mixed back in before each block or
+                                # U-net skips
                                 (dict(value_embeds="0,1"), "value_embeds='0,1' has no Hugging Face equivalent"),
+                                (dict(value_residual=True), "value_residual=True has no Hugging Face equivalent"),
                                 (dict(x0_mix=True), "x0_mix=True has no Hugging Face equivalent"),
                                 (dict(unet_skips=True), "unet_skips=True has no Hugging Face equivalent")]:
         assert expected in error(lambda: hf.to_hf(tiny_model(**overrides), tmp_path))

@@ -263,6 +263,22 @@ def test_logit_softcap_is_applied_on_every_path_as_a_hand_computed_reference(tin
     assert draft.shape == (2, 1, 64) and torch.allclose(draft, cap(heads[0]), atol=1e-6)
 
 
+def values(attn, x):
+    """CausalSelfAttention attn's own values of x (B, T, n_kv_head, head_dim), by hand."""
+    return (x @ attn.qkv.weight.T).split(attn.qkv.weight.logical_rows, dim=-1)[2].view(*x.shape[:2], attn.n_kv_head, -1)
+
+
+def attention_of_values(attn, x, v, cos, sin):
+    """attn's causal softmax attention of x by hand, over the values v (B, T, n_kv_head, head_dim) given."""
+    (B, T, _), H, G, D = x.shape, attn.n_head, attn.n_kv_head, attn.head_dim
+    q, k, _ = (x @ attn.qkv.weight.T).split(attn.qkv.weight.logical_rows, dim=-1)
+    q, k = apply_rope(q.view(B, T, H, D), cos, sin), apply_rope(k.view(B, T, G, D), cos, sin)
+    k, v = k.repeat_interleave(H // G, dim=2), v.repeat_interleave(H // G, dim=2)  # query head h reads kv head h // 2
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D)
+    scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(B, T, H * D) @ attn.proj.weight.T
+
+
 def test_value_embeds_add_a_table_of_their_own_to_the_values_as_a_hand_computed_attention(tiny_model):
     """Layer 1's attention is softmax attention over v + scale * ve[token] (GQA: kv head h // 2), layer 0 keeps its
     values; the table's parameters count, as embeddings, and its lookup costs no FLOPs. Decoding equals the forward,
@@ -274,16 +290,29 @@ def test_value_embeds_add_a_table_of_their_own_to_the_values_as_a_hand_computed_
         attn.value_embed.scale.fill_(0.5)
     x, idx, cos, sin = torch.randn(2, 7, 32), torch.randint(0, 64, (2, 7)), model.cos[:7], model.sin[:7]
     y = attn(x, Context(cos=cos, sin=sin, idx=idx))
-    q, k, v = (x @ attn.qkv.weight.T).split([32, 16, 16], dim=-1)
-    q, k = apply_rope(q.view(2, 7, 4, 8), cos, sin), apply_rope(k.view(2, 7, 2, 8), cos, sin)
-    v = v.view(2, 7, 2, 8) + 0.5 * attn.value_embed.table.weight[idx].view(2, 7, 2, 8)
-    k, v = k.repeat_interleave(2, dim=2), v.repeat_interleave(2, dim=2)  # query head h reads kv head h // 2
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(8)
-    scores = scores.masked_fill(~torch.ones(7, 7, dtype=torch.bool).tril(), float("-inf"))
-    expected = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(2, 7, 32) @ attn.proj.weight.T
-    assert torch.allclose(y, expected, atol=1e-5)
+    v = values(attn, x) + 0.5 * attn.value_embed.table.weight[idx].view(2, 7, 2, 8)
+    assert torch.allclose(y, attention_of_values(attn, x, v, cos, sin), atol=1e-5)
     assert model.num_params() == base.num_params() + 64 * 16 + 1  # the table and its scale
     assert model.num_params(embedding=False) == base.num_params(embedding=False) + 1
+    assert model.flops_breakdown() == base.flops_breakdown()
+
+
+def test_value_residual_mixes_the_first_layers_values_into_each_later_layers_as_a_hand_computed_attention(tiny_model):
+    """Layer 0 attends over its own values and hands them on; layer 1 attends over a v + b v1 (GQA). Two gains per
+    later layer, 0.5 each at init, and no FLOPs counted. Decoding equals the forward with value embeddings and a
+    sliding layer beside it: the generic checks (variant value_residual_gqa_sliding)."""
+    model, base = tiny_model(value_residual=True, n_kv_head=2), tiny_model(n_kv_head=2)
+    first, second = model.blocks[0].attn, model.blocks[1].attn
+    assert first.value_residual.mix is None and second.value_residual.mix.tolist() == [0.5, 0.5]
+    with torch.no_grad():
+        second.value_residual.mix.copy_(torch.tensor([0.3, 1.2]))
+    x0, x1, cos, sin = torch.randn(2, 7, 32), torch.randn(2, 7, 32), model.cos[:7], model.sin[:7]
+    ctx = Context(cos=cos, sin=sin)
+    y0, y1 = first(x0, ctx), second(x1, ctx)
+    assert torch.allclose(y0, attention_of_values(first, x0, values(first, x0), cos, sin), atol=1e-5)
+    v = 0.3 * values(second, x1) + 1.2 * values(first, x0)
+    assert torch.allclose(y1, attention_of_values(second, x1, v, cos, sin), atol=1e-5)
+    assert model.num_params(embedding=False) == base.num_params(embedding=False) + 2 * (model.config.n_layer - 1)
     assert model.flops_breakdown() == base.flops_breakdown()
 
 
@@ -361,6 +390,8 @@ def test_zero_init_proj_zeroes_the_marked_weights_and_trains_every_parameter_fro
     (dict(value_embeds="0,x"), "value_embeds must be comma-separated integers"),
     (dict(value_embeds="0", attention="mla"), "value_embeds needs softmax attention='mha' layers"),
     (dict(value_embeds="1", attn_pattern="GL"), "value_embeds needs softmax attention='mha' layers"),
+    (dict(value_residual=True, attn_pattern="GL"), "value_residual needs softmax attention='mha' in every layer"),
+    (dict(value_residual=True, attention="mla"), "value_residual needs softmax attention='mha' in every layer"),
     (dict(n_experts=4, moe_topk=5), "moe_topk must be within 1..n_experts"),
     (dict(n_experts=4, moe_every=0), "moe_every must be >= 1"),
     (dict(n_experts=4, moe_first_dense=-1), "moe_first_dense >= 0"),
