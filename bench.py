@@ -126,12 +126,12 @@ torch.manual_seed(seed)
 
 
 def hf_llama(cfg):
-    from transformers import LlamaConfig, LlamaForCausalLM
     if (cfg.qk_norm or cfg.dropout or cfg.mlp != "swiglu" or cfg.logit_softcap or cfg.value_embeds or cfg.value_residual
             or cfg.x0_mix or cfg.unet_skips):
         fail("hf_llama has no qk_norm, residual dropout, ReLU² MLP, logit cap, value embeddings or residual, x0 mixing "
              "or U-net skips: set --qk_norm=False --dropout=0.0 --mlp=swiglu --logit_softcap=0 --value_embeds='' "
              "--value_residual=False --x0_mix=False --unet_skips=False")
+    from transformers import LlamaConfig, LlamaForCausalLM  # after the refusal: importing transformers takes seconds
     hf = LlamaConfig(hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden, num_hidden_layers=cfg.n_layer,
                      num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, vocab_size=cfg.vocab_size,
                      max_position_embeddings=cfg.block_size, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps,
@@ -142,13 +142,13 @@ def hf_llama(cfg):
 
 
 def hf_qwen3_moe(cfg):
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
     if (not cfg.n_experts or cfg.n_shared_experts or cfg.moe_every != 1 or cfg.moe_first_dense or cfg.attention != "mha"
             or cfg.logit_softcap or cfg.value_embeds or cfg.value_residual or cfg.x0_mix or cfg.unet_skips):
         fail("hf_qwen3_moe is MHA/GQA attention with routed experts on every layer, no logit cap, value embeddings or "
              "residual, x0 mixing or U-net skips: set --n_experts, --n_shared_experts=0, --moe_every=1, "
              "--moe_first_dense=0, --logit_softcap=0, --value_embeds='' --value_residual=False --x0_mix=False "
              "--unet_skips=False")
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM  # after the refusal: importing transformers takes seconds
     hf = Qwen3MoeConfig(hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden, moe_intermediate_size=cfg.moe_hidden,
                         num_experts=cfg.n_experts, num_experts_per_tok=cfg.moe_topk, norm_topk_prob=cfg.router_renorm,
                         num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,

@@ -379,9 +379,10 @@ def finish(stopped):
         print0(f"interrupted at step {iter_num}: " + (f"saved {checkpoint_path}; resume with --init_from=resume"
                if iter_num else "no step trained, so nothing to save"), file=sys.stderr)
     if ddp:
-        if stopped:
-            dist.barrier()  # no process exits (which makes torchrun stop the others) before process 0 has saved
         del model
+        # no process exits (which makes torchrun stop the others) before process 0 has saved, nor tears its process
+        # group down while another still runs a collective, as train.py
+        dist.barrier()
         dist.destroy_process_group()
     raise SystemExit(130 if stopped else 0)  # 130: the shell's code for a Ctrl-C
 

@@ -70,6 +70,7 @@ REWRITES = [
     ("config/speedrun.py", "--seq_warmup=0.3 ", "--seq_warmup=0.3 --seq_warmup_min=16 "),
     ("docs/results.md", "--epochs=1 ", "--max_iters=2 "),
     ("docs/results.md", "--seq_warmup=0.3 ", "--seq_warmup=0.3 --seq_warmup_min=16 "),
+    ("docs/results.md", "--n_layer=16 --n_embd=2048 --n_head=16 --n_kv_head=4 ", "--n_layer=2 --n_kv_head=2 "),  # 0.81B
 ]
 NOT_RUN = {
     "pip install -r requirements.txt": "installs packages",
