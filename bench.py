@@ -125,12 +125,19 @@ device_name = torch.cuda.get_device_name(device) if cuda else device_type
 torch.manual_seed(seed)
 
 
+# the flags neither transformers model has a counterpart for, at their off values
+NOT_IN_HF = dict(logit_softcap=0.0, value_embeds="", value_residual=False, x0_mix=False, unet_skips=False)
+
+
+def refuse_unmatched(name, cfg, off):
+    """Stop in one line, naming the flags to set, when the config uses one the reference cannot build."""
+    on = [f"--{k}={v if v != '' else repr(v)}" for k, v in {**off, **NOT_IN_HF}.items() if getattr(cfg, k) != v]
+    if on:
+        fail(f"{name} cannot match this config: set {' '.join(on)}")
+
+
 def hf_llama(cfg):
-    if (cfg.qk_norm or cfg.dropout or cfg.mlp != "swiglu" or cfg.logit_softcap or cfg.value_embeds or cfg.value_residual
-            or cfg.x0_mix or cfg.unet_skips):
-        fail("hf_llama has no qk_norm, residual dropout, ReLU² MLP, logit cap, value embeddings or residual, x0 mixing "
-             "or U-net skips: set --qk_norm=False --dropout=0.0 --mlp=swiglu --logit_softcap=0 --value_embeds='' "
-             "--value_residual=False --x0_mix=False --unet_skips=False")
+    refuse_unmatched("hf_llama", cfg, dict(qk_norm=False, dropout=0.0, mlp="swiglu"))
     from transformers import LlamaConfig, LlamaForCausalLM  # after the refusal: importing transformers takes seconds
     hf = LlamaConfig(hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden, num_hidden_layers=cfg.n_layer,
                      num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, vocab_size=cfg.vocab_size,
@@ -142,12 +149,9 @@ def hf_llama(cfg):
 
 
 def hf_qwen3_moe(cfg):
-    if (not cfg.n_experts or cfg.n_shared_experts or cfg.moe_every != 1 or cfg.moe_first_dense or cfg.attention != "mha"
-            or cfg.logit_softcap or cfg.value_embeds or cfg.value_residual or cfg.x0_mix or cfg.unet_skips):
-        fail("hf_qwen3_moe is MHA/GQA attention with routed experts on every layer, no logit cap, value embeddings or "
-             "residual, x0 mixing or U-net skips: set --n_experts, --n_shared_experts=0, --moe_every=1, "
-             "--moe_first_dense=0, --logit_softcap=0, --value_embeds='' --value_residual=False --x0_mix=False "
-             "--unet_skips=False")
+    if not cfg.n_experts:
+        fail("hf_qwen3_moe has routed experts on every layer: set --n_experts")
+    refuse_unmatched("hf_qwen3_moe", cfg, dict(n_shared_experts=0, moe_every=1, moe_first_dense=0, attention="mha"))
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM  # after the refusal: importing transformers takes seconds
     hf = Qwen3MoeConfig(hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden, moe_intermediate_size=cfg.moe_hidden,
                         num_experts=cfg.n_experts, num_experts_per_tok=cfg.moe_topk, norm_topk_prob=cfg.router_renorm,
