@@ -137,32 +137,27 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     ('aot_eager' in the CPU tests). speculative=True drafts each next token with the first MTP module and verifies it
     (speculative_step); stats, a dict, then counts rounds, drafted and accepted tokens."""
     device, L, B, V = model.wte.weight.device, model.config.block_size, len(prompts), model.config.vocab_size
-    lengths = torch.tensor([len(p) for p in prompts])
-    assert 0 < lengths.min() and lengths.max() < L, "prompts must hold 1 to block_size - 1 tokens"
+    lengths = [len(p) for p in prompts]
+    assert 0 < min(lengths) and max(lengths) < L, "prompts must hold 1 to block_size - 1 tokens"
     assert model.mtp or not speculative, "speculative decoding drafts with the MTP modules: mtp_depth must be >= 1"
-    history = torch.zeros(B, int(lengths.max()), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        history[row, history.size(1) - len(prompt):] = torch.as_tensor(prompt)
-    history, pad = history.to(device), (history.size(1) - lengths).to(device)
+    history = torch.tensor([[0] * (max(lengths) - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
+    pad = history.size(1) - torch.tensor(lengths, device=device)
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
     # a cache as long as the prompts and their continuations need (attention reads all of it at every step),
     # with one slot for a draft; block_size when they do not fit in it
     cache = model.new_cache(B, min(L, history.size(1) + max_new_tokens + 1), dtype, mtp=speculative)
     cache["pad"].copy_(pad)
     draws = 3 if speculative else 1  # Exp(1) noise per row and step: the draft, its replacement, the next token
-    state = State(temperature, top_k, top_p, token=torch.zeros(B, dtype=torch.long, device=device),
-                  pos=torch.zeros(1, dtype=torch.long, device=device),
-                  done=torch.zeros(B, dtype=torch.bool, device=device),
+    state = State(temperature, top_k, top_p, token=history.new_zeros(B), pos=history.new_zeros(1),  # long
+                  done=history.new_zeros(B, dtype=torch.bool), uniform=torch.zeros(B, device=device),
                   eos=torch.tensor(-1 if eos_id is None else eos_id, device=device),
                   noise=torch.ones(B, draws, V, device=device) if temperature else None,
-                  uniform=torch.zeros(B, device=device),
                   draft=torch.zeros(B, V, device=device) if speculative else None)
     run = Run(model, cache, state, pad, generator, eos_id, dtype)
     # a CUDA graph cannot hold a host sync: MoE layers without the grouped GEMM read their row counts on the host
     graph = compiler == "inductor" and device.type == "cuda" and all(
         grouped_mm_supported(model.wte.weight, m.gate_up) for m in model.modules() if isinstance(m, Experts))
-    step_fn = speculative_step if speculative else decode_step
-    step = compiled(lambda: step_fn(model, cache, state), compiler, graph)
+    step = compiled(lambda: (speculative_step if speculative else decode_step)(model, cache, state), compiler, graph)
     if speculative:
         yield from speculative_loop(run, history, max_new_tokens, step, {} if stats is None else stats)
     else:
@@ -175,7 +170,7 @@ class Run:
     model: torch.nn.Module
     cache: dict
     state: State
-    pad: torch.Tensor      # (B,) each row's left padding in the first context
+    pad: torch.Tensor      # (B,) each row's left padding in the context since the last restart
     generator: torch.Generator
     eos_id: int
     dtype: torch.dtype     # the cache's (None: the parameters')
@@ -204,23 +199,21 @@ class Run:
         return self.eos_id is not None and bool(self.state.done.all())
 
     def restart(self, history, new):
-        """The cache is full: start again from the most recent half of the context; returns it and its next token."""
+        """The cache is full: start again from the most recent half of the context; returns it and [its next token]."""
         history = torch.cat([history, torch.stack(new, dim=1)], dim=1)
-        L = self.cache["max_len"]
-        shift = history.size(1) - L // 2
-        fresh = self.model.new_cache(len(history), L, self.dtype, "mtp" in self.cache)
-        for tensor, zero in zip(cache_tensors(self.cache), cache_tensors(fresh)):
-            tensor.copy_(zero)
-        self.cache["pad"].copy_((self.pad - shift).clamp(min=0))
-        return history[:, shift:], self.prefill(history[:, shift:])
+        shift = history.size(1) - self.cache["max_len"] // 2
+        fresh = self.model.new_cache(len(history), self.cache["max_len"], self.dtype, "mtp" in self.cache)
+        torch._foreach_copy_(cache_tensors(self.cache), cache_tensors(fresh))
+        self.pad = (self.pad - shift).clamp(min=0)  # from the padding left after the last restart
+        self.cache["pad"].copy_(self.pad)
+        return history[:, shift:], [self.prefill(history[:, shift:])]
 
 
 def plain_loop(run, history, max_new_tokens, step, check_every):
     new = [run.prefill(history)]  # the tokens after history; the last one is not in the cache yet
     for i in range(max_new_tokens):
         if i and history.size(1) + len(new) > run.cache["max_len"]:
-            history, token = run.restart(history, new)
-            new = [token]
+            history, new = run.restart(history, new)
         elif i:
             run.draw()
             new.append(step().clone())  # the graph overwrites its output at the next step
@@ -257,8 +250,7 @@ def speculative_loop(run, history, max_new_tokens, verify, stats):
                 run.draw()
                 new.append(decode_step(model, cache, state))
             else:
-                history, token = run.restart(history, new)
-                new = [token]
+                history, new = run.restart(history, new)
             produced, finished = produced + 1, run.all_done()
             yield new[-1]
         else:
@@ -269,8 +261,7 @@ def speculative_loop(run, history, max_new_tokens, verify, stats):
             tokens = out[:2 * B].view(B, 2)
             if n == 1 and saved:  # undo the draft where mixers do not rewind, then feed the first token alone
                 *copies, token_before, pos_before = saved
-                for tensor, copy in zip(unrewound, copies):
-                    tensor.copy_(copy)
+                torch._foreach_copy_(unrewound, copies)
                 h = model.hidden_states(token_before[:, None], model.decode_context(cache, pos_before), cache)
                 state.draft.copy_(model.mtp[0].draft(model, cache, h, tokens[:, :1], pos_before)[:, -1])
             finished = run.eos_id is not None and bool(done_after[n - 1])

@@ -12,7 +12,7 @@ import torch
 
 from configurator import save_checkpoint
 from conftest import FAMILY_VARIANTS, ROOT, VARIANTS, run_stage
-from decode import State, generate, speculative_step, exponential_race, sample_next, sampling_probs
+from decode import Run, State, generate, speculative_step, exponential_race, sample_next, sampling_probs
 from model import GPT, GPTConfig
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13]]
@@ -26,14 +26,16 @@ def greedy(model, prompts, n, **options):
     return torch.stack(list(generate(model, prompts, n, temperature=0, **options)), dim=1)  # (B, n)
 
 
+# 15 tokens and 1: the short row's padding outlasts the first restart and ends at the second
+@pytest.mark.parametrize("prompts", [PROMPTS, [list(range(1, 16)), [8]]], ids=["three", "long_and_short"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_batched_static_decode_equals_full_forward_of_each_prompt(tiny_model, variant):
+def test_batched_static_decode_equals_full_forward_of_each_prompt(tiny_model, variant, prompts):
     """The static-shape step, on a left-padded batch: each row's greedy tokens are the argmax of a full forward (no
-    cache) over that prompt alone and its tokens so far, also past the cache's restart (block_size 16)."""
+    cache) over that prompt alone and its tokens so far, also past the cache's restarts (block_size 16)."""
     model = tiny_model(**{**VARIANTS[variant], "block_size": 16}).eval()
-    n, width = 14, max(map(len, PROMPTS))
-    batched = greedy(model, PROMPTS, n)
-    for row, prompt in enumerate(PROMPTS):
+    n, width = 14, max(map(len, prompts))
+    batched = greedy(model, prompts, n)
+    for row, prompt in enumerate(prompts):
         columns = [None] * (width - len(prompt)) + prompt + batched[row].tolist()  # None: left padding
         start, logits = 0, {}
         for i in range(n):
@@ -45,6 +47,24 @@ def test_batched_static_decode_equals_full_forward_of_each_prompt(tiny_model, va
                 logits[start] = model(segment, segment)[0][0]
             seen = sum(c is not None for c in columns[start:end])
             assert logits[start][seen - 1].argmax().item() == batched[row, i].item(), (row, i)
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_each_restart_keeps_the_padding_left_in_each_row(tiny_model, monkeypatch, speculative):
+    """Every restart of the cache sets each row's padding to what is left of it in the new context: the short row's
+    padding (14 of 15 columns) outlasts the first restart and is gone after the second."""
+    model = tiny_model(**MTP_VARIANTS["mtp_depth_1"], block_size=16).eval() if speculative else \
+        tiny_model(block_size=16).eval()
+    restart, shifted, pads = Run.restart, [0], []
+
+    def spy(run, history, new):
+        context, token = restart(run, history, new)
+        shifted[0] += history.size(1) + len(new) - context.size(1)
+        pads.append((run.cache["pad"].tolist(), (torch.tensor([0, 14]) - shifted[0]).clamp(min=0).tolist()))
+        return context, token
+    monkeypatch.setattr(Run, "restart", spy)
+    greedy(model, [list(range(1, 16)), [8]], 24, speculative=speculative)
+    assert len(pads) >= 2 and all(pad == expected for pad, expected in pads), pads
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
