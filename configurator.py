@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -40,10 +41,10 @@ def _check_type(key, value, default):
     """Return value converted to the default's type (an int where a float is due; a bool is no number), or stop."""
     if default is None or value is None:
         return value
-    number = isinstance(default, (int, float)) and not isinstance(default, bool)
-    kind = (int, float) if isinstance(default, float) else int if number else type(default)
-    if isinstance(value, kind) and not (number and isinstance(value, bool)):
-        return float(value) if isinstance(default, float) else value
+    if isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, type(default)) and isinstance(value, bool) == isinstance(default, bool):
+        return value
     fail(f"config key '{key}' expects {type(default).__name__}, got {type(value).__name__} {value!r}")
 
 
@@ -69,17 +70,16 @@ def parse_config(defaults, argv, other_stage_keys_in_files=False, with_given=Fal
     for arg in argv:
         if arg.startswith("--"):
             key, eq, raw = arg[2:].partition("=")
-            if not eq and not isinstance(defaults.get(key), bool):
+            if not eq and not isinstance(defaults.get(key), bool):  # a bare --flag switches a boolean on
                 fail(f"config key '{key}' needs a value: --{key}=...")
-            raw = raw if eq else "True"  # a bare --flag switches a boolean on
             try:  # strings stay raw, everything else is a literal; a bare word stays a string for the type check
-                value = raw if isinstance(defaults.get(key), str) else ast.literal_eval(raw)
+                value = raw if isinstance(defaults.get(key), str) else ast.literal_eval(raw if eq else "True")
             except (ValueError, SyntaxError):
                 value = raw
             update(key, value, COMMAND_LINE)
         else:
             for key, value in _run_config_file(arg).items():
-                if not key.startswith("_") and not callable(value) and type(value).__name__ != "module":
+                if not key.startswith("_") and not callable(value) and not isinstance(value, types.ModuleType):
                     update(key, value, arg)
     return (config, given) if with_given else config
 
@@ -88,18 +88,14 @@ def _run_config_file(path):
     """The names a config file assigns, or stop with one line naming the file and the line that fails."""
     if not os.path.isfile(path):
         fail(f"config file {path} not found")
-    with open(path, "rb") as f:
-        source = f.read()
-    namespace = {}
     try:
-        exec(compile(source, path, "exec"), namespace)
+        return runpy.run_path(path)
     except SyntaxError as e:
         fail(f"config file {path}, line {e.lineno}: {e.msg}")
     except Exception as e:
         line = next((frame.lineno for frame in reversed(traceback.extract_tb(e.__traceback__))
                      if frame.filename == path), "?")
         fail(f"config file {path}, line {line}: {one_line(e)}")
-    return namespace
 
 
 def check_settings(config, positive=(), non_negative=(), fractions=(), choices=None):
@@ -123,9 +119,8 @@ def check_settings(config, positive=(), non_negative=(), fractions=(), choices=N
 def pick_device(device="auto"):
     """'auto' picks CUDA, then Apple MPS, then the CPU; a device that is not here stops with one line."""
     import torch
-    mps = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     kind, _, index = device.partition(":")
     if kind not in ("cpu", "cuda", "mps") or (index and not (kind == "cuda" and index.isdigit())):
         fail(f"unknown device '{device}' (choose auto, cpu, cuda, cuda:N or mps)")
@@ -134,7 +129,7 @@ def pick_device(device="auto"):
              "--device=auto")
     if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
         fail(f"device='{device}', but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    if kind == "mps" and not mps:
+    if kind == "mps" and not torch.backends.mps.is_available():
         fail("device='mps', but Apple's MPS is not available here: use --device=cpu or --device=auto")
     return device
 
@@ -150,6 +145,19 @@ def init_processes(device):
         device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(device)
     return True, dist.get_rank(), dist.get_world_size(), device
+
+
+def end_processes(code):
+    """Leave a torchrun process with exit code `code` once every process is done with its collectives (none exits,
+    which makes torchrun stop the others, before process 0 has saved). os._exit, not a return: FSDP2's device mesh
+    keeps the gloo process group alive past destroy_process_group, and a gloo thread that drops a collective's tensor
+    while the interpreter finalizes, when it can no longer take the GIL, aborts the process (pytorch/pytorch#179291)."""
+    import torch.distributed as dist
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -174,7 +182,6 @@ def nominal_peak_flops(device):
 
 
 def autocast(device, dtype):
-    """The autocast context for a device and dtype name; a no-op in fp32."""
     import torch
     return nullcontext() if dtype == "float32" else torch.autocast(device.split(":")[0], getattr(torch, dtype))
 
@@ -238,7 +245,6 @@ def shard_model(model, blocks, device, dtype):
     fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=tables, reshard_after_forward=False)
     for name, p in model.named_parameters():
         vars(p).update(attributes[name])
-    return model
 
 
 @contextmanager
@@ -290,10 +296,9 @@ def finite_weights(model, device="cpu", group=None):
     processes agree (a sum over them, on `device` or in `group`), so that all stop together; else this replica."""
     import torch
     weights = [t for t in model.state_dict().values() if t.is_floating_point()]
-    sharded = [t for t in weights if hasattr(t, "to_local")]  # FSDP2's DTensors
-    local = [t.to_local() if hasattr(t, "to_local") else t for t in weights]
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in weights]  # FSDP2's DTensors: this process's rows
     finite = bool(torch.stack([t.isfinite().all() for t in local]).all())
-    if sharded:
+    if any(hasattr(t, "to_local") for t in weights):
         finite = all_reduce_sum(float(not finite), device=device, group=group)[0] == 0
     return finite
 
@@ -377,9 +382,8 @@ def write_manifest(out_dir, config, device, meta_path, run_id=None):
     commit = git("rev-parse", "HEAD")
     with open(meta_path, "rb") as f:
         meta_hash = hashlib.sha256(f.read()).hexdigest()
-    manifest = {"run_id": run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
-                "config": config, "git_commit": commit or None,
-                "git_dirty": bool(git("status", "--porcelain")) if commit else None,
+    manifest = {"run_id": run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}", "config": config,
+                "git_commit": commit or None, "git_dirty": bool(git("status", "--porcelain")) if commit else None,
                 "torch": torch.__version__, "cuda": torch.version.cuda,
                 "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else device,
                 "world_size": dist.get_world_size() if dist.is_initialized() else 1,
@@ -416,8 +420,7 @@ def lock_folder(folder):
 
 
 def claim_out_dir(out_dir, resume, overwrite):
-    """Lock out_dir for this run, and raise ValueError if it holds a run that this one would neither continue (resume)
-    nor was told to replace (overwrite)."""
+    """Lock out_dir for this run; ValueError if it holds a run that this one neither resumes nor may overwrite."""
     lock_folder(out_dir)
     if resume or overwrite:
         return
@@ -489,12 +492,10 @@ def read_log(path):
         lines = f.read().split("\n")
     rows = []
     for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            if number < len(lines) - 1:  # not the last line: the log is damaged, not cut
+            if line.strip() and number < len(lines) - 1:  # not blank, not the last line: the log is damaged, not cut
                 raise ValueError(f"{path} line {number} is not JSON: the log is damaged") from None
     return rows
 

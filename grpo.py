@@ -32,9 +32,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import (all_reduce_sum, atomic_write, autocast, average_table_grads, check_fsdp, check_settings,
-                          checkpoint_blocks, claim_out_dir, copy_tokenizer, fail, finite_weights, gathered,
-                          init_processes, parse_config, pick_device, pick_dtype, print0, read_log, save_checkpoint,
-                          save_plot, shard_model, trim_log)
+                          checkpoint_blocks, claim_out_dir, copy_tokenizer, end_processes, fail, finite_weights,
+                          gathered, init_processes, parse_config, pick_device, pick_dtype, print0, read_log,
+                          save_checkpoint, save_plot, shard_model, trim_log)
 from hf import load_model
 from model import Block
 from optim import clip_grad_norm_, configure_optimizers, full_state, load_state
@@ -373,17 +373,12 @@ def interrupted():
 
 
 def finish(stopped):
-    """The last line of an interrupted run, and the process group's end (the DDP wrapper first: pytorch#56297)."""
-    global model
+    """The last line of an interrupted run, and the process group's end."""
     if stopped:
         print0(f"interrupted at step {iter_num}: " + (f"saved {checkpoint_path}; resume with --init_from=resume"
                if iter_num else "no step trained, so nothing to save"), file=sys.stderr)
     if ddp:
-        del model
-        # no process exits (which makes torchrun stop the others) before process 0 has saved, nor tears its process
-        # group down while another still runs a collective, as train.py
-        dist.barrier()
-        dist.destroy_process_group()
+        end_processes(130 if stopped else 0)
     raise SystemExit(130 if stopped else 0)  # 130: the shell's code for a Ctrl-C
 
 

@@ -36,9 +36,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import (COMMAND_LINE, all_reduce_sum, autocast, average_table_grads, check_fsdp, check_settings,
-                          checkpoint_blocks, claim_out_dir, copy_tokenizer, fail, finite_weights, gathered,
-                          init_processes, nominal_peak_flops, parse_config, pick_device, pick_dtype, print0, read_log,
-                          read_text, save_checkpoint, save_plot, shard_model, trim_log, write_manifest)
+                          checkpoint_blocks, claim_out_dir, copy_tokenizer, end_processes, fail, finite_weights,
+                          gathered, init_processes, nominal_peak_flops, parse_config, pick_device, pick_dtype, print0,
+                          read_log, read_text, save_checkpoint, save_plot, shard_model, trim_log, write_manifest)
 from evaluate import exact_bits_per_byte, read_tasks, task_accuracy
 from hf import TRAINING_ONLY, load_model
 from model import PATTERN_LETTERS, GPT, Block, GPTConfig, SlidingSpan, config_fields, update_router_biases
@@ -872,13 +872,12 @@ except (ValueError, OSError) as e:  # the plot
     fail(str(e))
 finally:
     signal.signal(signal.SIGINT, previous_handler)
-if ddp:
-    # free the DDP wrapper first: its reducer must not hold the last reference to the process group, whose
-    # destructor, run from there with the GIL held, can deadlock with a gloo thread that needs it (pytorch#56297)
-    del model
-    dist.barrier()  # every rank done with its collectives before any tears its process group down
-    dist.destroy_process_group()
+if master and wandb_log:
+    wandb.finish()  # before end_processes, which skips the exit handlers that would finish it
 if stopped:
     print0(f"interrupted at step {iter_num}: " + (f"saved {checkpoint_path}; resume with --init_from=resume"
            if saved_step == iter_num else "no step trained, so nothing to save"), file=sys.stderr)
+if ddp:
+    end_processes(130 if stopped else 0)
+if stopped:
     raise SystemExit(130)
