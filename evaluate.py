@@ -38,8 +38,7 @@ def exact_bits_per_byte(model, streams, n_bytes, eos_id, batch_size, amp=nullcon
 
 
 def read_tasks(path):
-    """The tasks of a JSONL file, one per line, each of task_accuracy's shape with its answer among its choices; a
-    ValueError naming the file and line otherwise."""
+    """The tasks of a JSONL file, one per line in task_accuracy's shape, or a ValueError naming the file and line."""
     tasks = []
     for number, line in enumerate(read_text(path, "tasks file").split("\n"), 1):
         if not line.strip():
@@ -73,12 +72,11 @@ def task_accuracy(model, tasks, tokenizer, eos_id, amp=nullcontext(), rank=0, wo
         context = [eos_id] + tokenizer.encode(task["context"])
         choices = [tokenizer.encode(choice) for choice in task["choices"]]
         rows = [(context + choice)[-(T + 1):] for choice in choices]  # the last T + 1 tokens
-        x, y = batch_of(rows, T)
+        x, y = (t.to(device) for t in batch_of(rows, T))
         for r, (row, choice) in enumerate(zip(rows, choices)):  # targets only on each choice's own tokens
             y[r, :len(row) - 1 - len(choice)] = -1
         with amp:
-            logits = model(x.to(device), y.to(device))[0].float()
-        y = y.to(device)
+            logits = model(x, y)[0].float()
         total = (logits.log_softmax(dim=-1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) * (y >= 0)).sum(dim=1)
         per_byte = total / torch.tensor([max(1, len(c.encode("utf-8"))) for c in task["choices"]], device=device)
         correct[0] += int(total.argmax().item() == task["answer"])

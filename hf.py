@@ -53,14 +53,22 @@ FIXED = {"hidden_act": "silu", "pretraining_tp": 1, "mlp_bias": False, "attentio
 ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "low_freq_factor",
              "high_freq_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate",
              "partial_rotary_factor"}
+# our GPTConfig fields -> the config.json fields that hold them: in every family, in each MoE family (MOE and its own)
+# and in DeepSeek-V3's MLA (the same names); hf_config reads them, _hf_json writes them
+NAMES = {"vocab_size": "vocab_size", "n_embd": "hidden_size", "mlp_hidden": "intermediate_size",
+         "n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "block_size": "max_position_embeddings",
+         "norm_eps": "rms_norm_eps", "tie_embeddings": "tie_word_embeddings"}
+MOE = {"moe_topk": "num_experts_per_tok", "moe_hidden": "moe_intermediate_size", "router_renorm": "norm_topk_prob"}
+QWEN3_MOE = {**MOE, "n_experts": "num_experts", "moe_every": "decoder_sparse_step"}
+DEEPSEEK_MOE = {**MOE, "n_experts": "n_routed_experts", "n_shared_experts": "n_shared_experts",
+                "moe_first_dense": "first_k_dense_replace", "routed_scaling": "routed_scaling_factor",
+                "moe_groups": "n_group", "moe_topk_groups": "topk_group"}
+MLA = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 # GPTConfig fields that some HF family expresses, and those that only shape training: any other field away from its
 # default has no HF equivalent
-EXPRESSED = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd", "norm_eps", "attention", "n_kv_head",
-             "head_dim", "qkv_bias", "rope_theta", "qk_norm", "mlp_hidden", "tie_embeddings", "rope_scaling",
-             "rope_factor", "rope_original_len", "rope_low_rotations", "rope_high_rotations", "yarn_mscale",
-             "yarn_mscale_all_dim", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-             "v_head_dim", "n_experts", "n_shared_experts", "moe_topk", "moe_hidden", "moe_every", "moe_first_dense",
-             "router_scoring", "router_renorm", "routed_scaling", "moe_groups", "moe_topk_groups"}
+EXPRESSED = {*NAMES, *QWEN3_MOE, *DEEPSEEK_MOE, *MLA, "attention", "n_kv_head", "head_dim", "qkv_bias", "rope_theta",
+             "qk_norm", "rope_scaling", "rope_factor", "rope_original_len", "rope_low_rotations",
+             "rope_high_rotations", "yarn_mscale", "yarn_mscale_all_dim", "q_lora_rank", "router_scoring"}
 TRAINING_ONLY = {"dropout", "aux_loss_coef", "seq_aux_loss_coef", "bias_update_rate", "router_z_loss_coef",
                  "router_jitter", "capacity_factor", "mtp_depth", "mtp_lambda", "mtp_blocks", "zero_init_proj"}
 
@@ -190,11 +198,10 @@ def hf_config(path, block_size=0):
             need = "a positive integer" if key in POSITIVE else KINDS[kind]
             raise ValueError(f"{path}: config.json " + (f"has {key}={json.dumps(value)}, where {need} is needed"
                                                         if key in theirs else f"has no {key}"))
-    layers, heads, width, mla = (c["num_hidden_layers"], c["num_attention_heads"], c["hidden_size"],
-                                 family == "deepseek_v3")
+    heads, width, mla = c["num_attention_heads"], c["hidden_size"], family == "deepseek_v3"
     # Qwen2 and Qwen3 slide the window on the layers layer_types names, by default those from max_window_layers on
     windows = c["use_sliding_window"] and (family not in ("qwen2", "qwen3") or not c["layer_types"]
-                                           and c["max_window_layers"] < layers)
+                                           and c["max_window_layers"] < c["num_hidden_layers"])
     dense, unknown = c.get("mlp_only_layers", []), sorted(set(theirs) - set(DEFAULTS[family]) - set(FIXED) - IGNORED)
     _refuse([*((key in c and c[key] != value, f"{key}={json.dumps(c.get(key))}") for key, value in FIXED.items()),
              (windows or any(t != "full_attention" for t in c["layer_types"]),
@@ -204,26 +211,18 @@ def hf_config(path, block_size=0):
               f"rms_norm_eps={c['rms_norm_eps']} (DeepSeek-V3's latent norms use 1e-6)"),
              (mla and c["num_key_value_heads"] not in (None, heads), "MLA with num_key_value_heads != heads"),
              (unknown, f"config field '{(unknown + [''])[0]}' ({len(unknown)} unknown)")], f"{path}: ")
-    args = dict(block_size=block_size or c["max_position_embeddings"], vocab_size=c["vocab_size"], n_layer=layers,
-                n_head=heads, n_embd=width, norm_eps=c["rms_norm_eps"], n_kv_head=c["num_key_value_heads"] or heads,
-                mlp_hidden=c["intermediate_size"], tie_embeddings=c["tie_word_embeddings"],
+    args = {ours: c[theirs] for ours, theirs in NAMES.items()}
+    args.update(block_size=block_size or c["max_position_embeddings"], n_kv_head=c["num_key_value_heads"] or heads,
                 head_dim=c["head_dim"] or width // heads, qk_norm=family in ("qwen3", "qwen3_moe"),
                 qkv_bias=family == "qwen2", **_rope_fields(path, c, mla))
     if family == "qwen3_moe":
-        args.update(n_experts=c["num_experts"], moe_topk=c["num_experts_per_tok"], moe_first_dense=len(dense),
-                    moe_hidden=c["moe_intermediate_size"], moe_every=c["decoder_sparse_step"],
-                    router_renorm=c["norm_topk_prob"])
-    if mla:
-        args.update(attention="mla", q_lora_rank=c["q_lora_rank"] or 0, kv_lora_rank=c["kv_lora_rank"],
-                    qk_nope_head_dim=c["qk_nope_head_dim"], qk_rope_head_dim=c["qk_rope_head_dim"],
-                    v_head_dim=c["v_head_dim"],  # MLA's head_dim only sets defaults; any value will do
+        args.update({ours: c[theirs] for ours, theirs in QWEN3_MOE.items()}, moe_first_dense=len(dense))
+    if mla:  # MLA's head_dim only sets defaults; any value will do
+        args.update({name: c[name] for name in MLA}, attention="mla", q_lora_rank=c["q_lora_rank"] or 0,
                     head_dim=width // heads if width % heads == 0 else c["v_head_dim"])
-    if mla and c["first_k_dense_replace"] < layers:  # else dense layers only
-        args.update(n_experts=c["n_routed_experts"], moe_topk=c["num_experts_per_tok"],
-                    moe_hidden=c["moe_intermediate_size"], n_shared_experts=c["n_shared_experts"],
-                    moe_first_dense=c["first_k_dense_replace"], router_scoring="sigmoid",
-                    router_renorm=c["norm_topk_prob"], routed_scaling=float(c["routed_scaling_factor"]),
-                    moe_groups=c["n_group"], moe_topk_groups=c["topk_group"])
+    if mla and c["first_k_dense_replace"] < c["num_hidden_layers"]:  # else dense layers only
+        args.update({ours: c[theirs] for ours, theirs in DEEPSEEK_MOE.items()}, router_scoring="sigmoid",
+                    routed_scaling=float(c["routed_scaling_factor"]))
     try:
         return GPTConfig(**args)
     except (TypeError, ValueError, ZeroDivisionError) as e:
@@ -240,9 +239,8 @@ def _safetensors():
 
 
 def read_hf_tensors(path):
-    """Every tensor in the files transformers reads (model.safetensors or the shards its index names, else
-    pytorch_model.bin or its shards, not a Trainer's training_args.bin), else in every *.safetensors; a file missing
-    or damaged stops, naming it."""
+    """Every tensor in the files transformers reads (model.safetensors or its index's shards, else pytorch_model.bin or
+    its shards, not a Trainer's training_args.bin), else in every *.safetensors; stops at a file missing or damaged."""
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     for single, index in (("model.safetensors", "model.safetensors.index.json"),
                           ("pytorch_model.bin", "pytorch_model.bin.index.json")):
@@ -252,9 +250,8 @@ def read_hf_tensors(path):
             if not isinstance(shards, dict) or not all(isinstance(name, str) for name in shards.values()):
                 raise ValueError(f"{os.path.join(path, index)} has no weight_map of tensor names to files")
             files = [os.path.join(path, name) for name in sorted(set(shards.values()))]
-            missing = [os.path.basename(file) for file in files if not os.path.isfile(file)]
-            if missing:
-                raise ValueError(f"{path}: {missing[0]}, a shard that {index} lists, is missing")
+            _refuse([(not os.path.isfile(file), os.path.basename(file)) for file in files], f"{path}: ",
+                    f", a shard that {index} lists, is missing")
             break
     if not files:
         raise ValueError(f"no weights in {path} (model.safetensors, pytorch_model.bin or their shards)")
@@ -286,9 +283,8 @@ def load_hf_weights(model, path):
     ours_by_name = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     for ours, theirs in _layout(model.config).items():
         stacked = isinstance(theirs[0], list)
-        missing = [name for name in (sum(theirs, []) if stacked else theirs) if name not in tensors]
-        if missing:
-            raise ValueError(f"{path}: tensor {missing[0]} is missing")
+        names = sum(theirs, []) if stacked else theirs
+        _refuse([(name not in tensors, name) for name in names], f"{path}: tensor ", " is missing")
         value = (torch.stack([torch.cat([tensors.pop(name) for name in group]) for group in theirs]) if stacked
                  else torch.cat([tensors.pop(name) for name in theirs]))
         target = ours_by_name[ours]
@@ -339,9 +335,8 @@ def load_model(source, block_size=0, **training):
 # -----------------------------------------------------------------------------
 # export
 
-def hf_family(config):
-    """The HF family that computes exactly what `config` does, or a one-line error saying why none does."""
-    c = config
+def hf_family(c):
+    """The HF family that computes exactly what config `c` does, or a one-line error saying why none does."""
     defaults = GPTConfig(**{name: getattr(c, name) for name in EXPRESSED})  # the same, every other field at its default
     for f in fields(GPTConfig):  # MoBA, sliding or sparse spans, linear attention, hyper-connections, Engram, ...
         if f.name not in EXPRESSED | TRAINING_ONLY and getattr(c, f.name) != getattr(defaults, f.name):
@@ -370,39 +365,30 @@ def hf_family(config):
 
 def _hf_json(c, family, dtype, eos_id, bos_id):
     """config.json of config c as HF `family`; max_position_embeddings is block_size, the context it trained at."""
-    out = {"architectures": [ARCHITECTURES[family]], "model_type": family, "vocab_size": c.vocab_size,
-           "hidden_size": c.n_embd, "intermediate_size": c.mlp_hidden, "num_hidden_layers": c.n_layer,
-           "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim,
-           "max_position_embeddings": c.block_size, "rms_norm_eps": c.norm_eps, "hidden_act": "silu",
-           "tie_word_embeddings": c.tie_embeddings, "torch_dtype": dtype, "eos_token_id": eos_id,
-           "bos_token_id": bos_id}
+    out = {"architectures": [ARCHITECTURES[family]], "model_type": family, "hidden_act": "silu", "torch_dtype": dtype,
+           "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim, "eos_token_id": eos_id, "bos_token_id": bos_id,
+           **{theirs: getattr(c, ours) for ours, theirs in NAMES.items()}}
     rope = {"rope_type": "default" if c.rope_scaling == "none" else c.rope_scaling, "rope_theta": c.rope_theta}
     if c.rope_scaling != "none":
-        rope.update(factor=c.rope_factor, original_max_position_embeddings=c.rope_original_len)
-    if c.rope_scaling == "llama3":
-        rope.update(low_freq_factor=c.rope_low_rotations, high_freq_factor=c.rope_high_rotations)
-    if c.rope_scaling == "yarn":
-        rope.update(beta_slow=c.rope_low_rotations, beta_fast=c.rope_high_rotations)
-        if c.yarn_mscale_all_dim:
-            rope.update(mscale=c.yarn_mscale, mscale_all_dim=c.yarn_mscale_all_dim)
-        elif c.yarn_mscale != 1:  # transformers reads mscale only beside mscale_all_dim
-            rope.update(attention_factor=yarn_mscale(c.rope_factor, c.yarn_mscale))
+        names = ("low_freq_factor", "high_freq_factor") if c.rope_scaling == "llama3" else ("beta_slow", "beta_fast")
+        rope.update(zip(names, (c.rope_low_rotations, c.rope_high_rotations)), factor=c.rope_factor,
+                    original_max_position_embeddings=c.rope_original_len)
+    if c.rope_scaling == "yarn" and c.yarn_mscale_all_dim:
+        rope.update(mscale=c.yarn_mscale, mscale_all_dim=c.yarn_mscale_all_dim)
+    elif c.rope_scaling == "yarn" and c.yarn_mscale != 1:  # transformers reads mscale only beside mscale_all_dim
+        rope.update(attention_factor=yarn_mscale(c.rope_factor, c.yarn_mscale))
     out.update(rope_theta=c.rope_theta, rope_parameters=rope)
     if family != "qwen2":
         out.update(attention_bias=False)
     if family == "qwen3_moe":
-        out.update(num_experts=c.n_experts, num_experts_per_tok=c.moe_topk, moe_intermediate_size=c.moe_hidden,
-                   decoder_sparse_step=c.moe_every, mlp_only_layers=list(range(c.moe_first_dense)),
-                   norm_topk_prob=c.router_renorm)
+        out.update({theirs: getattr(c, ours) for ours, theirs in QWEN3_MOE.items()},
+                   mlp_only_layers=list(range(c.moe_first_dense)))
     if family == "deepseek_v3":
-        moe = c.n_experts > 0  # a dense MLA model: every layer below first_k_dense_replace
-        out.update(q_lora_rank=c.q_lora_rank or None, kv_lora_rank=c.kv_lora_rank, qk_nope_head_dim=c.qk_nope_head_dim,
-                   qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim, head_dim=c.qk_rope_head_dim,
-                   num_key_value_heads=c.n_head, rope_interleave=True, num_nextn_predict_layers=0,
-                   n_routed_experts=c.n_experts if moe else 1, num_experts_per_tok=c.moe_topk if moe else 1,
-                   moe_intermediate_size=c.moe_hidden, n_shared_experts=c.n_shared_experts,
-                   first_k_dense_replace=c.moe_first_dense if moe else c.n_layer, norm_topk_prob=c.router_renorm,
-                   routed_scaling_factor=c.routed_scaling, n_group=c.moe_groups, topk_group=c.moe_topk_groups)
+        out.update({theirs: getattr(c, ours) for ours, theirs in DEEPSEEK_MOE.items()}, head_dim=c.qk_rope_head_dim,
+                   **{name: getattr(c, name) for name in MLA}, q_lora_rank=c.q_lora_rank or None, rope_interleave=True,
+                   num_key_value_heads=c.n_head, num_nextn_predict_layers=0)
+        if not c.n_experts:  # a dense MLA model: every layer below first_k_dense_replace
+            out.update(n_routed_experts=1, num_experts_per_tok=1, first_k_dense_replace=c.n_layer)
     return out
 
 
@@ -424,8 +410,7 @@ def to_hf(model, out_dir, eos_id=None, bos_id=None, dtype=None):
         if order is not None:  # back to DeepSeek's interleaved rotary rows
             value = value[torch.argsort(order)]
         # fused matrices know their parts (model.py); a bias splits like its weight
-        rows = getattr(ours_by_name.get(ours.removesuffix(".bias") + ".weight") if ours.endswith("bias")
-                       else ours_by_name[ours], "logical_rows", None)
+        rows = getattr(ours_by_name.get(ours.replace(".bias", ".weight")), "logical_rows", None)
         for part, names in zip(value, theirs) if isinstance(theirs[0], list) else [(value, theirs)]:
             parts = part.split(rows) if len(names) > 1 else [part]
             tensors.update({name: t.contiguous().cpu() for name, t in zip(names, parts, strict=True)})

@@ -1,11 +1,9 @@
 """
-Fast paths of model.py, one floor down: what each computes is written plainly in model.py (the reference each is
-tested against); here is how to compute it fast: FlexAttention's block masks, MoBA's block-by-block attention, a
-permutation whose backward is a gather, grouped decode attention, the experts' grouped GEMM, a cross-entropy without an
-fp32 copy of the logits, QK-Clip's largest logits by chunks, chunked linear attention, and CUDA graphs (the decode
-step, Muon's step). FlexAttention is
-imported by the spans that use it, when one is built (importing it loads torch._dynamo: seconds); nothing here imports
-or compiles while torch.compile traces.
+Fast paths of model.py, which writes plainly what each computes (the reference each is tested against): FlexAttention's
+block masks, MoBA's block-by-block attention, a permutation whose backward is a gather, grouped decode attention, the
+experts' grouped GEMM, a cross-entropy without an fp32 copy of the logits, QK-Clip's largest logits by chunks, chunked
+linear attention, and CUDA graphs (the decode step, Muon's step). The spans that use FlexAttention import it when one is
+built (it loads torch._dynamo: seconds); nothing here imports or compiles while torch.compile traces.
 """
 import functools
 import math
@@ -36,8 +34,7 @@ class Permute(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        return grad[inverse], None, None
+        return grad[ctx.saved_tensors[0]], None, None
 
 
 permute = Permute.apply
@@ -76,7 +73,8 @@ def grouped_mm(x, w, counts):
     return torch._grouped_mm(x.to(dtype), w.to(dtype).mT, offs=counts.cumsum(0).to(torch.int32))
 
 
-compiled_flex_attention = None
+compiled_flex_attention = None  # FlexAttention compiled alone, made at its first use (flex)
+STATIC_BLOCK_MASKS = {}  # shared by every layer with the same pattern
 
 
 def flex(q, k, v, block_mask, scale, return_lse=False):
@@ -87,12 +85,8 @@ def flex(q, k, v, block_mask, scale, return_lse=False):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     attend = torch.nn.attention.flex_attention.flex_attention  # inside a compiled model, inductor fuses it
     if q.is_cuda and not torch.compiler.is_compiling():  # an eager model on CUDA: FlexAttention compiled alone
-        compiled_flex_attention = compiled_flex_attention or torch.compile(attend, dynamic=False)
-        attend = compiled_flex_attention
+        attend = compiled_flex_attention = compiled_flex_attention or torch.compile(attend, dynamic=False)
     return attend(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.size(1) != q.size(1), return_lse=return_lse)
-
-
-STATIC_BLOCK_MASKS = {}  # shared by every layer with the same pattern
 
 
 def static_block_mask(key, allowed, T, device):
@@ -145,8 +139,7 @@ def pair_block_mask(block, S, size):
     tiles = F.pad(block, (0, (-P) % tile), value=-1).view(B, H, -1, tile)
     pair_tiles = tiles.size(2)
     last = tiles.amax(dim=-1)  # -1: a tile of no pair
-    first = torch.where(tiles >= 0, tiles, last[..., None]).amin(dim=-1).clamp(min=0)
-    first_tile = first * size // tile
+    first_tile = torch.where(tiles >= 0, tiles, last[..., None]).amin(dim=-1).clamp(min=0) * size // tile
     last_tile = (((last + 1) * size - 1) // tile).clamp(max=key_tiles - 1)
     count = torch.where(last >= 0, last_tile - first_tile + 1, 0)
     # a tile whose pairs all chose one block sees all of each key tile of it (when blocks are whole key tiles):

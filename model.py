@@ -140,21 +140,19 @@ class GPTConfig:
         self.v_head_dim = self.v_head_dim or self.head_dim
         self.moe_hidden = self.moe_hidden or self.mlp_hidden
         mixers = {self.attn_span, *map(PATTERN_LETTERS.get, self.attn_pattern)}
-        require(self.attention in ("mha", "mla", "linear"), f"unknown attention '{self.attention}' (choose mha, mla or linear)")
-        require(self.attn_span in SPANS, f"unknown attn_span '{self.attn_span}' (choose {', '.join(SPANS)})")
-        require(self.linear_kind in ("elu", "gated_deltanet"), f"unknown linear_kind '{self.linear_kind}'")
-        require(set(self.attn_pattern) <= set(PATTERN_LETTERS), f"attn_pattern letters are {', '.join(PATTERN_LETTERS)}")
+        choices = {"attention": ("mha", "mla", "linear"), "attn_span": SPANS, "linear_kind": ("elu", "gated_deltanet"),
+                   "rope_scaling": ("none", "llama3", "yarn"), "residual": RESIDUALS, "mlp": MLPS}  # the registries'
+        for key, names in choices.items():
+            require(getattr(self, key) in names, f"unknown {key} {getattr(self, key)!r} (choose {', '.join(names)})")
+        require(set(self.attn_pattern) <= {*PATTERN_LETTERS}, f"attn_pattern letters are {', '.join(PATTERN_LETTERS)}")
         require(not (self.attention == "linear" and (self.attn_span != "full" or set(self.attn_pattern) - {"L"})),
                 "linear attention has no span: set attention to mha or mla for the softmax layers of attn_pattern")
         require(self.dropout == 0 or mixers <= {"full", "linear"},
                 "FlexAttention has no attention dropout: set dropout=0 with a sliding, sparse or moba span")
         require(self.rope_dim % 2 == 0, "RoPE needs an even number of rotary dimensions")
-        require(self.rope_scaling in ("none", "llama3", "yarn"), f"unknown rope_scaling '{self.rope_scaling}'")
         require(self.rope_scaling == "none" or (self.rope_factor >= 1 and self.rope_original_len > 0
                                                 and self.rope_low_rotations < self.rope_high_rotations),
-                "rope_scaling needs rope_factor >= 1, rope_original_len > 0 and rope_low_rotations < rope_high_rotations")
-        require(self.residual in RESIDUALS, f"unknown residual '{self.residual}' (choose {', '.join(RESIDUALS)})")
-        require(self.mlp in MLPS, f"unknown mlp '{self.mlp}' (choose {', '.join(MLPS)})")
+                "rope_scaling needs rope_factor >= 1, rope_original_len > 0, rope_low_rotations < rope_high_rotations")
         self.engram_layer_list = int_list(self.engram_layers, "engram_layers")
         self.engram_order_list = int_list(self.engram_orders, "engram_orders")
         self.value_embed_list = int_list(self.value_embeds, "value_embeds")
@@ -164,12 +162,12 @@ class GPTConfig:
 
     def layer_mixer(self, layer):
         """(mixer, span) of layer `layer`, MIXERS and SPANS keys, from attn_pattern, else attention/attn_span."""
-        span = PATTERN_LETTERS[self.attn_pattern[layer % len(self.attn_pattern)]] if self.attn_pattern else self.attn_span
+        pattern = self.attn_pattern
+        span = PATTERN_LETTERS[pattern[layer % len(pattern)]] if pattern else self.attn_span
         return (self.linear_kind, "full") if "linear" in (span, self.attention) else (self.attention, span)
 
     @property
-    def rope_dim(self):
-        """Rotary dims per head: all of head_dim, or MLA's decoupled rotary part."""
+    def rope_dim(self):  # rotary dims per head
         return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
 
     def is_moe_layer(self, layer):
@@ -394,13 +392,10 @@ class BlockSparseSpan(MaskedSpan):
         q_block, k_block = q_pos // self.block, k_pos // self.block
         return (k_pos <= q_pos) & ((q_block - k_block < self.local) | (k_block % self.stride == 0))
 
-    def keys_per_query(self, T):
-        total = 0
-        for i in range(math.ceil(T / self.block)):  # queries of block i see a triangle of it and whole blocks j
-            n = min(self.block, T - i * self.block)
-            blocks = sum(1 for j in range(i) if i - j < self.local or j % self.stride == 0)
-            total += n * (n + 1) / 2 + n * blocks * self.block
-        return total / T
+    def keys_per_query(self, T):  # the n queries of block i see a triangle of it and `whole` earlier blocks
+        sizes = [min(self.block, T - i * self.block) for i in range(math.ceil(T / self.block))]
+        whole = [sum(i - j < self.local or j % self.stride == 0 for j in range(i)) for i in range(len(sizes))]
+        return sum(n * (n + 1) / 2 + n * w * self.block for n, w in zip(sizes, whole)) / T
 
 
 class MoBASpan(FullSpan):
@@ -457,12 +452,9 @@ class MoBASpan(FullSpan):
         pos = torch.arange(q.size(2), device=q.device)[None]
         return self.mask(q, k, pos, pos)
 
-    def keys_per_query(self, T):
-        total = 0
-        for c in range(math.ceil(T / self.block)):  # queries of block c: a triangle of it, min(topk - 1, c) blocks
-            n = min(self.block, T - c * self.block)
-            total += n * (n + 1) / 2 + n * min(self.topk - 1, c) * self.block
-        return total / T
+    def keys_per_query(self, T):  # the n queries of block c see a triangle of it and min(topk - 1, c) earlier blocks
+        sizes = [min(self.block, T - c * self.block) for c in range(math.ceil(T / self.block))]
+        return sum(n * (n + 1) / 2 + n * min(self.topk - 1, c) * self.block for c, n in enumerate(sizes)) / T
 
 
 SPANS = {"full": FullSpan, "sliding": SlidingSpan, "sparse": BlockSparseSpan, "moba": MoBASpan}  # config.attn_span
@@ -856,8 +848,7 @@ class ReLUSquared(nn.Module):
     def forward(self, x, ctx=None):
         return F.dropout(self.down(F.relu(self.up(x)).square()), self.dropout, self.training)
 
-    def flops(self):
-        return {"mlp": matmul_flops(self)}
+    flops = SwiGLU.flops
 
 
 MLPS = {"swiglu": SwiGLU, "relu2": ReLUSquared}  # config.mlp: the dense feed-forward
@@ -885,7 +876,7 @@ class Router(nn.Module):
         require(c.moe_groups == 1 or (c.n_experts % c.moe_groups == 0 and c.n_experts >= 2 * c.moe_groups
                                       and 1 <= c.moe_topk_groups <= c.moe_groups
                                       and c.moe_topk <= c.moe_topk_groups * c.n_experts // c.moe_groups),
-                "moe_groups must divide n_experts into groups of 2 or more, and moe_topk_groups of them must hold moe_topk")
+                "moe_groups must divide n_experts into groups of 2 or more, and moe_topk_groups of them hold moe_topk")
 
     def forward(self, x):
         """x (N, d) -> chosen experts (N, topk), their gates (N, topk), router logits and affinities (N, n_experts)."""
@@ -1068,7 +1059,8 @@ class HyperConnections(nn.Module):
 
     @staticmethod
     def check(c):
-        require(c.hc_streams >= 2 and c.hc_sinkhorn_iters >= 1, "hc_streams must be 2 or more, hc_sinkhorn_iters 1 or more")
+        require(c.hc_streams >= 2 and c.hc_sinkhorn_iters >= 1,
+                "hc_streams must be 2 or more, hc_sinkhorn_iters 1 or more")
 
     def initial_mappings(self, d, sublayer):
         n = self.n
@@ -1220,8 +1212,7 @@ class Engram(nn.Module):
 
     def flops(self):
         """Forward FLOPs per token: the key and value projections, and each stream's gate (the lookups cost none)."""
-        flops = 2 * (self.key.weight.numel() + self.value.weight.numel()) + 4 * self.streams * self.key.weight.size(0)
-        return {"engram": flops}
+        return {"engram": matmul_flops(self) + 4 * self.streams * self.key.weight.size(0)}
 
 
 # -----------------------------------------------------------------------------
@@ -1359,9 +1350,8 @@ class GPT(nn.Module):
             self.skip_gains = nn.Parameter(torch.ones(config.n_layer // 2))
         self.mtp = nn.ModuleList(MTP(config, depth) for depth in range(1, config.mtp_depth + 1))
         self.objectives = [mtp_loss] if config.mtp_depth else []  # beyond the next token's, adding to ctx.losses
-        cos, sin = rope_tables(config)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        for name, table in zip(("cos", "sin"), rope_tables(config)):
+            self.register_buffer(name, table, persistent=False)
         self.apply(self._init_weights)
         # GPT-2 §2.3: the 2 * n_layer matrices writing into the residual stream add up, so each gets std / sqrt(that);
         # zero_init_proj: zeros (modded-nanogpt; as ReZero, arXiv 2003.04887), every block the identity at init

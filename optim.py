@@ -47,9 +47,8 @@ NEWTON_SCHULZ = {
 def orthogonalize(G, schedule="jordan"):
     """U V^T of G = U S V^T, approximately, by a Newton-Schulz schedule (NEWTON_SCHULZ): its quintics trade exactness
     for speed, leaving singular values near 1 instead of exactly 1, which training does not notice. In bf16; batched
-    over leading dimensions. Each iteration is three batched matmuls whose sums ride along (baddbmm: beta * input +
-    alpha * batch1 @ batch2), since at small shapes the launches of separate multiplies and adds cost more than the
-    arithmetic."""
+    over leading dimensions. Each iteration is three batched matmuls, the sums riding along to save launches (baddbmm:
+    beta * input + alpha * batch1 @ batch2)."""
     margin, coefficients = NEWTON_SCHULZ[schedule]
     tall = G.size(-2) > G.size(-1)
     X = G.bfloat16().mT if tall else G.bfloat16()  # the wide orientation: X X^T is the smaller Gram matrix
@@ -77,8 +76,7 @@ MUON_LR_SCALES = {
 
 
 class Muon(torch.optim.Optimizer):
-    """
-    MomentUm Orthogonalized by Newton-Schulz (Keller Jordan 2024) for weight matrices (out, in), or stacks of them
+    """MomentUm Orthogonalized by Newton-Schulz (Keller Jordan 2024) for weight matrices (out, in), or stacks of them
     (experts, out, in): Nesterov momentum, then each matrix's update replaced by its nearest semi-orthogonal matrix,
     scaled by the lr_scale rule, with decoupled weight decay p <- p (1 - lr wd). A fused matrix marks how its rows
     split into logical matrices (`logical_rows`: q | k | v, gate | up); each part is orthogonalized and scaled alone
@@ -91,8 +89,7 @@ class Muon(torch.optim.Optimizer):
     then applies the same update, and keeps every momentum buffer (cheap, and rank 0's state_dict is complete for
     any world size). Under FSDP2 each rank holds rows of every matrix: see orthogonalize_sharded.
     Speedrun candidates, off by default: schedule='polar_express' (NEWTON_SCHULZ), beta2 > 0 (NorMuon's row
-    normalization, normalize_rows), cautious=True (weight decay only where the update also moves p towards 0).
-    """
+    normalization, normalize_rows), cautious=True (weight decay only where the update also moves p towards 0)."""
 
     def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0, lr_scale="shape", schedule="jordan",
                  beta2=0.0, cautious=False, graph=False):
@@ -108,8 +105,7 @@ class Muon(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # a checkpoint of a version before a setting existed: the setting's default
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
+            group.update({key: value for key, value in self.defaults.items() if key not in group})
         self.graphs = {}  # the state's buffers are new tensors: capture again
 
     @torch.no_grad()
@@ -141,7 +137,6 @@ class Muon(torch.optim.Optimizer):
             replay()
 
     def capture(self, group, params, grads, n_factors):
-        """update as a CUDA graph, and its inputs: a copy of the gradients, and the factors as 0-d tensors."""
         factors = [torch.zeros((), dtype=torch.float32, device=grads[0].device) for _ in range(n_factors)]
         grads = [torch.zeros_like(g) for g in grads]
         return cuda_graph(lambda: self.update(group, params, grads, *factors)), grads, factors
@@ -154,11 +149,8 @@ class Muon(torch.optim.Optimizer):
         torch._foreach_add_(buffers, scaled)  # M <- beta M + (1 - beta) G
         updates = torch._foreach_mul(buffers, momentum)
         torch._foreach_add_(updates, scaled)  # Nesterov: (1 - beta) G + beta M
-        scale, schedule = MUON_LR_SCALES[group["lr_scale"]], group["schedule"]
-        if isinstance(params[0], DTensor):
-            self.orthogonalize_sharded(params, updates, scale, schedule, rank, world)
-        else:
-            self.orthogonalize_updates(params, updates, scale, schedule, rank, world)
+        orthogonalize_all = self.orthogonalize_sharded if isinstance(params[0], DTensor) else self.orthogonalize_updates
+        orthogonalize_all(params, updates, MUON_LR_SCALES[group["lr_scale"]], group["schedule"], rank, world)
         if group["beta2"]:
             self.normalize_rows(params, updates, [self.state[p]["row_moments"] for p in params], group["beta2"])
         if group["cautious"]:  # Cautious Weight Decay (arXiv 2510.12402 §3): only where the update shrinks p too
@@ -183,8 +175,7 @@ class Muon(torch.optim.Optimizer):
 
     @classmethod
     def orthogonalize_updates(cls, params, updates, scale, schedule="jordan", rank=0, world=1):
-        """Each of the whole updates, in place, its logical matrices orthogonalized and scaled: one batched call per
-        shape, each split over the ranks (orthogonalize_share)."""
+        """The whole updates, in place: each shape's logical matrices in one call, split over the ranks, and scaled."""
         batches = {}  # (rows, cols) -> views of the updates' logical matrices of that shape
         for p, u in zip(params, updates):
             for part in logical_matrices(p, u):
@@ -223,13 +214,13 @@ class Muon(torch.optim.Optimizer):
             return [[next(pieces) for _ in s] for s in sizes]
 
         mine = theirs[rank]
-        got = exchange([[local[i].bfloat16() for i in ids] for ids in theirs], [[size(i, r) for i in mine]
-                                                                               for r in range(world)])
+        got = exchange([[local[i].bfloat16() for i in ids] for ids in theirs],
+                       [[size(i, r) for i in mine] for r in range(world)])
         whole = [torch.cat([got[r][j] for r in range(world)]).view(updates[i].shape) for j, i in enumerate(mine)]
         cls.orthogonalize_updates([params[i] for i in mine], whole, scale, schedule)
         rows = [w.flatten().split([size(i, r) for r in range(world)]) for w, i in zip(whole, mine)]
-        back = exchange([[rows_i[r] for rows_i in rows] for r in range(world)], [[size(i, rank) for i in ids]
-                                                                                for ids in theirs])
+        back = exchange([[rows_i[r] for rows_i in rows] for r in range(world)],
+                        [[size(i, rank) for i in ids] for ids in theirs])
         for ids, pieces in zip(theirs, back):
             for i, piece in zip(ids, pieces):
                 local[i].copy_(piece.view_as(local[i]))
@@ -243,11 +234,10 @@ class Muon(torch.optim.Optimizer):
             return orthogonalize(X, schedule), None
         share = -(-len(X) // world)
         result = torch.zeros(world * share, *shape, dtype=torch.bfloat16, device=X.device)
-        mine = X[rank * share:(rank + 1) * share]
+        mine = X[rank * share:][:share]
         if len(mine):
-            result[rank * share:rank * share + len(mine)] = orthogonalize(mine, schedule)
-        return result, dist.all_gather_into_tensor(result, result[rank * share:(rank + 1) * share].clone(),
-                                                   async_op=True)
+            result[rank * share:][:len(mine)] = orthogonalize(mine, schedule)
+        return result, dist.all_gather_into_tensor(result, result[rank * share:][:share].clone(), async_op=True)
 
 
 class Optimizers:
@@ -287,9 +277,8 @@ def clip_grad_norm_(parameters, max_norm):
             p.grad = p.grad.coalesce()
     dense = [p for p in params if not p.grad.is_sparse]
     sparse = [p.grad._values() for p in params if p.grad.is_sparse]  # the touched rows, a view of the gradient
-    grads = [p.grad for p in dense] + sparse
-    total = torch.nn.utils.get_total_norm([g for g in grads if not isinstance(g, DTensor)])
-    sharded = [g for g in grads if isinstance(g, DTensor)]
+    total = torch.nn.utils.get_total_norm([p.grad for p in dense if not isinstance(p.grad, DTensor)] + sparse)
+    sharded = [p.grad for p in dense if isinstance(p.grad, DTensor)]
     if sharded:  # FSDP2's: the norm over every rank's rows, beside that of the replicated gradients (Engram's)
         norm = torch.nn.utils.get_total_norm(sharded).full_tensor()
         total = torch.linalg.vector_norm(torch.stack([total.to(norm.device), norm]))
@@ -303,14 +292,12 @@ def clip_grad_norm_(parameters, max_norm):
 # QK-Clip
 
 class QKClip:
-    """
-    The clip of MuonClip (Kimi K2, arXiv 2507.20534 §2.1): Muon lets attention logits grow until training spikes, so
+    """The clip of MuonClip (Kimi K2, arXiv 2507.20534 §2.1): Muon lets attention logits grow until training spikes, so
     after each optimizer step every head whose largest pre-softmax logit exceeded tau has its query and key weights
     scaled down until that logit is tau (the step's own update untouched). Works on every module with a
     `qk_clip(max_logits, tau)` method and a `track_max_logits` switch (CausalSelfAttention): while it is on, forward
     appends the per-head maximum logit (n_head,) to aux["max_logits"], in forward order. Per step: track(True); each
-    micro-step observe(aux) of model(x, y); track(False); optimizer.step(); max_logit_per_layer = clip().
-    """
+    micro-step observe(aux) of model(x, y); track(False); optimizer.step(); max_logit_per_layer = clip()."""
 
     def __init__(self, model, tau):
         self.layers = [m for m in model.modules() if hasattr(m, "qk_clip")]
@@ -423,8 +410,7 @@ def configure_optimizers(model, optimizer="adamw", learning_rate=6e-4, weight_de
     # model.py marks p.muon = False (routers, hyper-connections' mixing weights, Gated DeltaNet's filters).
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     head = {id(model.lm_head.weight)} - embeddings  # none of its own when tied: the head is the token embedding
-    lookups = embeddings | head
-    matrices = [p for p in params if optimizer != "adamw" and p.dim() >= 2 and id(p) not in lookups
+    matrices = [p for p in params if optimizer != "adamw" and p.dim() >= 2 and id(p) not in embeddings | head
                 and getattr(p, "muon", True)]
     in_muon = {id(p) for p in matrices}
     if normuon_beta2 and any(isinstance(p, DTensor) for p in matrices):
@@ -439,7 +425,6 @@ def configure_optimizers(model, optimizer="adamw", learning_rate=6e-4, weight_de
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     groups += [{"params": [p for p in params if id(p) in ids], "weight_decay": 0.0, "lr_ratio": lr / learning_rate}
                for lr, ids in own]
-    adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
     parts = {}
     if optimizer != "adamw":
         muon_lr = muon_lr or (learning_rate if muon_lr_scale == "moonshot" else 0.02)
@@ -447,7 +432,7 @@ def configure_optimizers(model, optimizer="adamw", learning_rate=6e-4, weight_de
                              lr_scale=muon_lr_scale, schedule=muon_schedule, beta2=normuon_beta2, cautious=cautious_wd,
                              graph=device_type == "cuda" and not dist.is_initialized())
         parts["muon"].param_groups[0]["lr_ratio"] = muon_lr / learning_rate
-    parts["adamw"] = adamw
+    parts["adamw"] = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
     if sparse:
         parts["sparse_adam"] = torch.optim.SparseAdam(sparse, lr=learning_rate, betas=betas)
-    return adamw if len(parts) == 1 else Optimizers(**parts)
+    return parts["adamw"] if len(parts) == 1 else Optimizers(**parts)

@@ -1,6 +1,5 @@
 """
-GRPO's pieces, each a function of its inputs (grpo.py runs them): verifiable tasks, a user's reward, group advantages,
-the layout of prompt + completion rows, token log-probabilities, the k3 KL, the clipped policy loss, grouped sampling.
+GRPO's pieces, each a function of its inputs (grpo.py runs them): tasks, rewards, advantages, losses, sampling.
 
 GRPO (DeepSeekMath, arXiv 2402.03300 §4.1): for each prompt q, sample a group of G completions from the policy as it
 was before this step (pi_old), score them, and give every token of completion i the advantage
@@ -18,6 +17,7 @@ import zlib
 
 import torch
 
+from configurator import one_line
 from decode import generate
 
 # -----------------------------------------------------------------------------
@@ -85,9 +85,7 @@ def load_reward(spec):
         try:
             value = function(prompt, completion)
         except Exception as e:
-            message = str(e).splitlines()[0][:200] if str(e) else ""
-            raise ValueError(f"{contract}: it raised {type(e).__name__}: {message} "
-                             f"(prompt {repr(prompt)[:80]})") from None
+            raise ValueError(f"{contract}: it raised {one_line(e)} (prompt {repr(prompt)[:80]})") from None
         if not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise ValueError(f"{contract} with a finite value: it returned {repr(value)[:80]} "
                              f"({type(value).__name__}) for prompt {repr(prompt)[:80]}")
@@ -114,20 +112,18 @@ def layout(prompts, completions, pad_id):
     first prompt token). Returns idx (B, T) and targets (B, T): the next token within the completion, else -1."""
     T = max(len(p) + len(c) for p, c in zip(prompts, completions)) - 1
     idx = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-    targets = torch.full((len(prompts), T), -1, dtype=torch.long)
+    targets = torch.full_like(idx, -1)
     for row, (p, c) in enumerate(zip(prompts, completions)):
-        sequence = torch.tensor(p + c)
-        idx[row, :len(sequence) - 1] = sequence[:-1]
-        targets[row, len(p) - 1:len(sequence) - 1] = sequence[len(p):]
+        idx[row, :len(p) + len(c) - 1] = torch.tensor((p + c)[:-1])
+        targets[row, len(p) - 1:len(p) + len(c) - 1] = torch.tensor(c)
     return idx, targets
 
 
 def token_logprobs(model, idx, targets, temperature=1.0):
     """log pi(target) (B, T) at each position with a target, 0 elsewhere: an fp32 log-softmax of logits / temperature,
     the distribution the completions were sampled from."""
-    logits = model(idx, targets)[0]  # (B, T, V): with targets the model returns every position's logits
-    logprobs = (logits.float() / temperature).log_softmax(dim=-1)
-    return logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets >= 0)
+    logits = model(idx, targets)[0].float() / temperature  # (B, T, V): with targets, every position's logits
+    return logits.log_softmax(dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets >= 0)
 
 
 def kl_k3(logprobs, ref_logprobs):

@@ -13,6 +13,7 @@ allows). encode() adds no special tokens and never makes one from text: "<|user|
 characters. decode() writes a special id as its marker text ("<|user|>", "<|endoftext|>", ...), so a decoded chat
 transcript shows its turns. What cannot be loaded or trained raises a one-line ValueError.
 """
+import itertools
 import json
 import os
 import re
@@ -42,18 +43,14 @@ def unescape(text):
 class Tokenizer:
     """Build one with Tokenizer.load(...) or Tokenizer.train(...)."""
 
-    def __init__(self, kind, path, backend, special):
+    def __init__(self, kind, path, backend, special, vocab_size):
         self.kind = kind                # 'bpe', 'gpt2' or 'hf'
         self.path = path                # what Tokenizer.load needs to load it again
         self.backend = backend          # a SentencePieceProcessor, a tiktoken Encoding or a tokenizers.Tokenizer
         self.special = special          # name -> id for bos, eos, pad, user, assistant, end ('hf': None where absent)
+        self.vocab_size = vocab_size    # every id, the special ones included
         self.bos_id, self.eos_id, self.pad_id = special["bos"], special["eos"], special["pad"]
-        if kind == "gpt2":
-            self.vocab_size = backend.n_vocab
-        elif kind == "hf":
-            self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
-        else:
-            self.vocab_size = backend.get_piece_size()
+        if kind == "bpe":
             self.marker_of = {i: backend.id_to_piece(i) for i in special.values()}
             self.newline_id = backend.piece_to_id("<0x0A>")
 
@@ -102,7 +99,7 @@ class Tokenizer:
                 special_tokens={**gpt2._special_tokens, **{m: gpt2.n_vocab + i for i, m in enumerate(added.values())}})
             eot = gpt2.eot_token  # <|endoftext|> ends every document and also starts one: bos and eos are one id
             special = {"bos": eot, "eos": eot, **{name: encoding.encode_single_token(m) for name, m in added.items()}}
-            return cls("gpt2", "gpt2", encoding, special)
+            return cls("gpt2", "gpt2", encoding, special, encoding.n_vocab)
         if not os.path.isfile(name_or_path):
             raise ValueError(f"tokenizer {name_or_path} not found "
                              "(give 'gpt2' or a tokenizer.model written by prepare.py)")
@@ -114,7 +111,7 @@ class Tokenizer:
                    **{name: sp.piece_to_id(marker) for name, marker in CHAT_MARKERS.items()}}
         if min(special.values()) <= sp.unk_id():
             raise ValueError(f"{name_or_path} lacks nanollm's special tokens: train it with prepare.py")
-        return cls("bpe", name_or_path, sp, special)
+        return cls("bpe", name_or_path, sp, special, sp.get_piece_size())
 
     @classmethod
     def load_hf(cls, path):
@@ -147,15 +144,11 @@ class Tokenizer:
         if special["eos"] is None:
             raise ValueError(f"{folder}: no eos token (tokenizer_config.json eos_token, or config.json eos_token_id)")
         special["pad"] = special["eos"] if special["pad"] is None else special["pad"]
-        return cls("hf", folder, backend, special)
+        return cls("hf", folder, backend, special, backend.get_vocab_size(with_added_tokens=True))
 
     def encode(self, text):
         """Token ids of text, without any special tokens."""
-        if self.kind == "gpt2":
-            return self.backend.encode_ordinary(text)
-        if self.kind == "hf":
-            return self.backend.encode(text, add_special_tokens=False).ids
-        return self.encode_batch([text])[0]
+        return self.backend.encode_ordinary(text) if self.kind == "gpt2" else self.encode_batch([text])[0]
 
     def encode_batch(self, texts):
         """encode() of each text; tiktoken spreads a batch over threads."""
@@ -182,12 +175,6 @@ class Tokenizer:
         if self.kind == "hf":
             return self.backend.decode(ids, skip_special_tokens=False)
         # sentencepiece decodes control symbols to '' and escaped text must be unescaped: decode between markers
-        parts, run = [], []
-        for i in ids:
-            if i in self.marker_of:
-                parts += [unescape(self.backend.decode(run)), self.marker_of[i]]
-                run = []
-            else:
-                run.append(i)
-        parts.append(unescape(self.backend.decode(run)))
-        return "".join(parts)
+        runs = itertools.groupby(ids, lambda i: i in self.marker_of)  # (True, markers), (False, text), ...
+        return "".join("".join(self.marker_of[i] for i in run) if marker else unescape(self.backend.decode(list(run)))
+                       for marker, run in runs)
