@@ -47,8 +47,7 @@ NEWTON_SCHULZ = {
 def orthogonalize(G, schedule="jordan"):
     """U V^T of G = U S V^T, approximately, by a Newton-Schulz schedule (NEWTON_SCHULZ): its quintics trade exactness
     for speed, leaving singular values near 1 instead of exactly 1, which training does not notice. In bf16; batched
-    over leading dimensions. Each iteration is three batched matmuls, the sums riding along to save launches (baddbmm:
-    beta * input + alpha * batch1 @ batch2)."""
+    over leading dimensions. Each iteration is three batched matmuls, the sums riding along to save launches."""
     margin, coefficients = NEWTON_SCHULZ[schedule]
     tall = G.size(-2) > G.size(-1)
     X = G.bfloat16().mT if tall else G.bfloat16()  # the wide orientation: X X^T is the smaller Gram matrix
@@ -78,16 +77,14 @@ MUON_LR_SCALES = {
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-Schulz (Keller Jordan 2024) for weight matrices (out, in), or stacks of them
     (experts, out, in): Nesterov momentum, then each matrix's update replaced by its nearest semi-orthogonal matrix,
-    scaled by the lr_scale rule, with decoupled weight decay p <- p (1 - lr wd). A fused matrix marks how its rows
-    split into logical matrices (`logical_rows`: q | k | v, gate | up); each part is orthogonalized and scaled alone
-    (the momentum covers the whole parameter).
+    scaled by the lr_scale rule, with decoupled weight decay p <- p (1 - lr wd). Each logical matrix of a fused one
+    (logical_matrices: q | k | v, gate | up) is orthogonalized and scaled alone; momentum covers the whole parameter.
     A step is a few large kernels rather than a few per matrix, since at small batches launching them costs more than
     the arithmetic: the momentum and the final update are foreach ops over all parameters, and every logical matrix
     of one shape joins one batched Newton-Schulz call (modded-nanogpt's scheme).
-    Under torch.distributed (gradients already averaged), each batch is split into one contiguous share per rank, and
-    all_gather hands every rank the whole batch's result, in the background of the next batch's work; every rank
-    then applies the same update, and keeps every momentum buffer (cheap, and rank 0's state_dict is complete for
-    any world size). Under FSDP2 each rank holds rows of every matrix: see orthogonalize_sharded.
+    Under torch.distributed (gradients already averaged) each rank takes a contiguous share of each batch and all_gather
+    hands every rank the whole result, overlapping the next batch; every rank applies the same update and keeps every
+    momentum buffer (cheap, and rank 0's state_dict is complete for any world size). FSDP2: orthogonalize_sharded.
     Speedrun candidates, off by default: schedule='polar_express' (NEWTON_SCHULZ), beta2 > 0 (NorMuon's row
     normalization, normalize_rows), cautious=True (weight decay only where the update also moves p towards 0)."""
 
@@ -110,9 +107,8 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
-        """graph=True (CUDA, one process, no DTensor): each group's whole step is replayed as one CUDA graph, its
-        inputs copied in (the gradients) and filled in (the step's factors), since at small batches the host takes
-        longer to launch a step's hundreds of kernels than the GPU takes to run them. The same kernels either way."""
+        """graph=True (CUDA, one process, no DTensor): each group's whole step replays as one CUDA graph (one launch,
+        not hundreds), its gradients copied in and its factors filled in. The same kernels either way."""
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         for i, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]  # the same on every rank under DDP
@@ -190,11 +186,10 @@ class Muon(torch.optim.Optimizer):
 
     @classmethod
     def orthogonalize_sharded(cls, params, updates, scale, schedule, rank, world):
-        """Under FSDP2 each rank holds some rows of every update (a DTensor on Shard(0)), and Newton-Schulz needs
-        whole matrices: each parameter gets an owner (in turn, the least loaded rank), one all_to_all sends every
-        rank's rows to the owners, each owner orthogonalizes its whole updates as one process does, and a second
-        all_to_all sends the rows back. A rank holds about 1/world of the whole updates, in bf16 (Newton-Schulz's
-        precision), where an all-gather of each would hold them all."""
+        """Under FSDP2 each rank holds some rows of every update (a DTensor on Shard(0)), and Newton-Schulz needs whole
+        matrices: each parameter gets an owner (the least loaded rank, in turn), one all_to_all sends the rows to the
+        owners, which orthogonalize them as one process does, and a second sends them back. A rank holds about
+        1/world of the updates, in bf16 (Newton-Schulz's precision), where an all-gather of each would hold them all."""
         load, owner = [0] * world, []
         for u in updates:
             owner.append(load.index(min(load)))
@@ -237,12 +232,12 @@ class Muon(torch.optim.Optimizer):
         mine = X[rank * share:][:share]
         if len(mine):
             result[rank * share:][:len(mine)] = orthogonalize(mine, schedule)
-        return result, dist.all_gather_into_tensor(result, result[rank * share:][:share].clone(), async_op=True)
+        gather = dist.all_gather_into_tensor(result, result[rank * share:][:share].clone(), async_op=True)
+        return result[:len(X)], gather  # the last share may be short: world * share rows, len(X) of them matrices
 
 
 class Optimizers:
-    """Torch optimizers over disjoint parameters (muon, adamw, sparse_adam) behind the interface of a single one: each
-    is an attribute under its name, and its state sits under that name in state_dict."""
+    """Optimizers of disjoint parameters (muon, adamw, sparse_adam) as one: each an attribute and a state_dict key."""
 
     def __init__(self, **parts):
         self.parts = parts
@@ -269,8 +264,7 @@ class Optimizers:
 
 
 def clip_grad_norm_(parameters, max_norm):
-    """torch.nn.utils.clip_grad_norm_ (scale all gradients so that their global L2 norm is at most max_norm; returns
-    the norm before clipping) for gradients that may be sparse, as the Engram tables' are, which torch's cannot take."""
+    """torch.nn.utils.clip_grad_norm_ for gradients that may be sparse (Engram's), which torch's cannot take."""
     params = [p for p in parameters if p.grad is not None]
     for p in params:
         if p.grad.is_sparse:  # rows looked up twice summed first: the norm of the gradient, not of its pieces
@@ -394,8 +388,7 @@ def configure_optimizers(model, optimizer="adamw", learning_rate=6e-4, weight_de
     itself under 'moonshot' (the update's RMS matches AdamW's), 0.02 under 'shape' (modded-nanogpt's Muon lr).
     embed_lr > 0 gives the dense embedding tables (token and value embeddings) AdamW groups of that peak lr, and
     head_lr an untied output head: modded-nanogpt and nanochat train the embedding tens of times faster than the
-    head and the matrices; with no weight decay, as there, since lr * weight_decay at such rates would erase them.
-    muon_schedule, normuon_beta2 and cautious_wd are Muon's schedule, beta2 and cautious (Muon.update)."""
+    head and the matrices; with no weight decay, as there, since lr * weight_decay at such rates would erase them."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer '{optimizer}' (choose {', '.join(OPTIMIZERS)})")
     # An Engram table (nn.Embedding, sparse=True) gets SparseAdam, a lazy Adam (no weight decay) whose step touches

@@ -268,7 +268,8 @@ def muon_run(model, opt, clip, steps):
 
 def new_run():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**TINY_CONFIG, n_kv_head=2))
+    # 3 layers: a batch of 3 matrices of each shape, which 2 processes split 2 and 1
+    model = GPT(GPTConfig(**{**TINY_CONFIG, "n_layer": 3}, n_kv_head=2))
     # tau below the tiny model's largest logits (about 0.05), so that every step clips
     return model, configure_optimizers(model, "muonclip", 1e-2, muon_lr_scale="shape"), QKClip(model, tau=0.04)
 
