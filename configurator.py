@@ -6,8 +6,7 @@ Configuration works like nanoGPT's: a stage keeps its defaults as plain module-l
 assignments, e.g. config/quickstart.py), applied in order; `--key=value` arguments override them. A key the stage
 does not know, or a value whose type does not match the default's, stops the program with a one-line error.
 
-torch is imported inside the functions that use it: prepare.py, which needs none of them, then runs a process per
-core without it.
+torch is imported only inside the functions that use it, so that prepare.py runs a process per core without it.
 """
 import ast
 import dataclasses
@@ -85,7 +84,6 @@ def parse_config(defaults, argv, other_stage_keys_in_files=False, with_given=Fal
 
 
 def _run_config_file(path):
-    """The names a config file assigns, or stop with one line naming the file and the line that fails."""
     if not os.path.isfile(path):
         fail(f"config file {path} not found")
     try:
@@ -101,8 +99,8 @@ def _run_config_file(path):
 def check_settings(config, positive=(), non_negative=(), fractions=(), choices=None):
     """Stop with one line at the first setting that breaks its rule below, or that choices[key] does not list."""
     rules = (((*positive, *non_negative, *fractions), "must be a finite number",
-              lambda v: not isinstance(v, float) or math.isfinite(v)), (positive, "must be positive", lambda v: v > 0),
-             (non_negative, "must not be negative", lambda v: v >= 0),
+              lambda v: not isinstance(v, float) or math.isfinite(v)),
+             (positive, "must be positive", lambda v: v > 0), (non_negative, "must not be negative", lambda v: v >= 0),
              (fractions, "must lie between 0 and 1", lambda v: 0 <= v <= 1))
     for keys, rule, ok in rules:
         for key in keys:
@@ -352,7 +350,7 @@ def save_checkpoint(path, checkpoint):
     atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, **checkpoint}, f))
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path):
     """Load a checkpoint (a file, or a folder's ckpt.pt), or raise ValueError saying in one line what is wrong."""
     import torch
     if os.path.isdir(path):
@@ -360,7 +358,7 @@ def load_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
         raise ValueError(f"no checkpoint at {path}")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle of foreign objects, ...
         raise ValueError(f"checkpoint {path} is corrupt or truncated ({one_line(e)})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
@@ -434,7 +432,6 @@ def claim_out_dir(out_dir, resume, overwrite):
 
 
 def print0(*args, **kwargs):
-    """print on the process that logs and saves (rank 0, or the only process)."""
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)
 

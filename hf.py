@@ -21,9 +21,8 @@ from model import GPT, GPTConfig, Router, rope_tables, yarn_mscale
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                  "qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
-# transformers' defaults (models/<family>/configuration_<family>.py) of the fields read below, so that a field left out
-# of config.json means what it means there: None is required (the shapes) or, in NULLABLE, derived from the others;
-# integers may not be negative, nor POSITIVE ones 0
+# transformers' defaults (models/<family>/configuration_<family>.py), so that a field left out of config.json means
+# what it means there: None is required (the shapes) or derived (NULLABLE); integers are >= 0, POSITIVE ones >= 1
 SHAPES = dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"))
 NULLABLE = {"num_key_value_heads", "head_dim", "q_lora_rank"}  # null: n_head, hidden_size / n_head, a full-rank query
 POSITIVE = {*SHAPES, "max_position_embeddings", "decoder_sparse_step", "n_group"}
@@ -64,8 +63,7 @@ DEEPSEEK_MOE = {**MOE, "n_experts": "n_routed_experts", "n_shared_experts": "n_s
                 "moe_first_dense": "first_k_dense_replace", "routed_scaling": "routed_scaling_factor",
                 "moe_groups": "n_group", "moe_topk_groups": "topk_group"}
 MLA = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
-# GPTConfig fields that some HF family expresses, and those that only shape training: any other field away from its
-# default has no HF equivalent
+# GPTConfig fields some HF family expresses, and the training-only ones: any other off its default has no HF equivalent
 EXPRESSED = {*NAMES, *QWEN3_MOE, *DEEPSEEK_MOE, *MLA, "attention", "n_kv_head", "head_dim", "qkv_bias", "rope_theta",
              "qk_norm", "rope_scaling", "rope_factor", "rope_original_len", "rope_low_rotations",
              "rope_high_rotations", "yarn_mscale", "yarn_mscale_all_dim", "q_lora_rank", "router_scoring"}
@@ -81,9 +79,9 @@ def _layout(c):
         names["lm_head.weight"] = ["lm_head.weight"]
     for i in range(c.n_layer):
         ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
+        norms = ("q", "k") if c.qk_norm else ()
         parts = {"attn_norm": ["input_layernorm"], "attn.proj": ["self_attn.o_proj"],  # ours: the rows of theirs
-                 "mlp_norm": ["post_attention_layernorm"], **{f"attn.{x}_norm": [f"self_attn.{x}_norm"] for x in
-                                                              ("q", "k") if c.qk_norm}}
+                 "mlp_norm": ["post_attention_layernorm"], **{f"attn.{x}_norm": [f"self_attn.{x}_norm"] for x in norms}}
         if c.attention == "mla":
             parts.update({"attn.q_a.0": ["self_attn.q_a_proj"], "attn.q_a.1": ["self_attn.q_a_layernorm"],
                           "attn.q_b": ["self_attn.q_b_proj"]} if c.q_lora_rank else {"attn.q_b": ["self_attn.q_proj"]})
@@ -126,7 +124,6 @@ def _interleaved_rows(c, name):
 # import
 
 def _read_json(path, name):
-    """The JSON object in the folder's file `name`, or a one-line ValueError saying what is wrong with it."""
     file = os.path.join(path, name)
     if not os.path.isfile(file):
         raise ValueError(f"no Hugging Face model at {path} ({name} missing)")
@@ -365,9 +362,9 @@ def hf_family(c):
 
 def _hf_json(c, family, dtype, eos_id, bos_id):
     """config.json of config c as HF `family`; max_position_embeddings is block_size, the context it trained at."""
-    out = {"architectures": [ARCHITECTURES[family]], "model_type": family, "hidden_act": "silu", "torch_dtype": dtype,
-           "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim, "eos_token_id": eos_id, "bos_token_id": bos_id,
-           **{theirs: getattr(c, ours) for ours, theirs in NAMES.items()}}
+    out = {"architectures": [ARCHITECTURES[family]], "model_type": family, "hidden_act": "silu", "head_dim": c.head_dim,
+           "torch_dtype": str(dtype).removeprefix("torch."), "num_key_value_heads": c.n_kv_head, "eos_token_id": eos_id,
+           "bos_token_id": bos_id, **{theirs: getattr(c, ours) for ours, theirs in NAMES.items()}}
     rope = {"rope_type": "default" if c.rope_scaling == "none" else c.rope_scaling, "rope_theta": c.rope_theta}
     if c.rope_scaling != "none":
         names = ("low_freq_factor", "high_freq_factor") if c.rope_scaling == "llama3" else ("beta_slow", "beta_fast")
@@ -416,7 +413,6 @@ def to_hf(model, out_dir, eos_id=None, bos_id=None, dtype=None):
             tensors.update({name: t.contiguous().cpu() for name, t in zip(names, parts, strict=True)})
     os.makedirs(out_dir, exist_ok=True)
     _safetensors().save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    for name, content in (("config.json", _hf_json(c, family, str(dtype).removeprefix("torch."), eos_id, bos_id)),
-                          ("generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_id})):
-        write_json(os.path.join(out_dir, name), content)
+    write_json(os.path.join(out_dir, "config.json"), _hf_json(c, family, dtype, eos_id, bos_id))
+    write_json(os.path.join(out_dir, "generation_config.json"), {"bos_token_id": bos_id, "eos_token_id": eos_id})
     return family

@@ -125,9 +125,8 @@ class GPTConfig:
 
     def __post_init__(self):
         self.n_kv_head = self.n_kv_head or self.n_head
-        # relu2's two matrices at 4 * n_embd hold as many weights as SwiGLU's three at 8/3 * n_embd
-        default_hidden = 4 * self.n_embd if self.mlp == "relu2" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
-        self.mlp_hidden = self.mlp_hidden or default_hidden
+        if not self.mlp_hidden:  # relu2's 2 matrices at 4 * n_embd hold as many weights as SwiGLU's 3 at 8/3 * n_embd
+            self.mlp_hidden = 4 * self.n_embd if self.mlp == "relu2" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
         if not self.head_dim:
             require(self.n_embd % self.n_head == 0, "n_embd must be a multiple of n_head (or set head_dim)")
             self.head_dim = self.n_embd // self.n_head
@@ -364,8 +363,7 @@ class SlidingSpan(MaskedSpan):
         # attend over the cache and the new tokens, then keep the newest: each token of a long chunk sees its window
         slots, T = cache["slot_pos"].numel(), ctx.cache_pos.numel()
         k_slot = torch.cat([cache["slot_pos"], ctx.cache_pos])  # (slots + T,) cache slot (position + pad) of each key
-        q_slot = ctx.cache_pos[:, None]
-        mask = (k_slot >= ctx.pad[:, None, None]) & (k_slot <= q_slot) & (q_slot - k_slot < self.window)
+        mask = (k_slot >= ctx.pad[:, None, None]) & self.allowed(ctx.cache_pos[:, None], k_slot)
         tensors = [torch.cat([cache[name], tensor], dim) for name, tensor in new.items()]
         keep = min(T, slots)
         rolling = ctx.cache_pos[T - keep:] % slots
@@ -415,15 +413,14 @@ class MoBASpan(FullSpan):
     def past_blocks(self, q, k, q_pos, k_pos):
         """The moba_topk - 1 earlier blocks whose mean keys score highest against each query, (B, n_head, T, m), and
         whether each is real (an early block has fewer before it); positions q_pos (B|1, T), k_pos (B|1, S)."""
-        B, H, T, _ = q.shape
         n = math.ceil(k.size(2) / self.block)
         # block sums by a matmul with the membership (B|1, blocks, S), not a contended scatter-add; padding: no block
         member = (k_pos // self.block)[:, None, :] == torch.arange(n, device=q.device)[:, None]
-        means = (member[:, None].float() @ k.float() / self.block).repeat_interleave(H // k.size(1), dim=1)
+        means = (member[:, None].float() @ k.float() / self.block).repeat_interleave(q.size(1) // k.size(1), dim=1)
         q_block = (q_pos // self.block)[:, None, :, None]  # (B|1, 1, T, 1)
         scores = (q.float() @ means.mT).masked_fill(torch.arange(n, device=q.device) >= q_block, float("-inf"))
         m = min(self.topk - 1, n)  # the best m by repeated argmax: torch.compile fuses it, not topk (a library kernel)
-        top = torch.empty(B, H, T, 0, dtype=torch.long, device=q.device)
+        top = torch.empty(*q.shape[:3], 0, dtype=torch.long, device=q.device)
         for _ in range(m):
             best = scores.argmax(dim=-1, keepdim=True)
             top, scores = torch.cat([top, best], dim=-1), scores.scatter(-1, best, float("-inf"))
@@ -432,17 +429,16 @@ class MoBASpan(FullSpan):
     def mask(self, q, k, q_pos, k_pos):
         """(B, n_head, T, S) whether each query sees each key: causally, in its own block or one of its past_blocks."""
         top, real = self.past_blocks(q, k, q_pos, k_pos)
-        n = math.ceil(k.size(2) / self.block)
-        own = torch.arange(n, device=q.device) == (q_pos // self.block)[:, None, :, None]
-        chosen = own | ((top[..., None] == torch.arange(n, device=q.device)) & real[..., None]).any(dim=-2)
+        blocks = torch.arange(math.ceil(k.size(2) / self.block), device=q.device)
+        own = blocks == (q_pos // self.block)[:, None, :, None]
+        chosen = own | ((top[..., None] == blocks) & real[..., None]).any(dim=-2)
         k_block = (k_pos // self.block).clamp(min=0)[:, None, None, :].expand(*chosen.shape[:3], -1)
         return chosen.gather(-1, k_block) & (k_pos[:, None, None, :] <= q_pos[:, None, :, None])
 
     def attend(self, q, k, v, ctx, mask=None, scale=None, dropout=0.0):
         if mask is not None:  # decoding: positions count from each row's first token
-            q_pos = ctx.cache_pos[None, :] - ctx.pad[:, None]
             k_pos = torch.arange(k.size(2), device=q.device)[None, :] - ctx.pad[:, None]
-            mask = mask & self.mask(q, k, q_pos, k_pos)
+            mask = mask & self.mask(q, k, ctx.cache_pos[None, :] - ctx.pad[:, None], k_pos)
         elif q.is_cuda if self.use_flex is None else self.use_flex:  # training, block by block (kernels.py)
             pos = torch.arange(q.size(2), device=q.device)[None]
             return moba_attention(q, k, v, *self.past_blocks(q, k, pos, pos), self.block, scale)
@@ -499,9 +495,8 @@ class ValueEmbedding(nn.Module):
 
 
 class ValueResidual(nn.Module):
-    """Value residual learning (ResFormer, arXiv 2410.17897: U_n = A_n (V_n + V_1) / 2), value_residual: layer 0
-    hands its values v1 on, every later layer's become a v + b v1, a and b learned from the paper's 0.5 each; the
-    cache keeps them."""
+    """Value residual learning (ResFormer, arXiv 2410.17897: U_n = A_n (V_n + V_1) / 2), value_residual: layer 0 hands
+    its values v1 on, later layers' become a v + b v1, a, b learned from the paper's 0.5 each; the cache keeps them."""
 
     def __init__(self, layer):
         super().__init__()
@@ -532,9 +527,8 @@ class CausalSelfAttention(nn.Module):
         self.proj.weight.writes_residual = True  # a depth-scaled init (GPT)
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else nn.Identity()
-        self.dropout = config.dropout
+        self.span, self.dropout = SPANS[span](config), config.dropout
         self.track_max_logits = False  # QK-Clip (optim.py) switches this on to read each head's largest logit
-        self.span = SPANS[span](config)
         self.gate_at = config.attn_gate_at if config.attn_gate != "none" else None
         gate_heads = self.n_kv_head if self.gate_at == "value" else self.n_head
         self.gate = AttentionGate(config, gate_heads, self.head_dim) if self.gate_at else None
@@ -545,16 +539,14 @@ class CausalSelfAttention(nn.Module):
         require(c.n_head % c.n_kv_head == 0, "n_head must be a multiple of n_kv_head")
 
     def new_cache(self, batch, max_len, dtype, device):
-        shape = (batch, self.n_kv_head, self.span.cache_len(max_len), self.head_dim)
-        return {"k": torch.zeros(shape, dtype=dtype, device=device),
-                "v": torch.zeros(shape, dtype=dtype, device=device), **self.span.new_cache(batch, max_len, device)}
+        k = torch.zeros(batch, self.n_kv_head, self.span.cache_len(max_len), self.head_dim, dtype=dtype, device=device)
+        return {"k": k, "v": torch.zeros_like(k), **self.span.new_cache(batch, max_len, device)}
 
     def forward(self, x, ctx, cache=None):
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split([self.n_head * self.head_dim] + 2 * [self.n_kv_head * self.head_dim], dim=-1)
-        q = apply_rope(self.q_norm(q.view(B, T, self.n_head, self.head_dim)), ctx.cos, ctx.sin)
-        k = apply_rope(self.k_norm(k.view(B, T, self.n_kv_head, self.head_dim)), ctx.cos, ctx.sin)
-        v = v.view(B, T, self.n_kv_head, self.head_dim)
+        q, k, v = self.qkv(x).view(B, T, -1, self.head_dim).split([self.n_head, self.n_kv_head, self.n_kv_head], dim=2)
+        q = apply_rope(self.q_norm(q), ctx.cos, ctx.sin)
+        k = apply_rope(self.k_norm(k), ctx.cos, ctx.sin)
         v = v if self.value_embed is None else self.value_embed(v, ctx.idx)
         v = v if self.value_residual is None else self.value_residual(v, ctx)
         if self.gate_at == "value":  # gated values are what the cache keeps
@@ -608,10 +600,9 @@ class MLA(nn.Module):
         self.proj.weight.writes_residual = True
         # a query-key dot product spans both parts; under YaRN, DeepSeek sharpens the whole logit by its temperature
         self.scale = (self.nope + self.rope) ** -0.5 * yarn_mscale(config.rope_factor, config.yarn_mscale_all_dim) ** 2
-        self.dropout = config.dropout
+        self.span, self.dropout = SPANS[span](config), config.dropout
         self.absorb = True  # decode in the weight-absorbed form; False: the expanded one (the tests compare them)
         self.track_max_logits = False  # QK-Clip, as in CausalSelfAttention
-        self.span = SPANS[span](config)
         self.gate = AttentionGate(config, self.n_head, self.v_dim) if config.attn_gate != "none" else None  # output
 
     @staticmethod
@@ -819,12 +810,11 @@ class SwiGLU(nn.Module):
 
     def __init__(self, config, hidden=None):
         super().__init__()
-        self.hidden = hidden or config.mlp_hidden
+        self.hidden, self.dropout = hidden or config.mlp_hidden, config.dropout
         self.gate_up = nn.Linear(config.n_embd, 2 * self.hidden, bias=False)  # gate and up fused: one matmul
         self.gate_up.weight.logical_rows = (self.hidden, self.hidden)  # two matrices for Muon (optim.py)
         self.down = nn.Linear(self.hidden, config.n_embd, bias=False)
         self.down.weight.writes_residual = True
-        self.dropout = config.dropout
 
     def forward(self, x, ctx=None):
         gate, up = self.gate_up(x).split(self.hidden, dim=-1)
@@ -921,13 +911,13 @@ class Experts(nn.Module):
         gate, up = matmul(x, self.gate_up).chunk(2, dim=-1)
         return matmul(F.silu(gate) * up, self.down)
 
-    def init_weights(self):
-        for weight in (self.gate_up, self.down):
-            nn.init.normal_(weight, mean=0.0, std=0.02)
-
     def active_params(self):
         """The weights one token goes through: those of moe_topk of the n_experts."""
         return (self.gate_up.numel() + self.down.numel()) // self.gate_up.size(0) * self.topk
+
+    def init_weights(self):
+        for weight in (self.gate_up, self.down):
+            nn.init.normal_(weight, mean=0.0, std=0.02)
 
     def idle_params(self):
         return self.gate_up.numel() + self.down.numel() - self.active_params()
@@ -941,7 +931,6 @@ class MoE(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
         self.name, self.capacity_factor, self.dropout = f"moe{layer}", config.capacity_factor, config.dropout
-        self.count_load = config.bias_update_rate > 0
         self.coefs = {"aux_loss": config.aux_loss_coef, "seq_aux_loss": config.seq_aux_loss_coef,
                       "z_loss": config.router_z_loss_coef}
         self.router = Router(config)
@@ -970,7 +959,7 @@ class MoE(nn.Module):
         routed = permute(routed, inverse, order).view(-1, k, d)  # (N, k, d) in token order
         y = (routed * gates.unsqueeze(-1)).sum(dim=1).type_as(x).view(B, T, d)
         self.record(ctx, logits, scores, experts, counts, dropped, B)
-        if self.training and self.count_load:
+        if self.training and self.router.bias_rate > 0:
             self.router.load += counts
         y = F.dropout(y, self.dropout, self.training)
         return y if self.shared is None else y + self.shared(x)
@@ -1435,7 +1424,6 @@ class GPT(nn.Module):
         state) in fp32; under autocast, fp32 weights would be recast at every matmul of every decode step."""
         for p in self.parameters():
             p.data = p.data.to(dtype)
-        return self
 
     # -------------------------------------------------------------------------
     # accounting
