@@ -138,7 +138,8 @@ def run_all(pairs):
 
 def summarize(label):
     """One table row for a run: its seeds' final exact val bits per byte, and their mean figures."""
-    logs = [rows for seed in seeds + repeat_seeds if (rows := run_log(label, seed)) and finished(label, seed)]
+    logs = [rows for seed in dict.fromkeys(seeds + repeat_seeds)  # a seed in both lists counts once
+            if (rows := run_log(label, seed)) and finished(label, seed)]
     if not logs:
         return None
     head = next(row for row in logs[0] if "params" in row)

@@ -113,6 +113,8 @@ if mode == "grpo" and group_size < 2:
     fail(f"GRPO compares the completions of each prompt: group_size={group_size} must be at least 2")
 if mode == "grpo" and temperature <= 0:
     fail(f"GRPO samples its groups: temperature={temperature} must be above 0")
+if mode == "eval" and not n_eval:
+    fail("mode='eval' scores held-out prompts: n_eval must be at least 1")
 eps_high = eps_high or eps
 
 if mode == "tasks":
@@ -246,6 +248,9 @@ if mode == "sft":
                 fail(f"{sft_data} line {number} is not UTF-8 text: save the file as UTF-8")
             except (ValueError, KeyError, TypeError):
                 fail(f"{sft_data} line {number} is not a JSON object with 'prompt' and 'response' strings")
+            if sum(map(len, pairs[-1])) - 1 > policy.config.block_size:  # a row of layout()'s
+                fail(f"{sft_data} line {number}: prompt and response hold {sum(map(len, pairs[-1]))} tokens, more than "
+                     f"the model's block_size={policy.config.block_size} + 1")
     if not pairs:
         fail(f"{sft_data} holds no prompt/response pair")
 

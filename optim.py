@@ -413,6 +413,8 @@ def configure_optimizers(model, optimizer="adamw", learning_rate=6e-4, weight_de
         raise ValueError("head_lr needs an output head of its own (tie_embeddings=False); a tied one is the "
                          "embedding: set embed_lr")
     own = [(lr, ids) for lr, ids in ((embed_lr, embeddings), (head_lr, head)) if lr]
+    if learning_rate <= 0 and (own or optimizer != "adamw"):
+        raise ValueError("learning_rate must be positive: muon_lr, embed_lr and head_lr are ratios to it")
     rest = [p for p in params if id(p) not in in_muon and not any(id(p) in ids for _, ids in own)]
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]

@@ -404,16 +404,21 @@ def aux_metrics(aux):
     return metrics, ", ".join(f"{name} {sum(values) / len(values):.4g}" for name, values in by_name.items())
 
 
+def open_shards(split):
+    return [np.memmap(os.path.join(data_dir, name), dtype=meta["dtype"], mode="r")
+            for name in meta["splits"][split]["shards"]]
+
+
 def open_split(split):
-    shards = [np.memmap(os.path.join(data_dir, name), dtype=meta["dtype"], mode="r")
-              for name in meta["splits"][split]["shards"]]
-    shards = [s for s in shards if len(s) > T]
+    """The shards that hold a window of block_size + 1 tokens: those the samplers draw from."""
+    shards = [s for s in open_shards(split) if len(s) > T]
     if not shards:
         fail(f"the {split} split of {data_dir} holds no window of block_size + 1 = {T + 1} tokens")
     return shards
 
 
 splits = {split: open_split(split) for split in ("train", "val")}
+val_streams = open_shards("val")  # exact evaluation reads every token, as meta.json's byte count counts them
 # the 'epoch' sampler numbers the non-overlapping windows of the training split: window i of a shard is
 # tokens [i*T, i*T + T], so that every token but the first of each shard is a target exactly once
 windows_per_shard = np.array([(len(s) - 1) // T for s in splits["train"]])
@@ -589,7 +594,7 @@ def bits_per_byte(streams, n_bytes):
 
 if eval_only:
     raw_model.eval()
-    print0(f"exact val bits per byte: {bits_per_byte(splits['val'], meta['splits']['val']['bytes']):.4f}")
+    print0(f"exact val bits per byte: {bits_per_byte(val_streams, meta['splits']['val']['bytes']):.4f}")
     if eval_text is not None or tasks:
         try:
             tokenizer = Tokenizer.load(tokenizer_path)
@@ -734,7 +739,7 @@ def exact_val_bpb():
     float (not numpy's): the checkpoint keeps the best one."""
     pause_clock()
     raw_model.eval()
-    bpb = float(bits_per_byte(splits["val"], meta["splits"]["val"]["bytes"]))
+    bpb = float(bits_per_byte(val_streams, meta["splits"]["val"]["bytes"]))
     model.train()
     return bpb
 

@@ -190,3 +190,17 @@ parallel = 2
     assert "is in use by another run" in (out / "held-s1" / "train.log").read_text()
     assert (out / "results.md").read_text() == "the previous table\n"
     assert not (out / "held-s1" / "log.jsonl").exists()
+
+
+def test_a_seed_in_seeds_and_in_repeat_seeds_counts_once(tmp_path):
+    """seeds = [1, 2] with repeat_seeds = [2]: the table's mean is over the two runs, not three."""
+    for seed, bpb in ((1, 1.0), (2, 2.0)):
+        (tmp_path / f"a-s{seed}").mkdir()
+        (tmp_path / f"a-s{seed}" / "log.jsonl").write_text(
+            '{"step": 0, "params": 1000, "active_params": 1000, "flops_per_token": 6000, "tokens_per_step": 10, '
+            f'"max_iters": 1, "device": "cpu"}}\n{{"step": 1, "tokens": 10, "exact_val_bpb": {bpb}}}\n')
+    sweep = tmp_path / "sweep.py"
+    sweep.write_text(f'out_dir = {str(tmp_path)!r}\nruns = ["a: "]\nseeds = [1, 2]\nrepeat_best = 0\n'
+                     'repeat_seeds = [2]\n')
+    result = run_stage("ablate.py", str(sweep), "--report_only=True")
+    assert "1.5000 ± " in result.stdout and "(2 seeds)" in result.stdout, result.stdout

@@ -368,6 +368,9 @@ def test_settings_inputs_and_folders_are_checked_before_out_dir_changes(start, t
     latin1, malformed = tmp_path / "latin1.jsonl", tmp_path / "malformed.jsonl"
     latin1.write_bytes(b'{"prompt": "1 + 1 = ?\\n", "response": "#### 2"}\n{"prompt": "caf\xe9", "response": "x"}\n')
     malformed.write_text('{"prompt": "1 + 1 = ?\\n", "response": "#### 2"}\n\n{"prompt": "2 + 2 = ?\\n"}\n')
+    long = tmp_path / "long.jsonl"  # a response longer than the model's context
+    long.write_text('{"prompt": "1 + 1 = ?\\n", "response": "#### 2"}\n'
+                    + json.dumps({"prompt": "x", "response": "1 " * 500}))
     base = f"--init_from={start / 'base'}"
     for args, expected in [
         (["--group_size=1"], "group_size=1 must be at least 2"),
@@ -376,6 +379,7 @@ def test_settings_inputs_and_folders_are_checked_before_out_dir_changes(start, t
         (["--mode=sft", "--batch_size=0"], "batch_size=0 must be positive"),
         (["--eval_interval=0"], "eval_interval=0 must be positive"),
         (["--mode=eval", "--eval_batch_size=0"], "eval_batch_size=0 must be positive"),
+        (["--mode=eval", "--n_eval=0"], "n_eval must be at least 1"),
         (["--micro_batch_size=-1"], "micro_batch_size=-1 must not be negative"),
         (["--loss_agg=ppo"], "unknown loss_agg 'ppo' (choose grpo, dapo, dr_grpo)"),
         ([base], f"{run} holds a run (ckpt.pt): continue it with --init_from=resume, replace it with "
@@ -384,6 +388,7 @@ def test_settings_inputs_and_folders_are_checked_before_out_dir_changes(start, t
         ([base, "--overwrite=True", "--mode=sft", f"--sft_data={latin1}"], f"{latin1} line 2 is not UTF-8 text"),
         ([base, "--overwrite=True", "--mode=sft", f"--sft_data={malformed}"],
          f"{malformed} line 3 is not a JSON object with 'prompt' and 'response' strings"),
+        ([base, "--overwrite=True", "--mode=sft", f"--sft_data={long}"], f"{long} line 2: prompt and response hold"),
     ]:
         message = grpo_here(monkeypatch, f"--out_dir={run}", *args)
         assert message.startswith("error: ") and expected in message and "\n" not in message, (args, message)

@@ -369,7 +369,8 @@ def test_normuon_is_refused_on_fsdp_sharded_matrices(tiny_model, monkeypatch):
 
 @pytest.mark.parametrize("bad, words", [("--optimizer=sgd", "unknown optimizer"), ("--qk_norm=True", "qk_norm"),
                                         ("--muon_schedule=cubic", "muon_schedule"),
-                                        ("--normuon_beta2=1.5", "normuon_beta2")])
+                                        ("--normuon_beta2=1.5", "normuon_beta2"),
+                                        ("--learning_rate=0", "learning_rate must be positive")])
 def test_bad_optimizer_settings_give_one_line_errors(tiny_data, tmp_path, monkeypatch, bad, words):
     with pytest.raises(SystemExit, match=f"^error: .*{words}"):
         run_train(monkeypatch, f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", "--optimizer=muonclip", bad)

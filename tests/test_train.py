@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import configurator
 from conftest import ROOT, assert_resume_reproduces, read_log, run_stage, run_train
+from evaluate import exact_bits_per_byte
 from model import GPT, GPTConfig
 
 TINY = ["--device=cpu", "--n_layer=2", "--n_embd=32", "--n_head=4", "--block_size=32", "--batch_size=4",
@@ -85,6 +86,27 @@ def test_exact_bits_per_byte_equals_a_hand_computation(trained, tiny_data):
             logits = model(x[None, :len(y)], y[None])[0]
             nats += F.cross_entropy(logits[0], y, reduction="sum").item()
     assert math.isclose(final, nats / meta["splits"]["val"]["bytes"] / math.log(2), rel_tol=1e-5)
+
+
+def test_exact_bits_per_byte_reads_a_val_shard_too_short_for_a_window(trained, tiny_data, tmp_path):
+    """The last val shard holds 10 tokens, fewer than a window of block_size + 1: no sampled window comes from it, and
+    the exact evaluation still reads it (meta.json's byte count counts its bytes)."""
+    out, _ = trained
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    meta = json.loads((data / "meta.json").read_text())
+    stream = np.fromfile(data / "val_000.bin", dtype=meta["dtype"])
+    stream[:-10].tofile(data / "val_000.bin")
+    stream[-10:].tofile(data / "val_001.bin")
+    meta["splits"]["val"]["shards"] = ["val_000.bin", "val_001.bin"]
+    (data / "meta.json").write_text(json.dumps(meta))
+    result = train(data, out, "--eval_only=True")
+    checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
+    model = GPT(GPTConfig(**checkpoint["model_config"]))
+    model.load_state_dict(checkpoint["model"])
+    shards = [np.fromfile(data / name, dtype=meta["dtype"]) for name in meta["splits"]["val"]["shards"]]
+    expected = exact_bits_per_byte(model.eval(), shards, meta["splits"]["val"]["bytes"], meta["eos_id"], 4)
+    assert f"exact val bits per byte: {expected:.4f}" in result.stdout, result.stdout
 
 
 def test_eval_file_bits_per_byte(trained, tiny_data, tmp_path):
