@@ -436,6 +436,27 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def rng_states(device_type):
+    """Every process's random state (its dropout stream), a list by rank, for a checkpoint."""
+    import torch
+    import torch.distributed as dist
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
+    rngs = [rng] * (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_gather_object(rngs, rng)
+    return rngs
+
+
+def restore_rng(rngs, rank, world_size, device_type):
+    """Continue this process's random stream from a checkpoint's rng_states when the world size is the same (a
+    checkpoint without them, or of another world size, leaves the stream as the seed set it)."""
+    import torch
+    if rngs and len(rngs) == world_size:
+        torch.set_rng_state(rngs[rank]["cpu"])
+        if device_type == "cuda" and rngs[rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(rngs[rank]["cuda"])
+
+
 def all_reduce_sum(*values, device="cpu", group=None):
     """The sums of plain numbers over all processes (the numbers themselves in a single process), as a list; group: a
     process group of its own (e.g. a gloo one on the CPU beside NCCL), whose backend takes tensors on `device`."""

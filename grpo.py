@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import (all_reduce_sum, atomic_write, autocast, average_table_grads, check_fsdp, check_settings,
                           checkpoint_blocks, claim_out_dir, copy_tokenizer, end_processes, fail, finite_weights,
                           gathered, init_processes, parse_config, pick_device, pick_dtype, print0, read_log,
-                          save_checkpoint, save_plot, shard_model, trim_log)
+                          restore_rng, rng_states, save_checkpoint, save_plot, shard_model, trim_log)
 from hf import load_model
 from model import Block
 from optim import clip_grad_norm_, configure_optimizers, full_state, load_state
@@ -308,6 +308,7 @@ if resume:
         fail(f"the optimizer state in {checkpoint_path} does not fit optimizer={optimizer} ({e}): resume with the "
              "run's own settings")
     iter_num = checkpoint["step"]
+    restore_rng(checkpoint.get("rng"), rank, world_size, device_type)
 model = DDP(policy, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None,
             broadcast_buffers=False) if ddp and not fsdp else policy
 
@@ -348,13 +349,14 @@ def save():
     if iter_num == 0:
         return
     check_weights()
+    rngs = rng_states(device_type)  # the dropout streams of SFT, which trains in train mode
     model_state, optim_state = full_state(policy, optim, master)  # FSDP: gathered whole, by every process
     if master:
         try:
             save_checkpoint(checkpoint_path, {
                 "model": model_state, "optimizer": optim_state, "model_config": asdict(policy.config),
                 "config": {**config, "init_from": start_from}, "step": iter_num, "eos_id": tok.eos_id,
-                "tokenizer": saved_tokenizer})
+                "tokenizer": saved_tokenizer, "rng": rngs})
         except OSError as e:
             fail(str(e))
 
@@ -438,8 +440,12 @@ if mode == "sft":
         batch = [pair(i) for i in range(offset, offset + per_process)]
         idx, targets = layout([p for p, _ in batch], [r for _, r in batch], tok.pad_id)
         policy.train()
+        # the mean over this process's response tokens, weighted by their share of the step's, so that the processes'
+        # average (DDP's, FSDP's) is the step's token mean, as one process computes it
+        mine = int((targets >= 0).sum())
+        share = mine * world_size / all_reduce_sum(mine, device=device)[0]
         with amp:
-            loss = model(idx.to(device), targets.to(device))[1]  # the mean over the responses' tokens
+            loss = model(idx.to(device), targets.to(device))[1] * share
         loss.backward()
         optimizer_step(iter_num)
         policy.eval()

@@ -38,7 +38,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import (COMMAND_LINE, all_reduce_sum, autocast, average_table_grads, check_fsdp, check_settings,
                           checkpoint_blocks, claim_out_dir, copy_tokenizer, end_processes, fail, finite_weights,
                           gathered, init_processes, nominal_peak_flops, parse_config, pick_device, pick_dtype, print0,
-                          read_log, read_text, save_checkpoint, save_plot, shard_model, trim_log, write_manifest)
+                          read_log, read_text, restore_rng, rng_states, save_checkpoint, save_plot, shard_model,
+                          trim_log, write_manifest)
 from evaluate import exact_bits_per_byte, read_tasks, task_accuracy
 from hf import TRAINING_ONLY, load_model
 from model import PATTERN_LETTERS, GPT, Block, GPTConfig, SlidingSpan, config_fields, update_router_biases
@@ -508,11 +509,7 @@ if checkpoint and not eval_only:
              f"which optimizer='{optimizer}' cannot continue")
     load_state(optim, checkpoint["optimizer"])  # any world size's, with or without FSDP
     scaler.load_state_dict(checkpoint["scaler"])
-    rng = checkpoint["rng"][rank] if len(checkpoint["rng"]) == world_size else None
-    if rng is not None:  # the same world size continues each process's random stream (dropout)
-        torch.set_rng_state(rng["cpu"])
-        if device_type == "cuda" and rng["cuda"] is not None:
-            torch.cuda.set_rng_state(rng["cuda"])
+    restore_rng(checkpoint["rng"], rank, world_size, device_type)
 raw_model = model
 if compile:
     model = torch.compile(model, dynamic=False)  # the warm-ups' few shapes: a graph each, none slower for the others
@@ -656,12 +653,7 @@ def check_finite(losses):
 
 def save():
     global saved_step
-    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
-    rngs = [None] * world_size
-    if ddp:
-        dist.all_gather_object(rngs, rng)
-    else:
-        rngs = [rng]
+    rngs = rng_states(device_type)
     model_state, optim_state = full_state(raw_model, optim, master)  # FSDP: gathered whole, by every process
     on_master(lambda: save_checkpoint(checkpoint_path, {
         "model": model_state, "optimizer": optim_state, "scaler": scaler.state_dict(),

@@ -333,6 +333,42 @@ def test_eval_sft_and_task_modes(start):
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 40
 
 
+def test_two_process_sft_equals_one_process_on_responses_of_unequal_lengths(start, tmp_path):
+    """Each process's loss is weighted by its share of the step's response tokens: two processes train on the token
+    mean of the step, as one does (the processes' responses here are of 2 and of 10 or more tokens)."""
+    data = tmp_path / "uneven.jsonl"
+    rows = [("1 + 1 = ?\n", "#### 2"), ("2 + 2 = ?\n", "#### 4 and a longer response with more words"),
+            ("3 + 3 = ?\n", "#### 6"), ("4 + 4 = ?\n", "#### 8 and more")]
+    data.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in rows))
+    args = [*STAGE, f"--init_from={start / 'base'}", "--mode=sft", f"--sft_data={data}", "--batch_size=4",
+            "--max_iters=3", "--eval_interval=100", "--n_eval=0", "--learning_rate=1e-3", "--warmup_iters=0"]
+    grpo(*args[len(STAGE):], f"--out_dir={tmp_path / 'one'}")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "grpo.py",
+                    *args, f"--out_dir={tmp_path / 'two'}"], cwd=ROOT, check=True, capture_output=True, timeout=120,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    one, two = ([r["loss"] for r in read_log(tmp_path / run) if "loss" in r] for run in ("one", "two"))
+    assert len(one) == 3 and one == pytest.approx(two, abs=1e-5), (one, two)
+
+
+def test_sft_with_dropout_resumes_exactly(start, tmp_path):
+    """SFT trains with the model's dropout: the checkpoint keeps each process's random stream, so that a resumed run
+    draws the masks the uninterrupted one draws, bit for bit."""
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=448, n_layer=2, n_head=2, n_embd=32, dropout=0.2))
+    save_checkpoint(str(base / "ckpt.pt"), {"model": model.state_dict(), "model_config": asdict(model.config),
+                                            "step": 0, "tokenizer": "tokenizer.model", "config": {}})
+    shutil.copy(start / "base" / "tokenizer.model", base / "tokenizer.model")
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i} + {i} = ?\n", "response": f"#### {2 * i}"}) + "\n"
+                            for i in range(16)))
+
+    def run(out, *more):
+        return grpo(f"--init_from={base}", "--mode=sft", f"--sft_data={data}", "--batch_size=4", "--n_eval=0",
+                    "--eval_interval=2", "--learning_rate=1e-3", "--warmup_iters=0", f"--out_dir={out}", *more)
+    assert_resume_reproduces(run, tmp_path, 4, 2)
+
+
 def test_two_process_ddp_rounds_prompts_up_and_stops_on_a_ctrl_c_of_either_process(start):
     """3 prompts a step on 2 processes become 4, with a note (as train.py rounds its accumulation steps). A Ctrl-C to
     process 1 amid step 2 (its 4 evaluation prompts, then 8 rollouts a step): both processes end the step, process 0
