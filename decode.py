@@ -37,7 +37,8 @@ def sampling_probs(logits, temperature, top_k=0, top_p=1.0):
     if top_p < 1.0:  # keep the smallest set of tokens whose probabilities add up to top_p (Holtzman et al. 2019)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs > top_p  # mass before this token already reaches top_p
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already reaches top_p
+        outside[..., 0] = False  # the most likely token stays, also at top_p = 0
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
     return logits.softmax(dim=-1)
 
@@ -141,19 +142,18 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     assert 0 < min(lengths) and max(lengths) < L, "prompts must hold 1 to block_size - 1 tokens"
     assert model.mtp or not speculative, "speculative decoding drafts with the MTP modules: mtp_depth must be >= 1"
     history = torch.tensor([[0] * (max(lengths) - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
-    pad = history.size(1) - torch.tensor(lengths, device=device)
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
     # a cache as long as the prompts and their continuations need (attention reads all of it at every step),
     # with one slot for a draft; block_size when they do not fit in it
     cache = model.new_cache(B, min(L, history.size(1) + max_new_tokens + 1), dtype, mtp=speculative)
-    cache["pad"].copy_(pad)
+    cache["pad"].copy_(history.size(1) - torch.tensor(lengths, device=device))
     draws = 3 if speculative else 1  # Exp(1) noise per row and step: the draft, its replacement, the next token
     state = State(temperature, top_k, top_p, token=history.new_zeros(B), pos=history.new_zeros(1),  # long
                   done=history.new_zeros(B, dtype=torch.bool), uniform=torch.zeros(B, device=device),
                   eos=torch.tensor(-1 if eos_id is None else eos_id, device=device),
                   noise=torch.ones(B, draws, V, device=device) if temperature else None,
                   draft=torch.zeros(B, V, device=device) if speculative else None)
-    run = Run(model, cache, state, pad, generator, eos_id, dtype)
+    run = Run(model, cache, state, generator, eos_id, dtype)
     # a CUDA graph cannot hold a host sync: MoE layers without the grouped GEMM read their row counts on the host
     graph = compiler == "inductor" and device.type == "cuda" and all(
         grouped_mm_supported(model.wte.weight, m.gate_up) for m in model.modules() if isinstance(m, Experts))
@@ -170,7 +170,6 @@ class Run:
     model: torch.nn.Module
     cache: dict
     state: State
-    pad: torch.Tensor      # (B,) each row's left padding in the context since the last restart
     generator: torch.Generator
     eos_id: int
     dtype: torch.dtype     # the cache's (None: the parameters')
@@ -203,9 +202,8 @@ class Run:
         history = torch.cat([history, torch.stack(new, dim=1)], dim=1)
         shift = history.size(1) - self.cache["max_len"] // 2
         fresh = self.model.new_cache(len(history), self.cache["max_len"], self.dtype, "mtp" in self.cache)
+        fresh["pad"].copy_((self.cache["pad"] - shift).clamp(min=0))  # from the padding left after the last restart
         torch._foreach_copy_(cache_tensors(self.cache), cache_tensors(fresh))
-        self.pad = (self.pad - shift).clamp(min=0)  # from the padding left after the last restart
-        self.cache["pad"].copy_(self.pad)
         return history[:, shift:], [self.prefill(history[:, shift:])]
 
 
@@ -285,13 +283,11 @@ def cache_tensors(cache):
 # compilation
 
 def compiled(fn, compiler, graph):
-    """fn (no arguments, fixed shapes, tensors read and written in place) made fast: compiler='inductor' compiles it,
-    tuning tile sizes by coordinate descent (as gpt-fast: at batch 1 a decode step is many small matrix-vector
-    products), and with graph=True (CUDA, no host sync in fn) replays it as one CUDA graph; another string names a
-    torch.compile backend; None leaves fn as it is."""
+    """fn (no arguments, fixed shapes, tensors read and written in place) compiled with the torch.compile backend named
+    compiler (None: fn as it is), 'inductor' tuning tile sizes by coordinate descent (as gpt-fast: at batch 1 a decode
+    step is many small matrix-vector products); graph=True (CUDA, no host sync in fn) replays it as one CUDA graph."""
     if not compiler:
         return fn
-    if compiler != "inductor":
-        return torch.compile(fn, fullgraph=True, dynamic=False, backend=compiler)
-    fn = torch.compile(fn, fullgraph=True, dynamic=False, options={"coordinate_descent_tuning": True})
+    options = {"coordinate_descent_tuning": True} if compiler == "inductor" else None
+    fn = torch.compile(fn, fullgraph=True, dynamic=False, backend=compiler, options=options)
     return cuda_graph(fn) if graph else fn

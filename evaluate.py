@@ -12,12 +12,15 @@ import torch
 from configurator import all_reduce_sum, read_text
 
 
-def batch_of(rows, T):
-    """(x, y) of token rows of at most T + 1 ids: inputs and next-token targets, -1 (no target) after a row's end."""
-    x = torch.zeros(len(rows), T, dtype=torch.long)
+def batch_of(rows, T, scored=None, pad_id=0):
+    """(x, y) of token rows of at most T + 1 ids: inputs, pad_id after a row's end, and next-token targets, -1 (no
+    target) after a row's end and, given scored (a count per row), before each row's last scored[r] tokens."""
+    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
     y = torch.full_like(x, -1)
     for r, row in enumerate(rows):
         x[r, :len(row) - 1], y[r, :len(row) - 1] = torch.as_tensor(row[:-1]), torch.as_tensor(row[1:])
+        if scored is not None:
+            y[r, :len(row) - 1 - scored[r]] = -1
     return x, y
 
 
@@ -72,9 +75,7 @@ def task_accuracy(model, tasks, tokenizer, eos_id, amp=nullcontext(), rank=0, wo
         context = [eos_id] + tokenizer.encode(task["context"])
         choices = [tokenizer.encode(choice) for choice in task["choices"]]
         rows = [(context + choice)[-(T + 1):] for choice in choices]  # the last T + 1 tokens
-        x, y = (t.to(device) for t in batch_of(rows, T))
-        for r, (row, choice) in enumerate(zip(rows, choices)):  # targets only on each choice's own tokens
-            y[r, :len(row) - 1 - len(choice)] = -1
+        x, y = (t.to(device) for t in batch_of(rows, T, scored=[len(choice) for choice in choices]))
         with amp:
             logits = model(x, y)[0].float()
         total = (logits.log_softmax(dim=-1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) * (y >= 0)).sum(dim=1)

@@ -84,6 +84,14 @@ def test_bf16_parameters_decode_every_architecture(tiny_model, variant):
     assert (after - before).abs().max() < 0.05 * before.abs().max() and tokens.shape == (3, 6)
 
 
+def test_top_p_keeps_the_smallest_set_that_reaches_it():
+    """Holtzman et al. 2019's nucleus: the fewest most likely tokens whose mass reaches top_p, ties included (two
+    tokens of 0.25 reach 0.5: the third is out), and at least the most likely one."""
+    uniform = torch.zeros(1, 4)
+    assert sorted(sampling_probs(uniform, 1.0, top_p=0.5)[0].tolist()) == [0.0, 0.0, 0.5, 0.5]  # which two: a tie
+    assert sampling_probs(torch.tensor([[1.0, 3.0, 2.0]]), 1.0, top_p=0.0).tolist() == [[0.0, 1.0, 0.0]]
+
+
 def test_sampling_draws_the_filtered_distribution():
     """The exponential race draws each token with its probability under temperature, top-k and top-p."""
     logits = torch.tensor([[1.0, 3.0, 2.0, 0.5, -1.0]]).expand(40000, 5)
