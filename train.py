@@ -507,6 +507,13 @@ if checkpoint and not eval_only:
     if (checkpoint["config"]["optimizer"] == "adamw") != (optimizer == "adamw"):
         fail(f"checkpoint {checkpoint_path} holds the state of optimizer='{checkpoint['config']['optimizer']}', "
              f"which optimizer='{optimizer}' cannot continue")
+    for key in ("weight_decay", "beta1", "beta2", "muon_lr", "muon_momentum", "muon_lr_scale", "embed_lr", "head_lr",
+                "muon_schedule", "normuon_beta2", "cautious_wd"):  # kept in the state's param groups, which win
+        before = checkpoint["config"].get(key, defaults[key])
+        if key in given and config[key] != before:
+            fail(f"checkpoint {checkpoint_path} was trained with {key}={before!r}, but the config says "
+                 f"{key}={config[key]!r}, which the optimizer's state would override: resume with the checkpoint's "
+                 "value, or start a new run in another --out_dir")
     load_state(optim, checkpoint["optimizer"])  # any world size's, with or without FSDP
     scaler.load_state_dict(checkpoint["scaler"])
     restore_rng(checkpoint["rng"], rank, world_size, device_type)

@@ -109,6 +109,19 @@ def test_exact_bits_per_byte_reads_a_val_shard_too_short_for_a_window(trained, t
     assert f"exact val bits per byte: {expected:.4f}" in result.stdout, result.stdout
 
 
+def test_a_resume_refuses_optimizer_settings_its_state_would_override(trained, tiny_data, tmp_path, monkeypatch):
+    """The optimizer's state holds its settings (weight decay, betas, Muon's): a resume that asks for others stops in
+    one line instead of dropping them, and the folder is as it was."""
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    before = {path.name: path.read_bytes() for path in run.iterdir() if path.name != ".lock"}
+    with pytest.raises(SystemExit, match="^error: .* trained with weight_decay=0.1, but the config says "
+                                         "weight_decay=0.0, which the optimizer's state would override"):
+        run_train(monkeypatch, f"--data_dir={tiny_data}", f"--out_dir={run}", *TINY, "--init_from=resume",
+                  "--max_iters=41", "--weight_decay=0.0")
+    assert {path.name: path.read_bytes() for path in run.iterdir() if path.name != ".lock"} == before
+
+
 def test_eval_file_bits_per_byte(trained, tiny_data, tmp_path):
     out, _ = trained
     text = tmp_path / "held_out.txt"
