@@ -96,6 +96,16 @@ def _run_config_file(path):
         fail(f"config file {path}, line {line}: {one_line(e)}")
 
 
+def refuse_changed(keys, given, config, saved, path):
+    """Stop in one line at a setting of `keys` that a config file or the command line gives and that differs from the
+    one the checkpoint at `path` trained with (`saved`: its config): the optimizer's state keeps its own, which win."""
+    for key in keys:
+        if key in given and key in saved and config[key] != saved[key]:
+            fail(f"checkpoint {path} was trained with {key}={saved[key]!r}, but the config says {key}={config[key]!r}, "
+                 "which the optimizer's state would override: resume with the checkpoint's value, or start a new run "
+                 "in another --out_dir")
+
+
 def check_settings(config, positive=(), non_negative=(), fractions=(), choices=None):
     """Stop with one line at the first setting that breaks its rule below, or that choices[key] does not list."""
     rules = (((*positive, *non_negative, *fractions), "must be a finite number",

@@ -34,7 +34,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import (all_reduce_sum, atomic_write, autocast, average_table_grads, check_fsdp, check_settings,
                           checkpoint_blocks, claim_out_dir, copy_tokenizer, end_processes, fail, finite_weights,
                           gathered, init_processes, parse_config, pick_device, pick_dtype, print0, read_log,
-                          restore_rng, rng_states, save_checkpoint, save_plot, shard_model, trim_log)
+                          refuse_changed, restore_rng, rng_states, save_checkpoint, save_plot, shard_model,
+                          trim_log)
 from hf import load_model
 from model import Block
 from optim import clip_grad_norm_, configure_optimizers, full_state, load_state
@@ -97,7 +98,7 @@ activation_checkpointing = False  # each block's activations recomputed in the b
 # -----------------------------------------------------------------------------
 defaults = {k: v for k, v in globals().items() if not k.startswith("_") and not k.isupper()
             and isinstance(v, (int, float, bool, str))}
-config = parse_config(defaults, sys.argv[1:])
+config, given = parse_config(defaults, sys.argv[1:], with_given=True)
 globals().update(config)
 EVAL_SEED = 0  # the held-out prompts of every evaluation, whatever the run's seed
 # every setting in its range before anything is loaded or written (0 stays valid where it means none or all)
@@ -302,6 +303,7 @@ except ValueError as e:
     fail(str(e))
 iter_num = 0
 if resume:
+    refuse_changed(("weight_decay", "beta1", "beta2"), given, config, checkpoint["config"], checkpoint_path)
     try:
         load_state(optim, checkpoint["optimizer"])  # any world size's, with or without FSDP
     except (ValueError, KeyError, IndexError) as e:

@@ -38,8 +38,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import (COMMAND_LINE, all_reduce_sum, autocast, average_table_grads, check_fsdp, check_settings,
                           checkpoint_blocks, claim_out_dir, copy_tokenizer, end_processes, fail, finite_weights,
                           gathered, init_processes, nominal_peak_flops, parse_config, pick_device, pick_dtype, print0,
-                          read_log, read_text, restore_rng, rng_states, save_checkpoint, save_plot, shard_model,
-                          trim_log, write_manifest)
+                          read_log, read_text, refuse_changed, restore_rng, rng_states, save_checkpoint, save_plot,
+                          shard_model, trim_log, write_manifest)
 from evaluate import exact_bits_per_byte, read_tasks, task_accuracy
 from hf import TRAINING_ONLY, load_model
 from model import PATTERN_LETTERS, GPT, Block, GPTConfig, SlidingSpan, config_fields, update_router_biases
@@ -507,13 +507,9 @@ if checkpoint and not eval_only:
     if (checkpoint["config"]["optimizer"] == "adamw") != (optimizer == "adamw"):
         fail(f"checkpoint {checkpoint_path} holds the state of optimizer='{checkpoint['config']['optimizer']}', "
              f"which optimizer='{optimizer}' cannot continue")
-    for key in ("weight_decay", "beta1", "beta2", "muon_lr", "muon_momentum", "muon_lr_scale", "embed_lr", "head_lr",
-                "muon_schedule", "normuon_beta2", "cautious_wd"):  # kept in the state's param groups, which win
-        before = checkpoint["config"].get(key, defaults[key])
-        if key in given and config[key] != before:
-            fail(f"checkpoint {checkpoint_path} was trained with {key}={before!r}, but the config says "
-                 f"{key}={config[key]!r}, which the optimizer's state would override: resume with the checkpoint's "
-                 "value, or start a new run in another --out_dir")
+    refuse_changed(("weight_decay", "beta1", "beta2", "muon_lr", "muon_momentum", "muon_lr_scale", "embed_lr",
+                    "head_lr", "muon_schedule", "normuon_beta2", "cautious_wd"), given, config, checkpoint["config"],
+                   checkpoint_path)
     load_state(optim, checkpoint["optimizer"])  # any world size's, with or without FSDP
     scaler.load_state_dict(checkpoint["scaler"])
     restore_rng(checkpoint["rng"], rank, world_size, device_type)

@@ -363,10 +363,17 @@ def test_sft_with_dropout_resumes_exactly(start, tmp_path):
     data.write_text("".join(json.dumps({"prompt": f"{i} + {i} = ?\n", "response": f"#### {2 * i}"}) + "\n"
                             for i in range(16)))
 
-    def run(out, *more):
+    def run(out, *more, **kwargs):
         return grpo(f"--init_from={base}", "--mode=sft", f"--sft_data={data}", "--batch_size=4", "--n_eval=0",
-                    "--eval_interval=2", "--learning_rate=1e-3", "--warmup_iters=0", f"--out_dir={out}", *more)
-    assert_resume_reproduces(run, tmp_path, 4, 2)
+                    "--eval_interval=2", "--learning_rate=1e-3", "--warmup_iters=0", f"--out_dir={out}", *more,
+                    **kwargs)
+    whole, _ = assert_resume_reproduces(run, tmp_path, 4, 2)
+    # the optimizer's state holds its weight decay: a resume that asks for another stops in one line
+    result = run(whole, "--init_from=resume", "--max_iters=5", "--weight_decay=0.1", check=False)
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        f"error: checkpoint {whole / 'ckpt.pt'} was trained with weight_decay=0.0, but the config says weight_decay=0.1, "
+        "which the optimizer's state would override: resume with the checkpoint's value, or start a new run in another "
+        "--out_dir"]
 
 
 def test_two_process_ddp_rounds_prompts_up_and_stops_on_a_ctrl_c_of_either_process(start):
