@@ -249,9 +249,10 @@ if mode == "sft":
                 fail(f"{sft_data} line {number} is not UTF-8 text: save the file as UTF-8")
             except (ValueError, KeyError, TypeError):
                 fail(f"{sft_data} line {number} is not a JSON object with 'prompt' and 'response' strings")
-            if sum(map(len, pairs[-1])) - 1 > policy.config.block_size:  # a row of layout()'s
-                fail(f"{sft_data} line {number}: prompt and response hold {sum(map(len, pairs[-1]))} tokens, more than "
-                     f"the model's block_size={policy.config.block_size} + 1")
+            tokens = sum(map(len, pairs[-1]))  # a row of layout()'s, of at most block_size + 1
+            if tokens - 1 > policy.config.block_size:
+                fail(f"{sft_data} line {number}: prompt and response hold {tokens} tokens, more than the model's "
+                     f"block_size={policy.config.block_size} + 1")
     if not pairs:
         fail(f"{sft_data} holds no prompt/response pair")
 
