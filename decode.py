@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import cuda_graph, grouped_mm_supported
+from kernel import cuda_graph, grouped_mm_supported
 from model import Experts
 
 

@@ -1,6 +1,6 @@
 """
 nanollm model: a modern decoder-only transformer in one file, bottom-up as in nanoGPT. Every variant is a `GPTConfig`
-flag and one small class found by searching it, written plainly (fast paths in kernels.py): skip a flag, skip its code.
+flag and one small class found by searching it, written plainly (fast paths in kernel.py): skip a flag, skip its code.
 
 Dense baseline (Llama-style): pre-norm RMSNorm (Zhang & Sennrich 2019); RoPE (arXiv 2104.09864) with Llama 3.1 or
 YaRN scaling (arXiv 2309.00071); GQA (`n_kv_head`; arXiv 2305.13245), QK-norm (arXiv 2302.05442), Qwen2's q/k/v
@@ -31,9 +31,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import (cross_entropy, eager, flex, gated_delta_rule_chunked, grouped_attention, grouped_mm,
-                     grouped_mm_supported, linear_attention_chunked, max_attention_logits, moba_attention, permute,
-                     static_block_mask)
+from kernel import (cross_entropy, eager, flex, gated_delta_rule_chunked, grouped_attention, grouped_mm,
+                    grouped_mm_supported, linear_attention_chunked, max_attention_logits, moba_attention, permute,
+                    static_block_mask)
 
 
 @dataclass
@@ -313,7 +313,7 @@ class MaskedSpan(FullSpan):
 
     def __init__(self, config):
         super().__init__(config)
-        import torch.nn.attention.flex_attention  # noqa: F401 (see kernels.py)
+        import torch.nn.attention.flex_attention  # noqa: F401 (see kernel.py)
 
     @staticmethod
     def check(c):
@@ -402,7 +402,7 @@ class MoBASpan(FullSpan):
 
     def __init__(self, config):
         super().__init__(config)
-        import torch.nn.attention.flex_attention  # noqa: F401 (see kernels.py)
+        import torch.nn.attention.flex_attention  # noqa: F401 (see kernel.py)
         self.block, self.topk = config.moba_block, config.moba_topk
 
     @staticmethod
@@ -439,7 +439,7 @@ class MoBASpan(FullSpan):
         if mask is not None:  # decoding: positions count from each row's first token
             k_pos = torch.arange(k.size(2), device=q.device)[None, :] - ctx.pad[:, None]
             mask = mask & self.mask(q, k, ctx.cache_pos[None, :] - ctx.pad[:, None], k_pos)
-        elif q.is_cuda if self.use_flex is None else self.use_flex:  # training, block by block (kernels.py)
+        elif q.is_cuda if self.use_flex is None else self.use_flex:  # training, block by block (kernel.py)
             pos = torch.arange(q.size(2), device=q.device)[None]
             return moba_attention(q, k, v, *self.past_blocks(q, k, pos, pos), self.block, scale)
         return super().attend(q, k, v, ctx, self.logit_mask(q, k) if mask is None else mask, scale, dropout)
@@ -678,7 +678,7 @@ class MLA(nn.Module):
 
 def linear_attention_recurrent(q, k, v, state):
     """Causal linear attention o_t = q_t S_t, S_t = S_{t-1} + k_t v_t^T, token by token (decoding; the reference of
-    kernels.linear_attention_chunked): q, k (B, H, T, d_k), v (B, H, T, d_v), state (B, H, d_k, d_v) -> o, state."""
+    kernel.linear_attention_chunked): q, k (B, H, T, d_k), v (B, H, T, d_v), state (B, H, d_k, d_v) -> o, state."""
     outputs = []
     for t in range(q.size(2)):
         state = state + k[:, :, t, :, None] * v[:, :, t, None, :]
@@ -688,7 +688,7 @@ def linear_attention_recurrent(q, k, v, state):
 
 def gated_delta_rule_recurrent(q, k, v, beta, g, state):
     """The gated delta rule (Gated DeltaNet, arXiv 2412.06464 §3), token by token: decoding's form and the reference
-    of kernels.gated_delta_rule_chunked: S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T, o_t = S_t^T q_t,
+    of kernel.gated_delta_rule_chunked: S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T, o_t = S_t^T q_t,
     a_t = exp(g_t). Shapes as linear_attention_recurrent's, beta and g (B, H, T); fp32."""
     outputs = []
     for t in range(q.size(2)):

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from kernels import cuda_graph
+from kernel import cuda_graph
 
 try:
     from torch.distributed.tensor import DTensor  # FSDP2's sharded tensors

@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import kernel
 from conftest import ROOT, run_stage
 from decode import generate
-from kernels import (gated_delta_rule_chunked, grouped_attention, linear_attention_chunked, max_attention_logits,
-                     pair_block_mask)
+from kernel import (gated_delta_rule_chunked, grouped_attention, linear_attention_chunked, max_attention_logits,
+                    pair_block_mask)
 from model import (GPT, Context, GPTConfig, MoBASpan, SlidingSpan, BlockSparseSpan, GatedDeltaNet, LinearAttention,
                    gated_delta_rule_recurrent, linear_attention_recurrent)
 from optim import QKClip, configure_optimizers
@@ -150,7 +150,7 @@ def dense_flex(q, k, v, block_mask, scale, return_lse=False):
 def test_moba_by_block_equals_the_masked_softmax_in_value_and_gradient(monkeypatch, T, block, topk):
     """The FlexAttention path: own block, then the chosen blocks apart, merged by log-sum-exp (FlexAttention's
     kernel replaced by a dense stand-in, to have gradients on the CPU); its tiles cover every pair's block."""
-    monkeypatch.setattr(kernels, "flex", dense_flex)
+    monkeypatch.setattr(kernel, "flex", dense_flex)
     span = MoBASpan(GPTConfig(block_size=1024, n_head=4, n_kv_head=2, n_embd=64, moba_block=block, moba_topk=topk))
     inputs = torch.randn(2, 4, T, 16), torch.randn(2, 2, T, 16), torch.randn(2, 2, T, 16)
     results = []

@@ -247,7 +247,7 @@ def serve(path, python):
     import tiktoken
     import torch._dynamo  # noqa: F401  (what an optimizer imports when the first one is made)
     import torch.distributed.run  # noqa: F401
-    import configurator, decode, evaluate, hf, kernels, model, optim, rl, tokenizer  # noqa: E401, F401
+    import configurator, decode, evaluate, hf, kernel, model, optim, rl, tokenizer  # noqa: E401, F401
     figure = matplotlib.pyplot.figure()  # the font cache, which the first figure loads
     figure.savefig(io.BytesIO(), format="png")
     matplotlib.pyplot.close(figure)
@@ -461,3 +461,12 @@ def test_every_documented_command_runs(clone):
             failures.append(f"{where}: {text}\nexit {result.returncode}\n{result.stdout[-1500:]}\n"
                             f"{result.stderr[-3000:]}")
     assert not failures, "\n\n".join(failures)
+
+
+def test_no_module_shadows_an_installed_package():
+    """A stage runs with the repository first on sys.path, so a module of ours named as a package that pip installed
+    hides it from every library that imports it (transformers >= 5.25 imports Hugging Face's `kernels`)."""
+    from importlib.metadata import packages_distributions
+    ours = {os.path.basename(path)[:-3] for path in glob.glob(os.path.join(ROOT, "*.py"))}
+    installed = packages_distributions()
+    assert not {name: installed[name] for name in ours & set(installed)}

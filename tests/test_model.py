@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from conftest import ATTENTION, FAMILY_VARIANTS, VARIANTS
 from decode import generate, sample_next
-from kernels import cross_entropy
+from kernel import cross_entropy
 from model import Context, Engram, Experts, GPTConfig, HyperConnections, apply_rope, rope_tables
 from optim import configure_optimizers
 

@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import optim
 from conftest import FAMILY_VARIANTS, TINY_CONFIG, assert_resume_reproduces, read_log, run_train
-from kernels import max_attention_logits
+from kernel import max_attention_logits
 from model import GPT, GPTConfig
 from optim import QKClip, configure_optimizers, orthogonalize
 
