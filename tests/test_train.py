@@ -278,16 +278,18 @@ def one_line_error(result, *words):
         assert word in lines[0], (word, lines[0])
 
 
-def test_bad_inputs_give_one_line_errors(trained, tiny_data, tmp_path):
-    """End to end through train.py; the other bad inputs are checked in-process in test_configurator.py."""
-    out, _ = trained
+def test_bad_inputs_give_one_line_errors(tiny_data, run_copy, tmp_path, monkeypatch):
+    """One end to end through a train.py process (the line on stderr, exit 1), the others in this process; more bad
+    inputs are checked in-process in test_configurator.py and below."""
     one_line_error(train(tiny_data, tmp_path, "--no_such_key=3", check=False), "no_such_key")
-    one_line_error(train(tmp_path / "missing", tmp_path, check=False), "prepare.py")
-    one_line_error(train(tiny_data, tmp_path, "--n_head=5", check=False), "n_embd must be a multiple of n_head")
-    one_line_error(train(tiny_data, out, "--init_from=resume", "--n_layer=3", check=False), "n_layer")
-    diverged = train(tiny_data, tmp_path / "nan", "--learning_rate=1e30", "--warmup_iters=0", "--max_iters=20",
-                     "--grad_clip=0", "--eval_interval=100", check=False)
-    one_line_error(diverged, "at step")
+    assert "prepare.py" in stops(monkeypatch, f"--data_dir={tmp_path / 'missing'}", f"--out_dir={tmp_path}")
+    message = stops(monkeypatch, f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", "--n_head=5")
+    assert "n_embd must be a multiple of n_head" in message
+    message = stops(monkeypatch, f"--data_dir={tiny_data}", f"--out_dir={run_copy}", "--init_from=resume", "--n_layer=3")
+    assert "n_layer" in message
+    message = stops(monkeypatch, f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'nan'}", "--learning_rate=1e30",
+                    "--warmup_iters=0", "--max_iters=20", "--grad_clip=0", "--eval_interval=100")
+    assert "at step" in message
 
 
 # -----------------------------------------------------------------------------
