@@ -27,7 +27,8 @@ from dataclasses import asdict, replace
 
 import torch
 
-from configurator import autocast, fail, nominal_peak_flops, parse_config, pick_device, pick_dtype, print0
+from configurator import (autocast, check_settings, fail, nominal_peak_flops, parse_config, pick_device, pick_dtype,
+                          print0)
 from decode import generate
 from model import GPT, GPTConfig, config_fields
 from optim import QKClip, clip_grad_norm_, configure_optimizers
@@ -67,6 +68,9 @@ profile = False               # after timing ours, profile a few more training s
 defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 defaults.update(config_fields())
 config = parse_config(defaults, sys.argv[1:], other_stage_keys_in_files=True)
+check_settings(config, non_negative=("warmup", "decode_context", "peak_flops", "flops_tokens"),
+               positive=("batch_size", "gradient_accumulation_steps", "steps", "repeats", "decode_batch", "prompt_len",
+                         "decode_tokens"))
 globals().update(config)
 # -----------------------------------------------------------------------------
 # model shape, accounting (--flops), device, precision, reference
@@ -76,6 +80,10 @@ try:
 except ValueError as e:
     fail(f"model config: {e}")
 T = model_config.block_size
+if decode and decode_context and decode_context + decode_tokens > T:  # before anything is timed
+    fail(f"decode_context + decode_tokens must fit in block_size ({T})")
+if decode and not decode_context and prompt_len >= T:
+    fail(f"prompt_len={prompt_len} must be below block_size ({T}): decoding continues a prompt within the context")
 
 if flops:  # on the meta device: shapes without weights, so that even a large config takes no memory and no time
     with torch.device("meta"):
@@ -195,8 +203,8 @@ def timed(fn, n):
     t0 = time.perf_counter()
     for _ in range(n):
         fn()
-    if torch.accelerator.is_available():  # MPS runs asynchronously too
-        torch.accelerator.synchronize()
+    if device_type == "mps":  # MPS runs asynchronously too
+        torch.mps.synchronize()
     return time.perf_counter() - t0
 
 
@@ -324,8 +332,6 @@ def decode_at_context(model):
     A block_size cache holding decode_context random tokens (prefilled in chunks, untimed), its size in GiB, and a
     function that decodes the next decode_tokens tokens through it, one step each (the same slots at every call).
     """
-    if decode_context + decode_tokens > T:
-        fail(f"decode_context + decode_tokens must fit in block_size ({T})")
     cache = model.new_cache(decode_batch, T, getattr(torch, dtype))
     tokens = torch.randint(model_config.vocab_size, (decode_batch, decode_context + decode_tokens), device=device)
     with amp, torch.no_grad():  # no graph: the cache would otherwise chain every chunk's activations together

@@ -15,6 +15,7 @@ One run owns its out_dir: a fresh run into a folder that holds a run stops, unle
 or --overwrite=True replaces it. Every setting and the whole dataset are checked before out_dir changes; Ctrl-C
 saves a checkpoint at the end of the step, from which --init_from=resume continues exactly.
 """
+import filecmp
 import hashlib
 import json
 import math
@@ -340,7 +341,7 @@ if not eval_only:
 checkpoint = None
 try:
     if init_from == "resume" or eval_only:
-        model, _, checkpoint = load_model(checkpoint_path)
+        model, trained_tokenizer, checkpoint = load_model(checkpoint_path)
     elif init_from.startswith("hf:"):  # the folder's model, with this run's block_size and training-only settings
         model = load_model(init_from, block_size, **{key: config[key] for key in TRAINING_ONLY})[0].train()
     else:
@@ -361,9 +362,20 @@ if init_from.startswith("hf:") and not checkpoint:
                  "from hf: keeps the folder's settings (all but block_size and the training-only ones); leave it out")
     if model.config.vocab_size < meta["vocab_size"]:
         fail(f"{init_from[3:]} has {model.config.vocab_size} tokens, fewer than the dataset's {meta['vocab_size']}")
+
+
+def same_tokenizer(a, b):
+    """Whether Tokenizer.load paths a and b are one tokenizer: both 'gpt2', or files of the same bytes."""
+    return a == b if "gpt2" in (a, b) else os.path.isfile(a) and filecmp.cmp(a, b, shallow=False)
+
+
+if eval_only and not same_tokenizer(trained_tokenizer, tokenizer_path):  # else the scores would mean nothing
+    fail(f"{checkpoint_path} was trained with another tokenizer ({trained_tokenizer}) than the dataset in {data_dir} "
+         f"has ({tokenizer_path}): evaluate it on a dataset prepared with its tokenizer (--data_dir)")
 if checkpoint and not eval_only:
     # the run continues its own checkpoint, on its own dataset, with its model (from scratch or from hf:): a model
-    # setting that a config file or the command line gives must agree with it. Evaluating takes any checkpoint.
+    # setting that a config file or the command line gives must agree with it. Evaluating takes any checkpoint of the
+    # dataset's tokenizer.
     if "mode" in checkpoint["config"]:
         fail(f"{checkpoint_path} was written by grpo.py, whose runs train.py does not continue: resume it with "
              "grpo.py --init_from=resume, or train in another --out_dir")
@@ -572,6 +584,7 @@ def doubling(step, warmup, smallest, largest):
 @gathered(raw_model)  # FSDP: the processes run different numbers of batches
 def estimate_loss():
     """Mean loss over eval_iters random batches per split; the same batches at every evaluation."""
+    full_windows()
     model.eval()
     out = {}
     for split, shards in splits.items():
@@ -584,6 +597,13 @@ def estimate_loss():
         out[split] = all_reduce_sum(total, device=device)[0] / eval_iters
     model.train()
     return out
+
+
+def full_windows():
+    """Evaluations see the model's own window, as a resumed run's and --eval_only's do: not window_warmup's, which
+    each training step sets again."""
+    for span in sliding:
+        span.window = raw_model.config.window
 
 
 def bits_per_byte(streams, n_bytes):
@@ -733,6 +753,7 @@ def exact_val_bpb():
     """The exact val bits per byte over the whole val split, off the step clock; the same on every process. A plain
     float (not numpy's): the checkpoint keeps the best one."""
     pause_clock()
+    full_windows()
     raw_model.eval()
     bpb = float(bits_per_byte(val_streams, meta["splits"]["val"]["bytes"]))
     model.train()

@@ -1,6 +1,7 @@
 """bench.py end to end on the CPU with a tiny model, as a subprocess (it is a script)."""
 import json
 import os
+import runpy
 import subprocess
 import sys
 
@@ -46,6 +47,17 @@ def test_unknown_command_line_key_fails_in_one_line():
     run = bench("--learning_rate=1e-3")  # a train.py key: fine in a file, an error on bench's command line
     assert run.returncode == 1
     assert run.stderr.strip() == "error: unknown config key 'learning_rate' (from the command line)"
+
+
+@pytest.mark.parametrize("bad, words", [("--steps=0", "steps=0 must be positive"),
+                                        ("--block_size=16", "prompt_len=16 must be below block_size (16)"),
+                                        ("--decode_context=30", "decode_context + decode_tokens must fit in block_size")])
+def test_bad_settings_stop_before_anything_is_timed(monkeypatch, bad, words):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["bench.py", *TINY, bad])  # in this process: it stops before its first step
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path("bench.py")
+    assert str(e.value.code).startswith("error: ") and words in str(e.value.code)
 
 
 def test_hf_llama_reference(tmp_path):

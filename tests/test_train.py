@@ -236,14 +236,16 @@ def test_seq_warmup_cuts_the_windows_into_doubling_lengths_on_the_same_tokens(ti
 
 def test_window_warmup_narrows_the_sliding_windows_first(tiny_data, tmp_path, monkeypatch):
     import model
-    windows = []  # each training forward's windows, layer by layer
+    windows, evaluated = [], []  # each training forward's windows, layer by layer, and each evaluation's
     forward = model.GPT.forward
     monkeypatch.setattr(model.GPT, "forward", lambda self, idx, targets=None, *a, **k: (
-        windows.append([b.attn.span.window for b in self.blocks]) if self.training else None,
+        (windows if self.training else evaluated).append([b.attn.span.window for b in self.blocks]),
         forward(self, idx, targets, *a, **k))[1])
     train_py = run_train(monkeypatch, f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", *TINY[1:], "--max_iters=8",
-                         "--attn_span=sliding", "--window=32", "--window_warmup=0.5", "--window_warmup_min=8")
+                         "--attn_span=sliding", "--window=32", "--window_warmup=0.5", "--window_warmup_min=8",
+                         "--eval_interval=2")
     assert windows == [[8, 8]] * 2 + [[16, 16]] * 2 + [[32, 32]] * 4
+    assert evaluated and all(w == [32, 32] for w in evaluated)  # the model's own window, as a resume evaluates
     # a narrowed span computes what a model built with that window does
     trained = train_py["raw_model"].eval()
     narrow = GPT(dataclasses.replace(trained.config, window=8))
@@ -517,6 +519,11 @@ def test_other_kinds_of_misuse_stop_in_one_line(tiny_data, run_copy, tmp_path, m
                         ('{"context": "a", "choices": ["b"', "line 2 is not JSON")]:
         tasks.write_text('{"context": "a", "choices": ["b", "c"], "answer": 0}\n' + line + "\n")
         assert f"{tasks} {words}" in stops(monkeypatch, *evaluate, f"--eval_tasks={tasks}")
+    # a dataset of another tokenizer: its ids are not the ones the model learned
+    other = shutil.copytree(tiny_data, tmp_path / "retokenized")
+    with open(other / "tokenizer.model", "ab") as f:
+        f.write(b"\0")
+    assert "was trained with another tokenizer" in stops(monkeypatch, f"--data_dir={other}", *evaluate[1:])
 
 
 @pytest.mark.parametrize("in_file, on_command_line, steps", [
