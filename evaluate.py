@@ -24,6 +24,13 @@ def batch_of(rows, T, scored=None, pad_id=0):
     return x, y
 
 
+def token_logprobs(model, idx, targets, temperature=1.0):
+    """log pi(target) (B, T) at each position with a target, 0 elsewhere: an fp32 log-softmax of logits / temperature,
+    the distribution the completions were sampled from."""
+    logits = model(idx, targets)[0].float() / temperature  # (B, T, V): with targets, every position's logits
+    return logits.log_softmax(dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets >= 0)
+
+
 @torch.no_grad()
 def exact_bits_per_byte(model, streams, n_bytes, eos_id, batch_size, amp=nullcontext(), rank=0, world_size=1):
     """Total nats over every token of the streams (each starting after an end-of-document token, so that its first
@@ -77,8 +84,7 @@ def task_accuracy(model, tasks, tokenizer, eos_id, amp=nullcontext(), rank=0, wo
         rows = [(context + choice)[-(T + 1):] for choice in choices]  # the last T + 1 tokens
         x, y = (t.to(device) for t in batch_of(rows, T, scored=[len(choice) for choice in choices]))
         with amp:
-            logits = model(x, y)[0].float()
-        total = (logits.log_softmax(dim=-1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) * (y >= 0)).sum(dim=1)
+            total = token_logprobs(model, x, y).sum(dim=1)
         per_byte = total / torch.tensor([max(1, len(c.encode("utf-8"))) for c in task["choices"]], device=device)
         correct[0] += int(total.argmax().item() == task["answer"])
         correct[1] += int(per_byte.argmax().item() == task["answer"])

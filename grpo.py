@@ -36,11 +36,12 @@ from configurator import (all_reduce_sum, atomic_write, autocast, average_table_
                           gathered, init_processes, parse_config, pick_device, pick_dtype, print0, read_log,
                           refuse_changed, restore_rng, rng_states, save_checkpoint, save_plot, shard_model,
                           trim_log)
+from evaluate import token_logprobs
 from hf import load_model
 from model import Block
 from optim import clip_grad_norm_, configure_optimizers, full_state, load_state
 from rl import (ANSWER_MARKER, TASKS, extract_answer, group_advantages, has_format, layout, load_reward, policy_loss,
-                problems, sample_completions, token_logprobs)
+                problems, sample_completions)
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------

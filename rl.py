@@ -115,13 +115,6 @@ def layout(prompts, completions, pad_id):
     return batch_of(rows, max(len(row) for row in rows) - 1, scored=[len(c) for c in completions], pad_id=pad_id)
 
 
-def token_logprobs(model, idx, targets, temperature=1.0):
-    """log pi(target) (B, T) at each position with a target, 0 elsewhere: an fp32 log-softmax of logits / temperature,
-    the distribution the completions were sampled from."""
-    logits = model(idx, targets)[0].float() / temperature  # (B, T, V): with targets, every position's logits
-    return logits.log_softmax(dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets >= 0)
-
-
 def kl_k3(logprobs, ref_logprobs):
     """Per-token k3 estimate of KL(pi || pi_ref): pi_ref/pi - log(pi_ref/pi) - 1 >= 0 (x - log x - 1 >= 0)."""
     log_ratio = ref_logprobs - logprobs

@@ -18,9 +18,10 @@ import torch.nn.functional as F
 import configurator
 from conftest import ROOT, assert_resume_reproduces, read_log, run_stage
 from configurator import save_checkpoint
+from evaluate import token_logprobs
 from model import GPT, GPTConfig
 from rl import (extract_answer, group_advantages, has_format, is_held_out, kl_k3, layout, policy_loss, problems,
-                sample_completions, token_logprobs)
+                sample_completions)
 
 
 # -----------------------------------------------------------------------------
