@@ -290,4 +290,6 @@ def compiled(fn, compiler, graph):
         return fn
     options = {"coordinate_descent_tuning": True} if compiler == "inductor" else None
     fn = torch.compile(fn, fullgraph=True, dynamic=False, backend=compiler, options=options)
+    # torch 2.5 traces a .tolist() (MoE's rows per expert, without the grouped GEMM) into one graph only with this
+    fn = torch._dynamo.config.patch(capture_scalar_outputs=True)(fn)
     return cuda_graph(fn) if graph else fn

@@ -269,16 +269,16 @@ def clip_grad_norm_(parameters, max_norm):
     for p in params:
         if p.grad.is_sparse:  # rows looked up twice summed first: the norm of the gradient, not of its pieces
             p.grad = p.grad.coalesce()
-    dense = [p for p in params if not p.grad.is_sparse]
     sparse = [p.grad._values() for p in params if p.grad.is_sparse]  # the touched rows, a view of the gradient
-    total = torch.nn.utils.get_total_norm([p.grad for p in dense if not isinstance(p.grad, DTensor)] + sparse)
-    sharded = [p.grad for p in dense if isinstance(p.grad, DTensor)]
-    if sharded:  # FSDP2's: the norm over every rank's rows, beside that of the replicated gradients (Engram's)
-        norm = torch.nn.utils.get_total_norm(sharded).full_tensor()
+    local = [p.grad for p in params if not p.grad.is_sparse and not isinstance(p.grad, DTensor)] + sparse
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(local))) if local else torch.zeros(())
+    sharded = [p for p in params if isinstance(p.grad, DTensor)]
+    if sharded:  # FSDP2's (torch >= 2.6): the norm over every rank's rows, beside that of the replicated gradients
+        norm = torch.nn.utils.get_total_norm([p.grad for p in sharded]).full_tensor()
         total = torch.linalg.vector_norm(torch.stack([total.to(norm.device), norm]))
-    torch.nn.utils.clip_grads_with_norm_(dense, max_norm, total)
-    for values in sparse:
-        values.mul_((max_norm / (total + 1e-6)).clamp(max=1.0))  # the coefficient torch's clip applies
+        torch.nn.utils.clip_grads_with_norm_(sharded, max_norm, total)
+    if local:  # the coefficient torch's clip applies
+        torch._foreach_mul_(local, (max_norm / (total + 1e-6)).clamp(max=1.0).to(local[0].device))
     return total
 
 

@@ -173,14 +173,14 @@ def test_moba_by_block_equals_the_masked_softmax_in_value_and_gradient(monkeypat
     assert (visited == needed).all()  # and nothing more: pairs sorted by block touch few tiles
     # the tiles marked full, where FlexAttention's kernel skips the mask_mod, allow every pair and key in them
     mask = pair_block_mask(blocks, T, block)
+    lengths = {"seq_lengths": mask.seq_lengths} if hasattr(mask, "seq_lengths") else {}  # torch >= 2.6
     full = torch.nn.attention.flex_attention.BlockMask.from_kv_blocks(
-        mask.full_kv_num_blocks, mask.full_kv_indices, BLOCK_SIZE=128, seq_lengths=mask.seq_lengths).to_dense().bool()
+        mask.full_kv_num_blocks, mask.full_kv_indices, BLOCK_SIZE=128, **lengths).to_dense().bool()
     assert (full <= allowed.unflatten(2, (-1, 128)).unflatten(4, (-1, 128)).all(dim=(3, 5))).all()
     assert full.any() == (block % 128 == 0)  # blocks of whole key tiles have full tiles
     # the backward's side, each key tile's pair tiles, is the transpose of the forward's, partial and full apart
     reference = torch.nn.attention.flex_attention.BlockMask.from_kv_blocks(
-        mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices, BLOCK_SIZE=128,
-        seq_lengths=mask.seq_lengths)
+        mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices, BLOCK_SIZE=128, **lengths)
     for name in ("q", "full_q"):
         ours, theirs = ((getattr(m, f"{name}_num_blocks"), getattr(m, f"{name}_indices")) for m in (mask, reference))
         assert torch.equal(tiles_of(*ours), tiles_of(*theirs)), name
