@@ -59,6 +59,7 @@ class State:
     temperature: float
     top_k: int
     top_p: float
+    vocab: int             # ids sampled: those below (the tokenizer's; the model's table may be rounded up)
     token: torch.Tensor    # (B,) each row's last token, not yet in the cache
     pos: torch.Tensor      # (1,) its cache slot
     done: torch.Tensor     # (B,) rows that produced eos
@@ -71,7 +72,7 @@ class State:
 def pick_token(logits, state):
     """Each row's next token from logits (B, V) and state.noise[:, 0], also into state.token; done rows stay at eos."""
     noise = None if state.temperature == 0 else state.noise[:, 0]
-    token = sample_next(logits, state.temperature, state.top_k, state.top_p, noise=noise)
+    token = sample_next(logits[:, :state.vocab], state.temperature, state.top_k, state.top_p, noise=noise)
     token = torch.where(state.done, state.eos, token)
     state.done |= token == state.eos
     state.token.copy_(token)
@@ -96,12 +97,12 @@ def speculative_step(model, cache, state):
     kept are overwritten next round. The state advances on the device, so that the host can queue the next round before
     it reads this one's outcome. Returns the tokens (B, 2) and, for the host, (4,): how many the rows keep (1 or 2), how
     many drafts were accepted, and whether every row is done after each of the two tokens."""
-    s, noise = state, state.noise
-    q = None if s.temperature == 0 else sampling_probs(s.draft, s.temperature, s.top_k, s.top_p)  # (B, V)
-    draft = s.draft.argmax(dim=-1) if q is None else exponential_race(q, noise[:, 0])
+    s, noise, draft_logits = state, state.noise, state.draft[:, :state.vocab]
+    q = None if s.temperature == 0 else sampling_probs(draft_logits, s.temperature, s.top_k, s.top_p)  # (B, V)
+    draft = draft_logits.argmax(dim=-1) if q is None else exponential_race(q, noise[:, 0])
     pos = s.pos + torch.arange(2, device=draft.device)
     h = model.hidden_states(torch.stack([s.token, draft], dim=1), model.decode_context(cache, pos), cache)
-    logits = model.logits(h)  # (B, 2, V)
+    logits = model.logits(h)[..., :s.vocab]  # (B, 2, V)
     if s.temperature == 0:
         first, second = logits.argmax(dim=-1).unbind(1)
         accepted = draft == first
@@ -129,15 +130,17 @@ def speculative_step(model, cache, state):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_id=None, generator=None,
-             compiler=None, speculative=False, stats=None, check_every=16):
+             compiler=None, speculative=False, stats=None, check_every=16, vocab_size=None):
     """Sample continuations of a batch of prompts (lists of token ids of any lengths) with the KV cache, yielding a (B,)
     tensor of new tokens per step. Prompts are left-padded so that every row's next token lands in the same cache slot;
     one forward fills the cache (prefill), then decode_step feeds one token per row with fixed shapes and no host sync.
     A row that produced eos_id keeps yielding it; generation stops once every row has, checked every check_every tokens
     (the loop's only host sync). A full cache restarts from the most recent half of the context. compiler: see compiled
     ('aot_eager' in the CPU tests). speculative=True drafts each next token with the first MTP module and verifies it
-    (speculative_step); stats, a dict, then counts rounds, drafted and accepted tokens."""
+    (speculative_step); stats, a dict, then counts rounds, drafted and accepted tokens. vocab_size: sample only ids
+    below it (a tokenizer's, under a model's table rounded up; None: every id)."""
     device, L, B, V = model.wte.weight.device, model.config.block_size, len(prompts), model.config.vocab_size
+    sampled = min(vocab_size or V, V)
     lengths = [len(p) for p in prompts]
     assert 0 < min(lengths) and max(lengths) < L, "prompts must hold 1 to block_size - 1 tokens"
     assert model.mtp or not speculative, "speculative decoding drafts with the MTP modules: mtp_depth must be >= 1"
@@ -148,10 +151,10 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     cache = model.new_cache(B, min(L, history.size(1) + max_new_tokens + 1), dtype, mtp=speculative)
     cache["pad"].copy_(history.size(1) - torch.tensor(lengths, device=device))
     draws = 3 if speculative else 1  # Exp(1) noise per row and step: the draft, its replacement, the next token
-    state = State(temperature, top_k, top_p, token=history.new_zeros(B), pos=history.new_zeros(1),  # long
+    state = State(temperature, top_k, top_p, sampled, token=history.new_zeros(B), pos=history.new_zeros(1),  # long
                   done=history.new_zeros(B, dtype=torch.bool), uniform=torch.zeros(B, device=device),
                   eos=torch.tensor(-1 if eos_id is None else eos_id, device=device),
-                  noise=torch.ones(B, draws, V, device=device) if temperature else None,
+                  noise=torch.ones(B, draws, sampled, device=device) if temperature else None,
                   draft=torch.zeros(B, V, device=device) if speculative else None)
     run = Run(model, cache, state, generator, eos_id, dtype)
     # a CUDA graph cannot hold a host sync: MoE layers without the grouped GEMM read their row counts on the host

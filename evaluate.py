@@ -19,8 +19,8 @@ def batch_of(rows, T, scored=None, pad_id=0):
     y = torch.full_like(x, -1)
     for r, row in enumerate(rows):
         x[r, :len(row) - 1], y[r, :len(row) - 1] = torch.as_tensor(row[:-1]), torch.as_tensor(row[1:])
-        if scored is not None:
-            y[r, :len(row) - 1 - scored[r]] = -1
+        if scored is not None:  # a row cut to its last T + 1 ids may hold fewer than scored[r] targets: all score
+            y[r, :max(0, len(row) - 1 - scored[r])] = -1
     return x, y
 
 

@@ -124,8 +124,11 @@ if mode == "tasks":
     # "prompt" and "response" what --mode=sft reads
     for side, n, side_seed in (("train", n_task_examples, seed), ("held_out", n_eval, EVAL_SEED)):
         path = os.path.join(task_dir, f"{task}_{side}.jsonl")
-        pairs = [(prompt, f"{ANSWER_MARKER} {answer}") for prompt, answer in problems(task, side == "held_out",
-                                                                                     side_seed, n)]
+        try:
+            pairs = [(prompt, f"{ANSWER_MARKER} {answer}") for prompt, answer in problems(task, side == "held_out",
+                                                                                         side_seed, n)]
+        except ValueError as e:
+            fail(str(e))
         rows = "".join(json.dumps({"prompt": p, "response": r, "text": p + r}) + "\n" for p, r in pairs)
         try:
             os.makedirs(task_dir, exist_ok=True)
@@ -227,7 +230,10 @@ def encode_prompt(text):
     return ids
 
 
-eval_problems = problems(task, True, EVAL_SEED, n_eval)
+try:
+    eval_problems = problems(task, True, EVAL_SEED, n_eval)
+except ValueError as e:
+    fail(str(e))
 eval_prompts = [encode_prompt(p) for p, _ in eval_problems]  # and so their lengths are checked before the run
 try:
     user_reward = load_reward(reward) if reward else None

@@ -124,6 +124,9 @@ class GPTConfig:
     logit_softcap: float = 0.0  # logits = c * tanh(logits / c) with c this (Gemma 2: 30); 0 = off
 
     def __post_init__(self):
+        for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "n_kv_head", "head_dim", "mlp_hidden"):
+            least = 0 if key in ("n_kv_head", "head_dim", "mlp_hidden") else 1  # 0: derived from the others
+            require(getattr(self, key) >= least, f"{key}={getattr(self, key)} must be {least} or more")
         self.n_kv_head = self.n_kv_head or self.n_head
         if not self.mlp_hidden:  # relu2's 2 matrices at 4 * n_embd hold as many weights as SwiGLU's 3 at 8/3 * n_embd
             self.mlp_hidden = 4 * self.n_embd if self.mlp == "relu2" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
@@ -156,7 +159,7 @@ class GPTConfig:
         self.engram_order_list = int_list(self.engram_orders, "engram_orders")
         self.value_embed_list = int_list(self.value_embeds, "value_embeds")
         for part in (CausalSelfAttention, MLA, MaskedSpan, MoBASpan, LinearAttention, AttentionGate, ValueEmbedding,
-                     ValueResidual, Router, HyperConnections, Engram, LogitSoftCap):  # each checks its own fields
+                     ValueResidual, Router, HyperConnections, Engram, MTP, LogitSoftCap):  # each checks its own fields
             part.check(self)
 
     def layer_mixer(self, layer):
@@ -1270,6 +1273,10 @@ class MTP(nn.Module):
         first = config.n_layer + (depth - 1) * config.mtp_blocks  # layer numbers go on past the main stack
         self.blocks = nn.ModuleList(Block(config, first + i) for i in range(config.mtp_blocks))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)  # before the shared output head
+
+    @staticmethod
+    def check(c):
+        require(c.mtp_depth >= 0 and c.mtp_blocks >= 1, "mtp_depth must be 0 or more, mtp_blocks 1 or more")
 
     def forward(self, h, emb, ctx, cache=None):
         """cache: when drafting (speculative decoding), the blocks' caches, a list."""

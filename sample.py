@@ -92,7 +92,8 @@ for i in range(num_samples):
         print(start, end="", flush=True)
     with amp:
         for tokens in generate(model, prompts, max_new_tokens, temperature, top_k, top_p, eos, generator,
-                               compiler="inductor" if compile else None, speculative=speculative, stats=stats):
+                               compiler="inductor" if compile else None, speculative=speculative, stats=stats,
+                               vocab_size=tokenizer.vocab_size):  # not the ids of the model's table rounded up
             if not stream:  # kept on the device until the end: no host sync per token
                 steps.append(tokens)
                 continue

@@ -97,6 +97,12 @@ parallel = 2
         assert (out / p / "train.log").read_text().count("train.py") == commands[p] + (p == "deep-s1")
 
 
+def test_a_choice_longer_than_the_window_scores_every_target_it_keeps():
+    from evaluate import batch_of
+    x, y = batch_of([list(range(9)), [5, 6, 7]], 8, scored=[10, 1])  # the first row: the last 9 ids of a long choice
+    assert y.tolist() == [list(range(1, 9)), [-1, 7] + [-1] * 6] and x[1].tolist() == [5, 6] + [0] * 6
+
+
 def test_task_scorer_picks_the_most_likely_choice(tiny_data, tmp_path):
     run_stage("train.py", f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", *TINY.split(), "--max_iters=2",
               "--eval_interval=1000")

@@ -164,6 +164,14 @@ def test_tasks_split_and_answers():
     assert has_format("#### c b a", "reverse") and not has_format("#### cba!", "reverse")
 
 
+def test_asking_for_more_problems_than_a_side_holds_stops(monkeypatch):
+    import rl
+    monkeypatch.setitem(rl.TASKS, "tiny", lambda rng: (f"{rng.randrange(40)} = ?", "0"))  # 40 prompts in all
+    assert len(problems("tiny", False, 0, 20)) == 20
+    with pytest.raises(ValueError, match="distinct problems of the tiny task's training side in 1,112,444 draws, fewer than the 60"):
+        problems("tiny", False, 0, 60)
+
+
 def test_tiny_model_learns_to_emit_the_rewarded_token(tiny_model):
     """A 16-token vocabulary: the rewarded first token starts near 1/16; GRPO's updates (mu = 2, so the ratio and
     the clipping are used) raise the mean reward to at least 0.9."""

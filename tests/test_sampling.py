@@ -150,6 +150,19 @@ def drafting_model(tiny_model, variant):
     return model
 
 
+@pytest.mark.parametrize("speculative", [False, True])
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_vocab_size_keeps_the_ids_of_a_rounded_up_table_out(tiny_model, temperature, speculative):
+    """A tokenizer of 40 ids under a table of 64 (train.py rounds up): the ids from 40 on, which it cannot decode,
+    are never sampled however likely (their logits raised here), nor drafted."""
+    model = tiny_model(mtp_depth=1).eval()
+    raised = torch.cat([torch.zeros(40), torch.full((24,), 50.0)])
+    model.logits = lambda h, norm=None: GPT.logits(model, h, norm) + raised
+    tokens = [torch.stack(list(generate(model, PROMPTS, 20, temperature, generator=torch.Generator().manual_seed(0),
+                                        speculative=speculative, vocab_size=vocab)), 1) for vocab in (None, 40)]
+    assert (tokens[0] >= 40).all() and (tokens[1] < 40).all()
+
+
 @pytest.mark.parametrize("variant", MTP_VARIANTS)
 def test_speculative_greedy_equals_plain_greedy(tiny_model, variant):
     """fp32: drafts accepted and rejected, one row and a left-padded batch, past the cache's restart; sliding windows
@@ -183,7 +196,7 @@ def test_speculative_step_samples_the_main_model():
         h = model.hidden_states(prompt, model.decode_context(cache, torch.arange(5)), cache)
         token = torch.full((rows,), 2)  # the next token, fixed: its distribution under p_next does not matter here
         draft_logits = model.mtp[0].draft(model, cache, h, torch.cat([prompt[:, 1:], token[:, None]], 1), torch.arange(5))
-        state = State(temperature, top_k, top_p, token=token.clone(), pos=torch.tensor([5]),
+        state = State(temperature, top_k, top_p, 8, token=token.clone(), pos=torch.tensor([5]),
                       done=torch.zeros(rows, dtype=torch.bool), eos=torch.tensor(-1),
                       noise=torch.empty(rows, 3, 8).exponential_(generator=generator),
                       uniform=torch.rand(rows, generator=generator), draft=draft_logits[:, -1])
