@@ -52,7 +52,8 @@ for run in runs:
     label, sep, args = run.partition(":")
     if not sep or not re.fullmatch(r"[\w.+-]+", label.strip()) or label.strip() in jobs:
         fail(f"each run must be 'label: train.py arguments' with a label of its own (letters, digits, _.+-), got {run!r}")
-    jobs[label.strip()] = args.split() + common.split()
+    words = common.split() + args.split()  # config files first, then flags: of a key set twice, the run's own wins
+    jobs[label.strip()] = [w for w in words if not w.startswith("--")] + [w for w in words if w.startswith("--")]
 if not jobs:
     fail("no runs: set runs = ['label: config/x.py --key=value', ...] in a sweep config")
 if parallel < 1:

@@ -367,13 +367,14 @@ def download(url, path, sha256=None):
             published = published_sha256(response.headers)
             with open(part, "ab" if have else "wb") as f, \
                     tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
+                broke = False
                 try:
                     while block := response.read(1 << 20):
                         f.write(block)
                         bar.update(len(block))
                 except (OSError, http.client.HTTPException):
-                    pass  # broken off: the size check below asks for the rest
-        if total is None or os.path.getsize(part) >= total:
+                    broke = True  # broken off (with no Content-Length, no size would tell): the next try resumes
+        if not broke and (total is None or os.path.getsize(part) >= total):
             break
     else:
         fail(f"downloading {url} keeps breaking off; run again to resume from {part}")

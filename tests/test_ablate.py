@@ -76,6 +76,9 @@ parallel = 2
     bpb = {p: next(r["exact_val_bpb"] for r in read_log(out / p) if "exact_val_bpb" in r) for p in finished}
     best = min(("base", "deep"), key=lambda label: bpb[f"{label}-s1"])
     assert finished == sorted(["narrow-s1", "base-s1", "deep-s1", "narrow-s2", f"{best}-s2"])
+    shapes = {p: json.loads((out / p / "run.json").read_text())["config"] for p in ("narrow-s1", "deep-s1", "base-s1")}
+    # a run's own settings win over common's (n_embd=32, n_layer=2)
+    assert [(c["n_embd"], c["n_layer"]) for c in shapes.values()] == [(16, 2), (32, 3), (32, 2)]
     table = (out / "results.md").read_text()
     for label in ("narrow", "base", "deep"):
         row = next(line for line in table.splitlines() if line.startswith(f"| {label} |"))

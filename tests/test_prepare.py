@@ -358,7 +358,7 @@ BOOKS = {f"/books/data/{path}": gutenberg_file(number, marker) for number, (path
 @pytest.fixture
 def server():
     """A local server: /books/... serves BOOKS, /file honours Range, /flaky breaks off its first response halfway,
-    /norange ignores Range, /badsha publishes a wrong sha256, /redirect-good and /redirect-bad redirect to /file as
+    /chunky breaks off without a Content-Length, /norange ignores Range, /badsha publishes a wrong sha256, /redirect-good and /redirect-bad redirect to /file as
     Hugging Face does; a test adds its own paths to `served` (path -> bytes). Yields (url, requests, served)."""
     requests, calls, served = [], {}, {}
 
@@ -380,6 +380,15 @@ def server():
             start = int(re.match(r"bytes=(\d+)-", self.headers.get("Range") or "bytes=0-")[1])
             if self.path == "/norange":
                 start = 0
+            if self.path == "/chunky":  # chunked, no Content-Length: its first response breaks off mid-file
+                self.protocol_version, self.close_connection = "HTTP/1.1", True
+                self.send_response(206 if start else 200)
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                chunk = body[start:] if calls[self.path] > 1 else body[:len(body) // 2]
+                end = b"0\r\n\r\n" if calls[self.path] > 1 else b""  # the last chunk, or the connection just closes
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) + end)
+                return
             if start:
                 self.send_response(206)
                 self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
@@ -426,6 +435,13 @@ def test_download_resumes_a_broken_transfer(tmp_path, server):
     assert requests == [("/flaky", None), ("/flaky", f"bytes={len(PAYLOAD) // 2}-")]
     download(tmp_path, f"{url}/flaky")  # cached: no request
     assert len(requests) == 2
+
+
+def test_download_without_a_length_resumes_a_broken_transfer(tmp_path, server):
+    url, requests, _ = server
+    _, path = download(tmp_path, f"{url}/chunky")
+    assert path.read_bytes() == PAYLOAD  # not the half that came first (read whole again: the chunk was cut)
+    assert [path for path, _ in requests] == ["/chunky", "/chunky"]
 
 
 def test_download_continues_a_part_file_or_restarts(tmp_path, server):
