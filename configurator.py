@@ -488,14 +488,21 @@ def copy_tokenizer(path, out_dir):
         return "gpt2"
     hf = os.path.isdir(path) or path.endswith("tokenizer.json")
     folder = path if os.path.isdir(path) else os.path.dirname(path)
-    files = ({name: os.path.join(folder, name) for name in ("tokenizer.json", "tokenizer_config.json")} if hf
-             else {"tokenizer.model": path})
-    for name, source in files.items():
-        target = os.path.join(out_dir, name)
-        if os.path.isfile(source) and not (os.path.exists(target) and os.path.samefile(source, target)):
-            with open(source, "rb") as f:  # atomically: a crash mid-copy leaves the previous tokenizer
-                atomic_write(target, lambda out: shutil.copyfileobj(f, out))
-    return "tokenizer.json" if hf else "tokenizer.model"
+    source = os.path.join(folder, "tokenizer.json") if hf else path
+    target = os.path.join(out_dir, os.path.basename(source))
+    if not os.path.isfile(source) or os.path.exists(target) and os.path.samefile(source, target):
+        return os.path.basename(source)
+    with open(source, "rb") as f:  # atomically: a crash mid-copy leaves the previous tokenizer
+        atomic_write(target, lambda out: shutil.copyfileobj(f, out))
+    if hf:  # Tokenizer.load_hf's special tokens: tokenizer_config.json's, over config.json's ids (Qwen3's bos)
+        settings = {}
+        for name in ("config.json", "tokenizer_config.json"):
+            if os.path.isfile(os.path.join(folder, name)):
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    settings.update({k: v for k, v in json.load(f).items()
+                                     if name == "tokenizer_config.json" or k.endswith("_token_id")})
+        write_json(os.path.join(out_dir, "tokenizer_config.json"), settings)
+    return os.path.basename(source)
 
 
 def read_text(path, what="file"):

@@ -251,6 +251,8 @@ if mode == "sft":
                 continue
             try:
                 row = json.loads(line.decode("utf-8"))
+                if not all(isinstance(row[key], str) for key in ("prompt", "response")):
+                    raise TypeError
                 pairs.append((encode_prompt(row["prompt"]), tok.encode(row["response"]) + [stop_id]))
             except UnicodeDecodeError:
                 fail(f"{sft_data} line {number} is not UTF-8 text: save the file as UTF-8")

@@ -614,6 +614,7 @@ class MLA(nn.Module):
         require(not (mla and c.attn_gate != "none" and c.attn_gate_at == "value"),
                 "MLA caches a latent, not values: attn_gate_at='value' needs attention='mha'")
         require(not (mla and c.qk_norm), "MLA's absorbed decoding has no per-head keys to normalize")
+        require(not (mla and c.qkv_bias), "MLA has no q, k, v projections to bias: qkv_bias needs attention='mha'")
         require(c.yarn_mscale_all_dim == 0 or (mla and c.rope_scaling == "yarn"),
                 "yarn_mscale_all_dim is MLA's softmax temperature under rope_scaling='yarn' (DeepSeek)")
 

@@ -222,9 +222,10 @@ def open_parquet(path):
         fail(f"reading {path} needs pyarrow: pip install pyarrow")
     try:
         parquet = pq.ParquetFile(path)
-        if "text" in parquet.schema_arrow.names:
+        kind = parquet.schema_arrow.field("text").type if "text" in parquet.schema_arrow.names else None
+        if kind is not None and str(kind) in ("string", "large_string"):
             return parquet
-        why = "no such column"
+        why = "no such column" if kind is None else f"its type is {kind}, not strings"
     except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid and ArrowIOError are these
         why = str(e).splitlines()[0][:120]
     fail(f"{path} is not a parquet file with a 'text' column ({why})")

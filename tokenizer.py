@@ -126,13 +126,19 @@ class Tokenizer:
         except ImportError:
             raise ImportError("a Hugging Face tokenizer.json needs the tokenizers package: "
                               "pip install tokenizers") from None
-        backend = tokenizers.Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+        try:
+            backend = tokenizers.Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+        except Exception as e:  # cut short, not JSON, not a tokenizer
+            raise ValueError(f"{folder}/tokenizer.json is damaged ({str(e).splitlines()[0][:120]})") from None
         backend.encode_special_tokens = True  # a marker typed in the text stays ordinary characters
         settings = {}
         for name in ("config.json", "tokenizer_config.json"):  # the second's token strings win
             if os.path.isfile(os.path.join(folder, name)):
-                with open(os.path.join(folder, name)) as f:
-                    settings.update(json.load(f))
+                try:
+                    with open(os.path.join(folder, name), encoding="utf-8") as f:
+                        settings.update(json.load(f))
+                except (ValueError, AttributeError) as e:  # not JSON, not UTF-8, not an object
+                    raise ValueError(f"{folder}/{name} is damaged ({e})") from None
 
         def token_id(name):
             token = settings.get(f"{name}_token")

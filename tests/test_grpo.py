@@ -420,6 +420,8 @@ def test_settings_inputs_and_folders_are_checked_before_out_dir_changes(start, t
     latin1, malformed = tmp_path / "latin1.jsonl", tmp_path / "malformed.jsonl"
     latin1.write_bytes(b'{"prompt": "1 + 1 = ?\\n", "response": "#### 2"}\n{"prompt": "caf\xe9", "response": "x"}\n')
     malformed.write_text('{"prompt": "1 + 1 = ?\\n", "response": "#### 2"}\n\n{"prompt": "2 + 2 = ?\\n"}\n')
+    numbers = tmp_path / "numbers.jsonl"  # a prompt that is no string
+    numbers.write_text('{"prompt": 5, "response": "#### 2"}\n')
     long = tmp_path / "long.jsonl"  # a response longer than the model's context
     long.write_text('{"prompt": "1 + 1 = ?\\n", "response": "#### 2"}\n'
                     + json.dumps({"prompt": "x", "response": "1 " * 500}))
@@ -440,6 +442,8 @@ def test_settings_inputs_and_folders_are_checked_before_out_dir_changes(start, t
         ([base, "--overwrite=True", "--mode=sft", f"--sft_data={latin1}"], f"{latin1} line 2 is not UTF-8 text"),
         ([base, "--overwrite=True", "--mode=sft", f"--sft_data={malformed}"],
          f"{malformed} line 3 is not a JSON object with 'prompt' and 'response' strings"),
+        ([base, "--overwrite=True", "--mode=sft", f"--sft_data={numbers}"],
+         f"{numbers} line 1 is not a JSON object with 'prompt' and 'response' strings"),
         ([base, "--overwrite=True", "--mode=sft", f"--sft_data={long}"], f"{long} line 2: prompt and response hold"),
     ]:
         message = grpo_here(monkeypatch, f"--out_dir={run}", *args)

@@ -463,6 +463,23 @@ def tokenizer_folder(path, vocab_size):
     return tok.get_vocab_size()
 
 
+def test_a_copied_folder_tokenizer_keeps_the_special_ids_of_config_json(tmp_path):
+    """Qwen3's bos is config.json's bos_token_id alone: the copy that prepare.py and train.py make keeps it."""
+    from configurator import copy_tokenizer
+    tokenizer_folder(tmp_path / "model", 320)
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"bos_token_id": 5, "model_type": "qwen3"}))
+    (tmp_path / "copy").mkdir()
+    assert copy_tokenizer(str(tmp_path / "model"), str(tmp_path / "copy")) == "tokenizer.json"
+    original, copy = Tokenizer.load(str(tmp_path / "model")), Tokenizer.load(str(tmp_path / "copy" / "tokenizer.json"))
+    assert original.special == copy.special and original.bos_id == 5
+    (tmp_path / "copy" / "tokenizer.json").write_text('{"version": "1.0", "trunc')
+    with pytest.raises(ValueError, match="tokenizer.json is damaged"):
+        Tokenizer.load(str(tmp_path / "copy"))
+    (tmp_path / "model" / "tokenizer_config.json").write_text("{")
+    with pytest.raises(ValueError, match="tokenizer_config.json is damaged"):
+        Tokenizer.load(str(tmp_path / "model"))
+
+
 def test_folder_tokenizer_and_sample(tmp_path):
     n_vocab = tokenizer_folder(tmp_path, 320)
     ours = Tokenizer.load(str(tmp_path))

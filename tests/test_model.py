@@ -399,6 +399,7 @@ def test_zero_init_proj_zeroes_the_marked_weights_and_trains_every_parameter_fro
     (dict(n_layer=0), "n_layer=0 must be 1 or more"), (dict(n_head=0), "n_head=0 must be 1 or more"),
     (dict(block_size=0), "block_size=0 must be 1 or more"), (dict(head_dim=-8), "head_dim=-8 must be 0 or more"),
     (dict(mtp_depth=-1), "mtp_depth must be 0 or more"), (dict(mtp_blocks=0), "mtp_blocks 1 or more"),
+    (dict(attention="mla", qkv_bias=True), "MLA has no q, k, v projections to bias"),
 ])
 def test_bad_configs_fail_with_one_line(bad, message):
     with pytest.raises(ValueError, match=message):

@@ -329,6 +329,10 @@ def test_input_that_is_not_utf8_or_not_readable(tmp_path):
         (tmp_path / "pages.parquet").write_bytes(b"PAR1 but no more")
         message = one_line_error(out, f"--input={tmp_path / 'pages.parquet'}")
         assert message.startswith(f"error: {tmp_path / 'pages.parquet'} is not a parquet file with a 'text' column (")
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "numbers.parquet")
+        assert one_line_error(out, f"--input={tmp_path / 'numbers.parquet'}").endswith("(its type is int64, not strings)")
     assert files_under(tmp_path / "out") == {}
 
 
