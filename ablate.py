@@ -77,6 +77,24 @@ def finished(label, seed):
     return any("exact_val_bpb" in row for row in run_log(label, seed))
 
 
+def arguments(label, seed):
+    """train.py's arguments for a run, but for how it starts (fresh or resumed)."""
+    return [*jobs[label], *budget, f"--seed={seed}", f"--out_dir={run_dir(label, seed)}"]
+
+
+def check_finished(label, seed):
+    """A finished run is not run again: it must be the one this sweep asks for (its first line in train.log), or
+    the table would show it under a budget or settings it did not train with."""
+    path = os.path.join(run_dir(label, seed), "train.log")
+    if not os.path.isfile(path):  # not a run of ablate.py's
+        return
+    with open(path) as f:
+        started = f.readline().split(" train.py ", 1)[-1].split()[:-1]  # its last word: how it started
+    if started != arguments(label, seed):
+        fail(f"{run_dir(label, seed)} finished a run of other arguments than this sweep gives it ({' '.join(started)}"
+             f"): give its settings back, or choose another out_dir")
+
+
 SWEEP_PID = os.getpid()
 try:
     PRCTL = ctypes.CDLL(None, use_errno=True).prctl
@@ -98,6 +116,8 @@ def run_all(pairs):
     """Run train.py for each (label, seed) not finished yet, up to parallel x GPUs at a time."""
     from tqdm import tqdm
     todo = [(label, seed) for label, seed in pairs if not finished(label, seed)]
+    for label, seed in set(pairs) - set(todo):
+        check_finished(label, seed)
     devices = gpus.split(",") if gpus else [None]
     slots = [device for device in devices for _ in range(parallel)]
     running = {}  # slot index -> (process, label, seed)
@@ -112,8 +132,7 @@ def run_all(pairs):
                     # a run continues from its checkpoint; one that saved none starts over
                     saved = os.path.exists(os.path.join(folder, "ckpt.pt"))
                     resume = ["--init_from=resume"] if saved else ["--overwrite=True"]
-                    command = [sys.executable, "train.py", *jobs[label], *budget, f"--seed={seed}", f"--out_dir={folder}",
-                               *resume]
+                    command = [sys.executable, "train.py", *arguments(label, seed), *resume]
                     env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": device} if device is not None else {}))
                     with open(os.path.join(folder, "train.log"), "a") as log:
                         log.write(" ".join(command) + "\n")

@@ -98,6 +98,9 @@ parallel = 2
     run_stage("ablate.py", str(sweep))
     for p in finished:
         assert (out / p / "train.log").read_text().count("train.py") == commands[p] + (p == "deep-s1")
+    # another budget: the finished runs trained with the old one, and the table would show them under the new one
+    other = run_stage("ablate.py", str(sweep), "--train_tokens=2560", check=False)
+    assert other.returncode == 1 and "finished a run of other arguments than this sweep gives it" in other.stderr
 
 
 def test_a_choice_longer_than_the_window_scores_every_target_it_keeps():

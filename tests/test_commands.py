@@ -68,6 +68,8 @@ REWRITES = [
      "--nproc_per_node=2 train.py config/gpt2_124m.py --fsdp=True"),
     ("config/speedrun.py", "--epochs=1 ", "--max_iters=2 "),  # the one-epoch run: two steps, of 64 tokens
     ("config/speedrun.py", "--seq_warmup=0.3 ", "--seq_warmup=0.3 --seq_warmup_min=16 "),
+    # the config header's command ran this sweep uncompiled in the same folder: a finished run of other arguments
+    ("docs/results.md", '--compile=True"', '--compile=True" --out_dir=out/sweep_speedrun_compiled'),
     ("docs/results.md", "--epochs=1 ", "--max_iters=2 "),
     ("docs/results.md", "--seq_warmup=0.3 ", "--seq_warmup=0.3 --seq_warmup_min=16 "),
     ("docs/results.md", "--n_layer=16 --n_embd=2048 --n_head=16 --n_kv_head=4 ", "--n_layer=2 --n_kv_head=2 "),  # 0.81B
