@@ -506,7 +506,7 @@ class Shards:
                 self.file = open(os.path.join(self.folder, self.names[-1]), "wb")
                 self.room = shard_size
             head, ids = ids[:self.room], ids[self.room:]
-            head.tofile(self.file)
+            self.file.write(head.data)  # not ndarray.tofile, which turns a Ctrl-C inside it into a TypeError
             self.room -= len(head)
 
     def close(self):
