@@ -119,23 +119,25 @@ if mode == "eval" and not n_eval:
     fail("mode='eval' scores held-out prompts: n_eval must be at least 1")
 eps_high = eps_high or eps
 
+try:  # the held-out prompts of every evaluation, and mode 'tasks''s training rows, before anything is written
+    eval_problems = problems(task, True, EVAL_SEED, n_eval)
+    train_problems = problems(task, False, seed, n_task_examples) if mode == "tasks" else None
+except ValueError as e:
+    fail(str(e))
+
 if mode == "tasks":
     # one file per side of the split; a row's "text" (prompt + response) is what prepare.py --input reads, its
     # "prompt" and "response" what --mode=sft reads
-    for side, n, side_seed in (("train", n_task_examples, seed), ("held_out", n_eval, EVAL_SEED)):
+    for side, drawn in (("train", train_problems), ("held_out", eval_problems)):
         path = os.path.join(task_dir, f"{task}_{side}.jsonl")
-        try:
-            pairs = [(prompt, f"{ANSWER_MARKER} {answer}") for prompt, answer in problems(task, side == "held_out",
-                                                                                         side_seed, n)]
-        except ValueError as e:
-            fail(str(e))
+        pairs = [(prompt, f"{ANSWER_MARKER} {answer}") for prompt, answer in drawn]
         rows = "".join(json.dumps({"prompt": p, "response": r, "text": p + r}) + "\n" for p, r in pairs)
         try:
             os.makedirs(task_dir, exist_ok=True)
             atomic_write(path, lambda f: f.write(rows.encode()))
         except OSError as e:
             fail(str(e))
-        print(f"wrote {n:,} {task} problems to {path}")
+        print(f"wrote {len(pairs):,} {task} problems to {path}")
     raise SystemExit
 
 # -----------------------------------------------------------------------------
@@ -230,10 +232,6 @@ def encode_prompt(text):
     return ids
 
 
-try:
-    eval_problems = problems(task, True, EVAL_SEED, n_eval)
-except ValueError as e:
-    fail(str(e))
 eval_prompts = [encode_prompt(p) for p, _ in eval_problems]  # and so their lengths are checked before the run
 try:
     user_reward = load_reward(reward) if reward else None

@@ -6,7 +6,6 @@ linear attention, and CUDA graphs (the decode step, Muon's step). The spans that
 built (it loads torch._dynamo: seconds); nothing here imports or compiles while torch.compile traces.
 """
 import functools
-import inspect
 import math
 
 import torch
@@ -75,6 +74,7 @@ def grouped_mm(x, w, counts):
 
 
 compiled_flex_attention = None  # FlexAttention compiled alone, made at its first use (flex)
+BLOCK_MASK_LENGTHS = torch.__version__ >= "2.6"  # a constant while torch.compile traces pair_block_mask
 STATIC_BLOCK_MASKS = {}  # shared by every layer with the same pattern
 
 
@@ -168,10 +168,9 @@ def pair_block_mask(block, S, size):
         full_count, full_indices = hi - hi_part - lo - lo_part + 1, indices(lo + lo_part, pair_tiles)
 
     kv_indices = indices(first_tile, key_tiles)  # partial and full tiles alike: a run from the first
-    BlockMask = torch.nn.attention.flex_attention.BlockMask
     # torch 2.5's BlockMask has no seq_lengths: it takes whole tiles, the queries' and keys' own lengths then
-    lengths = {"seq_lengths": (P, S)} if "seq_lengths" in inspect.signature(BlockMask).parameters else {}
-    return BlockMask(
+    lengths = {"seq_lengths": (P, S)} if BLOCK_MASK_LENGTHS else {}
+    return torch.nn.attention.flex_attention.BlockMask(
         **lengths, BLOCK_SIZE=(tile, tile), mask_mod=lambda b, h, q, k: k // size == block[b, h, q],
         kv_num_blocks=torch.where(whole, 0, count).int(), kv_indices=kv_indices,
         full_kv_num_blocks=torch.where(whole, count, 0).int(), full_kv_indices=kv_indices,

@@ -52,9 +52,9 @@ def problems(task, held_out, seed, n):
     """n distinct (prompt, answer) pairs of one side of the split, drawn with `seed`; a ValueError when 20 n + 10^6
     draws of that side find fewer (a side may hold fewer: addition's held-out side about 100,000)."""
     rng, seen, draws = random.Random(seed), {}, 0
-    share = HELD_OUT_PER_100 if held_out else 100 - HELD_OUT_PER_100
+    limit = (20 * n + 1_000_000) * 100 // (HELD_OUT_PER_100 if held_out else 100 - HELD_OUT_PER_100)
     while len(seen) < n:
-        if draws == (20 * n + 1_000_000) * 100 // share:
+        if draws == limit:
             side = "held-out" if held_out else "training"
             raise ValueError(f"{len(seen):,} distinct problems of the {task} task's {side} side in {draws:,} draws, "
                              f"fewer than the {n:,} asked for: ask for fewer")
