@@ -492,8 +492,10 @@ def copy_tokenizer(path, out_dir):
     target = os.path.join(out_dir, os.path.basename(source))
     if not os.path.isfile(source) or os.path.exists(target) and os.path.samefile(source, target):
         return os.path.basename(source)
-    with open(source, "rb") as f:  # atomically: a crash mid-copy leaves the previous tokenizer
-        atomic_write(target, lambda out: shutil.copyfileobj(f, out))
+    template = os.path.join(folder, "chat_template.jinja")  # transformers 5 saves a chat template there, apart
+    for name in [source] + ([template] if hf and os.path.isfile(template) else []):
+        with open(name, "rb") as f:  # atomically: a crash mid-copy leaves the previous tokenizer
+            atomic_write(os.path.join(out_dir, os.path.basename(name)), lambda out: shutil.copyfileobj(f, out))
     if hf:  # Tokenizer.load_hf's special tokens: tokenizer_config.json's, over config.json's ids (Qwen3's bos)
         settings = {}
         for name in ("config.json", "tokenizer_config.json"):

@@ -12,6 +12,7 @@ half-written.
 """
 import math
 import os
+import re
 import shutil
 import sys
 
@@ -108,6 +109,8 @@ def tokenizer_files(tok, block_size):
 # -----------------------------------------------------------------------------
 # the checkpoint, then the folder beside hf_dir, moved in when whole
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja")
+
 out_dir, hf_dir = config["out_dir"], os.path.normpath(config["hf_dir"] or config["out_dir"].rstrip("/") + "_hf")
 if os.path.exists(hf_dir) and not os.path.isdir(hf_dir):
     fail(f"hf_dir {hf_dir} is a file, not a folder: choose another hf_dir")
@@ -135,9 +138,14 @@ try:
         for name, content in zip(("tokenizer.json", "tokenizer_config.json"),
                                  tokenizer_files(tokenizer, model.config.block_size)):
             write_json(os.path.join(tmp, name), content)
-    if os.path.isdir(hf_dir):  # a previous export: each file replaced whole, any other file kept
-        for name in os.listdir(tmp):
+    if os.path.isdir(hf_dir):  # a previous export: each file replaced whole; weight and tokenizer files not written
+        # now removed (loaders would take them for this model's: vLLM reads the shards an index names); others kept
+        written = os.listdir(tmp)
+        for name in written:
             os.replace(os.path.join(tmp, name), os.path.join(hf_dir, name))
+        for name in set(os.listdir(hf_dir)) - set(written):
+            if name in TOKENIZER_FILES or re.fullmatch(r"(pytorch_)?model.*\.(safetensors|bin|index\.json)", name):
+                os.remove(os.path.join(hf_dir, name))
         os.rmdir(tmp)
     else:
         os.rename(tmp, hf_dir)

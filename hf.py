@@ -45,10 +45,11 @@ KINDS = {int: "a non-negative integer", float: "a number", bool: "true or false"
 IGNORED = {"architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "auto_map",
            "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "use_cache", "attention_dropout",
            "output_router_logits", "router_aux_loss_coef", "aux_loss_alpha", "seq_aux", "ep_size", "qk_head_dim",
-           "num_nextn_predict_layers", "num_mtp_layers", "sliding_window", "rope_scaling", "rope_parameters"}
+           "num_nextn_predict_layers", "num_mtp_layers", "sliding_window", "rope_scaling", "rope_parameters",
+           "is_llama_config", "_attn_implementation_autoset"}  # nanotron's (SmolLM2) and transformers 4.48's marks
 # fields that must hold the value our model computes with, where present
 FIXED = {"hidden_act": "silu", "pretraining_tp": 1, "mlp_bias": False, "attention_bias": False, "use_mrope": False,
-         "moe_layer_freq": 1, "scoring_func": "sigmoid", "topk_method": "noaux_tc"}
+         "moe_layer_freq": 1, "scoring_func": "sigmoid", "topk_method": "noaux_tc", "rope_interleaved": False}
 ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "low_freq_factor",
              "high_freq_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate",
              "partial_rotary_factor"}
@@ -154,7 +155,7 @@ def _rope_fields(path, c, mla):
         raise ValueError(f"{path}: config.json's rope_parameters is not an object")
     kind, unknown = rope.get("rope_type", rope.get("type", "default")), set(rope) - ROPE_KEYS
     text = {k for k, v in rope.items() if k not in ("rope_type", "type", "truncate") and type(v) not in (int, float)
-            and v is not None}
+            and (v is not None or k == "rope_theta")}  # null: the default, but rope_theta has none here
     _refuse([(kind not in ("default", "llama3", "yarn"), f"RoPE scaling '{kind}'"),
              (unknown, f"RoPE parameter {min(unknown, default='')}"),
              (text, f"RoPE parameter {min(text, default='')} that is not a number"),
@@ -282,6 +283,8 @@ def load_hf_weights(model, path):
         stacked = isinstance(theirs[0], list)
         names = sum(theirs, []) if stacked else theirs
         _refuse([(name not in tensors, name) for name in names], f"{path}: tensor ", " is missing")
+        _refuse([(not tensors[name].is_floating_point(), f"{name} has dtype {tensors[name].dtype}") for name in names],
+                f"{path}: tensor ", ", not a float (quantized?)")  # copy_ would take its integers as weights
         value = (torch.stack([torch.cat([tensors.pop(name) for name in group]) for group in theirs]) if stacked
                  else torch.cat([tensors.pop(name) for name in theirs]))
         target = ours_by_name[ours]

@@ -264,7 +264,7 @@ class Optimizers:
 
 
 def clip_grad_norm_(parameters, max_norm):
-    """torch.nn.utils.clip_grad_norm_ for gradients that may be sparse (Engram's), which torch's cannot take."""
+    """torch.nn.utils.clip_grad_norm_ of an iterable of parameters, sparse gradients (Engram's; torch's fails) too."""
     params = [p for p in parameters if p.grad is not None]
     for p in params:
         if p.grad.is_sparse:  # rows looked up twice summed first: the norm of the gradient, not of its pieces

@@ -130,19 +130,29 @@ check_settings(config,
                          "qk_clip_tau", "qk_clip_interval", "seq_warmup_min", "window_warmup_min"),
                non_negative=("max_iters", "warmup_iters", "epochs", "train_flops", "train_tokens", "train_minutes",
                              "target_bpb", "target_interval", "learning_rate", "weight_decay", "grad_clip", "muon_lr",
-                             "muon_momentum_warmup", "embed_lr", "head_lr", "peak_flops", "vocab_size"),
+                             "muon_momentum_warmup", "embed_lr", "head_lr", "peak_flops", "vocab_size",
+                             "seed"),  # the samplers' numpy generators take no negative seed
                fractions=("beta1", "beta2", "muon_momentum", "decay_frac", "min_lr_frac", "normuon_beta2",
                           "seq_warmup", "window_warmup", "batch_warmup"),
                choices={"sampler": ("random", "epoch"), "lr_schedule": ("cosine", "wsd"), "optimizer": OPTIMIZERS,
                         "muon_lr_scale": tuple(MUON_LR_SCALES), "muon_schedule": tuple(NEWTON_SCHULZ)})
-for warmup, smallest, largest in (("seq_warmup", "seq_warmup_min", "block_size"),
-                                  ("window_warmup", "window_warmup_min", "window")):
-    pieces = config[largest] // config[smallest]
-    if config[warmup] and (config[largest] % config[smallest] or pieces & (pieces - 1)):
-        fail(f"{smallest}={config[smallest]} must be {largest}={config[largest]} divided by a power of two")
-span_kinds = {config["attn_span"], *map(PATTERN_LETTERS.get, config["attn_pattern"])}
-if config["window_warmup"] and "sliding" not in span_kinds:
-    fail("window_warmup grows sliding windows: set attn_span='sliding' (or S layers in attn_pattern)")
+
+
+def check_warmups():
+    """The warm-ups against the model's block_size, window and spans in config: a fresh model's, checked at once, or
+    (resumed, from hf:) the loaded one's, checked once config holds them."""
+    for warmup, smallest, largest in (("seq_warmup", "seq_warmup_min", "block_size"),
+                                      ("window_warmup", "window_warmup_min", "window")):
+        pieces = config[largest] // config[smallest]
+        if config[warmup] and (config[largest] % config[smallest] or pieces & (pieces - 1)):
+            fail(f"{smallest}={config[smallest]} must be {largest}={config[largest]} divided by a power of two")
+    span_kinds = {config["attn_span"], *map(PATTERN_LETTERS.get, config["attn_pattern"])}
+    if config["window_warmup"] and "sliding" not in span_kinds:
+        fail("window_warmup grows sliding windows: set attn_span='sliding' (or S layers in attn_pattern)")
+
+
+if config["init_from"] == "scratch":
+    check_warmups()
 # the number of steps: max_iters, or a budget that sets it. One given on the command line wins over a config file's
 # budget (the benchmark configs train an epoch; --max_iters=2 tries one out); two given there contradict each other
 budgets = ("epochs", "train_flops", "train_tokens", "train_minutes")
@@ -164,6 +174,11 @@ for key in budgets:
 globals().update(config)
 if init_from not in ("scratch", "resume") and not init_from.startswith("hf:"):
     fail(f"unknown init_from '{init_from}' (choose scratch, resume or hf:FOLDER)")
+if eval_only and init_from.startswith("hf:"):  # eval_only reads out_dir's checkpoint: it would score that one instead
+    fail(f"eval_only=True evaluates the checkpoint in out_dir, not init_from='{init_from}': leave init_from out, or "
+         "run it for --max_iters=0, which ends with its exact val bits per byte")
+if not eval_only and (eval_file or eval_tasks):  # a training run reads neither
+    fail(f"{'eval_file' if eval_file else 'eval_tasks'} is read by eval_only=True alone: add --eval_only=True")
 if wandb_log:
     try:
         import wandb
@@ -278,6 +293,13 @@ for key, kind in meta_types.items():
         fail(f"{meta_path} is incomplete or damaged ({key} is {value!r}): run prepare.py again")
 if meta["dtype"] not in ("uint16", "uint32"):
     fail(f"{meta_path} is damaged (dtype {meta['dtype']!r}, not uint16 or uint32): run prepare.py again")
+# the exact evaluation starts each stream with eos_id and divides by the val bytes
+if not 0 <= meta["eos_id"] < meta["vocab_size"]:
+    fail(f"{meta_path} is damaged (eos_id {meta['eos_id']}, not an id of its vocabulary of {meta['vocab_size']}): "
+         "run prepare.py again")
+if meta["splits"]["val"]["bytes"] <= 0:
+    fail(f"{meta_path} is damaged (splits.val.bytes is {meta['splits']['val']['bytes']}, not positive): run "
+         "prepare.py again")
 tokenizer_path = "gpt2" if meta["tokenizer"] == "gpt2" else os.path.join(data_dir, meta["tokenizer_path"])
 if tokenizer_path != "gpt2" and not os.path.exists(tokenizer_path):
     fail(f"{tokenizer_path}, the tokenizer that meta.json names, is missing: run prepare.py again")
@@ -398,6 +420,8 @@ if checkpoint and not eval_only:
 if fsdp and rank:  # and then takes a random stream of its own (dropout), rank 0 going on as one process does
     torch.manual_seed(seed + rank)
 config.update(asdict(model.config))  # run.json and the checkpoint record the model that trains
+if not eval_only:
+    check_warmups()
 T = model.config.block_size
 
 # -----------------------------------------------------------------------------
@@ -445,6 +469,9 @@ if gradient_accumulation_steps * world_size != config["gradient_accumulation_ste
            f"{tokens_per_step:,} tokens per step")
 if epochs > 0:
     max_iters = int(epochs * n_windows // windows_per_step)
+    if max_iters == 0 and not eval_only:  # else the run would end at once, trained on nothing
+        fail(f"epochs={epochs:g} of the {n_windows} training windows is less than one step of {windows_per_step} "
+             "windows: raise epochs, or lower batch_size or gradient_accumulation_steps")
 _epoch_orders = {}
 
 
@@ -523,7 +550,8 @@ if checkpoint and not eval_only:
                     "head_lr", "muon_schedule", "normuon_beta2", "cautious_wd"), given, config, checkpoint["config"],
                    checkpoint_path)
     load_state(optim, checkpoint["optimizer"])  # any world size's, with or without FSDP
-    scaler.load_state_dict(checkpoint["scaler"])
+    if checkpoint["scaler"]:  # empty from a run without float16: a float16 resume starts its scaler afresh
+        scaler.load_state_dict(checkpoint["scaler"])
     restore_rng(checkpoint["rng"], rank, world_size, device_type)
 raw_model = model
 if compile:
@@ -683,7 +711,8 @@ def save():
         "model_config": asdict(raw_model.config), "config": config, "step": iter_num, "rng": rngs,
         "tokenizer": meta["tokenizer_path"], "eos_id": meta["eos_id"], "run_id": run_id, "dataset": dataset,
         "timed_max_iters": max_iters if train_minutes > 0 and not time_steps else 0,
-        "train_seconds": train_seconds, "best_bpb": best_bpb}))
+        "train_seconds": train_seconds, "best_bpb": best_bpb,
+        "checked_bpb": val_bpb if bpb_step == iter_num else None}))  # this step's target check, if it had one
     saved_step = iter_num
 
 
@@ -779,6 +808,8 @@ x, y = get_batch(iter_num, 0)
 t0, steps_since_log, logged_seconds, first_iter = time.time(), 0, 0.0, iter_num
 start_seconds = train_seconds  # the training time of the steps before this start
 val_bpb = bpb_step = None  # the last exact val bits per byte, and its step
+if checkpoint and checkpoint.get("checked_bpb") is not None:  # the resumed step's check: a target it reached ends
+    val_bpb, bpb_step = checkpoint["checked_bpb"], iter_num     # the run there, as it ended the interrupted one
 max_logit = None  # muonclip: each layer's largest attention logit at the last measured step
 stopped = False  # by Ctrl-C, at the step boundary the processes agreed on
 previous_handler = signal.signal(signal.SIGINT, on_interrupt)
@@ -846,8 +877,13 @@ try:
             pause_clock()
         if time_steps and iter_num == first_iter + 12:  # every process takes the same count: the mean step time
             pause_clock()
-            per_step = all_reduce_sum(train_seconds - start_seconds, device=device)[0] / world_size / 10
-            max_iters = iter_num + max(0, int((60 * train_minutes - (time.time() - t0)) / per_step))
+            # the mean elapsed time too: each process's own clock could give it another count, and the processes
+            # would part at the end
+            spent, elapsed = (value / world_size for value in
+                              all_reduce_sum(train_seconds - start_seconds, time.time() - t0, device=device))
+            per_step = spent / 10
+            # a run resumed before its count has spent its earlier starts' training time (start_seconds) already
+            max_iters = iter_num + max(0, int((60 * train_minutes - start_seconds - elapsed) / per_step))
             time_steps = False
             print0(f"wall-clock budget of {train_minutes} min at {per_step * 1000:.0f} ms/step: {max_iters} steps")
         if iter_num % log_interval == 0 or iter_num == max_iters:

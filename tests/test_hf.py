@@ -176,6 +176,7 @@ def test_import_refusals_are_one_line(tmp_path):
             ("rope_parameters", {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 4.0}, "dynamic"),
             ("rope_parameters", {**YARN_ROPE, "partial_rotary_factor": 0.5}, "partial_rotary_factor"),
             ("rope_parameters", {**YARN_ROPE, "factor": "4"}, "RoPE parameter factor that is not a number"),
+            ("rope_parameters", {**YARN_ROPE, "rope_theta": None}, "RoPE parameter rope_theta that is not a number"),
             ("rope_parameters", {"rope_type": "llama3", "factor": 8.0}, "llama3 RoPE without"),
             ("rope_parameters", [1], "rope_parameters is not an object"),
             ("rope_scaling", {"type": "linear", "factor": 2.0}, "linear"),  # it replaces rope_parameters
@@ -206,6 +207,8 @@ def test_import_refusals_are_one_line(tmp_path):
     assert "missing" in error(lambda: hf.from_hf(path))
     save_file({**tensors, "model.norm.weight": torch.ones(32)}, path / "model.safetensors")
     assert "shape" in error(lambda: hf.from_hf(path))
+    save_file({**tensors, "model.norm.weight": torch.ones(64, dtype=torch.int8)}, path / "model.safetensors")
+    assert "model.norm.weight has dtype torch.int8" in error(lambda: hf.from_hf(path))  # not cast to a weight
     # a tied head stored anyway loads when it is the embedding's copy, and refuses when it is not
     path = tmp_path / "tied"
     hf_model("qwen3_mqa_tied", path)
@@ -214,6 +217,17 @@ def test_import_refusals_are_one_line(tmp_path):
     assert hf.from_hf(path).config.tie_embeddings
     save_file({**tensors, "lm_head.weight": torch.zeros(128, 64)}, path / "model.safetensors")
     assert "lm_head.weight" in error(lambda: hf.from_hf(path))
+
+
+def test_hub_configs_with_inert_fields_load(tmp_path):
+    """SmolLM2's config.json (nanotron's is_llama_config, rope_interleaved false) and transformers 4.48's
+    _attn_implementation_autoset: fields transformers' Llama does not read; an interleaved RoPE is still refused."""
+    path = tmp_path / "smollm2"
+    theirs = hf_model("llama_mha_untied", path)
+    rewrite_config(path, is_llama_config=True, rope_interleaved=False, _attn_implementation_autoset=True)
+    assert matches(hf.from_hf(path), theirs)
+    rewrite_config(path, rope_interleaved=True)
+    assert "rope_interleaved=true" in error(lambda: hf.from_hf(path))
 
 
 def test_export_refusals_are_one_line(tiny_model, tmp_path):
@@ -440,11 +454,19 @@ def test_export_writes_whole_folders_or_nothing(tiny_model, tmp_path, monkeypatc
     def offline(name):
         raise ValueError("no connection")
 
-    with monkeypatch.context() as patch:  # tiktoken cannot fetch its files: the model goes alone, with a note
+    # into a folder holding shards and their index (a save of transformers': vLLM would read them, not ours), a
+    # tokenizer.json and chat template that this export does not write, and a file of the user's, kept; tiktoken
+    # cannot fetch its files: the model goes alone, with a note
+    (exported / "README.md").write_text("mine")
+    (exported / "chat_template.jinja").write_text("an earlier model's")
+    theirs.save_pretrained(exported, max_shard_size="40KB")
+    assert len(os.listdir(exported)) > 8
+    with monkeypatch.context() as patch:
         patch.setattr(tiktoken, "get_encoding", offline)
         capsys.readouterr()
-        assert export(tmp_path / "offline") == 0
-    assert sorted(os.listdir(tmp_path / "offline")) == ["config.json", "generation_config.json", "model.safetensors"]
+        assert export(exported) == 0
+    assert sorted(os.listdir(exported)) == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
+    assert (exported / "README.md").read_text() == "mine"
     assert "note: no tokenizer.json written: cannot load the gpt2 tokenizer files (offline?)" in capsys.readouterr().out
 
 
@@ -468,8 +490,11 @@ def test_a_copied_folder_tokenizer_keeps_the_special_ids_of_config_json(tmp_path
     from configurator import copy_tokenizer
     tokenizer_folder(tmp_path / "model", 320)
     (tmp_path / "model" / "config.json").write_text(json.dumps({"bos_token_id": 5, "model_type": "qwen3"}))
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # transformers 5 saves it apart: copied too
+    (tmp_path / "model" / "chat_template.jinja").write_text(template)
     (tmp_path / "copy").mkdir()
     assert copy_tokenizer(str(tmp_path / "model"), str(tmp_path / "copy")) == "tokenizer.json"
+    assert (tmp_path / "copy" / "chat_template.jinja").read_text() == template
     original, copy = Tokenizer.load(str(tmp_path / "model")), Tokenizer.load(str(tmp_path / "copy" / "tokenizer.json"))
     assert original.special == copy.special and original.bos_id == 5
     (tmp_path / "copy" / "tokenizer.json").write_text('{"version": "1.0", "trunc')

@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import re
 import runpy
 import shutil
 import signal
@@ -205,6 +206,24 @@ def test_torchrun_on_more_processes_than_accumulation_steps_rounds_them_up(tiny_
         assert torch.allclose(one[name], two[name], atol=1e-5, rtol=0), name
 
 
+def test_a_wall_clock_budget_under_torchrun_gives_every_process_one_step_count(tiny_data, tmp_path):
+    """Each process measured the time left on its own clock, so that the counts could differ by a step or more (rank 0
+    starts its clock later, after writing the run's files): the processes then parted at the end and crashed. Here
+    rank 1's clock runs 4 times as fast."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, time\nif os.environ.get('RANK') == '1':\n    real, start = time.time, time.time()\n"
+        "    time.time = lambda: start + 4 * (real() - start)\n")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--monitor-interval=0.05",
+                          "--nproc_per_node=2", "train.py", f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'run'}",
+                          *TINY, "--train_minutes=0.02", "--eval_interval=1000", "--log_interval=1000"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path)})
+    assert two.returncode == 0, two.stderr[-3000:]
+    steps = int(two.stdout.split("wall-clock budget of 0.02 min at ")[1].split(": ")[1].split()[0])
+    assert f"done: {steps} steps" in two.stdout
+    assert len(torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["rng"]) == 2
+
+
 def test_epoch_sampler_visits_every_window_once_per_epoch(tiny_data, tmp_path, monkeypatch, capsys):
     train_py = run_train(monkeypatch, f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", *TINY, "--max_iters=0",
                          "--sampler=epoch", "--batch_size=3")
@@ -373,6 +392,10 @@ def test_a_diverging_run_never_saves_non_finite_weights(tiny_data, run_copy, mon
     ("--dtype=float64", "unknown dtype 'float64' (choose auto, float32, bfloat16, float16)"),
     ("--n_layer=12", "trained with n_layer=2, but the config says n_layer=12"),  # the default's value, given
     ("--init_from=scratch", "holds a run (ckpt.pt): continue it with --init_from=resume, replace it with --overwrite"),
+    ("--seed=-1", "seed=-1 must not be negative"),  # the samplers' generators refused it mid-run, in a traceback
+    ("--eval_file=README.md", "eval_file is read by eval_only=True alone: add --eval_only=True"),  # else trained on
+    # eval_only reads out_dir's checkpoint: it would score that one, not the folder
+    ("--eval_only=True --init_from=hf:elsewhere", "eval_only=True evaluates the checkpoint in out_dir, not init_from"),
 ])
 def test_bad_settings_stop_before_the_folder_changes(tiny_data, run_copy, monkeypatch, bad, words):
     if bad == "--wandb_log=True" and importlib.util.find_spec("wandb"):
@@ -384,6 +407,56 @@ def test_bad_settings_stop_before_the_folder_changes(tiny_data, run_copy, monkey
                     "--max_iters=4", *bad.split())
     assert words in message, message
     assert snapshot(run_copy) == before
+
+
+def test_a_resume_checks_the_warm_ups_against_the_checkpoints_model(tiny_data, run_copy, tmp_path, monkeypatch,
+                                                                    one_thread):
+    """A resume that leaves the model flags out takes the checkpoint's block_size, window and spans: the warm-ups are
+    checked against those, not against the defaults."""
+    monkeypatch.chdir(ROOT)
+    resume = ["train.py", "--device=cpu", f"--data_dir={tiny_data}", *QUICK, "--init_from=resume", "--max_iters=4",
+              "--eval_interval=100"]
+    monkeypatch.setattr(sys, "argv", [*resume, f"--out_dir={run_copy}", "--seq_warmup=0.5"])  # block_size=32 there
+    with pytest.raises(SystemExit, match=r"^error: seq_warmup_min=128 must be block_size=32 divided by a power of two"):
+        runpy.run_path(os.path.join(ROOT, "train.py"))
+    sliding = tmp_path / "sliding"  # a sliding model resumed with a window warm-up, attn_span left out
+    run_train(monkeypatch, f"--data_dir={tiny_data}", f"--out_dir={sliding}", *QUICK, "--attn_span=sliding",
+              "--window=32", "--max_iters=2", "--eval_interval=2")
+    monkeypatch.setattr(sys, "argv", [*resume, f"--out_dir={sliding}", "--window_warmup=0.5", "--window_warmup_min=8"])
+    runpy.run_path(os.path.join(ROOT, "train.py"))
+    assert torch.load(sliding / "ckpt.pt", weights_only=True)["step"] == 4
+
+
+def test_a_float16_resume_of_a_float32_run_starts_its_scaler_afresh(tiny_data, run_copy, monkeypatch, one_thread):
+    """A run saved without float16 has an empty scaler state, which GradScaler refuses to load (a traceback)."""
+    run_train(monkeypatch, *QUICK, f"--data_dir={tiny_data}", f"--out_dir={run_copy}", "--init_from=resume",
+              "--max_iters=3", "--dtype=float16")
+    checkpoint = torch.load(run_copy / "ckpt.pt", weights_only=True)
+    assert checkpoint["step"] == 3 and checkpoint["scaler"]["scale"] > 0
+
+
+def test_a_wall_clock_budget_resumed_before_its_count_keeps_the_time_spent(tiny_data, run_copy, monkeypatch, capsys,
+                                                                          one_thread):
+    """A run killed before steps 3 to 12 fixed its count resumes to time them again: the training time its earlier
+    starts spent comes off the budget, which would otherwise start whole again."""
+    checkpoint = torch.load(run_copy / "ckpt.pt", weights_only=True)
+    torch.save({**checkpoint, "train_seconds": 1000.0}, run_copy / "ckpt.pt")  # more than the budget's 3 s
+    train_py = run_train(monkeypatch, *QUICK, f"--data_dir={tiny_data}", f"--out_dir={run_copy}", "--init_from=resume",
+                         "--train_minutes=0.05", "--eval_interval=1000", "--log_interval=1000")
+    assert train_py["iter_num"] == 2 + 12 and ": 14 steps\n" in capsys.readouterr().out  # the timed steps, no more
+
+
+def test_a_resumed_run_that_reached_its_target_stays_there(tiny_data, tmp_path, monkeypatch, one_thread):
+    """The same command resumed after the run stopped at its target (e.g. interrupted before its last rows) ends at
+    that step, as the run did, instead of training past it to the next check."""
+    args = [f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", *TARGET_RUN, "--eval_interval=100", "--target_bpb=100",
+            "--target_interval=2", "--max_iters=10"]
+    run_train(monkeypatch, *args)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
+    finished = [r for r in read_log(tmp_path) if "params" not in r]
+    train_py = run_train(monkeypatch, *args, "--init_from=resume")
+    assert train_py["iter_num"] == 2 and torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
+    assert [r for r in read_log(tmp_path) if "params" not in r] == finished  # its rows again, the same
 
 
 def test_a_fresh_run_into_a_run_replaces_it_only_when_asked(tiny_data, run_copy, tmp_path, monkeypatch):
@@ -419,6 +492,12 @@ def damage(folder, how):
     elif how == "token counts":
         meta["splits"]["train"]["tokens"] += 1
         (folder / "meta.json").write_text(json.dumps(meta))
+    elif how == "eos_id beyond the vocabulary":
+        meta["eos_id"] = 500
+        (folder / "meta.json").write_text(json.dumps(meta))
+    elif how == "no val bytes":
+        meta["splits"]["val"]["bytes"] = 0
+        (folder / "meta.json").write_text(json.dumps(meta))
     elif how == "id beyond the vocabulary":
         ids = np.fromfile(shard, dtype=np.uint16)
         ids[len(ids) // 2] = 4000
@@ -433,6 +512,8 @@ def damage(folder, how):
     ("invalid meta.json", "meta.json is damaged (Expecting"),
     ("incomplete meta.json", "meta.json is incomplete or damaged (splits.val.bytes is None)"),
     ("token counts", "the train shards of"),
+    ("eos_id beyond the vocabulary", "meta.json is damaged (eos_id 500, not an id of its vocabulary of 400)"),
+    ("no val bytes", "meta.json is damaged (splits.val.bytes is 0, not positive)"),
     ("id beyond the vocabulary", "train_000.bin holds token id 4000, beyond the vocabulary of 400 in meta.json"),
 ])
 def test_a_damaged_dataset_stops_before_training_and_before_out_dir_exists(tiny_data, tmp_path, monkeypatch, how,
@@ -501,6 +582,12 @@ def test_other_kinds_of_misuse_stop_in_one_line(tiny_data, run_copy, tmp_path, m
     assert f"no checkpoint at {nowhere / 'ckpt.pt'} to resume" in stops(monkeypatch, f"--data_dir={tiny_data}",
                                                                         f"--out_dir={nowhere}", "--init_from=resume")
     assert not nowhere.exists()
+    # epochs that make less than one step: the run would end at once, trained on nothing
+    before = snapshot(run_copy)
+    message = stops(monkeypatch, f"--data_dir={tiny_data}", f"--out_dir={run_copy}", "--init_from=resume",
+                    "--epochs=0.001")
+    assert re.search(r"epochs=0.001 of the \d+ training windows is less than one step of 4 windows: raise", message)
+    assert snapshot(run_copy) == before
     # a grpo.py folder (its checkpoint's config has grpo.py's mode)
     grpo = shutil.copytree(run_copy, tmp_path / "grpo")
     checkpoint = torch.load(grpo / "ckpt.pt", weights_only=True)
