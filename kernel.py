@@ -179,9 +179,9 @@ def pair_block_mask(block, S, size):
 
 
 @torch.no_grad()
-def max_attention_logits(q, k, mask=None, chunk=256):
-    """For QK-Clip (optim.py): each head's largest logit q.k / sqrt(d) over the batch, which SDPA never exposes, of
-    q (B, n_head, T, d), k (B, n_kv_head, T, d), causal or under a span's mask (T, T) or (B, n_head, T, T).
+def max_attention_logits(q, k, mask=None, scale=None, chunk=256):
+    """For QK-Clip (optim.py): each head's largest logit q.k * scale (None: d^-0.5) over the batch, which SDPA never
+    exposes, of q (B, n_head, T, d), k (B, n_kv_head, T, d), causal or under a span's mask (T, T) or (B, n_head, T, T).
     (n_head,) fp32; chunked over queries, at most B*n_head*chunk*T logits at once."""
     B, H, T, d = q.shape
     q = q.unflatten(1, (k.size(1), H // k.size(1)))  # (B, n_kv_head, group, T, d): heads sharing a key head
@@ -195,7 +195,7 @@ def max_attention_logits(q, k, mask=None, chunk=256):
         hidden = (torch.ones(end - start, end, dtype=torch.bool, device=q.device).triu(start + 1) if mask is None
                   else ~mask[..., start:end, :end])
         best = torch.maximum(best, logits.masked_fill(hidden, float("-inf")).amax(dim=(0, 3, 4)).float().flatten())
-    return best / math.sqrt(d)
+    return best * (d ** -0.5 if scale is None else scale)
 
 
 # -----------------------------------------------------------------------------

@@ -651,8 +651,9 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # (B, n_head, T, nope + rope)
         k_rope = k_rope.unsqueeze(2).expand(B, S, self.n_head, self.rope)  # the one rotary key, seen by every head
         k = torch.cat([k_nope, k_rope], dim=-1).transpose(1, 2)  # (B, n_head, S, nope + rope)
-        if self.track_max_logits and mask is None:
-            ctx.aux.setdefault("max_logits", []).append(max_attention_logits(q, k, self.span.logit_mask(q, k)))
+        if self.track_max_logits and mask is None:  # at the softmax's scale (YaRN's temperature in it)
+            logits = max_attention_logits(q, k, self.span.logit_mask(q, k), self.scale)
+            ctx.aux.setdefault("max_logits", []).append(logits)
         return self.span.attend(q, k, v.transpose(1, 2), ctx, mask, self.scale, self.dropout if self.training else 0.0)
 
     def absorbed(self, q_nope, q_rope, latent, k_rope, ctx, mask):
@@ -899,9 +900,9 @@ class Experts(nn.Module):
     def __init__(self, config):
         super().__init__()
         E, d, self.hidden, self.topk = config.n_experts, config.n_embd, config.moe_hidden, config.moe_topk
-        self.gate_up = nn.Parameter(torch.empty(E, 2 * self.hidden, d))  # gate and up fused, as in SwiGLU
+        self.gate_up = nn.Parameter(torch.empty(E, 2 * self.hidden, d).normal_(std=0.02))  # gate and up fused
         self.gate_up.logical_rows = (self.hidden, self.hidden)  # two matrices per expert for Muon (optim.py)
-        self.down = nn.Parameter(torch.empty(E, d, self.hidden))
+        self.down = nn.Parameter(torch.empty(E, d, self.hidden).normal_(std=0.02))
         self.down.writes_residual = True
         self.grouped = None  # None: grouped GEMM where grouped_mm_supported; True/False forces a path
 
@@ -918,10 +919,6 @@ class Experts(nn.Module):
     def active_params(self):
         """The weights one token goes through: those of moe_topk of the n_experts."""
         return (self.gate_up.numel() + self.down.numel()) // self.gate_up.size(0) * self.topk
-
-    def init_weights(self):
-        for weight in (self.gate_up, self.down):
-            nn.init.normal_(weight, mean=0.0, std=0.02)
 
     def idle_params(self):
         return self.gate_up.numel() + self.down.numel() - self.active_params()
@@ -1360,8 +1357,6 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:  # qkv_bias
             nn.init.zeros_(module.bias)
-        if hasattr(module, "init_weights"):  # weights of no nn.Linear (the experts' stacked matrices)
-            module.init_weights()
 
     def forward(self, idx, targets=None, cache=None, cache_pos=None):
         """idx (B, T) token ids; targets (B, T), -1 for no loss; decoding: cache (new_cache), the tokens'
@@ -1476,6 +1471,5 @@ class GPT(nn.Module):
         caches = [block.attn.new_cache(1, context, dtype, "meta") for block in self.blocks]
         return sum(t.numel() * t.element_size() for cache in caches for t in cache.values() if t.is_floating_point())
 
-    def kv_cache_bytes_per_token(self, dtype_bytes=2):
-        dtype = {1: torch.float8_e4m3fn, 2: torch.bfloat16, 4: torch.float32}[dtype_bytes]
+    def kv_cache_bytes_per_token(self, dtype=torch.bfloat16):
         return self.kv_cache_bytes(self.config.block_size, dtype) / self.config.block_size

@@ -239,6 +239,24 @@ def test_qk_clip_brings_large_logits_down_to_tau_and_leaves_the_rest(tiny_model,
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
 
 
+def test_qk_clip_measures_the_logits_the_softmax_sees_under_yarn(tiny_model):
+    """MLA under YaRN sharpens every logit by its temperature (yarn_mscale_all_dim): tau is compared with those."""
+    model = tiny_model(n_layer=1, **FAMILY_VARIANTS["hf_deepseek_v3"])
+    attn, seen = model.blocks[0].attn, []
+    attend = attn.span.attend
+
+    def spy(q, k, v, ctx, mask=None, scale=None, dropout=0.0):  # the logits SDPA's softmax takes
+        future = torch.ones(q.size(2), k.size(2), dtype=torch.bool).triu(1)
+        seen.append((q @ k.mT * scale).masked_fill(future, float("-inf")).amax(dim=(0, 2, 3)))
+        return attend(q, k, v, ctx, mask, scale, dropout)
+    attn.span.attend = spy
+    clip = QKClip(model, 1.0)
+    clip.track(True)
+    clip.observe(model(batch(0), batch(0))[2])
+    assert attn.scale > 1.2 * (attn.nope + attn.rope) ** -0.5  # the temperature is in the scale
+    assert torch.allclose(clip.max_logits[0], seen[0], rtol=1e-5)
+
+
 # -----------------------------------------------------------------------------
 # distributed Muon and resuming
 
