@@ -155,6 +155,7 @@ class GPTConfig:
         require(self.rope_scaling == "none" or (self.rope_factor >= 1 and self.rope_original_len > 0
                                                 and self.rope_low_rotations < self.rope_high_rotations),
                 "rope_scaling needs rope_factor >= 1, rope_original_len > 0, rope_low_rotations < rope_high_rotations")
+        require(self.yarn_mscale == 1 or self.rope_scaling == "yarn", "yarn_mscale is YaRN's: set rope_scaling='yarn'")
         self.engram_layer_list = int_list(self.engram_layers, "engram_layers")
         self.engram_order_list = int_list(self.engram_orders, "engram_orders")
         self.value_embed_list = int_list(self.value_embeds, "value_embeds")
@@ -615,6 +616,7 @@ class MLA(nn.Module):
                 "MLA caches a latent, not values: attn_gate_at='value' needs attention='mha'")
         require(not (mla and c.qk_norm), "MLA's absorbed decoding has no per-head keys to normalize")
         require(not (mla and c.qkv_bias), "MLA has no q, k, v projections to bias: qkv_bias needs attention='mha'")
+        require(not (mla and c.n_kv_head != c.n_head), "MLA's latent serves all heads: n_kv_head needs attention='mha'")
         require(c.yarn_mscale_all_dim == 0 or (mla and c.rope_scaling == "yarn"),
                 "yarn_mscale_all_dim is MLA's softmax temperature under rope_scaling='yarn' (DeepSeek)")
 
@@ -723,6 +725,8 @@ class LinearAttention(nn.Module):
     @staticmethod
     def check(c):
         require(c.linear_chunk >= 1, "linear_chunk must be 1 or more")
+        require(c.attention != "linear" and set(c.attn_pattern) != {"L"} or c.attn_gate == "none" and not c.qk_norm
+                and not c.qkv_bias, "attn_gate, qk_norm and qkv_bias act on softmax layers: every layer here is linear")
 
     def new_cache(self, batch, max_len, dtype, device):
         return {"state": torch.zeros(batch, self.n_head, self.head_dim, self.head_dim + 1, device=device)}
@@ -868,9 +872,9 @@ class Router(nn.Module):
         require(c.router_scoring in ("softmax", "sigmoid"), f"unknown router_scoring '{c.router_scoring}'")
         require(c.n_experts == 0 or 1 <= c.moe_topk <= c.n_experts, "moe_topk must be within 1..n_experts")
         require(c.moe_every >= 1 and c.moe_first_dense >= 0, "moe_every must be >= 1 and moe_first_dense >= 0")
-        require(c.moe_groups == 1 or (c.n_experts % c.moe_groups == 0 and c.n_experts >= 2 * c.moe_groups
-                                      and 1 <= c.moe_topk_groups <= c.moe_groups
-                                      and c.moe_topk <= c.moe_topk_groups * c.n_experts // c.moe_groups),
+        require(c.moe_groups == c.moe_topk_groups == 1 or (c.moe_groups >= 2 and c.n_experts % c.moe_groups == 0
+                and c.n_experts >= 2 * c.moe_groups and 1 <= c.moe_topk_groups <= c.moe_groups
+                and c.moe_topk <= c.moe_topk_groups * c.n_experts // c.moe_groups),
                 "moe_groups must divide n_experts into groups of 2 or more, and moe_topk_groups of them hold moe_topk")
 
     def forward(self, x):
@@ -1131,7 +1135,8 @@ class Engram(nn.Module):
     an odd multiplier c_m per offset m and layer, wrapping) and hashed by engram_heads functions, modulo a distinct
     prime each, into its own rows of one table; the rows found, concatenated (engram_dim), give a key and a value.
     The value enters each stream h before attention, gated by sigmoid(signed sqrt(norm(key) . norm(h) / sqrt(d))).
-    Trained by sparse rows (optim.py). Left out: the tokenizer's id compression, the convolution after the gate."""
+    Trained by sparse rows (optim.py). Left out: the tokenizer's id compression, the convolution after the gate, a
+    key projection and norm per hyper-connection stream (one serves all)."""
 
     def __init__(self, config, layer):
         super().__init__()

@@ -347,6 +347,10 @@ def test_qk_clip_measures_the_logits_each_span_sees_and_skips_linear_layers(tiny
     (dict(linear_kind="retnet"), "unknown linear_kind 'retnet'"),
     (dict(attn_span="sliding", window=0), "must be 1 or more"),
     (dict(attn_span="moba", dropout=0.1), "FlexAttention has no attention dropout"),
+    # softmax layers' flags on a model without any: ignored, not computed
+    (dict(attention="linear", attn_gate="elementwise"), "act on softmax layers"),
+    (dict(attention="linear", linear_kind="gated_deltanet", qk_norm=True), "act on softmax layers"),
+    (dict(attn_pattern="L", qkv_bias=True), "act on softmax layers"),
 ])
 def test_bad_attention_configs_fail_with_one_line(bad, message):
     with pytest.raises(ValueError, match=message):

@@ -400,6 +400,11 @@ def test_zero_init_proj_zeroes_the_marked_weights_and_trains_every_parameter_fro
     (dict(block_size=0), "block_size=0 must be 1 or more"), (dict(head_dim=-8), "head_dim=-8 must be 0 or more"),
     (dict(mtp_depth=-1), "mtp_depth must be 0 or more"), (dict(mtp_blocks=0), "mtp_blocks 1 or more"),
     (dict(attention="mla", qkv_bias=True), "MLA has no q, k, v projections to bias"),
+    # flags another flag would silently ignore, and a division by zero
+    (dict(attention="mla", n_kv_head=2), "n_kv_head needs attention='mha'"),
+    (dict(n_experts=8, moe_topk_groups=2), "moe_groups must divide n_experts"),
+    (dict(n_experts=8, moe_groups=0), "moe_groups must divide n_experts"),
+    (dict(rope_scaling="llama3", rope_factor=8.0, rope_original_len=8, yarn_mscale=0.7), "set rope_scaling='yarn'"),
 ])
 def test_bad_configs_fail_with_one_line(bad, message):
     with pytest.raises(ValueError, match=message):
