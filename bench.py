@@ -96,7 +96,7 @@ if flops:  # on the meta device: shapes without weights, so that even a large co
     parts = model.flops_breakdown(T)
     total = sum(parts.values())
     kv_dtype = "bfloat16" if dtype == "auto" else dtype  # the cache as a GPU keeps it, unless --dtype says otherwise
-    kv_cache_bytes = model.kv_cache_bytes_per_token(getattr(torch, kv_dtype))
+    kv_cache_bytes = model.kv_cache_bytes(T, getattr(torch, kv_dtype)) / T
     tokens = flops_tokens or max_iters * gradient_accumulation_steps * batch_size * T or 1e9
     print0(f"{model_config.n_layer} layers x {model_config.n_embd}, vocabulary {model_config.vocab_size}, "
            f"{T} tokens per sequence")
@@ -374,7 +374,7 @@ peak_flops = peak_flops or nominal_peak_flops(device)
 
 model = GPT(model_config)
 flops_per_token = model.flops_per_token(T)  # the reference has the same shape, so the same FLOPs
-kv_cache_bytes = model.kv_cache_bytes_per_token(getattr(torch, dtype))  # what decoding keeps per token
+kv_cache_bytes = model.kv_cache_bytes(T, getattr(torch, dtype)) / T  # what decoding keeps per token
 # targets = inputs: random tokens either way, the same work as shifted targets
 rows = {"ours": measure("ours", model, lambda model, x: model(x, x)[1], decode)}
 del model

@@ -1475,6 +1475,3 @@ class GPT(nn.Module):
         head_dim or kv_lora_rank + qk_rope_head_dim (MLA), <= `window` tokens if sliding; linear: a fixed fp32 state."""
         caches = [block.attn.new_cache(1, context, dtype, "meta") for block in self.blocks]
         return sum(t.numel() * t.element_size() for cache in caches for t in cache.values() if t.is_floating_point())
-
-    def kv_cache_bytes_per_token(self, dtype=torch.bfloat16):
-        return self.kv_cache_bytes(self.config.block_size, dtype) / self.config.block_size

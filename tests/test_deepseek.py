@@ -56,9 +56,9 @@ def test_mla_cache_holds_exactly_the_latent_and_the_rotary_key(tiny_model):
     assert torch.allclose(cached["k_rope"][:, :10], rotated, atol=1e-6)
     assert not cached["latent"][:, 10:].any() and not cached["k_rope"][:, 10:].any()
     # bytes per token in bf16: MLA 2 layers x (16 + 4); MHA 2 layers x k and v x 4 heads x 8; MQA 1 head
-    assert model.kv_cache_bytes_per_token(torch.bfloat16) == 2 * 2 * 20
-    assert tiny_model().kv_cache_bytes_per_token(torch.bfloat16) == 2 * 2 * 2 * 4 * 8
-    assert tiny_model(n_kv_head=1).kv_cache_bytes_per_token(torch.float32) == 4 * 2 * 2 * 1 * 8
+    assert model.kv_cache_bytes(1) == 2 * 2 * 20
+    assert tiny_model().kv_cache_bytes(1) == 2 * 2 * 2 * 4 * 8
+    assert tiny_model(n_kv_head=1).kv_cache_bytes(1, torch.float32) == 4 * 2 * 2 * 1 * 8
 
 
 def mla_logit_parts(attn, x, cos, sin):
@@ -354,7 +354,7 @@ def test_configs_match_the_dense_benchmark_in_active_parameters(monkeypatch):
         assert model.num_params(active=True) < model.num_params() / 2, name
         # the same width and depth, each token through the same feed-forward width: within 1% of the dense model
         assert abs(model.num_params(active=True) / dense[name].num_params() - 1) < 0.01, name
-    assert models["deepseek_small"].kv_cache_bytes_per_token() == 8 * (256 + 32) * 2  # MHA: 8 * 2 * 512 * 2
+    assert models["deepseek_small"].kv_cache_bytes(1) == 8 * (256 + 32) * 2  # MHA: 8 * 2 * 512 * 2
 
 
 TINY = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_embd=32", "--n_head=4", "--block_size=32",
