@@ -98,11 +98,13 @@ VARIANTS = {**ATTENTION, **FAMILY_VARIANTS}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_stage(*args, check=True, timeout=300, env=None):
-    """Run a stage (e.g. 'train.py', '--max_iters=5') in a fresh Python process from the repository root."""
+def run_stage(*args, check=True, timeout=300, env=None, warm=None):
+    """Run a stage (e.g. 'train.py', '--max_iters=5') in a fresh Python process from the repository root; with
+    warm (the warm_python fixture), in one forked from a process that has imported torch and the project."""
     import subprocess
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    result = subprocess.run([warm["python"] if warm else sys.executable, *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=timeout,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(warm["env"] if warm else {}), **(env or {})})
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
@@ -173,3 +175,147 @@ def tiny_data(tmp_path_factory):
     run_stage("prepare.py", f"--input={corpus}", "--name=tiny", f"--out_root={root}", "--vocab_size=400",
               "--val_fraction=0.1")
     return root / "tiny"
+
+
+# -----------------------------------------------------------------------------
+# warm processes: a fresh Python spends seconds importing torch and the project, a tiny run a fraction of one. A
+# `python` (and `torchrun`) shim hands its command line, folder, environment and standard streams to a process that
+# has imported them, which forks one for each; the stages' own processes (ablate.py's runs, torchrun's workers) go
+# the same way.
+
+SHIM = """#!{python} -S
+import json, os, signal, socket, sys
+server = socket.socket(socket.AF_UNIX)
+server.connect(os.environ["NANOLLM_WARM"])
+request = {{"argv": {prefix} + sys.argv[1:], "cwd": os.getcwd(), "env": dict(os.environ)}}
+socket.send_fds(server, [json.dumps(request).encode()], [0, 1, 2])
+server.shutdown(socket.SHUT_WR)
+reply = server.makefile()
+pid = int(reply.readline())
+for stop in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(stop, lambda signum, frame: os.kill(pid, signum))
+sys.exit(int(reply.readline()))
+"""
+
+
+def run_forked(request, python, rewrite=None):
+    """In a forked process: request's command line, as `python ...` would run it, in its folder, environment
+    (PYTHONPATH too) and standard streams; rewrite(argv) -> the argv a script runs with. Never returns."""
+    import atexit, signal, traceback, weakref  # noqa: E401
+    # the exit handlers and finalizers so far are the forking process's (running them costs more than a tiny run):
+    # the command's own run at its end
+    atexit._clear()
+    for finalizer in list(weakref.finalize._registry):
+        finalizer.atexit = False
+    weakref.finalize._registered_with_atexit = False
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    sys.executable = python  # the processes it starts (torchrun's workers, ablate.py's runs) come back here
+    argv = [arg for arg in request["argv"] if arg != "-u"]
+    extra = [path for path in os.environ.get("PYTHONPATH", "").split(os.pathsep) if path]
+    code = 0
+    try:
+        if argv[0] == "-m":
+            sys.argv = argv[1:]
+            sys.path[:1] = [os.getcwd(), *extra]
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        elif argv[0] == "-c":
+            sys.argv = ["-c", *argv[2:]]
+            exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__"})
+        else:
+            sys.argv = rewrite(argv) if rewrite else argv
+            sys.path[:1] = [os.path.dirname(os.path.abspath(argv[0])), *extra]
+            runpy.run_path(argv[0], run_name="__main__")
+    except SystemExit as stop:  # as the interpreter ends: a message goes to stderr with status 1
+        code = stop.code if stop.code is None or isinstance(stop.code, int) else 1
+        if code == 1 and not isinstance(stop.code, int):
+            print(stop.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    try:
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code or 0)
+
+
+def serve_forked(path, python, rewrite=None):
+    """Fork a process for each request on the socket at path (run_forked); python: the shim, their sys.executable."""
+    import io, select, socket  # noqa: E401
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+    import torch._dynamo  # noqa: F401  (what an optimizer imports when the first one is made)
+    import torch.distributed.run  # noqa: F401
+    import configurator, decode, evaluate, hf, kernel, optim, rl, tokenizer  # noqa: E401, F401
+    figure = matplotlib.pyplot.figure()  # the font cache, which the first figure loads
+    figure.savefig(io.BytesIO(), format="png")
+    matplotlib.pyplot.close(figure)
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path + ".tmp")
+    listener.listen(64)
+    os.rename(path + ".tmp", path)  # there once it listens
+    children = {}
+    while True:
+        if select.select([listener], [], [], 0.01)[0]:
+            connection, _ = listener.accept()
+            data, fds, _, _ = socket.recv_fds(connection, 1 << 20, 3)
+            while chunk := connection.recv(1 << 20):
+                data += chunk
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                for other in (listener, connection, *children.values()):
+                    other.close()
+                for target, fd in enumerate(fds):
+                    os.dup2(fd, target)
+                    os.close(fd)
+                run_forked(json.loads(data), python, rewrite)
+            for fd in fds:
+                os.close(fd)
+            connection.sendall(f"{pid}\n".encode())
+            children[pid] = connection
+        while children:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if not pid:
+                break
+            code = os.waitstatus_to_exitcode(status)
+            try:
+                children.pop(pid).sendall(f"{code if code >= 0 else 128 - code}\n".encode())
+            except OSError:  # the shim is gone
+                pass
+
+
+def start_warm(folder, serve="import conftest; conftest.serve_forked(*sys.argv[1:])"):
+    """The warm process, running `serve` (Python code, given the socket's path and the `python` shim as sys.argv[1:]),
+    and the shims folder/python and folder/torchrun: (the process, {"python": the shim, "env": what a shim needs})."""
+    import subprocess
+    import time
+    path = str(folder / "warm.sock")
+    for name, prefix in (("python", []), ("torchrun", ["-m", "torch.distributed.run"])):
+        (folder / name).write_text(SHIM.format(python=sys.executable, prefix=prefix))
+        (folder / name).chmod(0o755)
+    code = f"import sys; sys.path[:0] = [{os.path.dirname(__file__)!r}, {ROOT!r}]; {serve}"
+    server = subprocess.Popen([sys.executable, "-c", code, path, str(folder / "python")], cwd=ROOT,
+                              start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    while not os.path.exists(path):
+        assert server.poll() is None, "the warm process did not start"
+        time.sleep(0.05)
+    return server, {"python": str(folder / "python"), "env": {"NANOLLM_WARM": path}}
+
+
+@pytest.fixture(scope="session")
+def warm_python(tmp_path_factory):
+    """start_warm's {"python", "env"}, for stages whose tests need no fresh interpreter (none about signals to a
+    process or its group: a signal to the shim reaches the forked process only as SIGINT or SIGTERM, forwarded)."""
+    import signal
+    server, warm = start_warm(tmp_path_factory.mktemp("warm"))
+    yield warm
+    os.killpg(server.pid, signal.SIGTERM)  # it and whatever it forked
+    server.wait()

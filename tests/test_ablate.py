@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, read_log, run_stage
+from conftest import ROOT, read_log, run_stage, run_train
 from model import GPT, GPTConfig
 
 TINY = "--device=cpu --n_layer=2 --n_embd=32 --n_head=4 --block_size=32 --batch_size=4 --eval_iters=2 --log_interval=2"
@@ -38,26 +38,31 @@ def test_moe_active_flops_scale_with_topk_not_with_experts():
         assert parts["moe"] - base["moe"] == extra and {**parts, "moe": 0} == {**base, "moe": 0}  # the MoE part alone
 
 
-def test_flops_budget_sets_the_steps_within_one_percent(tiny_data, tmp_path):
+def test_flops_budget_sets_the_steps_within_one_percent(tiny_data, tmp_path, monkeypatch, one_thread):
     budget = 2.3e9  # about 61 steps of 128 tokens
-    run_stage("train.py", f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", *TINY.split(), f"--train_flops={budget}",
+    run_train(monkeypatch, f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", *TINY.split(), f"--train_flops={budget}",
               "--eval_interval=1000")
     rows = read_log(tmp_path)
     head, final = rows[0], rows[-1]
     assert abs(final["tokens"] * head["flops_per_token"] - budget) / budget < 0.01
 
 
-def test_wall_clock_budget_times_the_first_steps_then_fixes_the_count(tiny_data, tmp_path):
-    result = run_stage("train.py", f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", *TINY.split(),
-                       "--train_minutes=0.05", "--eval_interval=1000", "--warmup_iters=2")
-    steps = int(result.stdout.split("ms/step: ")[1].split()[0])  # '... 0.05 min at 9 ms/step: 270 steps'
+def test_wall_clock_budget_times_the_first_steps_then_fixes_the_count(tiny_data, tmp_path, monkeypatch, capsys,
+                                                                     one_thread):
+    """In this process (a new one costs seconds of imports), on one thread as a stage's process would be."""
+    run_train(monkeypatch, f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", *TINY.split(), "--train_minutes=0.05",
+              "--eval_interval=1000", "--warmup_iters=2")
+    stdout = capsys.readouterr().out
+    steps = int(stdout.split("ms/step: ")[1].split()[0])  # '... 0.05 min at 9 ms/step: 270 steps'
     assert steps > 12 and [r for r in read_log(tmp_path) if "exact_val_bpb" in r][0]["step"] == steps
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["timed_max_iters"] == steps  # what a resume keeps
-    seconds = float(result.stdout.split(" tokens in ")[1].split()[0])  # the steps, the first and last evaluations
+    seconds = float(stdout.split(" tokens in ")[1].split()[0])  # the steps, the first and last evaluations
     assert 0.5 * 3 < seconds < 3 * 3, seconds
 
 
-def test_sweep_runs_tabulates_and_resumes_without_redoing_finished_runs(tiny_data, tmp_path):
+def test_sweep_runs_tabulates_and_resumes_without_redoing_finished_runs(tiny_data, tmp_path, warm_python):
+    """ablate.py and its train.py runs in warm processes (a fresh one spends seconds importing): each run still a
+    process of its own, started by ablate.py."""
     sweep = tmp_path / "sweep.py"
     sweep.write_text(f"""
 out_dir = {str(tmp_path / 'out')!r}
@@ -69,7 +74,7 @@ repeat_best = 1
 repeat_seeds = [2]
 parallel = 2
 """)
-    run_stage("ablate.py", str(sweep))
+    run_stage("ablate.py", str(sweep), warm=warm_python)
     out = tmp_path / "out"
     # every run once; the first run and the best of the others again with seed 2
     finished = sorted(p for p in os.listdir(out) if (out / p).is_dir() and any("exact_val_bpb" in r for r in read_log(out / p)))
@@ -95,11 +100,11 @@ parallel = 2
     with open(out / "narrow-s1" / "log.jsonl", "a") as f:
         f.write('{"step": 10, "lo')
     commands = {p: (out / p / "train.log").read_text().count("train.py") for p in finished}
-    run_stage("ablate.py", str(sweep))
+    run_stage("ablate.py", str(sweep), warm=warm_python)
     for p in finished:
         assert (out / p / "train.log").read_text().count("train.py") == commands[p] + (p == "deep-s1")
     # another budget: the finished runs trained with the old one, and the table would show them under the new one
-    other = run_stage("ablate.py", str(sweep), "--train_tokens=2560", check=False)
+    other = run_stage("ablate.py", str(sweep), "--train_tokens=2560", check=False, warm=warm_python)
     assert other.returncode == 1 and "finished a run of other arguments than this sweep gives it" in other.stderr
 
 
@@ -109,8 +114,9 @@ def test_a_choice_longer_than_the_window_scores_every_target_it_keeps():
     assert y.tolist() == [list(range(1, 9)), [-1, 7] + [-1] * 6] and x[1].tolist() == [5, 6] + [0] * 6
 
 
-def test_task_scorer_picks_the_most_likely_choice(tiny_data, tmp_path):
-    run_stage("train.py", f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", *TINY.split(), "--max_iters=2",
+def test_task_scorer_picks_the_most_likely_choice(tiny_data, tmp_path, monkeypatch, capsys):
+    """Both runs of train.py in this process (a new one costs seconds of imports)."""
+    run_train(monkeypatch, f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", *TINY.split(), "--max_iters=2",
               "--eval_interval=1000")
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     model = GPT(GPTConfig(**checkpoint["model_config"]))
@@ -132,9 +138,12 @@ def test_task_scorer_picks_the_most_likely_choice(tiny_data, tmp_path):
         tasks.append({"context": context, "choices": choices, "answer": worst})
     path = tmp_path / "tasks.jsonl"
     path.write_text("".join(json.dumps(t) + "\n" for t in tasks))
-    result = run_stage("train.py", f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", "--device=cpu", "--eval_only=True",
-                       f"--eval_tasks={path}")
-    assert f"{path}: accuracy 0.5000" in result.stdout  # right on the 3 planted best, wrong on the 3 worst
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:  # eval_only's end: raise SystemExit, status 0
+        run_train(monkeypatch, f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", "--eval_only=True",
+                  f"--eval_tasks={path}")
+    assert stop.value.code is None
+    assert f"{path}: accuracy 0.5000" in capsys.readouterr().out  # right on the 3 planted best, wrong on the 3 worst
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
@@ -177,9 +186,10 @@ train_tokens = 10_000_000
     assert torch.load(log.parent / "ckpt.pt", weights_only=True)["step"] > 0
 
 
-def test_a_sweep_whose_runs_all_fail_exits_1_naming_them(tiny_data, tmp_path):
+def test_a_sweep_whose_runs_all_fail_exits_1_naming_them(tiny_data, tmp_path, warm_python):
     """A typo'd key, and a run folder that another writer holds (a run that outlived a killed sweep): neither run
-    starts, the previous table stays, and ablate.py exits 1 naming both and their logs."""
+    starts, the previous table stays, and ablate.py exits 1 naming both and their logs. (In warm processes: a fresh
+    one spends seconds importing.)"""
     out = tmp_path / "out"
     sweep = tmp_path / "sweep.py"
     sweep.write_text(f"""
@@ -194,7 +204,7 @@ parallel = 2
     (out / "results.md").write_text("the previous table\n")
     with open(out / "held-s1" / ".lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        result = run_stage("ablate.py", str(sweep), check=False)
+        result = run_stage("ablate.py", str(sweep), check=False, warm=warm_python)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (f"error: 2 of 2 runs failed: typo-s1, held-s1; see "
                                                       f"{out / '<run>' / 'train.log'}")

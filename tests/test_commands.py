@@ -22,7 +22,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,7 +30,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, serve_forked, start_warm
 
 # -----------------------------------------------------------------------------
 # what the test changes
@@ -177,124 +176,26 @@ def stage_command(argv):
 
 
 # -----------------------------------------------------------------------------
-# the stages' processes: forked from one that has imported torch and the project's modules
+# the stages' processes: forked from one that has imported torch and the project's modules (conftest.start_warm)
 
-SHIM = """#!{python} -S
-import json, os, signal, socket, sys
-stages = socket.socket(socket.AF_UNIX)
-stages.connect(os.environ["NANOLLM_STAGES"])
-request = {{"argv": {prefix} + sys.argv[1:], "cwd": os.getcwd(), "env": dict(os.environ)}}
-socket.send_fds(stages, [json.dumps(request).encode()], [0, 1, 2])
-stages.shutdown(socket.SHUT_WR)
-reply = stages.makefile()
-pid = int(reply.readline())
-for stop in (signal.SIGINT, signal.SIGTERM):
-    signal.signal(stop, lambda signum, frame: os.kill(pid, signum))
-sys.exit(int(reply.readline()))
-"""
-
-
-def run_request(request, python):
-    """In a forked process: request's command, as `python ...` would run it; never returns."""
-    import atexit, runpy, traceback, weakref  # noqa: E401
-    # the exit handlers and finalizers so far are the forking process's (running them costs more than a tiny run):
-    # the command's own run at its end
-    atexit._clear()
-    for finalizer in list(weakref.finalize._registry):
-        finalizer.atexit = False
-    weakref.finalize._registered_with_atexit = False
-    os.chdir(request["cwd"])
-    os.environ.clear()
-    os.environ.update(request["env"])
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    sys.executable = python  # ablate.py's runs and torchrun's workers come back here
-    argv = [arg for arg in request["argv"] if arg != "-u"]
+def stage_argv(argv):
+    """In a stage's forked process, the argv it runs with (stage_command); only the commands about plots draw, since
+    a figure costs more than a tiny run."""
     if not {"--plot=True", "--report_only=True"} & set(argv) and "ablate.py" not in argv:
-        sys.modules["matplotlib"] = None  # a figure costs more than a tiny run: only the commands about plots draw
-    code = 0
-    try:
-        if argv[0] == "-m":
-            sys.argv = argv[1:]
-            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
-        elif argv[0] == "-c":
-            sys.argv = ["-c", *argv[2:]]
-            exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__"})
-        else:
-            sys.argv = stage_command(argv)
-            sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
-            runpy.run_path(argv[0], run_name="__main__")
-    except SystemExit as stop:  # as the interpreter ends: a message goes to stderr with status 1
-        code = stop.code if stop.code is None or isinstance(stop.code, int) else 1
-        if code == 1 and not isinstance(stop.code, int):
-            print(stop.code, file=sys.stderr)
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    try:
-        atexit._run_exitfuncs()
-        sys.stdout.flush()
-        sys.stderr.flush()
-    finally:
-        os._exit(code or 0)
+        sys.modules["matplotlib"] = None
+    return stage_command(argv)
 
 
 def serve(path, python):
-    """Fork a process for each request on the socket at path. python is the shim that the stages' sys.executable
-    becomes. transformers is imported before the first command that needs it, once."""
-    import select
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot
+    """conftest.serve_forked with GPT-2's BPE files, a download, replaced by a stand-in of the same layout (256 byte
+    ranks and <|endoftext|>), and transformers' reference models imported once, before the first fork."""
     import tiktoken
-    import torch._dynamo  # noqa: F401  (what an optimizer imports when the first one is made)
-    import torch.distributed.run  # noqa: F401
-    import configurator, decode, evaluate, hf, kernel, model, optim, rl, tokenizer  # noqa: E401, F401
-    figure = matplotlib.pyplot.figure()  # the font cache, which the first figure loads
-    figure.savefig(io.BytesIO(), format="png")
-    matplotlib.pyplot.close(figure)
-    # GPT-2's BPE files are a download: a stand-in of the same layout (256 byte ranks and <|endoftext|>)
     from tiktoken_ext.openai_public import r50k_pat_str
+    from transformers import LlamaForCausalLM, Qwen3MoeForCausalLM  # noqa: F401
     stand_in = tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks={bytes([b]): b for b in range(256)},
                                  special_tokens={"<|endoftext|>": 256})
     tiktoken.get_encoding = lambda name: stand_in
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(path + ".tmp")
-    listener.listen(64)
-    os.rename(path + ".tmp", path)  # there once it listens
-    children = {}
-    while True:
-        if select.select([listener], [], [], 0.01)[0]:
-            connection, _ = listener.accept()
-            data, fds, _, _ = socket.recv_fds(connection, 1 << 20, 3)
-            while chunk := connection.recv(1 << 20):
-                data += chunk
-            request = json.loads(data)
-            if any(arg.startswith("--reference=hf_") for arg in request["argv"]):
-                from transformers import LlamaForCausalLM, Qwen3MoeForCausalLM  # noqa: F401
-            sys.stdout.flush()
-            sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:
-                for other in (listener, connection, *children.values()):
-                    other.close()
-                for target, fd in enumerate(fds):
-                    os.dup2(fd, target)
-                    os.close(fd)
-                run_request(request, python)
-            for fd in fds:
-                os.close(fd)
-            connection.sendall(f"{pid}\n".encode())
-            children[pid] = connection
-        while children:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-            if not pid:
-                break
-            code = os.waitstatus_to_exitcode(status)
-            try:
-                children.pop(pid).sendall(f"{code if code >= 0 else 128 - code}\n".encode())
-            except OSError:  # the shim is gone
-                pass
+    serve_forked(path, python, rewrite=stage_argv)
 
 
 # -----------------------------------------------------------------------------
@@ -383,18 +284,9 @@ def start_stages(root, data):
     """The process that the stages fork from, and the `python` and `torchrun` in root/bin that hand it commands:
     (the process, the environment that puts them first on the PATH). data: DATA's entries."""
     (root / "bin").mkdir()
-    for name, prefix in (("python", []), ("torchrun", ["-m", "torch.distributed.run"])):
-        (root / "bin" / name).write_text(SHIM.format(python=sys.executable, prefix=prefix))
-        (root / "bin" / name).chmod(0o755)
-    path = str(root / "stages.sock")
-    code = (f"import sys; sys.path[:0] = [{os.path.dirname(__file__)!r}, {ROOT!r}]; import test_commands; "
-            f"test_commands.DATA.update({data!r}); test_commands.serve({path!r}, {str(root / 'bin' / 'python')!r})")
-    stages = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, start_new_session=True)
-    while not os.path.exists(path):
-        assert stages.poll() is None, "the stages' process did not start"
-        time.sleep(0.05)
-    return stages, {**os.environ, "PATH": f"{root / 'bin'}:{os.environ['PATH']}", "NANOLLM_STAGES": path,
-                    "OMP_NUM_THREADS": "1"}
+    stages, warm = start_warm(root / "bin", f"import test_commands; test_commands.DATA.update({data!r}); "
+                                            "test_commands.serve(*sys.argv[1:])")
+    return stages, {**os.environ, "PATH": f"{root / 'bin'}:{os.environ['PATH']}", **warm["env"], "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")

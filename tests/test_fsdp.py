@@ -30,17 +30,19 @@ MUON = ["--eval_interval=2", "--gradient_accumulation_steps=2", "--grad_clip=0",
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def torchrun(stage, *args, env=None):
-    """stage under torchrun on 2 processes; a short monitor interval: torchrun notices at once that they are done."""
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--monitor-interval=0.05",
+def torchrun(warm, stage, *args, env=None):
+    """stage under torchrun on 2 processes; a short monitor interval: torchrun notices at once that they are done.
+    torchrun and its workers are warm processes (warm_python: a fresh one spends seconds importing), each worker still
+    a process of its own."""
+    result = subprocess.run([warm["python"], "-m", "torch.distributed.run", "--standalone", "--monitor-interval=0.05",
                              "--nproc_per_node=2", stage, *args], cwd=ROOT, capture_output=True, text=True,
-                            env={**ENV, **(env or {})}, timeout=300)
+                            env={**ENV, **warm["env"], **(env or {})}, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result
 
 
-def fsdp(data, out, *args):
-    return torchrun("train.py", f"--data_dir={data}", f"--out_dir={out}", *TINY, "--fsdp=True", *args)
+def fsdp(warm, data, out, *args):
+    return torchrun(warm, "train.py", f"--data_dir={data}", f"--out_dir={out}", *TINY, "--fsdp=True", *args)
 
 
 def one(monkeypatch, data, out, *args):
@@ -63,23 +65,24 @@ def values(out, key):
 
 
 @pytest.fixture(scope="module")
-def adamw(tiny_data, tmp_path_factory):
+def adamw(tiny_data, tmp_path_factory, warm_python):
     out = tmp_path_factory.mktemp("fsdp_adamw")
-    fsdp(tiny_data, out, *ADAMW, "--activation_checkpointing=True")
+    fsdp(warm_python, tiny_data, out, *ADAMW, "--activation_checkpointing=True")
     return out
 
 
 @pytest.fixture(scope="module")
-def muon(tiny_data, tmp_path_factory):
+def muon(tiny_data, tmp_path_factory, warm_python):
     """MuonClip for 4 steps under FSDP straight, and stopped at step 2 then resumed under FSDP (assert_resume_
     reproduces: bit for bit), the checkpoint of step 2 kept in `at2`: the folders."""
     root = tmp_path_factory.mktemp("fsdp_muon")
 
     def stop(out):
-        fsdp(tiny_data, out, *MUON, "--max_iters=2")
+        fsdp(warm_python, tiny_data, out, *MUON, "--max_iters=2")
         shutil.copytree(out, root / "at2")
 
-    assert_resume_reproduces(lambda out, *more: fsdp(tiny_data, out, *MUON, *more), root, 4, stop, keys=("loss", "lr"))
+    assert_resume_reproduces(lambda out, *more: fsdp(warm_python, tiny_data, out, *MUON, *more), root, 4, stop,
+                             keys=("loss", "lr"))
     return root
 
 
@@ -119,12 +122,12 @@ def test_fsdp_muonclip_equals_one_process_and_resumes_on_two_and_on_one(muon, ti
     assert values(whole, "val_loss")[-1] == pytest.approx(values(muon / "at2", "val_loss")[-1], abs=1e-6)
 
 
-def test_fsdp_checkpoint_loads_weights_only_and_samples(muon):
+def test_fsdp_checkpoint_loads_weights_only_and_samples(muon, warm_python):
     saved = checkpoint(muon / "whole")  # weights_only=True
     assert saved["step"] == 4 and len(saved["rng"]) == 2
     assert saved["model"]["wte.weight"].data_ptr() == saved["model"]["lm_head.weight"].data_ptr()  # tied: once
     result = run_stage("sample.py", f"--out_dir={muon / 'whole'}", "--device=cpu", "--start=alice", "--num_samples=1",
-                       "--max_new_tokens=8", "--temperature=0")
+                       "--max_new_tokens=8", "--temperature=0", warm=warm_python)
     assert result.stdout.startswith("alice") and len(result.stdout) > len("alice") + 4
 
 
@@ -135,14 +138,14 @@ def some(prompt, completion):
 """
 
 
-def test_fsdp_grpo_equals_ddp(adamw, tmp_path):
+def test_fsdp_grpo_equals_ddp(adamw, tmp_path, warm_python):
     """GRPO with a KL to the (sharded) reference and micro-batches of one rollout: the same steps as under DDP."""
     (tmp_path / "my_reward.py").write_text(REWARD)
     args = [f"--init_from={adamw}", "--device=cpu", "--max_iters=3", "--prompts_per_step=4", "--group_size=2",
             "--n_eval=3", "--eval_batch_size=1", "--eval_interval=3", "--max_completion_length=4",
             "--learning_rate=1e-2", "--micro_batch_size=1", "--beta=0.01", "--reward=my_reward:some"]
     for run, more in (("ddp", []), ("fsdp", ["--fsdp=True"])):
-        torchrun("grpo.py", *args, f"--out_dir={tmp_path / run}", *more, env={"PYTHONPATH": str(tmp_path)})
+        torchrun(warm_python, "grpo.py", *args, f"--out_dir={tmp_path / run}", *more, env={"PYTHONPATH": str(tmp_path)})
     assert_same_weights(tmp_path / "ddp", tmp_path / "fsdp", atol=1e-6)
     rows = [read_log(tmp_path / run) for run in ("ddp", "fsdp")]
     assert [r.get("reward") for r in rows[0]] == [r.get("reward") for r in rows[1]]

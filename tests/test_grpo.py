@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import configurator
-from conftest import ROOT, assert_resume_reproduces, read_log, run_stage
+from conftest import ROOT, assert_resume_reproduces, read_log
 from configurator import save_checkpoint
 from evaluate import token_logprobs
 from model import GPT, GPTConfig
@@ -256,21 +256,21 @@ def raises(prompt, completion):
 """
 
 
-def grpo(*args, reward_dir=None, env=None, **kwargs):
-    return run_stage("grpo.py", *STAGE, *args, env={**({"PYTHONPATH": str(reward_dir)} if reward_dir else {}),
-                                                    **(env or {})}, **kwargs)
-
-
-def grpo_here(monkeypatch, *args):
-    """grpo.py in this process (a new one costs seconds of imports): the message it stops with, or its exit code."""
+def grpo_here(monkeypatch, *args, stage=STAGE):
+    """grpo.py in this process (a new one costs seconds of imports): the message it stops with, or its exit code (0
+    when it ends without one). A Ctrl-C that grpo.py does not catch returns "KeyboardInterrupt" (a failure of the test
+    that asserts what it stops with, not the end of the whole test session)."""
     monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(sys, "argv", ["grpo.py", *STAGE, *args])
+    monkeypatch.setattr(sys, "argv", ["grpo.py", *stage, *args])
     monkeypatch.setattr(configurator, "LOCKS", {})  # the locks it takes, released below
     handler = signal.getsignal(signal.SIGINT)
     try:
         runpy.run_path(os.path.join(ROOT, "grpo.py"))
+        return 0
     except SystemExit as stop:
-        return stop.code
+        return 0 if stop.code is None else stop.code
+    except KeyboardInterrupt:
+        return "KeyboardInterrupt"
     finally:
         signal.signal(signal.SIGINT, handler)
         for lock in configurator.LOCKS.values():
@@ -290,20 +290,30 @@ def start(tiny_data, tmp_path_factory):
     return root
 
 
-def test_grpo_runs_logs_checkpoints_and_resumes_exactly_after_a_ctrl_c(start, tmp_path):
+def test_grpo_runs_logs_checkpoints_and_resumes_exactly_after_a_ctrl_c(start, tmp_path, monkeypatch, capsys,
+                                                                       one_thread):
+    """The runs go in this process (a new one costs seconds of imports), each importing the reward module afresh, as a
+    new process does (ctrl_c counts its calls); the Ctrl-C is a real SIGINT to this process."""
     common = [f"--init_from={start / 'base'}", "--beta=0.04", "--eval_interval=2", "--temperature=1.5"]
+    monkeypatch.syspath_prepend(str(start))
 
-    def run(out, *more, reward="longer", **kwargs):
-        return grpo(*common, f"--reward=my_reward:{reward}", f"--out_dir={out}", *more, reward_dir=start, **kwargs)
+    def run(out, *more, reward="longer"):
+        monkeypatch.delitem(sys.modules, "my_reward", raising=False)
+        code = grpo_here(monkeypatch, *common, f"--reward=my_reward:{reward}", f"--out_dir={out}", *more)
+        assert reward == "ctrl_c" or code == 0, code
+        return code
 
     def ctrl_c(out):
         """A Ctrl-C amid step 3's rollouts (after 8 + 16 + 16 + 8 reward calls: evaluations at steps 0 and 2, 16
         rollouts a step): the step ends, is saved, and the run exits 130 with one line; then a crash amid an append
         leaves a partial last line in the log, which the resume leaves out."""
-        result = run(out, "--max_iters=4", reward="ctrl_c", env={"CTRL_C_AT": "55"}, check=False)
-        assert result.returncode == 130, result.stderr[-3000:]
-        assert result.stderr.strip().splitlines()[-1] == (f"interrupted at step 3: saved {out / 'ckpt.pt'}; resume "
-                                                          "with --init_from=resume")
+        monkeypatch.setenv("CTRL_C_AT", "55")
+        capsys.readouterr()
+        code = run(out, "--max_iters=4", reward="ctrl_c")
+        stderr = capsys.readouterr().err
+        assert code == 130, (code, stderr[-3000:])
+        assert stderr.strip().splitlines()[-1] == (f"interrupted at step 3: saved {out / 'ckpt.pt'}; resume "
+                                                   "with --init_from=resume")
         assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3
         with open(out / "log.jsonl", "a") as f:
             f.write('{"step": 4, "rew')
@@ -324,44 +334,50 @@ def test_grpo_runs_logs_checkpoints_and_resumes_exactly_after_a_ctrl_c(start, tm
     assert checkpoint["step"] == 4 and checkpoint["config"]["init_from"] == str(start / "base")
 
 
-def test_eval_sft_and_task_modes(start):
-    result = grpo(f"--init_from={start / 'base'}", "--mode=eval", "--eval_k=3")
-    line = [l for l in result.stdout.splitlines() if "held-out" in l][0]
+def test_eval_sft_and_task_modes(start, monkeypatch, capsys, one_thread):
+    """Each mode in this process (a new one costs seconds of imports)."""
+    assert grpo_here(monkeypatch, f"--init_from={start / 'base'}", "--mode=eval", "--eval_k=3") == 0
+    line = [l for l in capsys.readouterr().out.splitlines() if "held-out" in l][0]
     assert "pass@1" in line and "pass@3" in line
     tasks = start / "tasks"
-    run_stage("grpo.py", "--mode=tasks", "--task=reverse", f"--task_dir={tasks}", "--n_task_examples=64", "--n_eval=8")
+    assert grpo_here(monkeypatch, "--mode=tasks", "--task=reverse", f"--task_dir={tasks}", "--n_task_examples=64",
+                     "--n_eval=8", stage=[]) == 0
     rows = [json.loads(line) for line in (tasks / "reverse_train.jsonl").read_text().splitlines()]
     assert len(rows) == 64 and rows[0]["text"] == rows[0]["prompt"] + rows[0]["response"]
     assert len((tasks / "reverse_held_out.jsonl").read_text().splitlines()) == 8
     out = start / "sft"
-    grpo(f"--init_from={start / 'base'}", "--mode=sft", "--task=reverse", "--chat=True",
-         f"--sft_data={tasks / 'reverse_train.jsonl'}", f"--out_dir={out}", "--batch_size=8", "--max_iters=40",
-         "--learning_rate=3e-3", "--eval_interval=40", "--max_completion_length=16", "--log_interval=1")
+    assert grpo_here(monkeypatch, f"--init_from={start / 'base'}", "--mode=sft", "--task=reverse", "--chat=True",
+                     f"--sft_data={tasks / 'reverse_train.jsonl'}", f"--out_dir={out}", "--batch_size=8",
+                     "--max_iters=40", "--learning_rate=3e-3", "--eval_interval=40", "--max_completion_length=16",
+                     "--log_interval=1") == 0
     losses = [r["loss"] for r in read_log(out) if "loss" in r]
     assert len(losses) == 40 and sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 40
 
 
-def test_two_process_sft_equals_one_process_on_responses_of_unequal_lengths(start, tmp_path):
+def test_two_process_sft_equals_one_process_on_responses_of_unequal_lengths(start, tmp_path, monkeypatch, one_thread,
+                                                                            warm_python):
     """Each process's loss is weighted by its share of the step's response tokens: two processes train on the token
-    mean of the step, as one does (the processes' responses here are of 2 and of 10 or more tokens)."""
+    mean of the step, as one does (the processes' responses here are of 2 and of 10 or more tokens). The one process
+    is this one (a new one costs seconds of imports), the two warm processes under a warm torchrun."""
     data = tmp_path / "uneven.jsonl"
     rows = [("1 + 1 = ?\n", "#### 2"), ("2 + 2 = ?\n", "#### 4 and a longer response with more words"),
             ("3 + 3 = ?\n", "#### 6"), ("4 + 4 = ?\n", "#### 8 and more")]
     data.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in rows))
     args = [*STAGE, f"--init_from={start / 'base'}", "--mode=sft", f"--sft_data={data}", "--batch_size=4",
             "--max_iters=3", "--eval_interval=100", "--n_eval=0", "--learning_rate=1e-3", "--warmup_iters=0"]
-    grpo(*args[len(STAGE):], f"--out_dir={tmp_path / 'one'}")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "grpo.py",
-                    *args, f"--out_dir={tmp_path / 'two'}"], cwd=ROOT, check=True, capture_output=True, timeout=120,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert grpo_here(monkeypatch, *args[len(STAGE):], f"--out_dir={tmp_path / 'one'}") == 0
+    subprocess.run([warm_python["python"], "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    "grpo.py", *args, f"--out_dir={tmp_path / 'two'}"], cwd=ROOT, check=True, capture_output=True,
+                   timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1", **warm_python["env"]})
     one, two = ([r["loss"] for r in read_log(tmp_path / run) if "loss" in r] for run in ("one", "two"))
     assert len(one) == 3 and one == pytest.approx(two, abs=1e-5), (one, two)
 
 
-def test_sft_with_dropout_resumes_exactly(start, tmp_path):
+def test_sft_with_dropout_resumes_exactly(start, tmp_path, monkeypatch, capsys, one_thread):
     """SFT trains with the model's dropout: the checkpoint keeps each process's random stream, so that a resumed run
-    draws the masks the uninterrupted one draws, bit for bit."""
+    draws the masks the uninterrupted one draws, bit for bit. The runs go in this process (a new one costs seconds of
+    imports): each seeds its stream at its start, as a new process would, and the resume takes the checkpoint's."""
     base = tmp_path / "base"
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=64, vocab_size=448, n_layer=2, n_head=2, n_embd=32, dropout=0.2))
@@ -372,30 +388,37 @@ def test_sft_with_dropout_resumes_exactly(start, tmp_path):
     data.write_text("".join(json.dumps({"prompt": f"{i} + {i} = ?\n", "response": f"#### {2 * i}"}) + "\n"
                             for i in range(16)))
 
-    def run(out, *more, **kwargs):
-        return grpo(f"--init_from={base}", "--mode=sft", f"--sft_data={data}", "--batch_size=4", "--n_eval=0",
-                    "--eval_interval=2", "--learning_rate=1e-3", "--warmup_iters=0", f"--out_dir={out}", *more,
-                    **kwargs)
-    whole, _ = assert_resume_reproduces(run, tmp_path, 4, 2)
-    # the optimizer's state holds its weight decay: a resume that asks for another stops in one line
-    result = run(whole, "--init_from=resume", "--max_iters=5", "--weight_decay=0.1", check=False)
-    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+    def run(out, *more):
+        return grpo_here(monkeypatch, f"--init_from={base}", "--mode=sft", f"--sft_data={data}", "--batch_size=4",
+                         "--n_eval=0", "--eval_interval=2", "--learning_rate=1e-3", "--warmup_iters=0",
+                         f"--out_dir={out}", *more)
+
+    def ran(out, *more):
+        assert run(out, *more) == 0
+    whole, _ = assert_resume_reproduces(ran, tmp_path, 4, 2)
+    # the optimizer's state holds its weight decay: a resume that asks for another stops in one line (the SystemExit
+    # message, which goes to stderr, exit status 1), and nothing else goes to stderr
+    capsys.readouterr()
+    message = run(whole, "--init_from=resume", "--max_iters=5", "--weight_decay=0.1")
+    assert capsys.readouterr().err == "" and message == (
         f"error: checkpoint {whole / 'ckpt.pt'} was trained with weight_decay=0.0, but the config says weight_decay=0.1, "
         "which the optimizer's state would override: resume with the checkpoint's value, or start a new run in another "
-        "--out_dir"]
+        "--out_dir")
 
 
-def test_two_process_ddp_rounds_prompts_up_and_stops_on_a_ctrl_c_of_either_process(start):
+def test_two_process_ddp_rounds_prompts_up_and_stops_on_a_ctrl_c_of_either_process(start, warm_python):
     """3 prompts a step on 2 processes become 4, with a note (as train.py rounds its accumulation steps). A Ctrl-C to
     process 1 amid step 2 (its 4 evaluation prompts, then 8 rollouts a step): both processes end the step, process 0
-    saves it, and both exit."""
+    saves it, and both exit. (Warm processes, a fresh one spends seconds importing: the SIGINT is process 1's to
+    itself.)"""
     out = start / "ddp"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "grpo.py", *STAGE,
+        [warm_python["python"], "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "grpo.py", *STAGE,
          f"--init_from={start / 'base'}", "--reward=my_reward:ctrl_c", f"--out_dir={out}", "--max_iters=4",
          "--eval_interval=2", "--temperature=1.5", "--prompts_per_step=3"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(start), "CTRL_C_AT": "15", "CTRL_C_RANK": "1"})
+        env={**os.environ, "OMP_NUM_THREADS": "1", **warm_python["env"], "PYTHONPATH": str(start), "CTRL_C_AT": "15",
+             "CTRL_C_RANK": "1"})
     assert result.stdout.count("prompts_per_step=3 rounded up to 4, a multiple of the 2 processes (each takes 2)") == 1
     assert "4 prompts x 4 completions per step" in result.stdout
     assert result.returncode != 0 and f"interrupted at step 2: saved {out / 'ckpt.pt'}" in result.stderr, \
@@ -405,10 +428,12 @@ def test_two_process_ddp_rounds_prompts_up_and_stops_on_a_ctrl_c_of_either_proce
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
 
 
-def test_bad_inputs_give_one_line_errors(start, tmp_path):
-    result = grpo(f"--init_from={start / 'base'}", "--reward=nowhere:nothing", f"--out_dir={tmp_path}", check=False)
-    assert result.returncode == 1 and "cannot load reward" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+def test_bad_inputs_give_one_line_errors(start, tmp_path, monkeypatch, capsys):
+    """In this process (a new one costs seconds of imports): the SystemExit message is the one line that goes to stderr
+    (exit status 1), and nothing else goes there."""
+    message = grpo_here(monkeypatch, f"--init_from={start / 'base'}", "--reward=nowhere:nothing", f"--out_dir={tmp_path}")
+    assert isinstance(message, str) and message.startswith("error: ") and "cannot load reward" in message
+    assert "\n" not in message and capsys.readouterr().err == ""
 
 
 def test_settings_inputs_and_folders_are_checked_before_out_dir_changes(start, tmp_path, monkeypatch, one_thread):

@@ -32,14 +32,16 @@ TINY = ["--device=cpu", "--n_layer=2", "--n_embd=32", "--n_head=4", "--block_siz
 
 
 def train(data, out, *args, **kwargs):
+    """train.py in a process of its own: fresh, or with warm=warm_python forked from a warm one (a fresh one spends
+    seconds importing)."""
     return run_stage("train.py", f"--data_dir={data}", f"--out_dir={out}", *TINY, *args, **kwargs)
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_data, tmp_path_factory):
+def trained(tiny_data, tmp_path_factory, warm_python):
     """One short training run shared by the tests that read its outputs."""
     out = tmp_path_factory.mktemp("run")
-    result = train(tiny_data, out, "--max_iters=40", "--eval_interval=20")
+    result = train(tiny_data, out, "--max_iters=40", "--eval_interval=20", warm=warm_python)
     return out, result
 
 
@@ -67,10 +69,10 @@ def test_run_manifest_describes_the_run_and_its_id_is_on_every_log_row(trained, 
     assert {row["run_id"] for row in read_log(out)} == {manifest["run_id"]}
 
 
-def test_exact_bits_per_byte_equals_a_hand_computation(trained, tiny_data):
+def test_exact_bits_per_byte_equals_a_hand_computation(trained, tiny_data, warm_python):
     out, result = trained
     final = [r for r in read_log(out) if "exact_val_bpb" in r][0]["exact_val_bpb"]
-    evaluated = train(tiny_data, out, "--eval_only=True")
+    evaluated = train(tiny_data, out, "--eval_only=True", warm=warm_python)
     assert f"exact val bits per byte: {final:.4f}" in evaluated.stdout
     # by hand: every val token after an end-of-document token, predicted in windows of block_size, one at a time
     checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
@@ -89,7 +91,7 @@ def test_exact_bits_per_byte_equals_a_hand_computation(trained, tiny_data):
     assert math.isclose(final, nats / meta["splits"]["val"]["bytes"] / math.log(2), rel_tol=1e-5)
 
 
-def test_exact_bits_per_byte_reads_a_val_shard_too_short_for_a_window(trained, tiny_data, tmp_path):
+def test_exact_bits_per_byte_reads_a_val_shard_too_short_for_a_window(trained, tiny_data, tmp_path, warm_python):
     """The last val shard holds 10 tokens, fewer than a window of block_size + 1: no sampled window comes from it, and
     the exact evaluation still reads it (meta.json's byte count counts its bytes)."""
     out, _ = trained
@@ -101,7 +103,7 @@ def test_exact_bits_per_byte_reads_a_val_shard_too_short_for_a_window(trained, t
     stream[-10:].tofile(data / "val_001.bin")
     meta["splits"]["val"]["shards"] = ["val_000.bin", "val_001.bin"]
     (data / "meta.json").write_text(json.dumps(meta))
-    result = train(data, out, "--eval_only=True")
+    result = train(data, out, "--eval_only=True", warm=warm_python)
     checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
     model = GPT(GPTConfig(**checkpoint["model_config"]))
     model.load_state_dict(checkpoint["model"])
@@ -123,29 +125,31 @@ def test_a_resume_refuses_optimizer_settings_its_state_would_override(trained, t
     assert {path.name: path.read_bytes() for path in run.iterdir() if path.name != ".lock"} == before
 
 
-def test_eval_file_bits_per_byte(trained, tiny_data, tmp_path):
+def test_eval_file_bits_per_byte(trained, tiny_data, tmp_path, warm_python):
     out, _ = trained
     text = tmp_path / "held_out.txt"
     text.write_text("alice reads 3 books.\ndef reads_books(n):\n    return n * 2\n")
-    result = train(tiny_data, out, "--eval_only=True", f"--eval_file={text}")
+    result = train(tiny_data, out, "--eval_only=True", f"--eval_file={text}", warm=warm_python)
     line = [l for l in result.stdout.splitlines() if "held_out.txt" in l][0]
     assert 0 < float(line.split(":")[-1]) < 8
 
 
-def test_sample_streams_text(trained):
+def test_sample_streams_text(trained, warm_python):
     out, _ = trained
     greedy = [run_stage("sample.py", f"--out_dir={out}", "--start=alice", "--num_samples=1", "--max_new_tokens=20",
-                        "--temperature=0", "--device=cpu", f"--stream={stream}") for stream in (True, False)]
+                        "--temperature=0", "--device=cpu", f"--stream={stream}", warm=warm_python)
+              for stream in (True, False)]
     assert greedy[0].stdout.startswith("alice")  # printed as it came, or when done: the same text
     assert greedy[1].stdout == greedy[0].stdout[:-1] + "\n---\n"
     assert len(greedy[0].stdout) > len("alice") + 5
     assert "tokens/s" in greedy[0].stderr
     long_prompt = run_stage("sample.py", f"--out_dir={out}", "--start=" + "bob reads 2 lines. " * 40, "--num_samples=1",
-                            "--max_new_tokens=5", "--device=cpu")
+                            "--max_new_tokens=5", "--device=cpu", warm=warm_python)
     assert "keeping the last 31" in long_prompt.stderr
 
 
-def test_kill_and_resume_reproduces_the_uninterrupted_run(tiny_data, tmp_path):
+def test_kill_and_resume_reproduces_the_uninterrupted_run(tiny_data, tmp_path, warm_python):
+    """The killed run is a fresh process (a SIGKILL reaches it, not a shim); the others warm ones."""
     args = ["--eval_interval=5", "--dropout=0.1"]
 
     def kill(out):
@@ -161,18 +165,19 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tiny_data, tmp_path):
         process.wait()
         assert 5 <= torch.load(out / "ckpt.pt", weights_only=True)["step"] < 30
 
-    _, killed = assert_resume_reproduces(lambda out, *more: train(tiny_data, out, *args, *more), tmp_path, 30, kill,
-                                         tol=1e-6)
+    _, killed = assert_resume_reproduces(lambda out, *more: train(tiny_data, out, *args, *more, warm=warm_python),
+                                         tmp_path, 30, kill, tol=1e-6)
     assert len({row["run_id"] for row in read_log(killed)}) == 1  # the resumed run goes on as the same run
 
 
-def test_two_process_ddp_equals_one_process(tiny_data, tmp_path):
+def test_two_process_ddp_equals_one_process(tiny_data, tmp_path, warm_python):
+    """In warm processes (a fresh one spends seconds importing): torchrun's workers still processes of their own."""
     args = ["--max_iters=6", "--eval_interval=6", "--batch_size=2", "--gradient_accumulation_steps=4",
             "--sampler=epoch", "--target_bpb=0.01", "--target_interval=3"]
-    train(tiny_data, tmp_path / "one", *args)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+    train(tiny_data, tmp_path / "one", *args, warm=warm_python)
+    subprocess.run([warm_python["python"], "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
                     f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'two'}", *TINY, *args], cwd=ROOT, check=True,
-                   capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+                   capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1", **warm_python["env"]}, timeout=300)
     one = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["model"]
     two = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["model"]
     for name in one:
@@ -184,15 +189,15 @@ def test_two_process_ddp_equals_one_process(tiny_data, tmp_path):
 
 
 def test_torchrun_on_more_processes_than_accumulation_steps_rounds_them_up(tiny_data, tmp_path, monkeypatch, capsys,
-                                                                           one_thread):
-    """The quickstart config under torchrun on 2 processes, its gradient_accumulation_steps=1 being fewer: one
+                                                                           one_thread, warm_python):
+    """The quickstart config under torchrun on 2 (warm) processes, its gradient_accumulation_steps=1 being fewer: one
     micro-step each, and the run equals one process's with gradient_accumulation_steps=2 (the same windows)."""
     args = [f"--data_dir={tiny_data}", *TINY, "--max_iters=2", "--eval_interval=2", "--eval_iters=1"]
     # a short monitor interval: torchrun notices at once that its processes are done
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--monitor-interval=0.05",
+    two = subprocess.run([warm_python["python"], "-m", "torch.distributed.run", "--standalone", "--monitor-interval=0.05",
                           "--nproc_per_node=2", "train.py", "config/quickstart.py", f"--out_dir={tmp_path / 'two'}",
-                          *args], cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                         timeout=120)
+                          *args], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", **warm_python["env"]}, timeout=120)
     assert two.returncode == 0, two.stderr[-3000:]
     # 2 micro-steps of 4 windows of 32 tokens
     assert "gradient_accumulation_steps=1 rounded up to 2, a multiple of the 2 processes: 256 tokens per step\n" \
