@@ -105,10 +105,10 @@ EVAL_SEED = 0  # the held-out prompts of every evaluation, whatever the run's se
 # every setting in its range before anything is loaded or written (0 stays valid where it means none or all)
 check_settings(config, positive=("eval_batch_size", "prompts_per_step", "group_size", "max_completion_length", "mu",
                                  "batch_size", "eval_interval", "log_interval"),
-               non_negative=("n_eval", "eval_k", "n_task_examples", "block_size", "temperature", "eps", "eps_high",
-                             "beta", "micro_batch_size", "learning_rate", "weight_decay", "grad_clip", "warmup_iters",
-                             "max_iters", "max_minutes"),
-               fractions=("beta1", "beta2"),
+               non_negative=("n_eval", "eval_k", "n_task_examples", "block_size", "temperature", "eps_high", "beta",
+                             "micro_batch_size", "learning_rate", "weight_decay", "grad_clip", "warmup_iters",
+                             "max_iters", "max_minutes", "format_reward"),
+               fractions=("beta1", "beta2", "eps"),  # eps > 1: a lower clip 1 - eps below 0, which clips nothing
                choices={"mode": ("grpo", "sft", "eval", "tasks"), "task": tuple(TASKS),
                         "loss_agg": ("grpo", "dapo", "dr_grpo")})
 if mode == "grpo" and group_size < 2:
@@ -117,6 +117,8 @@ if mode == "grpo" and temperature <= 0:
     fail(f"GRPO samples its groups: temperature={temperature} must be above 0")
 if mode == "eval" and not n_eval:
     fail("mode='eval' scores held-out prompts: n_eval must be at least 1")
+if mode == "eval" and eval_k and temperature <= 0:  # k greedy copies of one completion: pass@k would be pass@1
+    fail(f"sampled pass@{eval_k} samples at temperature={temperature}: it must be above 0, or eval_k=0 for none")
 eps_high = eps_high or eps
 
 try:  # the held-out prompts of every evaluation, and mode 'tasks''s training rows, before anything is written
@@ -219,14 +221,15 @@ for net in (policy, reference) if reference is not None else (policy,):
 policy.eval()
 
 
-def encode_prompt(text):
-    """Prompt ids: a document's first token, then the text (inside the chat markers with chat=True)."""
+def encode_prompt(text, generated=True):
+    """Prompt ids: a document's first token, then the text (inside the chat markers with chat=True); a prompt to
+    generate from leaves room for max_completion_length tokens (an SFT pair's length is checked whole instead)."""
     ids = [] if first is None else [first]
     if chat:
         ids += [tok.special["user"], *tok.encode(text), tok.special["end"], tok.special["assistant"]]
     else:
         ids += tok.encode(text)
-    if len(ids) + max_completion_length > policy.config.block_size:
+    if generated and len(ids) + max_completion_length > policy.config.block_size:
         fail(f"a prompt of {len(ids)} tokens plus max_completion_length={max_completion_length} exceeds the "
              f"model's block_size={policy.config.block_size}")
     return ids
@@ -242,7 +245,7 @@ except ValueError as e:
 if mode == "sft":
     if not os.path.isfile(sft_data):
         fail(f"sft_data {sft_data!r} not found: give a JSONL file of {{\"prompt\": ..., \"response\": ...}} rows")
-    pairs = []
+    pairs, held_out = [], {prompt for prompt, _ in eval_problems}  # what the held-out accuracy scores
     with open(sft_data, "rb") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -251,11 +254,14 @@ if mode == "sft":
                 row = json.loads(line.decode("utf-8"))
                 if not all(isinstance(row[key], str) for key in ("prompt", "response")):
                     raise TypeError
-                pairs.append((encode_prompt(row["prompt"]), tok.encode(row["response"]) + [stop_id]))
+                pairs.append((encode_prompt(row["prompt"], generated=False), tok.encode(row["response"]) + [stop_id]))
             except UnicodeDecodeError:
                 fail(f"{sft_data} line {number} is not UTF-8 text: save the file as UTF-8")
             except (ValueError, KeyError, TypeError):
                 fail(f"{sft_data} line {number} is not a JSON object with 'prompt' and 'response' strings")
+            if row["prompt"] in held_out:
+                fail(f"{sft_data} line {number} holds the held-out prompt {row['prompt']!r}, which the held-out "
+                     f"accuracy would score after training on it: train on {task}_train.jsonl, or give n_eval=0")
             tokens = sum(map(len, pairs[-1]))  # a row of layout()'s, of at most block_size + 1
             if tokens - 1 > policy.config.block_size:
                 fail(f"{sft_data} line {number}: prompt and response hold {tokens} tokens, more than the model's "
@@ -292,7 +298,8 @@ def evaluate(k=0):
         greedy += sum(score(p, c, a)[1] for (p, a), c in zip(chunk, best))
         sampled += sum(any(score(p, c, a)[1] for c in tries[i * k:(i + 1) * k]) for i, (p, a) in enumerate(chunk))
     greedy, sampled = all_reduce_sum(greedy, sampled, device=device)
-    return {"pass@1": greedy / n_eval, **({f"pass@{k}": sampled / n_eval} if k else {})}
+    name = f"pass@{k}" if k > 1 else "sampled pass@1"  # k = 1: not the greedy pass@1's key, which it would replace
+    return {"pass@1": greedy / n_eval, **({name: sampled / n_eval} if k else {})}
 
 
 if mode == "eval":
@@ -436,15 +443,17 @@ if mode == "sft":
         return pairs[epoch_orders[epoch][i % len(pairs)]]
 
     per_process = batch_size // world_size
-    t_last = time.time()
+    t_last, stopped = time.time(), False
     while True:
-        stopped = interrupted()
-        if stopped:
-            save()
-            break
-        if iter_num % eval_interval == 0 or iter_num == max_iters:
+        evaluated = iter_num % eval_interval == 0 or iter_num == max_iters
+        if evaluated:
             evaluate_and_save()
         if iter_num >= max_iters:
+            break
+        stopped = interrupted()  # after the evaluation, as train.py: a Ctrl-C amid it trains no further step
+        if stopped:
+            if not evaluated:
+                save()
             break
         offset = iter_num * batch_size + rank * per_process
         batch = [pair(i) for i in range(offset, offset + per_process)]
@@ -477,18 +486,20 @@ per_process = prompts_per_step // world_size
 print0(f"GRPO on {task}: {policy.num_params() / 1e6:.2f}M parameters, {prompts_per_step} prompts x {group_size} "
        f"completions per step, {max_iters} steps, loss_agg={loss_agg}, beta={beta}, {world_size} process(es) on "
        f"{device} in {dtype}")
-t_start = time.time()
+t_start, stopped = time.time(), False
 while True:
     # with max_minutes, every process stops at the first step where process 0 has run out of time
     over = float(master and time.time() - t_start > 60 * max_minutes)
     out_of_time = max_minutes > 0 and all_reduce_sum(over, device=device)[0]
-    stopped = interrupted()
-    if stopped:
-        save()
-        break
-    if iter_num % eval_interval == 0 or iter_num == max_iters or out_of_time:
+    evaluated = iter_num % eval_interval == 0 or iter_num == max_iters or out_of_time
+    if evaluated:
         evaluate_and_save()
     if iter_num >= max_iters or out_of_time:
+        break
+    stopped = interrupted()  # after the evaluation, as train.py: a Ctrl-C amid it trains no further step
+    if stopped:
+        if not evaluated:
+            save()
         break
 
     # rollouts: this process's share of the step's prompts (drawn from the step number: the same on resume)

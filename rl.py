@@ -110,8 +110,9 @@ def group_advantages(rewards, group_size, scale=True):
     scale; Dr. GRPO (arXiv 2503.20783 §3.1) drops the division, which over-weights too easy and too hard prompts."""
     r = rewards.view(-1, group_size)
     std = r.std(dim=1, unbiased=False, keepdim=True)
-    advantages = (r - r.mean(dim=1, keepdim=True)) / (std + 1e-4 if scale else 1)
-    return advantages.flatten(), std.flatten() == 0
+    same = (r == r[:, :1]).all(dim=1, keepdim=True)  # exactly: the float mean of 0.1s is not 0.1, nor their std 0
+    advantages = ((r - r.mean(dim=1, keepdim=True)) / (std + 1e-4 if scale else 1)).masked_fill(same, 0.0)
+    return advantages.flatten(), same.flatten()
 
 
 def layout(prompts, completions, pad_id):
