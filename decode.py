@@ -30,7 +30,9 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, noi
 
 def sampling_probs(logits, temperature, top_k=0, top_p=1.0):
     """The distribution (..., V) that sampling draws from: softmax(logits / temperature), within top-k and top-p."""
-    logits = logits.float() / temperature
+    # less the max: a tiny temperature sends the others to -inf, not the largest to inf (softmax: NaN), nor 0 / 0
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

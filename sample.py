@@ -89,7 +89,7 @@ for i in range(num_samples):
     rows, shown, stats, steps = [[] for _ in prompts], "", {}, []
     t0 = time.time()
     if stream:
-        print(start, end="", flush=True)
+        print(starts[0], end="", flush=True)  # the one prompt, --start or a one-line prompts_file
     with amp:
         for tokens in generate(model, prompts, max_new_tokens, temperature, top_k, top_p, eos, generator,
                                compiler="inductor" if compile else None, speculative=speculative, stats=stats,

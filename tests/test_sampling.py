@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from configurator import save_checkpoint
-from conftest import FAMILY_VARIANTS, ROOT, VARIANTS, run_stage
+from conftest import FAMILY_VARIANTS, ROOT, VARIANTS, run_stage, tiny_corpus_text
 from decode import Run, State, generate, speculative_step, exponential_race, sample_next, sampling_probs
 from model import GPT, GPTConfig
+from tokenizer import Tokenizer
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13]]
 # the matrix's MTP variants, and one MTP module of one block: its drafts restart the cache at another point unless
@@ -260,3 +261,37 @@ def test_sample_stage_refuses_bad_settings_and_files_in_one_line(tmp_path, monke
         with pytest.raises(SystemExit) as stop:
             runpy.run_path(os.path.join(ROOT, "sample.py"))
         assert stop.value.code.startswith(f"error: {expected}") and "\n" not in stop.value.code, stop.value.code
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-50])  # float32: subnormal, and 0
+def test_a_tiny_temperature_samples_the_most_likely_token(tiny_model, temperature):
+    """softmax(logits / T) tends to the argmax as T -> 0; logits / 1e-40 overflow float32 to inf (NaN probabilities,
+    the exponential race then always picking id 0), and 1e-50 is 0 in float32. Sampling, plain and speculative (p
+    and q one-hot), gives greedy decoding's tokens."""
+    logits = torch.tensor([[1.0, 3.0, 2.0], [5.0, -1.0, 4.0]])
+    assert sampling_probs(logits, temperature).tolist() == [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
+    assert sample_next(logits, temperature, generator=torch.Generator().manual_seed(0)).tolist() == [1, 0]
+    model = tiny_model(mtp_depth=1).eval()
+    greedy = torch.stack(list(generate(model, PROMPTS, 8, temperature=0)), 1)
+    for speculative in (False, True):
+        tokens = generate(model, PROMPTS, 8, temperature, generator=torch.Generator().manual_seed(0),
+                          speculative=speculative)
+        assert torch.equal(torch.stack(list(tokens), 1), greedy), speculative
+
+
+def test_sample_stage_streams_the_prompt_of_a_one_line_prompts_file(tmp_path, monkeypatch, capsys):
+    """A prompts_file of one line streams (one prompt), and the text streamed begins with that prompt, as it does
+    with --start and as the batch's printout does, not with --start's (empty) text."""
+    Tokenizer.train(tiny_corpus_text(n_docs=8), 300, str(tmp_path / "tokenizer.model"))
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=32, vocab_size=320, n_layer=1, n_head=2, n_embd=16)
+    save_checkpoint(str(tmp_path / "ckpt.pt"), {"model_config": asdict(config), "model": GPT(config).state_dict(),
+                                                "tokenizer": "tokenizer.model", "eos_id": 2})
+    (tmp_path / "prompts.txt").write_text("alice reads\n")
+    args = ["--num_samples=1", "--max_new_tokens=4", "--temperature=0", "--device=cpu"]
+    printed = {}
+    for name, prompt in (("start", "--start=alice reads"), ("file", f"--prompts_file={tmp_path / 'prompts.txt'}")):
+        monkeypatch.setattr(sys, "argv", ["sample.py", f"--out_dir={tmp_path}", prompt, *args])
+        runpy.run_path(os.path.join(ROOT, "sample.py"))
+        printed[name] = capsys.readouterr().out
+    assert printed["start"].startswith("alice reads") and printed["file"] == printed["start"], printed
