@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from configurator import atomic_write, fail, lock_folder, parse_config, read_log, save_plot
+from configurator import atomic_write, check_settings, fail, lock_folder, parse_config, read_log, save_plot
 
 # -----------------------------------------------------------------------------
 # defaults
@@ -44,6 +44,11 @@ report_only = False           # only rewrite results.md and val.png from the log
 # -----------------------------------------------------------------------------
 defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list))}
 config = parse_config(defaults, sys.argv[1:])
+# before any run starts: a negative budget would fail every run, one at a time; repeat_best=-1 would repeat all but one
+check_settings(config, non_negative=("train_flops", "train_tokens", "train_minutes", "repeat_best"))
+given_budgets = [key for key in ("train_flops", "train_tokens", "train_minutes") if config[key]]
+if len(given_budgets) > 1:  # as train.py refuses two step counts: the table would name only the first
+    fail(f"{' and '.join(given_budgets)} each set every run's budget: give one of them")
 globals().update(config)
 
 sweep = os.path.basename(os.path.normpath(out_dir))
@@ -88,8 +93,11 @@ def check_finished(label, seed):
     path = os.path.join(run_dir(label, seed), "train.log")
     if not os.path.isfile(path):  # not a run of ablate.py's
         return
-    with open(path) as f:
-        started = f.readline().split(" train.py ", 1)[-1].split()[:-1]  # its last word: how it started
+    with open(path) as f:  # ablate.py's command lines, each ending in how it started, among train.py's output
+        commands = [line.split(" train.py ", 1)[1].split()[:-1] for line in f
+                    if " train.py " in line and line.split()[-1] in ("--init_from=resume", "--overwrite=True")]
+    # the last start is the one that finished: an earlier one may have failed on settings the sweep has since fixed
+    started = commands[-1] if commands else []
     if started != arguments(label, seed):
         fail(f"{run_dir(label, seed)} finished a run of other arguments than this sweep gives it ({' '.join(started)}"
              f"): give its settings back, or choose another out_dir")
@@ -115,7 +123,8 @@ def start_run():
 def run_all(pairs):
     """Run train.py for each (label, seed) not finished yet, up to parallel x GPUs at a time."""
     from tqdm import tqdm
-    todo = [(label, seed) for label, seed in pairs if not finished(label, seed)]
+    # a seed listed twice is one run: two processes of it would share (and contend for) its folder
+    todo = [(label, seed) for label, seed in dict.fromkeys(pairs) if not finished(label, seed)]
     for label, seed in set(pairs) - set(todo):
         check_finished(label, seed)
     devices = gpus.split(",") if gpus else [None]
@@ -156,9 +165,10 @@ def run_all(pairs):
     bar.close()
 
 
-def summarize(label):
-    """One table row for a run: its seeds' final exact val bits per byte, and their mean figures."""
-    logs = [rows for seed in dict.fromkeys(seeds + repeat_seeds)  # a seed in both lists counts once
+def summarize(label, of_seeds=None):
+    """One table row for a run: its seeds' (of_seeds': default, seeds and repeat_seeds) final exact val bits per
+    byte, and their mean figures."""
+    logs = [rows for seed in dict.fromkeys(of_seeds or seeds + repeat_seeds)  # a seed in both lists counts once
             if (rows := run_log(label, seed)) and finished(label, seed)]
     if not logs:
         return None
@@ -225,14 +235,16 @@ if not report_only:
         lock_folder(out_dir)
     except (ValueError, OSError) as e:
         fail(str(e))
-    started = [(label, seed) for seed in seeds for label in jobs]
+    started = list(dict.fromkeys((label, seed) for seed in seeds for label in jobs))
     run_all(started)
     if repeat_best:
         first, *others = jobs
-        best = sorted((label for label in others if summarize(label)), key=lambda label: summarize(label)["bpb"])
+        # ranked by seeds' runs alone: with the repeats a resumed sweep has finished, it could pick other runs
+        best = sorted((label for label in others if summarize(label, seeds)),
+                      key=lambda label: summarize(label, seeds)["bpb"])
         again = [(label, seed) for seed in repeat_seeds for label in [first, *best[:repeat_best]]]
         run_all(again)
-        started += again
+        started = list(dict.fromkeys(started + again))  # a seed in seeds and repeat_seeds: one run, counted once
 try:
     rows = write_results()
 except OSError as e:

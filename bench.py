@@ -95,7 +95,8 @@ if flops:  # on the meta device: shapes without weights, so that even a large co
               "Engram tables": model.table_params()}  # looked up, not multiplied: not in the total
     parts = model.flops_breakdown(T)
     total = sum(parts.values())
-    kv_dtype = "bfloat16" if dtype == "auto" else dtype  # the cache as a GPU keeps it, unless --dtype says otherwise
+    # the cache as a GPU keeps it, unless --dtype says otherwise (a name pick_dtype refuses stops here as well)
+    kv_dtype = "bfloat16" if dtype == "auto" else pick_dtype("cpu", dtype)
     kv_cache_bytes = model.kv_cache_bytes(T, getattr(torch, kv_dtype)) / T
     tokens = flops_tokens or max_iters * gradient_accumulation_steps * batch_size * T or 1e9
     print0(f"{model_config.n_layer} layers x {model_config.n_embd}, vocabulary {model_config.vocab_size}, "
@@ -133,8 +134,11 @@ device_name = torch.cuda.get_device_name(device) if cuda else device_type
 torch.manual_seed(seed)
 
 
-# the flags neither transformers model has a counterpart for, at their off values
-NOT_IN_HF = dict(logit_softcap=0.0, value_embeds="", value_residual=False, x0_mix=False, unet_skips=False)
+# the flags neither transformers model has a counterpart for, at their off values: with any of them on, the reference
+# would train another model than ours (and be credited with our FLOPs per token)
+NOT_IN_HF = dict(logit_softcap=0.0, value_embeds="", value_residual=False, x0_mix=False, unet_skips=False,
+                 attn_span="full", attn_pattern="", attn_gate="none", qkv_bias=False, mtp_depth=0,
+                 residual="standard", engram_layers="")
 
 
 def refuse_unmatched(name, cfg, off):
@@ -145,12 +149,13 @@ def refuse_unmatched(name, cfg, off):
 
 
 def hf_llama(cfg):
-    refuse_unmatched("hf_llama", cfg, dict(qk_norm=False, dropout=0.0, mlp="swiglu"))
+    refuse_unmatched("hf_llama", cfg, dict(qk_norm=False, dropout=0.0, mlp="swiglu", attention="mha", n_experts=0))
     from transformers import LlamaConfig, LlamaForCausalLM  # after the refusal: importing transformers takes seconds
     hf = LlamaConfig(hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden, num_hidden_layers=cfg.n_layer,
-                     num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, vocab_size=cfg.vocab_size,
-                     max_position_embeddings=cfg.block_size, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps,
-                     tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False,
+                     num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
+                     vocab_size=cfg.vocab_size, max_position_embeddings=cfg.block_size, rope_theta=cfg.rope_theta,
+                     rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings, attention_bias=False,
+                     mlp_bias=False,
                      attn_implementation="sdpa", use_cache=False)  # no KV cache to build while training
     # HF shifts the labels inside, so labels = the inputs is the same work as our shifted targets
     return lambda: LlamaForCausalLM(hf), lambda model, x: model(input_ids=x, labels=x).loss
@@ -405,7 +410,7 @@ for name, row in rows.items():
 ratio = rows["ours"]["tokens_per_s"] / rows[reference]["tokens_per_s"] if reference else None
 if reference:
     print0(f"ours / {reference}: {ratio:.3f}x training tokens/s")
-print0(f"KV cache: {kv_cache_bytes:,} bytes per token in {dtype}, all {model_config.n_layer} layers together")
+print0(f"KV cache: {kv_cache_bytes:,.0f} bytes per token in {dtype}, all {model_config.n_layer} layers together")
 if rows["ours"].get("decode"):  # greedy, decode_tokens new tokens per row, prefill included
     print0("decode: " + ", ".join(f"{key} {value:.1%}" if key.endswith(("acceptance", "match"))
                                   else f"{key} {value:,.1f} tokens/s" for key, value in rows["ours"]["decode"].items()))

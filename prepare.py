@@ -146,18 +146,24 @@ def pystdlib_documents(files, topics, source):
 
 def find_input_files(spec):
     """The files named by --input: comma-separated files, folders (searched for .txt/.jsonl/.parquet) and globs."""
-    files = []
+    files = {}  # the real path of each file -> the path first named: a file named twice (a folder and a glob in
+    # it) is read once, or its documents could be both trained on and held out for val
     for item in spec.split(","):
         matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
         if not matches:
             fail(f"--input {item} not found")
+        found = []
         for match in matches:
             if os.path.isdir(match):
-                files += sorted(os.path.join(root, name) for root, _, names in os.walk(match)
+                found += sorted(os.path.join(root, name) for root, _, names in os.walk(match)
                                 for name in names if name.endswith((".txt", ".jsonl", ".parquet")))
             else:
-                files.append(match)
-    return files
+                found.append(match)
+        if not found:  # folders only of other files
+            fail(f"--input {item}: no .txt, .jsonl or .parquet files (name other files explicitly)")
+        for path in found:
+            files.setdefault(os.path.realpath(path), path)
+    return list(files.values())
 
 
 GUTENBERG_START = re.compile(r"^\*\*\* ?START OF.*$", re.MULTILINE)
@@ -181,20 +187,19 @@ def separated_documents(path, separator):
     """The documents of a text file cut at separator, READ_BYTES or a block at a time, so that a file of any size
     streams: those of splitting the whole text, since in UTF-8 a separator's bytes never begin inside a character."""
     sep, size = separator.encode(), min(READ_BYTES, round(block_mb * 1e6) + 1)
-    buffer, line, first = bytearray(), 1, True
+    rest, line, first = b"", 1, True
     with open(path, "rb") as f:
         while True:
             block = f.read(size)
-            buffer += block
-            end = buffer.rfind(sep) if block else len(buffer)  # the text after the last separator may go on
-            if end < 0:
-                continue
-            for piece in bytes(buffer[:end]).split(sep):
+            # cut left to right, as str.split: the last separator found from the right ('---' in '----') may begin
+            # inside a match of the whole text's split
+            pieces = (rest + block).split(sep)
+            rest = pieces.pop() if block else b""  # the text after the last separator may go on
+            for piece in pieces:
                 # a separator usually sits on a line of its own: the line breaks around it are not the documents'
                 yield utf8(piece, path, line, bom=first).strip("\r\n")
                 line += piece.count(b"\n") + sep.count(b"\n")
                 first = False
-            del buffer[:end + len(sep)]
             if not block:
                 return
 
@@ -212,6 +217,11 @@ def jsonl_documents(path):
                 text = None
             if not isinstance(text, str):
                 fail(f"{path} line {number} is not a JSON object with a 'text' string")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # JSON may escape half of a surrogate pair ("\ud83d"): no text in UTF-8
+                fail(f"{path} line {number} is not UTF-8 text (its 'text' holds the lone surrogate "
+                     f"\\u{ord(text[e.start]):04x})")
             yield text
 
 
@@ -276,7 +286,10 @@ def input_chars(paths):
             column = meta.schema.names.index("text")
             total += sum(meta.row_group(i).column(column).total_uncompressed_size for i in range(meta.num_row_groups))
         else:
-            total += os.path.getsize(path)
+            try:
+                total += os.path.getsize(path)
+            except OSError as e:  # a link to no file: a problem of the input, not of writing the dataset
+                fail(f"cannot read {path}: {e.strerror or e}")
     return total
 
 
@@ -580,8 +593,13 @@ for folder in (out_dir, work):
         fail(f"{folder} is a file, not a folder: move it away or choose another --name")
 if os.path.exists(out_dir):
     # the new dataset replaces the folder whole: only what an earlier run of this script wrote may go
-    foreign = sorted(f for f in os.listdir(out_dir)
-                     if not re.fullmatch(r"(train|val)_\d+\.bin|meta\.json|tokenizer(\.model|\.json|_config\.json)", f))
+    try:  # the tokenizer file its meta.json names: a given one keeps its own name (kept.model)
+        with open(os.path.join(out_dir, "meta.json"), encoding="utf-8") as f:
+            ours = {json.load(f)["tokenizer_path"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        ours = set()
+    foreign = sorted(f for f in os.listdir(out_dir) if f not in ours and not re.fullmatch(
+        r"(train|val)_\d+\.bin|meta\.json|tokenizer(\.model|\.json|_config\.json)|chat_template\.jinja", f))
     if foreign:
         fail(f"{out_dir} holds files prepare.py did not write ({', '.join(foreign[:3])}): "
              "move them away or choose another --name")

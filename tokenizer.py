@@ -65,9 +65,12 @@ class Tokenizer:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         try:
             with open(path, "wb") as model_writer:
-                spm.SentencePieceTrainer.train(  # on lines, so no piece holds a '\n' (encode() writes its byte piece)
-                    sentence_iterator=(line for text in texts for line in escape(text).split("\n")),
-                    model_writer=model_writer, model_type="bpe", vocab_size=vocab_size, num_threads=os.cpu_count(),
+                spm.SentencePieceTrainer.train(  # on lines, so no piece holds a '\n' (encode() writes its byte piece),
+                    # cut to 2^18 characters (at most max_sentence_length bytes): sentencepiece skips longer ones
+                    sentence_iterator=(line[i:i + (1 << 18)] for text in texts for line in escape(text).split("\n")
+                                       for i in range(0, len(line) or 1, 1 << 18)),
+                    # a fixed thread count: the model file records it, and its bytes must not depend on the machine
+                    model_writer=model_writer, model_type="bpe", vocab_size=vocab_size, num_threads=16,
                     # sentencepiece's defaults normalize Unicode and collapse runs of spaces: text would not come back
                     normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
                     allow_whitespace_only_pieces=True,  # runs of spaces (indentation) become single pieces
@@ -117,7 +120,7 @@ class Tokenizer:
     def load_hf(cls, path):
         """The tokenizer.json of a Hugging Face folder, with its bos, eos and pad tokens from tokenizer_config.json
         (config.json's ids where it names none); no chat markers of ours (its chat template is its own)."""
-        folder = path if os.path.isdir(path) else os.path.dirname(path)
+        folder = path if os.path.isdir(path) else os.path.dirname(path) or "."  # "tokenizer.json": here
         if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
             raise ValueError(f"no tokenizer.json in {folder} "
                              "(a sentencepiece-only folder: convert it with transformers first)")
@@ -150,7 +153,8 @@ class Tokenizer:
         if special["eos"] is None:
             raise ValueError(f"{folder}: no eos token (tokenizer_config.json eos_token, or config.json eos_token_id)")
         special["pad"] = special["eos"] if special["pad"] is None else special["pad"]
-        return cls("hf", folder, backend, special, backend.get_vocab_size(with_added_tokens=True))
+        # past the largest id, which a vocabulary with gaps puts beyond its count of tokens
+        return cls("hf", folder, backend, special, max(backend.get_vocab(with_added_tokens=True).values()) + 1)
 
     def encode(self, text):
         """Token ids of text, without any special tokens."""

@@ -226,3 +226,73 @@ def test_a_seed_in_seeds_and_in_repeat_seeds_counts_once(tmp_path):
                      'repeat_seeds = [2]\n')
     result = run_stage("ablate.py", str(sweep), "--report_only=True")
     assert "1.5000 ± " in result.stdout and "(2 seeds)" in result.stdout, result.stdout
+
+
+def finished_log(folder, bpb):
+    """A finished run's log.jsonl, as train.py writes it: its head row and its final exact val bits per byte."""
+    folder.mkdir(parents=True)
+    (folder / "log.jsonl").write_text(
+        '{"step": 0, "params": 1000, "active_params": 1000, "flops_per_token": 6000, "tokens_per_step": 10, '
+        f'"max_iters": 1, "device": "cpu"}}\n{{"step": 1, "tokens": 10, "exact_val_bpb": {bpb}}}\n')
+
+
+def test_a_finished_run_is_checked_against_the_start_that_finished_it(tmp_path, warm_python):
+    """A run that failed on a typo, then ran to the end once the sweep was fixed: its train.log's first command is
+    the typo's, its last the one that trained, and the sweep run again takes the run as finished."""
+    out = tmp_path / "out"
+    finished_log(out / "a-s1", 1.0)
+    start = f"{sys.executable} train.py {{}} --seed=1 --out_dir={out / 'a-s1'} --overwrite=True\n"
+    (out / "a-s1" / "train.log").write_text(start.format("--n_layers=3")
+                                            + "error: unknown config key 'n_layers' (from the command line)\n"
+                                            + start.format("--n_layer=3") + "step 0: train loss 4.1\n")
+    sweep = tmp_path / "sweep.py"
+    sweep.write_text(f'out_dir = {str(out)!r}\nruns = ["a: --n_layer=3"]\nseeds = [1]\n')
+    result = run_stage("ablate.py", str(sweep), check=False, warm=warm_python)
+    assert result.returncode == 0, result.stderr
+    assert "| a | " in (out / "results.md").read_text()
+    sweep.write_text(f'out_dir = {str(out)!r}\nruns = ["a: --n_layer=4"]\nseeds = [1]\n')  # other settings: refused
+    result = run_stage("ablate.py", str(sweep), check=False, warm=warm_python)
+    assert result.returncode == 1 and "finished a run of other arguments" in result.stderr
+
+
+def test_repeat_best_ranks_the_runs_by_their_first_seeds_alone(tmp_path, warm_python):
+    """A resumed sweep whose repeat of 'a' finished (a worse seed) repeats 'a' again, as the uninterrupted sweep did,
+    not 'b', which now ranks above a's mean of two seeds. b would fail at once (a typo'd key) if it were started."""
+    out = tmp_path / "out"
+    for run, bpb in (("first-s1", 1.0), ("a-s1", 1.1), ("b-s1", 1.2), ("first-s2", 1.0), ("a-s2", 2.0)):
+        finished_log(out / run, bpb)
+    sweep = tmp_path / "sweep.py"
+    sweep.write_text(f'out_dir = {str(out)!r}\nruns = ["first: ", "a: ", "b: --n_layers=3"]\nseeds = [1]\n'
+                     'repeat_best = 1\nrepeat_seeds = [2]\n')
+    result = run_stage("ablate.py", str(sweep), check=False, warm=warm_python)
+    assert result.returncode == 0, result.stderr
+    assert not (out / "b-s2").exists()
+
+
+def test_a_seed_listed_twice_is_one_run(tmp_path, warm_python):
+    """seeds = [1, 1]: one train.py process (two would contend for one folder), and the failure named once."""
+    out = tmp_path / "out"
+    sweep = tmp_path / "sweep.py"
+    sweep.write_text(f'out_dir = {str(out)!r}\nruns = ["typo: --n_layers=3"]\nseeds = [1, 1]\n')
+    result = run_stage("ablate.py", str(sweep), check=False, warm=warm_python)
+    assert result.stderr.strip().splitlines()[-1] == (f"error: 1 of 1 runs failed: typo-s1; see "
+                                                      f"{out / '<run>' / 'train.log'}")
+    assert (out / "typo-s1" / "train.log").read_text().count(" train.py ") == 1
+
+
+@pytest.mark.parametrize("bad, words", [
+    (["--train_flops=1e9", "--train_tokens=1000"], "train_flops and train_tokens each set every run's budget"),
+    (["--train_tokens=-1000"], "train_tokens=-1000 must not be negative"),
+    (["--repeat_best=-1"], "repeat_best=-1 must not be negative")])
+def test_bad_budgets_stop_before_any_run_starts(tmp_path, monkeypatch, bad, words):
+    """In this process: ablate.py stops while it reads its settings (two budgets: the table would name the first
+    alone; a negative one would fail every run, one after another)."""
+    import runpy
+    sweep = tmp_path / "sweep.py"
+    sweep.write_text(f'out_dir = {str(tmp_path / "out")!r}\nruns = ["a: --n_layers=3"]\n')
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["ablate.py", str(sweep), *bad])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path("ablate.py")
+    assert str(e.value.code).startswith("error: ") and words in str(e.value.code), e.value.code
+    assert not (tmp_path / "out").exists()

@@ -33,6 +33,7 @@ def test_bench_reads_a_train_config_and_writes_table_and_json(tmp_path):
     assert ours["decode"]["speculative x1 match"] == 1.0  # fp32: speculative greedy decoding is plain greedy decoding
     assert result["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 16 * 4  # layers x (k, v) x heads x head_dim x fp32
     assert "tokens/s" in run.stdout and "decode tok/s" in run.stdout
+    assert "KV cache: 512 bytes per token in float32," in run.stdout  # a whole number of bytes, as --flops prints it
     assert any(line.startswith("ours ") for line in run.stdout.splitlines())
 
 
@@ -94,3 +95,47 @@ def test_flops_prints_the_accounting_and_times_nothing(tmp_path):
     assert result["params"]["active"] < result["params"]["total"] and result["params"]["MTP modules"] > 0
     assert result["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 16 * 2  # layers x (k, v) x heads x head_dim x bf16
     assert "attention scores" in run.stdout and "tokens/s" not in run.stdout
+
+
+@pytest.mark.parametrize("reference, flags", [
+    ("hf_llama", ["--n_experts=4"]), ("hf_llama", ["--attention=mla"]), ("hf_llama", ["--mtp_depth=1"]),
+    ("hf_llama", ["--residual=hc"]), ("hf_llama", ["--attn_span=sliding"]), ("hf_llama", ["--engram_layers=0"]),
+    ("hf_llama", ["--attn_gate=headwise"]), ("hf_llama", ["--qkv_bias=True"]),
+    ("hf_qwen3_moe", ["--n_experts=4", "--mtp_depth=1"]), ("hf_qwen3_moe", ["--n_experts=4", "--attn_pattern=SG"])])
+def test_a_reference_refuses_every_flag_that_changes_the_model_it_trains(monkeypatch, tmp_path, reference, flags):
+    """Else transformers' model would train another model (a dense MLP for our experts, no MTP module, full
+    attention for a window) and be credited with our FLOPs per token, and ours / reference compares unlike models."""
+    pytest.importorskip("transformers")
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["bench.py", *TINY, *flags, f"--reference={reference}",  # stops before timing
+                                      f"--json_out={tmp_path / 'bench.json'}"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path("bench.py")
+    message = str(e.value.code)
+    assert message.startswith(f"error: {reference} cannot match") and flags[-1].split("=")[0] in message, message
+
+
+@pytest.mark.parametrize("shape", [["--head_dim=8"], ["--head_dim=24", "--n_kv_head=1", "--tie_embeddings=False"]])
+def test_the_hf_llama_reference_has_our_shape(monkeypatch, tmp_path, shape):
+    """A head_dim of its own (not n_embd / n_head) is Llama's too: the reference has our parameters, one for one."""
+    pytest.importorskip("transformers")
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["bench.py", *TINY, "--n_layer=1", "--decode=False", "--warmup=0", "--steps=1",
+                                      "--repeats=1", "--reference=hf_llama", f"--json_out={tmp_path / 'bench.json'}",
+                                      *shape])
+    bench_globals = runpy.run_path("bench.py")
+    from model import GPT
+    ours, reference = GPT(bench_globals["model_config"]), bench_globals["build_reference"]()
+    assert sum(p.numel() for p in reference.parameters()) == sum(p.numel() for p in ours.parameters())
+
+
+def test_flops_refuses_an_unknown_dtype_in_one_line(monkeypatch, tmp_path):
+    """--flops names the cache's dtype: a name torch lacks (bf16) stopped with a traceback, int8 gave 0 bytes."""
+    monkeypatch.chdir(ROOT)
+    for name in ("bf16", "int8"):
+        monkeypatch.setattr(sys, "argv", ["bench.py", "--flops", "--n_layer=1", "--n_embd=32", "--n_head=2",
+                                          "--block_size=32", "--vocab_size=64", f"--dtype={name}",
+                                          f"--json_out={tmp_path / 'bench.json'}"])
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path("bench.py")
+        assert str(e.value.code).startswith(f"error: unknown dtype '{name}'"), e.value.code

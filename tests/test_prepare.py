@@ -336,6 +336,82 @@ def test_input_that_is_not_utf8_or_not_readable(tmp_path):
     assert files_under(tmp_path / "out") == {}
 
 
+def test_a_file_named_twice_is_read_once(tmp_path):
+    """A folder and a glob in it (or one file twice) name the same files: each is read once, so that no document is
+    both trained on and held out for val."""
+    corpus = write_corpus(tmp_path / "corpus", n=10)
+    meta, docs = run(tmp_path, f"--input={tmp_path / 'corpus'},{tmp_path}/corpus/*.txt,{tmp_path}/corpus//doc00.txt",
+                     "--val_fraction=0.3")
+    assert meta["source"]["files"] == 10 and sorted(docs["train"] + docs["val"]) == sorted(corpus.values())
+
+
+def test_separator_that_overlaps_itself_cuts_as_the_whole_text(tmp_path):
+    """A separator whose end can begin it again ('---' in '----', here the last one read) cuts a streamed file where
+    splitting its whole text does, the first match first, as reading the file whole for --strip_gutenberg does."""
+    docs = [make_doc(i, lines=4).strip() for i in range(8)]
+    text = "---".join(docs[:7]) + "----" + docs[7]
+    (tmp_path / "a.txt").write_text(text)
+    _, got = run(tmp_path, f"--input={tmp_path / 'a.txt'}", "--doc_separator=---")
+    assert sorted(got["train"] + got["val"]) == sorted(d.strip("\r\n") for d in text.split("---"))
+    _, whole = run(tmp_path, f"--input={tmp_path / 'a.txt'}", "--doc_separator=---", "--strip_gutenberg=True")
+    assert sorted(whole["train"] + whole["val"]) == sorted(got["train"] + got["val"])
+
+
+def test_jsonl_text_that_is_not_unicode_stops_naming_the_line(tmp_path):
+    """A JSON string may escape half of a surrogate pair (an emoji cut in two: "\\ud83d"), which no UTF-8 can hold:
+    one line naming the file and the row, whether a tokenizer is trained or given, and nothing written."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": make_doc(i)}) + "\n" for i in range(6)) + '{"text": "cut \\ud83d"}\n')
+    Tokenizer.train([make_doc(i) for i in range(6)], 300, str(tmp_path / "given.model"))
+    for args in ([], [f"--tokenizer={tmp_path / 'given.model'}"]):
+        message = one_line_error(f"--out_root={tmp_path / 'out'}", f"--input={rows}", "--vocab_size=300", *args)
+        assert message == f"error: {rows} line 7 is not UTF-8 text (its 'text' holds the lone surrogate \\ud83d)"
+    assert files_under(tmp_path / "out") == {}
+
+
+def test_input_errors_name_the_input(tmp_path):
+    """A folder without .txt, .jsonl or .parquet files, and a link to no file, are input problems, said as such
+    (not 'its files are empty', not 'could not write' the dataset)."""
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.md").write_text("words " * 100)
+    out = f"--out_root={tmp_path / 'out'}"
+    assert one_line_error(out, f"--input={tmp_path / 'notes'}") == \
+        f"error: --input {tmp_path / 'notes'}: no .txt, .jsonl or .parquet files (name other files explicitly)"
+    write_corpus(tmp_path / "corpus", n=3)
+    os.symlink(tmp_path / "gone.txt", tmp_path / "corpus" / "link.txt")
+    assert one_line_error(out, f"--input={tmp_path / 'corpus'}") == \
+        f"error: cannot read {tmp_path / 'corpus' / 'link.txt'}: No such file or directory"
+    assert files_under(tmp_path / "out") == {}
+
+
+def byte_level_tokenizer(folder, texts, **files):
+    """A Hugging Face folder with a byte-level BPE (exact round trips) trained on texts, and files {name: text}."""
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.train_from_iterator(texts, tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    for name, text in {"tokenizer_config.json": json.dumps({"eos_token": "<|endoftext|>"}), **files}.items():
+        (folder / name).write_text(text)
+
+
+def test_rerun_over_a_dataset_of_a_given_tokenizer(tmp_path):
+    """A dataset keeps a given tokenizer's file under its own name (kept.model) and a Hugging Face folder's chat
+    template: both are prepare.py's own, so a second run replaces the dataset instead of refusing it."""
+    corpus = write_corpus(tmp_path / "corpus", n=6)
+    Tokenizer.train(list(corpus.values()), 300, str(tmp_path / "kept.model"))
+    byte_level_tokenizer(tmp_path / "hf", list(corpus.values()), **{"chat_template.jinja": "{{ messages }}"})
+    for given, kept in (("kept.model", "kept.model"), ("hf", "chat_template.jinja")):
+        for _ in range(2):
+            _, docs = run(tmp_path, f"--input={tmp_path / 'corpus'}", f"--tokenizer={tmp_path / given}")
+            assert sorted(docs["train"] + docs["val"]) == sorted(corpus.values())
+            assert (tmp_path / "out" / "t" / kept).exists()
+
+
 # -----------------------------------------------------------------------------
 # downloads, against a local server
 

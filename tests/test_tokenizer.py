@@ -158,3 +158,50 @@ def test_gpt2_offline_error(tmp_path):
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
     assert "TIKTOKEN_CACHE_DIR" in result.stderr
+
+
+def test_trained_model_is_the_same_on_any_core_count(tmp_path, monkeypatch):
+    """The model file records sentencepiece's thread count: trained on machines of 1 and 3 cores, the same corpus gives
+    the same bytes (train.py compares tokenizers by their bytes)."""
+    corpus = [open(module.__file__, encoding="utf-8").read() for module in (textwrap, string)]
+    models = []
+    for cores in (1, 3):
+        monkeypatch.setattr(os, "cpu_count", lambda: cores)
+        Tokenizer.train(corpus, 400, str(tmp_path / f"{cores}.model"))
+        models.append((tmp_path / f"{cores}.model").read_bytes())
+    assert models[0] == models[1]
+
+
+def test_training_on_lines_longer_than_a_mib(tmp_path):
+    """sentencepiece skips a sentence of more than max_sentence_length bytes: a document of one long line (minified
+    code, a JSON row without line breaks) is still learned from, here the only text there is."""
+    line = open(textwrap.__file__, encoding="utf-8").read().replace("\n", " ") * 60
+    assert len(line.encode()) > 1 << 20
+    tok = Tokenizer.train([line], 400, str(tmp_path / "long.model"))
+    assert len(tok.encode(" the text")) < 6 and tok.decode(tok.encode(line)) == line
+
+
+def hf_folder(folder, vocab):
+    """A Hugging Face folder of a word-level tokenizer.json of vocab (token -> id), eos </s>."""
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text('{"eos_token": "</s>"}')
+
+
+def test_hf_vocab_size_covers_every_id(tmp_path):
+    """A tokenizer.json whose ids leave gaps (here 0-3 and 70000): vocab_size is past the largest id, not the count
+    of tokens, so that every id fits the dataset's dtype and the model's table."""
+    hf_folder(tmp_path / "hf", {"<unk>": 0, "</s>": 1, "hello": 2, "world": 3, "rare": 70000})
+    tok = Tokenizer.load(str(tmp_path / "hf"))
+    assert tok.encode("hello rare") == [2, 70000] and tok.vocab_size == 70001
+
+
+def test_hf_tokenizer_json_in_the_working_folder(tmp_path, monkeypatch):
+    """--tokenizer=tokenizer.json in the working folder: its path loads again (prepare.py's workers load tok.path)."""
+    hf_folder(tmp_path / "hf", {"<unk>": 0, "</s>": 1, "hello": 2})
+    monkeypatch.chdir(tmp_path / "hf")
+    tok = Tokenizer.load("tokenizer.json")
+    assert Tokenizer.load(tok.path).encode("hello") == tok.encode("hello") == [2]
