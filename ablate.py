@@ -6,8 +6,8 @@ Fixed-compute ablations: one train.py process per (run, seed), every run at the 
     python ablate.py config/sweep_gutenberg.py --gpus=0,1      # split the runs over two GPUs
 
 A sweep is a list of runs, each a label and train.py's command-line arguments; ablate.py adds the budget
-(--train_flops or --train_tokens: train.py picks the number of steps from it), the seed and the out_dir
-<out_dir>/<label>-s<seed>. A run whose log.jsonl already holds its final exact val bits per byte is not run
+(--train_flops, --train_tokens or --train_minutes: train.py picks the number of steps from it), the seed and the
+out_dir <out_dir>/<label>-s<seed>. A run whose log.jsonl already holds its final exact val bits per byte is not run
 again, so an interrupted sweep continues where it stopped (an unfinished run resumes from its checkpoint), on
 this machine or on another one that has the sweep's out_dir. The results, <out_dir>/results.md and val.png, are
 made from the runs' log.jsonl files alone; a run that failed is named, with its train.log, and ablate.py exits 1.

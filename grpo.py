@@ -1,5 +1,6 @@
 """
-Post-training on verifiable tasks: supervised fine-tuning (SFT) and GRPO, from a checkpoint of train.py.
+Post-training on verifiable tasks: supervised fine-tuning (SFT) and GRPO, from a checkpoint of train.py or grpo.py,
+or a Hugging Face folder.
 
     python grpo.py --mode=tasks --task=addition                            # write the task files (train + held-out)
     python grpo.py config/grpo_addition.py --init_from=out/addition_pretrain  # GRPO
