@@ -38,7 +38,7 @@ def one_line(e):
 
 def _check_type(key, value, default):
     """Return value converted to the default's type (an int where a float is due; a bool is no number), or stop."""
-    if default is None or value is None:
+    if default is None:  # a typed key takes no None: it would fail later, in a traceback
         return value
     if isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
@@ -69,7 +69,7 @@ def parse_config(defaults, argv, other_stage_keys_in_files=False, with_given=Fal
     for arg in argv:
         if arg.startswith("--"):
             key, eq, raw = arg[2:].partition("=")
-            if not eq and not isinstance(defaults.get(key), bool):  # a bare --flag switches a boolean on
+            if not eq and key in defaults and not isinstance(defaults[key], bool):  # a bare --flag: a boolean on
                 fail(f"config key '{key}' needs a value: --{key}=...")
             try:  # strings stay raw, everything else is a literal; a bare word stays a string for the type check
                 value = raw if isinstance(defaults.get(key), str) else ast.literal_eval(raw if eq else "True")
@@ -129,8 +129,9 @@ def pick_device(device="auto"):
     import torch
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    kind, _, index = device.partition(":")
-    if kind not in ("cpu", "cuda", "mps") or (index and not (kind == "cuda" and index.isdigit())):
+    kind, colon, index = device.partition(":")  # an index as torch.device takes it: 'cuda:1', not 'cuda:' or 'cuda:01'
+    if kind not in ("cpu", "cuda", "mps") or (colon and not (kind == "cuda" and index.isdecimal()
+                                                             and str(int(index)) == index)):
         fail(f"unknown device '{device}' (choose auto, cpu, cuda, cuda:N or mps)")
     if kind == "cuda" and not torch.cuda.is_available():
         fail(f"device='{device}', but this machine has no CUDA GPU that torch can use: use --device=cpu or "
@@ -384,7 +385,7 @@ def write_manifest(out_dir, config, device, meta_path, run_id=None):
     def git(*args):
         try:
             return subprocess.run(["git", *args], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
-                                  text=True, timeout=10).stdout.strip()
+                                  text=True, timeout=10, check=True).stdout.strip()  # no commit yet: 'HEAD', rc 128
         except (OSError, subprocess.SubprocessError):
             return ""
     commit = git("rev-parse", "HEAD")
@@ -512,8 +513,10 @@ def read_text(path, what="file"):
     try:
         with open(path, "rb") as f:
             data = f.read()
-    except (FileNotFoundError, IsADirectoryError):
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise ValueError(f"{what} {path} not found") from None
+    except OSError as e:  # unreadable: permissions, an I/O error
+        raise ValueError(f"cannot read {what} {path} ({e.strerror or e})") from None
     try:
         return data.decode("utf-8").replace("\r\n", "\n")
     except UnicodeDecodeError as e:
@@ -532,7 +535,7 @@ def read_log(path):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            if line.strip() and number < len(lines) - 1:  # not blank, not the last line: the log is damaged, not cut
+            if line.strip() and number < len(lines):  # a line that a newline ends is whole: damaged, not cut
                 raise ValueError(f"{path} line {number} is not JSON: the log is damaged") from None
     return rows
 

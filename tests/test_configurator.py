@@ -1,9 +1,14 @@
 """Config parsing and checkpoint loading: every bad input stops with one line naming what is wrong."""
+import json
+import shutil
+import subprocess
+
 import pytest
 import torch
 
+import configurator
 from configurator import (COMMAND_LINE, check_settings, load_checkpoint, lock_folder, parse_config, pick_device,
-                          pick_dtype, save_checkpoint)
+                          pick_dtype, read_log, read_text, save_checkpoint, write_manifest)
 
 DEFAULTS = {"n_layer": 12, "learning_rate": 6e-4, "compile": False, "out_dir": "out", "note": None}
 
@@ -94,3 +99,49 @@ def test_a_folder_lock_is_held_once_per_process_and_a_file_is_no_folder(tmp_path
     lock_folder(str(tmp_path / "run"))  # this process holds it already
     (tmp_path / "file").write_text("x")
     assert "is a file, not a folder" in error_of(lambda: lock_folder(str(tmp_path / "file")), ValueError)
+
+
+def test_none_is_no_value_of_a_typed_key_and_a_bare_typo_is_unknown(tmp_path):
+    # None passes only where the default is None: a typed key set to None would fail later, in a traceback
+    assert "'n_layer' expects int, got NoneType None" in error_of(lambda: parse_config(DEFAULTS, ["--n_layer=None"]))
+    config_file = tmp_path / "c.py"
+    config_file.write_text("learning_rate = None\n")
+    assert "'learning_rate' expects float" in error_of(lambda: parse_config(DEFAULTS, [str(config_file)]))
+    assert parse_config(DEFAULTS, ["--note=3"])["note"] == 3
+    # a bare --flag that no default has is an unknown key (not a key that "needs a value")
+    assert "unknown config key 'compil'" in error_of(lambda: parse_config(DEFAULTS, ["--compil"]))
+
+
+def test_a_cuda_index_that_torch_would_refuse_stops_in_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda:1") == "cuda:1" and pick_device("cuda") == "cuda"
+    for device in ("cuda:", "cuda:01", "cuda:\u00b2", "cpu:"):  # torch.device refuses the first two; '²' is no int
+        assert f"unknown device '{device}'" in error_of(lambda: pick_device(device))
+
+
+def test_a_damaged_last_row_is_no_cut_line(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_bytes(b'{"step": 1}\r\n{"step": 2}\n{"step": 3, "lo')  # a crash mid-append: no newline after it
+    assert read_log(str(log)) == [{"step": 1}, {"step": 2}]
+    log.write_bytes(b'{"step": 1}\n{"step": 2, "lo{"step": 3}\n')  # a whole line (it ends in a newline), damaged
+    assert "line 2 is not JSON" in error_of(lambda: read_log(str(log)), ValueError)
+
+
+def test_a_file_that_cannot_be_read_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    assert "prompt file" in error_of(lambda: read_text(str(tmp_path / "file" / "x"), "prompt file"), ValueError)
+    def unreadable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(configurator, "open", unreadable, raising=False)  # root reads any file: open refuses here
+    assert "Permission denied" in error_of(lambda: read_text(str(tmp_path / "file"), "eval_file"), ValueError)
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_a_repository_without_commits_records_no_commit(tmp_path, monkeypatch):
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)  # `git rev-parse HEAD` prints 'HEAD' here
+    monkeypatch.setattr(configurator, "__file__", str(tmp_path / "configurator.py"))
+    (tmp_path / "meta.json").write_text("{}")
+    write_manifest(str(tmp_path / "out"), {}, "cpu", str(tmp_path / "meta.json"))
+    manifest = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert manifest["git_commit"] is None and manifest["git_dirty"] is None
