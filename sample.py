@@ -109,10 +109,10 @@ for i in range(num_samples):
     elapsed = time.time() - t0
     rows = [row[:row.index(eos)] if eos in row else row for row in rows]  # each row ends at its end of document
     if stream:
-        print(tokenizer.decode(rows[0])[len(shown):])
+        print(tokenizer.decode(rows[0])[len(shown):], flush=True)  # before stderr's summary, also in a file
     else:
         for text, row in zip(starts, rows):
-            print(text + tokenizer.decode(row), end="\n---\n")
+            print(text + tokenizer.decode(row), end="\n---\n", flush=True)
     count = sum(map(len, rows))
     drafts = f", {stats['accepted'] / stats['drafted']:.1%} of drafts accepted" if stats else ""
     print(f"--------------- sample {i + 1}/{num_samples}: {count} tokens in {len(rows)} rows, "
