@@ -397,6 +397,20 @@ def interrupted():
     return all_reduce_sum(float(bool(interrupts)), device=device)[0] > 0
 
 
+def step_boundary(due, last):
+    """Between steps: evaluate and save when due; returns (the run ends here, by a Ctrl-C). The Ctrl-C is asked
+    after the evaluation, as train.py does: one pressed amid it trains no further step."""
+    if due:
+        evaluate_and_save()
+    if last:
+        return True, False
+    if interrupted():
+        if not due:
+            save()
+        return True, True
+    return False, False
+
+
 def finish(stopped):
     """The last line of an interrupted run, and the process group's end."""
     if stopped:
@@ -444,17 +458,10 @@ if mode == "sft":
         return pairs[epoch_orders[epoch][i % len(pairs)]]
 
     per_process = batch_size // world_size
-    t_last, stopped = time.time(), False
+    t_last = time.time()
     while True:
-        evaluated = iter_num % eval_interval == 0 or iter_num == max_iters
-        if evaluated:
-            evaluate_and_save()
-        if iter_num >= max_iters:
-            break
-        stopped = interrupted()  # after the evaluation, as train.py: a Ctrl-C amid it trains no further step
-        if stopped:
-            if not evaluated:
-                save()
+        done, stopped = step_boundary(iter_num % eval_interval == 0 or iter_num == max_iters, iter_num >= max_iters)
+        if done:
             break
         offset = iter_num * batch_size + rank * per_process
         batch = [pair(i) for i in range(offset, offset + per_process)]
@@ -487,20 +494,14 @@ per_process = prompts_per_step // world_size
 print0(f"GRPO on {task}: {policy.num_params() / 1e6:.2f}M parameters, {prompts_per_step} prompts x {group_size} "
        f"completions per step, {max_iters} steps, loss_agg={loss_agg}, beta={beta}, {world_size} process(es) on "
        f"{device} in {dtype}")
-t_start, stopped = time.time(), False
+t_start = time.time()
 while True:
     # with max_minutes, every process stops at the first step where process 0 has run out of time
     over = float(master and time.time() - t_start > 60 * max_minutes)
     out_of_time = max_minutes > 0 and all_reduce_sum(over, device=device)[0]
-    evaluated = iter_num % eval_interval == 0 or iter_num == max_iters or out_of_time
-    if evaluated:
-        evaluate_and_save()
-    if iter_num >= max_iters or out_of_time:
-        break
-    stopped = interrupted()  # after the evaluation, as train.py: a Ctrl-C amid it trains no further step
-    if stopped:
-        if not evaluated:
-            save()
+    last = iter_num >= max_iters or out_of_time
+    done, stopped = step_boundary(iter_num % eval_interval == 0 or last, last)
+    if done:
         break
 
     # rollouts: this process's share of the step's prompts (drawn from the step number: the same on resume)

@@ -1239,7 +1239,7 @@ class Block(nn.Module):
         self.rewinds = getattr(getattr(self.attn, "span", None), "rewinds", False) and self.memory is None
 
     def forward(self, x, ctx, cache=None):
-        """x (B, T, d), or the residual streams (B, T, streams, d) under hc and mhc."""
+        """x (B, T, d), or (B, T, streams, d) under a residual of several streams."""
         if self.memory is not None:
             x = self.memory(x, ctx, cache)
         x = self.attn_residual(x, lambda h: self.attn(self.attn_norm(h), ctx, cache))
