@@ -712,7 +712,8 @@ def save():
         "tokenizer": meta["tokenizer_path"], "eos_id": meta["eos_id"], "run_id": run_id, "dataset": dataset,
         "timed_max_iters": max_iters if train_minutes > 0 and not time_steps else 0,
         "train_seconds": train_seconds, "best_bpb": best_bpb,
-        "checked_bpb": val_bpb if bpb_step == iter_num else None}))  # this step's target check, if it had one
+        "checked_bpb": val_bpb if bpb_step == iter_num else None,  # this step's target check, if it had one
+        "max_logit": max_logit}))
     saved_step = iter_num
 
 
@@ -810,7 +811,10 @@ start_seconds = train_seconds  # the training time of the steps before this star
 val_bpb = bpb_step = None  # the last exact val bits per byte, and its step
 if checkpoint and checkpoint.get("checked_bpb") is not None:  # the resumed step's check: a target it reached ends
     val_bpb, bpb_step = checkpoint["checked_bpb"], iter_num     # the run there, as it ended the interrupted one
-max_logit = None  # muonclip: each layer's largest attention logit at the last measured step
+# muonclip: each layer's largest attention logit at the last measured step, which the log rows repeat until the next
+# one (qk_clip_interval > 1): the checkpoint keeps it, so that a resume logs what the uninterrupted run does (muon
+# resuming a muonclip run measures none)
+max_logit = checkpoint.get("max_logit") if checkpoint and qk_clip is not None else None
 stopped = False  # by Ctrl-C, at the step boundary the processes agreed on
 previous_handler = signal.signal(signal.SIGINT, on_interrupt)
 try:

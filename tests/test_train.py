@@ -170,6 +170,18 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tiny_data, tmp_path, w
     assert len({row["run_id"] for row in read_log(killed)}) == 1  # the resumed run goes on as the same run
 
 
+def test_a_muonclip_run_resumed_between_its_clip_steps_logs_the_last_max_logit(tiny_data, tmp_path, monkeypatch,
+                                                                               one_thread):
+    """qk_clip_interval=3 measures the logits at steps 0, 3, 6: the rows of steps 5 and 6 give step 3's, resumed at
+    step 4 too (wsd without its decay: the part stopped at max_iters=4 trains as the whole run)."""
+    args = [f"--data_dir={tiny_data}", *TINY, "--eval_interval=1000", "--lr_schedule=wsd", "--decay_frac=0.0",
+            "--optimizer=muonclip", "--qk_clip_interval=3", "--qk_clip_tau=0.05"]
+    whole, part = assert_resume_reproduces(lambda out, *more: run_train(monkeypatch, *args, f"--out_dir={out}", *more),
+                                           tmp_path, 6, 4)
+    expected, resumed = ([row.get("max_logit") for row in read_log(out) if "loss" in row] for out in (whole, part))
+    assert None not in expected and resumed == expected
+
+
 def test_two_process_ddp_equals_one_process(tiny_data, tmp_path, warm_python):
     """In warm processes (a fresh one spends seconds importing): torchrun's workers still processes of their own."""
     args = ["--max_iters=6", "--eval_interval=6", "--batch_size=2", "--gradient_accumulation_steps=4",
