@@ -50,6 +50,8 @@ given_budgets = [key for key in ("train_flops", "train_tokens", "train_minutes")
 if len(given_budgets) > 1:  # as train.py refuses two step counts: the table would name only the first
     fail(f"{' and '.join(given_budgets)} each set every run's budget: give one of them")
 globals().update(config)
+# a seed listed twice is one run: two processes of it would share (and contend for) its folder
+seeds, repeat_seeds = list(dict.fromkeys(seeds)), list(dict.fromkeys(repeat_seeds))
 
 sweep = os.path.basename(os.path.normpath(out_dir))
 jobs = {}  # label -> train.py arguments
@@ -123,8 +125,7 @@ def start_run():
 def run_all(pairs):
     """Run train.py for each (label, seed) not finished yet, up to parallel x GPUs at a time."""
     from tqdm import tqdm
-    # a seed listed twice is one run: two processes of it would share (and contend for) its folder
-    todo = [(label, seed) for label, seed in dict.fromkeys(pairs) if not finished(label, seed)]
+    todo = [(label, seed) for label, seed in pairs if not finished(label, seed)]
     for label, seed in set(pairs) - set(todo):
         check_finished(label, seed)
     devices = gpus.split(",") if gpus else [None]
@@ -235,13 +236,13 @@ if not report_only:
         lock_folder(out_dir)
     except (ValueError, OSError) as e:
         fail(str(e))
-    started = list(dict.fromkeys((label, seed) for seed in seeds for label in jobs))
+    started = [(label, seed) for seed in seeds for label in jobs]
     run_all(started)
     if repeat_best:
         first, *others = jobs
         # ranked by seeds' runs alone: with the repeats a resumed sweep has finished, it could pick other runs
-        best = sorted((label for label in others if summarize(label, seeds)),
-                      key=lambda label: summarize(label, seeds)["bpb"])
+        scores = {label: row["bpb"] for label in others if (row := summarize(label, seeds))}
+        best = sorted(scores, key=scores.get)
         again = [(label, seed) for seed in repeat_seeds for label in [first, *best[:repeat_best]]]
         run_all(again)
         started = list(dict.fromkeys(started + again))  # a seed in seeds and repeat_seeds: one run, counted once

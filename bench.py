@@ -155,8 +155,7 @@ def hf_llama(cfg):
                      num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
                      vocab_size=cfg.vocab_size, max_position_embeddings=cfg.block_size, rope_theta=cfg.rope_theta,
                      rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings, attention_bias=False,
-                     mlp_bias=False,
-                     attn_implementation="sdpa", use_cache=False)  # no KV cache to build while training
+                     mlp_bias=False, attn_implementation="sdpa", use_cache=False)  # no KV cache to build while training
     # HF shifts the labels inside, so labels = the inputs is the same work as our shifted targets
     return lambda: LlamaForCausalLM(hf), lambda model, x: model(input_ids=x, labels=x).loss
 
